@@ -1,0 +1,245 @@
+//! Configuration: every command-line flag, its `SWITCHBOARD_<NAME>` environment
+//! variable and its default, parsed once at start-up.
+//!
+//! This module owns parsing and validation of settings only. It does not open
+//! sockets, talk to Redis or decide anything about routing; the rest of the
+//! server receives an already-validated [`Config`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::protocol::{validate_name, NameError};
+
+/// How a direct message reaches the instance that holds its recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoutingMode {
+    /// Read the recipient's presence, publish only to the instances holding it.
+    Routed,
+    /// Baseline: publish every DM on one channel every instance subscribes to.
+    Broadcast,
+}
+
+/// How a WebSocket client proves who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// HS256 JWT; `sub` is the user id.
+    Jwt,
+    /// Development only: the user id is taken from `?user=NAME`.
+    None,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Every setting of one Switchboard instance.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "switchboard", version, about)]
+pub struct Config {
+    /// Address the HTTP/WebSocket server listens on.
+    #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Redis URL (redis://, rediss://, redis+unix://). Absent: embedded
+    /// single-node mode with an in-process bus and presence store.
+    #[arg(long, env = "SWITCHBOARD_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// This process's instance id. Default: hostname plus a random suffix, new
+    /// at every start, so a restarted process never inherits a crashed one's state.
+    #[arg(long, env = "SWITCHBOARD_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
+    /// `routed` publishes a DM only to the instances holding the recipient;
+    /// `broadcast` is the every-instance baseline the benchmarks compare against.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_ROUTING",
+        value_enum,
+        default_value = "routed"
+    )]
+    pub routing: RoutingMode,
+
+    /// Client authentication: `jwt` (HS256) or `none` (development only).
+    #[arg(long, env = "SWITCHBOARD_AUTH", value_enum, default_value = "jwt")]
+    pub auth: AuthMode,
+
+    /// HS256 secret for `--auth jwt`.
+    #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Prefix of every Redis key and channel, so deployments can share a Redis.
+    #[arg(long, env = "SWITCHBOARD_REDIS_PREFIX", default_value = "sb")]
+    pub redis_prefix: String,
+
+    /// Largest WebSocket frame (and message) accepted; larger closes with 1009.
+    #[arg(long, env = "SWITCHBOARD_MAX_FRAME_BYTES", default_value_t = 65536)]
+    pub max_frame_bytes: usize,
+
+    /// Instance lease TTL in milliseconds; refreshed every third of it.
+    #[arg(long, env = "SWITCHBOARD_LEASE_MS", default_value_t = 10_000)]
+    pub lease_ms: u64,
+
+    /// Frames queued for one client before it is disconnected as a slow consumer.
+    #[arg(long, env = "SWITCHBOARD_OUTBOUND_QUEUE", default_value_t = 1024)]
+    pub outbound_queue: usize,
+
+    /// Log format.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--auth jwt` needs a secret to verify tokens with.
+    #[error("--auth jwt needs --jwt-secret (or SWITCHBOARD_JWT_SECRET)")]
+    MissingJwtSecret,
+    /// The instance id appears in keys and channel names.
+    #[error("invalid --instance-id: {0}")]
+    InstanceId(NameError),
+    /// The prefix appears in every key and channel name.
+    #[error("invalid --redis-prefix: {0}")]
+    Prefix(NameError),
+    /// A lease shorter than this cannot be refreshed reliably.
+    #[error("--lease-ms must be at least 300")]
+    LeaseTooShort,
+    /// Frames must at least hold a minimal message.
+    #[error("--max-frame-bytes must be at least 256")]
+    FrameTooSmall,
+    /// The outbound queue must hold at least one frame.
+    #[error("--outbound-queue must be at least 1")]
+    EmptyQueue,
+}
+
+impl Config {
+    /// Checks cross-field rules clap cannot express and fills the instance id.
+    pub fn validate(mut self) -> Result<Self, ConfigError> {
+        if self.auth == AuthMode::Jwt && self.jwt_secret.as_deref().unwrap_or("").is_empty() {
+            return Err(ConfigError::MissingJwtSecret);
+        }
+        let id = match self.instance_id.take() {
+            Some(id) => id,
+            None => default_instance_id(),
+        };
+        validate_name(&id).map_err(ConfigError::InstanceId)?;
+        self.instance_id = Some(id);
+        validate_name(&self.redis_prefix).map_err(ConfigError::Prefix)?;
+        if self.lease_ms < 300 {
+            return Err(ConfigError::LeaseTooShort);
+        }
+        if self.max_frame_bytes < 256 {
+            return Err(ConfigError::FrameTooSmall);
+        }
+        if self.outbound_queue == 0 {
+            return Err(ConfigError::EmptyQueue);
+        }
+        Ok(self)
+    }
+
+    /// The instance id; always set once [`Config::validate`] has run.
+    pub fn instance(&self) -> &str {
+        self.instance_id.as_deref().unwrap_or("unnamed")
+    }
+
+    /// The lease TTL as a duration.
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+
+    /// A configuration for tests and embedding: embedded mode, `--auth none`.
+    pub fn for_tests(instance: &str) -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            redis_url: None,
+            instance_id: Some(instance.to_owned()),
+            routing: RoutingMode::Routed,
+            auth: AuthMode::None,
+            jwt_secret: None,
+            redis_prefix: "sb".to_owned(),
+            max_frame_bytes: 65536,
+            lease_ms: 10_000,
+            outbound_queue: 1024,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// `hostname-xxxxxxxx`: readable in logs, unique per process start.
+fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+        .take(40)
+        .collect();
+    let host = if host.is_empty() {
+        "switchboard".to_owned()
+    } else {
+        host
+    };
+    format!("{host}-{:08x}", rand::random::<u32>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jwt_needs_a_secret() {
+        let cfg = Config::try_parse_from(["switchboard"]).expect("parse");
+        assert!(matches!(cfg.validate(), Err(ConfigError::MissingJwtSecret)));
+    }
+
+    #[test]
+    fn default_instance_ids_are_unique_and_valid() {
+        let a = default_instance_id();
+        let b = default_instance_id();
+        assert_ne!(a, b);
+        validate_name(&a).expect("valid");
+    }
+
+    #[test]
+    fn flags_parse() {
+        let cfg = Config::try_parse_from([
+            "switchboard",
+            "--auth",
+            "none",
+            "--routing",
+            "broadcast",
+            "--instance-id",
+            "i1",
+            "--listen",
+            "127.0.0.1:9000",
+        ])
+        .expect("parse")
+        .validate()
+        .expect("valid");
+        assert_eq!(cfg.routing, RoutingMode::Broadcast);
+        assert_eq!(cfg.instance(), "i1");
+        assert_eq!(cfg.listen.port(), 9000);
+    }
+
+    #[test]
+    fn bad_instance_id_is_refused() {
+        let cfg = Config::try_parse_from(["switchboard", "--auth", "none", "--instance-id", "a b"])
+            .expect("parse");
+        assert!(matches!(cfg.validate(), Err(ConfigError::InstanceId(_))));
+    }
+}

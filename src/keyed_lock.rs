@@ -1,0 +1,50 @@
+//! Striped async locks keyed by name: serialize the writes that concern one
+//! user (presence) or one room (subscription) without a lock per key.
+//!
+//! A fixed number of stripes keeps memory bounded whatever the number of
+//! users; two keys may share a stripe, which only costs a little waiting.
+
+use std::hash::BuildHasher;
+
+use tokio::sync::{Mutex, MutexGuard};
+
+/// A fixed set of async mutexes, one chosen per key by hash.
+#[derive(Debug)]
+pub struct KeyedLocks {
+    stripes: Box<[Mutex<()>]>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl KeyedLocks {
+    /// `stripes` locks (at least one).
+    pub fn new(stripes: usize) -> Self {
+        KeyedLocks {
+            stripes: (0..stripes.max(1)).map(|_| Mutex::new(())).collect(),
+            hasher: Default::default(),
+        }
+    }
+
+    /// Waits for the lock that guards `key`.
+    pub async fn lock(&self, key: &str) -> MutexGuard<'_, ()> {
+        let index = (self.hasher.hash_one(key) as usize) % self.stripes.len();
+        self.stripes[index].lock().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn same_key_is_exclusive() {
+        let locks = KeyedLocks::new(4);
+        let guard = locks.lock("bob").await;
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(20), locks.lock("bob"))
+                .await
+                .is_err()
+        );
+        drop(guard);
+        let _again = locks.lock("bob").await;
+    }
+}

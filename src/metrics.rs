@@ -1,0 +1,198 @@
+//! The instance's counters, exposed on `GET /metrics` in the Prometheus /
+//! OpenMetrics text format.
+//!
+//! Each instance owns its own registry (no process-global recorder), so
+//! several in-process instances in one test keep separate numbers. Label
+//! values are resolved once at start-up: the per-message path only does
+//! atomic increments. This module counts; it never decides anything.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PathLabel {
+    path: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// Counters for one bus channel kind.
+#[derive(Clone, Debug, Default)]
+pub struct BusCounters {
+    /// Messages on this kind of channel.
+    pub personal: Counter,
+    /// Room channel messages.
+    pub room: Counter,
+    /// Broadcast channel (`sb:all`) messages.
+    pub broadcast: Counter,
+}
+
+/// Every number an operator or the benchmark reads off an instance.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Open WebSocket connections.
+    pub connections: Gauge,
+    /// Direct messages that found their recipient on this instance only.
+    pub dm_local: Counter,
+    /// Direct messages published to at least one other instance.
+    pub dm_routed: Counter,
+    /// Direct messages whose recipient was nowhere.
+    pub dm_offline: Counter,
+    /// Bus messages this instance published, by channel kind.
+    pub bus_published: BusCounters,
+    /// Bus messages this instance received, by channel kind.
+    pub bus_received: BusCounters,
+    /// Frames handed to local sockets' outbound queues.
+    pub delivered: Counter,
+    /// Bus messages received for a recipient this instance no longer holds.
+    pub dropped_not_here: Counter,
+    /// Frames dropped because a client's outbound queue was full.
+    pub dropped_slow_consumer: Counter,
+    /// Bus messages dropped because the inbound bus queue was full.
+    pub dropped_bus_inbox_full: Counter,
+    /// Presence entries found pointing at an instance that did not listen.
+    pub stale_presence: Counter,
+    /// Presence writes that failed and wait for the next resync.
+    pub presence_write_failures: Counter,
+    /// Connections refused at the upgrade for bad credentials.
+    pub auth_failures: Counter,
+    /// Latency of Redis commands on the message path, seconds.
+    pub redis_latency: Histogram,
+}
+
+impl Metrics {
+    /// Builds and registers every metric.
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::default();
+        let connections = Gauge::default();
+        registry.register(
+            "switchboard_connections",
+            "Open WebSocket connections",
+            connections.clone(),
+        );
+
+        let dm = Family::<PathLabel, Counter>::default();
+        registry.register(
+            "switchboard_dm",
+            "Direct messages sent from this instance, by path (local, routed, offline)",
+            dm.clone(),
+        );
+        let published = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "switchboard_bus_published",
+            "Bus messages published by this instance, by channel kind",
+            published.clone(),
+        );
+        let received = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "switchboard_bus_received",
+            "Bus messages received by this instance, by channel kind",
+            received.clone(),
+        );
+        let delivered = Counter::default();
+        registry.register(
+            "switchboard_delivered",
+            "Frames queued to local client sockets",
+            delivered.clone(),
+        );
+        let dropped = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "switchboard_dropped",
+            "Messages dropped, by reason",
+            dropped.clone(),
+        );
+        let stale_presence = Counter::default();
+        registry.register(
+            "switchboard_stale_presence",
+            "Presence entries whose instance had no listener (PUBLISH returned 0)",
+            stale_presence.clone(),
+        );
+        let presence_write_failures = Counter::default();
+        registry.register(
+            "switchboard_presence_write_failures",
+            "Presence writes that failed (re-asserted at the next resync)",
+            presence_write_failures.clone(),
+        );
+        let auth_failures = Counter::default();
+        registry.register(
+            "switchboard_auth_failures",
+            "WebSocket upgrades refused for bad or missing credentials",
+            auth_failures.clone(),
+        );
+        let redis_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        registry.register(
+            "switchboard_redis_command_seconds",
+            "Latency of Redis commands on the message path",
+            redis_latency.clone(),
+        );
+
+        let bus = |family: &Family<KindLabel, Counter>| BusCounters {
+            personal: family.get_or_create_owned(&KindLabel { kind: "personal" }),
+            room: family.get_or_create_owned(&KindLabel { kind: "room" }),
+            broadcast: family.get_or_create_owned(&KindLabel { kind: "broadcast" }),
+        };
+        let reason = |r: &'static str| dropped.get_or_create_owned(&ReasonLabel { reason: r });
+        Arc::new(Metrics {
+            connections,
+            dm_local: dm.get_or_create_owned(&PathLabel { path: "local" }),
+            dm_routed: dm.get_or_create_owned(&PathLabel { path: "routed" }),
+            dm_offline: dm.get_or_create_owned(&PathLabel { path: "offline" }),
+            bus_published: bus(&published),
+            bus_received: bus(&received),
+            delivered,
+            dropped_not_here: reason("recipient_not_here"),
+            dropped_slow_consumer: reason("slow_consumer"),
+            dropped_bus_inbox_full: reason("bus_inbox_full"),
+            stale_presence,
+            presence_write_failures,
+            auth_failures,
+            redis_latency,
+            registry,
+        })
+    }
+
+    /// The metrics in the text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_resolved_labels() {
+        let m = Metrics::new();
+        m.bus_received.personal.inc();
+        m.connections.inc();
+        let text = m.render();
+        assert!(
+            text.contains("switchboard_bus_received_total{kind=\"personal\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("switchboard_bus_received_total{kind=\"room\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("switchboard_connections 1"), "{text}");
+    }
+}

@@ -1,0 +1,569 @@
+//! Wire protocol v1: the JSON frames a client sends and receives, and the
+//! validation of user and room names.
+//!
+//! This module turns text into typed requests and typed replies into text. It
+//! owns no I/O and no state: it never sees a socket, a Redis connection or the
+//! registry. Parsing never panics and never allocates more than the input it
+//! was given (bodies stay borrowed as raw JSON and are embedded verbatim in
+//! the frames delivered to recipients, so a body is serialized exactly once).
+
+use std::fmt;
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+/// Longest user id, room name or instance id.
+pub const MAX_NAME_LEN: usize = 64;
+/// Most users one presence query may ask about.
+pub const MAX_PRESENCE_USERS: usize = 100;
+/// Deepest nesting of arrays and objects accepted in a body. serde_json does
+/// not bound the depth of a raw value, and every recipient will parse it.
+pub const MAX_BODY_DEPTH: usize = 64;
+
+/// Why a name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    /// Names have at least one character.
+    #[error("name is empty")]
+    Empty,
+    /// Names are bounded so keys and frames stay small.
+    #[error("name is longer than {MAX_NAME_LEN} characters")]
+    TooLong,
+    /// Names appear in Redis keys, channel names and bus headers.
+    #[error("name has a character outside [A-Za-z0-9_.:@-]")]
+    BadCharacter,
+}
+
+/// Checks a user id, room name or instance id: 1–64 chars of `[A-Za-z0-9_.:@-]`.
+///
+/// The restricted alphabet matters beyond tidiness: names are embedded in Redis
+/// keys (where `{`/`}` would break the cluster hash tag) and in the
+/// space-separated bus header.
+pub fn validate_name(name: &str) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(NameError::TooLong);
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'@' | b'-'))
+    {
+        return Err(NameError::BadCharacter);
+    }
+    Ok(())
+}
+
+/// The error codes of an `error` frame; part of the public protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not JSON, a missing or mistyped field, or a binary frame.
+    BadRequest,
+    /// A `type` this server does not know.
+    UnknownType,
+    /// A user or room name outside the allowed alphabet or length.
+    InvalidName,
+    /// A room message from a connection that has not joined the room.
+    NotMember,
+    /// A frame over the size limit.
+    TooLarge,
+    /// The shared backend (Redis) cannot be reached right now.
+    Unavailable,
+}
+
+/// A request that could not be served, with the `id` to echo when known.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProtocolError {
+    /// Which error code the client receives.
+    pub code: ErrorCode,
+    /// A human-readable explanation; never contains a body or a token.
+    pub message: String,
+}
+
+impl ProtocolError {
+    /// Builds an error with a message.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ProtocolError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ProtocolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
+
+/// The request id a client may attach to any frame: a string or an integer,
+/// echoed verbatim (as its original JSON text) in the reply.
+#[derive(Debug, Clone)]
+pub struct RequestId(Box<RawValue>);
+
+impl RequestId {
+    /// The id as JSON text.
+    pub fn as_json(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl Serialize for RequestId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+/// A parsed client frame. Borrowed from the frame text where possible.
+#[derive(Debug)]
+pub enum Request<'a> {
+    /// A direct message to one user (every connection of that user).
+    Direct {
+        /// Recipient user id, validated.
+        to: String,
+        /// Any JSON, kept as written.
+        body: &'a RawValue,
+    },
+    /// Join a room.
+    Join {
+        /// Room name, validated.
+        room: String,
+    },
+    /// Leave a room.
+    Leave {
+        /// Room name, validated.
+        room: String,
+    },
+    /// A message to every member of a room except the sending connection.
+    Room {
+        /// Room name, validated.
+        room: String,
+        /// Any JSON, kept as written.
+        body: &'a RawValue,
+    },
+    /// Which of these users are online anywhere.
+    Presence {
+        /// Validated user ids, at most [`MAX_PRESENCE_USERS`].
+        users: Vec<String>,
+    },
+    /// Application-level keepalive.
+    Ping,
+}
+
+/// A client frame: its optional id and either a request or why it is invalid.
+#[derive(Debug)]
+pub struct Incoming<'a> {
+    /// Echoed in the reply when present.
+    pub id: Option<RequestId>,
+    /// The request, or the error to answer with.
+    pub request: Result<Request<'a>, ProtocolError>,
+}
+
+/// Every field a client frame may carry, each kept raw so that a mistyped
+/// field is reported precisely instead of failing the whole frame.
+#[derive(serde::Deserialize)]
+struct RawFrame<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Option<&'a RawValue>,
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    to: Option<&'a RawValue>,
+    #[serde(borrow)]
+    room: Option<&'a RawValue>,
+    #[serde(borrow)]
+    body: Option<&'a RawValue>,
+    #[serde(borrow)]
+    users: Option<&'a RawValue>,
+}
+
+/// Parses one text frame. Never panics; any input yields either a request or a
+/// precise error (with the request id when one could be read).
+pub fn parse(text: &str) -> Incoming<'_> {
+    let raw: RawFrame<'_> = match serde_json::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            return Incoming {
+                id: None,
+                request: Err(ProtocolError::new(
+                    ErrorCode::BadRequest,
+                    format!("frame is not a JSON object: {e}"),
+                )),
+            }
+        }
+    };
+    let id = match raw.id.map(parse_id).transpose() {
+        Ok(id) => id,
+        Err(e) => {
+            return Incoming {
+                id: None,
+                request: Err(e),
+            }
+        }
+    };
+    Incoming {
+        id,
+        request: parse_request(&raw),
+    }
+}
+
+fn parse_id(raw: &RawValue) -> Result<RequestId, ProtocolError> {
+    let text = raw.get();
+    let is_string = text.starts_with('"');
+    let is_integer =
+        serde_json::from_str::<i64>(text).is_ok() || serde_json::from_str::<u64>(text).is_ok();
+    if !(is_string || is_integer) {
+        return Err(ProtocolError::new(
+            ErrorCode::BadRequest,
+            "`id` must be a string or a 64-bit integer",
+        ));
+    }
+    if text.len() > 2 + MAX_NAME_LEN * 2 {
+        return Err(ProtocolError::new(
+            ErrorCode::BadRequest,
+            "`id` is too long",
+        ));
+    }
+    Ok(RequestId(raw.to_owned()))
+}
+
+fn parse_request<'a>(raw: &RawFrame<'a>) -> Result<Request<'a>, ProtocolError> {
+    let kind: String = required_string(raw.kind, "type")?;
+    match kind.as_str() {
+        "dm" => Ok(Request::Direct {
+            to: required_name(raw.to, "to")?,
+            body: required_body(raw.body)?,
+        }),
+        "join" => Ok(Request::Join {
+            room: required_name(raw.room, "room")?,
+        }),
+        "leave" => Ok(Request::Leave {
+            room: required_name(raw.room, "room")?,
+        }),
+        "room" => Ok(Request::Room {
+            room: required_name(raw.room, "room")?,
+            body: required_body(raw.body)?,
+        }),
+        "presence" => Ok(Request::Presence {
+            users: parse_users(raw.users)?,
+        }),
+        "ping" => Ok(Request::Ping),
+        _ => Err(ProtocolError::new(
+            ErrorCode::UnknownType,
+            "unknown frame type (expected dm, join, leave, room, presence or ping)",
+        )),
+    }
+}
+
+fn required_string(raw: Option<&RawValue>, field: &str) -> Result<String, ProtocolError> {
+    let raw = raw.ok_or_else(|| {
+        ProtocolError::new(ErrorCode::BadRequest, format!("missing field `{field}`"))
+    })?;
+    serde_json::from_str::<String>(raw.get()).map_err(|_| {
+        ProtocolError::new(ErrorCode::BadRequest, format!("`{field}` must be a string"))
+    })
+}
+
+fn required_name(raw: Option<&RawValue>, field: &str) -> Result<String, ProtocolError> {
+    let name = required_string(raw, field)?;
+    validate_name(&name)
+        .map_err(|e| ProtocolError::new(ErrorCode::InvalidName, format!("`{field}`: {e}")))?;
+    Ok(name)
+}
+
+fn required_body(raw: Option<&RawValue>) -> Result<&RawValue, ProtocolError> {
+    let body =
+        raw.ok_or_else(|| ProtocolError::new(ErrorCode::BadRequest, "missing field `body`"))?;
+    if nesting_depth(body.get()) > MAX_BODY_DEPTH {
+        return Err(ProtocolError::new(
+            ErrorCode::BadRequest,
+            format!("`body` is nested deeper than {MAX_BODY_DEPTH} levels"),
+        ));
+    }
+    Ok(body)
+}
+
+/// Deepest array/object nesting of valid JSON text, skipping string contents.
+fn nesting_depth(json: &str) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+fn parse_users(raw: Option<&RawValue>) -> Result<Vec<String>, ProtocolError> {
+    let raw =
+        raw.ok_or_else(|| ProtocolError::new(ErrorCode::BadRequest, "missing field `users`"))?;
+    let users: Vec<String> = serde_json::from_str(raw.get()).map_err(|_| {
+        ProtocolError::new(ErrorCode::BadRequest, "`users` must be an array of strings")
+    })?;
+    if users.len() > MAX_PRESENCE_USERS {
+        return Err(ProtocolError::new(
+            ErrorCode::BadRequest,
+            format!("at most {MAX_PRESENCE_USERS} users per presence query"),
+        ));
+    }
+    for user in &users {
+        validate_name(user)
+            .map_err(|e| ProtocolError::new(ErrorCode::InvalidName, format!("`users`: {e}")))?;
+    }
+    Ok(users)
+}
+
+/// Outcome of a direct message, as told to the sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DirectStatus {
+    /// At least one live instance holding the recipient was sent the message.
+    Routed,
+    /// Nobody holds the recipient.
+    Offline,
+}
+
+/// Frames the server sends. Serialized once per message and shared by every
+/// recipient.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame<'a> {
+    /// First frame of every connection.
+    Welcome {
+        /// The authenticated user id.
+        user: &'a str,
+        /// The instance holding this connection.
+        instance: &'a str,
+        /// This connection's id.
+        conn: &'a str,
+    },
+    /// Reply to a request that succeeded.
+    Ack {
+        /// The request id, when the request had one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
+        /// `ok`, `routed` or `offline`.
+        status: &'a str,
+        /// Id of the message a `dm` created.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        msg_id: Option<&'a str>,
+    },
+    /// A direct message delivered to its recipient.
+    Dm {
+        /// Sender, always from the authenticated connection.
+        from: &'a str,
+        /// The sender's body, verbatim.
+        body: &'a RawValue,
+        /// Unique message id.
+        msg_id: &'a str,
+        /// Server time of acceptance, unix milliseconds.
+        ts: u64,
+    },
+    /// A room message delivered to a member.
+    Room {
+        /// The room.
+        room: &'a str,
+        /// Sender, always from the authenticated connection.
+        from: &'a str,
+        /// The sender's body, verbatim.
+        body: &'a RawValue,
+        /// Unique message id.
+        msg_id: &'a str,
+        /// Server time of acceptance, unix milliseconds.
+        ts: u64,
+    },
+    /// Reply to a presence query.
+    Presence {
+        /// The request id, when the request had one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
+        /// user -> online anywhere.
+        online: std::collections::BTreeMap<&'a str, bool>,
+    },
+    /// Reply to `ping`.
+    Pong {
+        /// The request id, when the request had one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
+    },
+    /// A request that failed; the connection stays open.
+    Error {
+        /// The request id, when it could be read.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
+        /// Machine-readable code.
+        code: ErrorCode,
+        /// Human-readable explanation.
+        message: &'a str,
+    },
+}
+
+impl ServerFrame<'_> {
+    /// The frame as JSON text. Serializing these types cannot fail (no maps with
+    /// non-string keys, no non-finite floats), so a failure is reported as an
+    /// internal error frame rather than a panic.
+    pub fn to_text(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| {
+            r#"{"type":"error","code":"bad_request","message":"internal serialization error"}"#
+                .to_owned()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code_of(text: &str) -> ErrorCode {
+        match parse(text).request {
+            Err(e) => e.code,
+            Ok(r) => panic!("expected an error for {text}, got {r:?}"),
+        }
+    }
+
+    #[test]
+    fn names() {
+        assert!(validate_name("alice").is_ok());
+        assert!(validate_name("a_b.c:d@e-f").is_ok());
+        assert_eq!(validate_name(""), Err(NameError::Empty));
+        assert_eq!(validate_name(&"x".repeat(65)), Err(NameError::TooLong));
+        assert!(validate_name(&"x".repeat(64)).is_ok());
+        assert_eq!(validate_name("a b"), Err(NameError::BadCharacter));
+        assert_eq!(validate_name("a{b}"), Err(NameError::BadCharacter));
+        assert_eq!(validate_name("é"), Err(NameError::BadCharacter));
+    }
+
+    #[test]
+    fn dm_parses_and_keeps_body_verbatim() {
+        let inc = parse(r#"{"type":"dm","to":"bob","body":{"a": [1, 2]},"id":7,"from":"mallory"}"#);
+        assert_eq!(inc.id.as_ref().map(RequestId::as_json), Some("7"));
+        match inc.request {
+            Ok(Request::Direct { to, body }) => {
+                assert_eq!(to, "bob");
+                assert_eq!(body.get(), r#"{"a": [1, 2]}"#);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_are_precise() {
+        assert_eq!(code_of("not json"), ErrorCode::BadRequest);
+        assert_eq!(code_of("[1,2]"), ErrorCode::BadRequest);
+        assert_eq!(code_of(r#"{"type":"nope"}"#), ErrorCode::UnknownType);
+        assert_eq!(code_of(r#"{"to":"bob"}"#), ErrorCode::BadRequest);
+        assert_eq!(code_of(r#"{"type":5}"#), ErrorCode::BadRequest);
+        assert_eq!(
+            code_of(r#"{"type":"dm","to":5,"body":1}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code_of(r#"{"type":"dm","to":"bob"}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code_of(r#"{"type":"dm","to":"","body":1}"#),
+            ErrorCode::InvalidName
+        );
+        assert_eq!(
+            code_of(r#"{"type":"dm","to":"a b","body":1}"#),
+            ErrorCode::InvalidName
+        );
+        assert_eq!(
+            code_of(r#"{"type":"join","room":null}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code_of(r#"{"type":"presence","users":"bob"}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code_of(r#"{"type":"presence","users":["ok","b d"]}"#),
+            ErrorCode::InvalidName
+        );
+        let many: Vec<String> = (0..101).map(|i| format!("u{i}")).collect();
+        let frame = serde_json::json!({"type":"presence","users":many}).to_string();
+        assert_eq!(code_of(&frame), ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn ids_must_be_strings_or_integers() {
+        assert!(parse(r#"{"type":"ping","id":"abc"}"#).id.is_some());
+        assert!(parse(r#"{"type":"ping","id":-3}"#).id.is_some());
+        // `"id": null` is the same as no id.
+        assert!(parse(r#"{"type":"ping","id":null}"#).request.is_ok());
+        for bad in [r#"1.5"#, r#"1e400"#, r#"{"a":1}"#, r#"[1]"#, r#"true"#] {
+            let frame = format!(r#"{{"type":"ping","id":{bad}}}"#);
+            let inc = parse(&frame);
+            assert!(inc.id.is_none(), "{bad}");
+            assert!(inc.request.is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        let frame = format!(r#"{{"type":"dm","to":"bob","body":{deep}}}"#);
+        assert_eq!(code_of(&frame), ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn depth_ignores_brackets_in_strings() {
+        assert_eq!(nesting_depth(r#"{"a":[1,{"b":"[[[[\\\"]]"}]}"#), 3);
+        assert_eq!(nesting_depth("1"), 0);
+        let ok = format!(
+            "{}{}",
+            "[".repeat(MAX_BODY_DEPTH),
+            "]".repeat(MAX_BODY_DEPTH)
+        );
+        assert!(parse(&format!(r#"{{"type":"dm","to":"bob","body":{ok}}}"#))
+            .request
+            .is_ok());
+    }
+
+    #[test]
+    fn server_frames_serialize() {
+        let id = parse(r#"{"type":"ping","id":"x1"}"#).id;
+        let ack = ServerFrame::Ack {
+            id: id.as_ref(),
+            status: "routed",
+            msg_id: Some("m1"),
+        };
+        assert_eq!(
+            ack.to_text(),
+            r#"{"type":"ack","id":"x1","status":"routed","msg_id":"m1"}"#
+        );
+        let body = RawValue::from_string("{\"k\":1}".to_owned()).expect("raw");
+        let dm = ServerFrame::Dm {
+            from: "alice",
+            body: &body,
+            msg_id: "m1",
+            ts: 5,
+        };
+        assert_eq!(
+            dm.to_text(),
+            r#"{"type":"dm","from":"alice","body":{"k":1},"msg_id":"m1","ts":5}"#
+        );
+        assert_eq!(
+            ServerFrame::Pong { id: None }.to_text(),
+            r#"{"type":"pong"}"#
+        );
+    }
+}

@@ -1,0 +1,82 @@
+//! Every Redis key and channel name Switchboard uses, in one place. This is a
+//! public contract (docs/PROTOCOL.md): change it only with a version bump.
+
+/// Builds key and channel names under one prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+    /// `PREFIX:room:`, precomputed: room channels are named per message.
+    room_channel_prefix: String,
+}
+
+impl Keys {
+    /// Names under `prefix` (`sb` by default).
+    pub fn new(prefix: &str) -> Self {
+        Keys {
+            prefix: prefix.to_owned(),
+            room_channel_prefix: format!("{prefix}:room:"),
+        }
+    }
+
+    /// `sb:presence:{USER}` — HASH instance id -> connection count. The braces
+    /// are literal: a Redis Cluster hash tag.
+    pub fn presence(&self, user: &str) -> String {
+        format!("{}:presence:{{{user}}}", self.prefix)
+    }
+
+    /// `sb:instance:{ID}` — the instance's lease (a key with a TTL).
+    pub fn lease(&self, instance: &str) -> String {
+        format!("{}:instance:{{{instance}}}", self.prefix)
+    }
+
+    /// `sb:instance:{ID}:users` — SET of users with connections on the instance.
+    pub fn instance_users(&self, instance: &str) -> String {
+        format!("{}:instance:{{{instance}}}:users", self.prefix)
+    }
+
+    /// `sb:instances` — ZSET instance id -> lease expiry (Redis clock, ms):
+    /// the index of instances every node reads to know who is alive.
+    pub fn instances(&self) -> String {
+        format!("{}:instances", self.prefix)
+    }
+
+    /// `sb:inst:ID` — an instance's personal channel.
+    pub fn personal_channel(&self, instance: &str) -> String {
+        format!("{}:inst:{instance}", self.prefix)
+    }
+
+    /// `sb:room:ROOM` — a room's channel.
+    pub fn room_channel(&self, room: &str) -> String {
+        let mut name = String::with_capacity(self.room_channel_prefix.len() + room.len());
+        name.push_str(&self.room_channel_prefix);
+        name.push_str(room);
+        name
+    }
+
+    /// The prefix shared by every room channel.
+    pub fn room_channel_prefix(&self) -> &str {
+        &self.room_channel_prefix
+    }
+
+    /// `sb:all` — the broadcast channel of `--routing broadcast`.
+    pub fn all_channel(&self) -> String {
+        format!("{}:all", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_literal_with_hash_tags() {
+        let k = Keys::new("sb");
+        assert_eq!(k.presence("bob"), "sb:presence:{bob}");
+        assert_eq!(k.lease("i1"), "sb:instance:{i1}");
+        assert_eq!(k.instance_users("i1"), "sb:instance:{i1}:users");
+        assert_eq!(k.personal_channel("i1"), "sb:inst:i1");
+        assert_eq!(k.room_channel("lobby"), "sb:room:lobby");
+        assert_eq!(k.all_channel(), "sb:all");
+        assert_eq!(k.instances(), "sb:instances");
+    }
+}

@@ -1,0 +1,473 @@
+//! The Redis implementation of [`Presence`](crate::presence::Presence) and
+//! [`Bus`](crate::bus::Bus): the only module that knows Redis commands, key
+//! names and scripts.
+//!
+//! Two kinds of connection, never mixed:
+//! - commands (presence reads and writes, PUBLISH, the lease) go through a
+//!   deadpool of multiplexed connections;
+//! - subscriptions live on one dedicated RESP3 connection (a redis
+//!   `ConnectionManager` with a push sender and automatic resubscription),
+//!   which reconnects by itself with capped, jittered exponential backoff and
+//!   re-issues every SUBSCRIBE. Pushed messages go into the bounded bus inbox
+//!   without blocking; a full inbox drops and counts.
+//!
+//! The maintenance loop refreshes this instance's lease every third of its
+//! TTL, refreshes the view of live instances (one round trip, Redis's clock),
+//! re-asserts this instance's presence after an outage or a lost lease, and
+//! reaps instances whose lease expired (each exactly once, by an atomic claim).
+
+mod bus;
+pub mod keys;
+mod presence;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use deadpool_redis::redis::{
+    self, aio::ConnectionManager, aio::ConnectionManagerConfig, IntoConnectionInfo,
+    ProtocolVersion, PushInfo, PushKind, Value,
+};
+use deadpool_redis::{Pool, Runtime};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{ChannelKind, Inbound};
+use crate::keyed_lock::KeyedLocks;
+use crate::metrics::Metrics;
+use keys::Keys;
+
+/// Why the Redis backend could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisSetupError {
+    /// The URL does not parse or names an unsupported scheme.
+    #[error("invalid redis url: {0}")]
+    Url(String),
+    /// Redis did not answer at start-up.
+    #[error("cannot reach redis: {0}")]
+    Connect(String),
+}
+
+/// Settings of the Redis backend, taken from the instance's configuration.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://`, `rediss://` or `redis+unix://` URL.
+    pub url: String,
+    /// Key and channel prefix.
+    pub prefix: String,
+    /// This instance's id.
+    pub instance: String,
+    /// Lease TTL.
+    pub lease: Duration,
+}
+
+/// Lua: add `delta` to this instance's field of a presence hash, deleting the
+/// field when it reaches zero. Atomic, so a late disconnect on one instance
+/// never touches another instance's field.
+const ADJUST_PRESENCE: &str = r"
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+if n <= 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 0
+end
+return n
+";
+
+/// Lua: record this instance's lease expiry in the instance index using
+/// Redis's own clock, and return that clock and the whole index.
+const HEARTBEAT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return {now, redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')}
+";
+
+/// Lua: claim a dead instance for reaping. Only the caller that removes it
+/// from the index gets 1, so each dead instance is reaped exactly once.
+const CLAIM_DEAD: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if expiry and tonumber(expiry) < now then
+  return redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 0
+";
+
+/// What this instance believes about other instances, from the last heartbeat.
+#[derive(Debug, Default)]
+struct LiveView {
+    /// instance id -> alive (lease not expired at the last refresh).
+    instances: HashMap<String, bool>,
+}
+
+impl LiveView {
+    /// Entries of instances known dead are ignored; unknown instances (for
+    /// example one that started after the last refresh) are tried, and the
+    /// PUBLISH receiver count decides.
+    fn may_be_alive(&self, instance: &str) -> bool {
+        self.instances.get(instance).copied().unwrap_or(true)
+    }
+}
+
+/// Presence store and message bus over one Redis deployment.
+pub struct RedisBackend {
+    pool: Pool,
+    subscriber: ConnectionManager,
+    keys: Keys,
+    instance: Arc<str>,
+    lease: Duration,
+    metrics: Arc<Metrics>,
+    live: RwLock<Arc<LiveView>>,
+    /// The local truth this instance re-asserts: user -> its connections here.
+    desired: DashMap<String, u32>,
+    /// Serializes this instance's presence writes for one user.
+    user_locks: KeyedLocks,
+    /// Set when a presence write failed or the lease was lost.
+    resync_needed: AtomicBool,
+    /// The last heartbeat succeeded.
+    lease_ok: AtomicBool,
+    /// The subscriber connection is up (cleared on a disconnection push).
+    subscriber_up: Arc<AtomicBool>,
+    adjust_presence: redis::Script,
+    heartbeat_script: redis::Script,
+    claim_dead: redis::Script,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Maps a pushed channel name to the kind of channel it is.
+#[derive(Debug)]
+struct ChannelClassifier {
+    personal: Vec<u8>,
+    all: Vec<u8>,
+    room_prefix: Vec<u8>,
+}
+
+impl ChannelClassifier {
+    fn kind(&self, channel: &[u8]) -> Option<ChannelKind> {
+        if channel == self.personal.as_slice() {
+            Some(ChannelKind::Personal)
+        } else if channel.starts_with(&self.room_prefix) {
+            Some(ChannelKind::Room)
+        } else if channel == self.all.as_slice() {
+            Some(ChannelKind::Broadcast)
+        } else {
+            None
+        }
+    }
+}
+
+fn bytes_of(value: &Value) -> Option<&[u8]> {
+    match value {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+impl RedisBackend {
+    /// Connects the command pool and the subscriber, registers the lease and
+    /// subscribes this instance's personal channel (and the broadcast channel).
+    pub async fn connect(
+        settings: RedisSettings,
+        inbox: mpsc::Sender<Inbound>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, RedisSetupError> {
+        let keys = Keys::new(&settings.prefix);
+        let info = settings
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| RedisSetupError::Url(e.to_string()))?;
+
+        let mut pool_config = deadpool_redis::Config::from_connection_info(info.clone());
+        let mut pool_settings = deadpool_redis::PoolConfig::new(32);
+        pool_settings.timeouts.wait = Some(Duration::from_secs(2));
+        pool_settings.timeouts.create = Some(Duration::from_secs(2));
+        pool_settings.timeouts.recycle = Some(Duration::from_secs(2));
+        pool_config.pool = Some(pool_settings);
+        let pool = pool_config
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|e| RedisSetupError::Connect(e.to_string()))?;
+
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let client = redis::Client::open(info.set_redis_settings(resp3))
+            .map_err(|e| RedisSetupError::Url(e.to_string()))?;
+        let subscriber_up = Arc::new(AtomicBool::new(true));
+        let classifier = ChannelClassifier {
+            personal: keys.personal_channel(&settings.instance).into_bytes(),
+            all: keys.all_channel().into_bytes(),
+            room_prefix: keys.room_channel_prefix().as_bytes().to_vec(),
+        };
+        let push_metrics = metrics.clone();
+        let up = subscriber_up.clone();
+        let on_push = move |push: PushInfo| -> Result<(), std::convert::Infallible> {
+            match push.kind {
+                PushKind::Message => {
+                    let (Some(channel), Some(payload)) = (
+                        push.data.first().and_then(bytes_of),
+                        push.data.get(1).and_then(bytes_of),
+                    ) else {
+                        return Ok(());
+                    };
+                    let Some(kind) = classifier.kind(channel) else {
+                        return Ok(());
+                    };
+                    let inbound = Inbound {
+                        kind,
+                        payload: payload.to_vec(),
+                    };
+                    if inbox.try_send(inbound).is_err() {
+                        push_metrics.dropped_bus_inbox_full.inc();
+                    }
+                }
+                PushKind::Disconnection => {
+                    up.store(false, Ordering::Relaxed);
+                    tracing::warn!("redis subscriber connection lost; reconnecting");
+                }
+                PushKind::Subscribe => {
+                    if !up.swap(true, Ordering::Relaxed) {
+                        tracing::info!("redis subscriber connection restored");
+                    }
+                }
+                _ => {}
+            }
+            Ok(())
+        };
+        let manager_config = ConnectionManagerConfig::new()
+            .set_push_sender(on_push)
+            .set_automatic_resubscription()
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_secs(1))
+            .set_number_of_retries(usize::MAX)
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(2)));
+        let subscriber = tokio::time::timeout(
+            Duration::from_secs(5),
+            ConnectionManager::new_with_config(client, manager_config),
+        )
+        .await
+        .map_err(|_| RedisSetupError::Connect("timed out connecting the subscriber".into()))?
+        .map_err(|e| RedisSetupError::Connect(e.to_string()))?;
+
+        let backend = Arc::new(RedisBackend {
+            pool,
+            subscriber,
+            keys,
+            instance: Arc::from(settings.instance.as_str()),
+            lease: settings.lease,
+            metrics,
+            live: RwLock::new(Arc::default()),
+            desired: DashMap::new(),
+            user_locks: KeyedLocks::new(256),
+            resync_needed: AtomicBool::new(false),
+            lease_ok: AtomicBool::new(false),
+            subscriber_up,
+            adjust_presence: redis::Script::new(ADJUST_PRESENCE),
+            heartbeat_script: redis::Script::new(HEARTBEAT),
+            claim_dead: redis::Script::new(CLAIM_DEAD),
+        });
+        backend
+            .heartbeat()
+            .await
+            .map_err(|e| RedisSetupError::Connect(e.to_string()))?;
+        Ok(backend)
+    }
+
+    /// Whether the instance can serve cross-instance traffic right now.
+    pub fn is_ready(&self) -> bool {
+        self.lease_ok.load(Ordering::Relaxed) && self.subscriber_up.load(Ordering::Relaxed)
+    }
+
+    async fn conn(&self) -> redis::RedisResult<deadpool_redis::Connection> {
+        self.pool.get().await.map_err(|e| {
+            redis::RedisError::from((redis::ErrorKind::Io, "redis pool", e.to_string()))
+        })
+    }
+
+    fn live_view(&self) -> Arc<LiveView> {
+        self.live.read().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    /// Refreshes the lease and the live view; re-asserts presence when the
+    /// lease had been lost (Redis restarted empty, or this process was paused
+    /// past its TTL and reaped) or a write failed meanwhile.
+    async fn heartbeat(&self) -> redis::RedisResult<Vec<String>> {
+        let mut conn = self.conn().await?;
+        let lease_ms = self.lease.as_millis() as u64;
+        let (existed, (now, index)): (Option<String>, (i64, Vec<(String, i64)>)) = {
+            let previous: Option<String> = redis::cmd("SET")
+                .arg(self.keys.lease(&self.instance))
+                .arg(&*self.instance)
+                .arg("PX")
+                .arg(lease_ms)
+                .arg("GET")
+                .query_async(&mut conn)
+                .await?;
+            let beat = self
+                .heartbeat_script
+                .key(self.keys.instances())
+                .arg(&*self.instance)
+                .arg(lease_ms)
+                .invoke_async(&mut conn)
+                .await?;
+            (previous, beat)
+        };
+        drop(conn);
+        let mut dead = Vec::new();
+        let mut view = LiveView::default();
+        for (instance, expiry) in index {
+            let alive = expiry >= now;
+            if !alive {
+                dead.push(instance.clone());
+            }
+            view.instances.insert(instance, alive);
+        }
+        if let Ok(mut live) = self.live.write() {
+            *live = Arc::new(view);
+        }
+        let lost = existed.is_none();
+        if lost || self.resync_needed.swap(false, Ordering::Relaxed) {
+            if lost {
+                tracing::info!("lease was absent; re-asserting this instance's presence");
+            }
+            if let Err(e) = self.resync().await {
+                self.resync_needed.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+        self.lease_ok.store(true, Ordering::Relaxed);
+        Ok(dead)
+    }
+
+    /// Writes the local truth over this instance's presence fields and users
+    /// set: absolute counts for every local user, and removal of users the set
+    /// still lists but that have no connection here any more.
+    async fn resync(&self) -> redis::RedisResult<()> {
+        let users_key = self.keys.instance_users(&self.instance);
+        let listed: Vec<String> = {
+            let mut conn = self.conn().await?;
+            redis::cmd("SMEMBERS")
+                .arg(&users_key)
+                .query_async(&mut conn)
+                .await?
+        };
+        let mut users: Vec<String> = self.desired.iter().map(|e| e.key().clone()).collect();
+        users.extend(listed);
+        users.sort_unstable();
+        users.dedup();
+        for user in users {
+            let _guard = self.user_locks.lock(&user).await;
+            let count = self.desired.get(&user).map(|c| *c).unwrap_or(0);
+            let mut pipe = redis::pipe();
+            if count > 0 {
+                pipe.cmd("SADD").arg(&users_key).arg(&user).ignore();
+                pipe.cmd("HSET")
+                    .arg(self.keys.presence(&user))
+                    .arg(&*self.instance)
+                    .arg(count)
+                    .ignore();
+            } else {
+                pipe.cmd("HDEL")
+                    .arg(self.keys.presence(&user))
+                    .arg(&*self.instance)
+                    .ignore();
+                pipe.cmd("SREM").arg(&users_key).arg(&user).ignore();
+            }
+            let mut conn = self.conn().await?;
+            pipe.query_async::<()>(&mut conn).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes the presence entries of an instance whose lease expired, if
+    /// this instance wins the claim on it.
+    async fn reap(&self, dead: &str) -> redis::RedisResult<bool> {
+        let mut conn = self.conn().await?;
+        let claimed: i64 = self
+            .claim_dead
+            .key(self.keys.instances())
+            .arg(dead)
+            .invoke_async(&mut conn)
+            .await?;
+        if claimed != 1 {
+            return Ok(false);
+        }
+        let users_key = self.keys.instance_users(dead);
+        let users: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(&users_key)
+            .query_async(&mut conn)
+            .await?;
+        for chunk in users.chunks(500) {
+            let mut pipe = redis::pipe();
+            for user in chunk {
+                pipe.cmd("HDEL")
+                    .arg(self.keys.presence(user))
+                    .arg(dead)
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut conn).await?;
+        }
+        redis::pipe()
+            .cmd("DEL")
+            .arg(&users_key)
+            .ignore()
+            .cmd("DEL")
+            .arg(self.keys.lease(dead))
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        tracing::info!(
+            instance = dead,
+            users = users.len(),
+            "reaped a dead instance"
+        );
+        Ok(true)
+    }
+
+    /// Runs until `shutdown`: lease refresh, live view, resync and reaping.
+    pub async fn run_maintenance(self: Arc<Self>, shutdown: CancellationToken) {
+        let period = self.lease / 3;
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            match self.heartbeat().await {
+                Ok(dead) => {
+                    for instance in dead {
+                        if let Err(e) = self.reap(&instance).await {
+                            tracing::warn!(error = %e, instance, "reaping failed; will retry");
+                        }
+                    }
+                }
+                Err(e) => {
+                    if self.lease_ok.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(error = %e, "redis heartbeat failed; not ready");
+                    }
+                    self.resync_needed.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn observe(&self, started: Instant) {
+        self.metrics
+            .redis_latency
+            .observe(started.elapsed().as_secs_f64());
+    }
+}

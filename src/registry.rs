@@ -1,0 +1,338 @@
+//! The local truth: which WebSocket connections this instance holds, by user
+//! and by room, and the bounded outbound queue of each.
+//!
+//! The registry hands frames to connections without ever blocking: a full
+//! queue marks that connection as a slow consumer and asks its task to close
+//! it. It knows nothing of Redis, presence or routing decisions; it is the
+//! state that presence and room subscriptions are derived from.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use dashmap::DashMap;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use warp::ws::Message;
+
+use crate::metrics::Metrics;
+
+/// WebSocket close codes the server uses, with their reasons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// 1001: the instance is shutting down.
+    GoingAway,
+    /// 1008: the client did not read fast enough.
+    SlowConsumer,
+    /// 1009: a frame was over the size limit.
+    TooLarge,
+}
+
+impl CloseReason {
+    /// The close code and reason text sent to the client.
+    pub fn code_and_reason(self) -> (u16, &'static str) {
+        match self {
+            CloseReason::GoingAway => (1001, "server shutting down"),
+            CloseReason::SlowConsumer => (1008, "slow consumer"),
+            CloseReason::TooLarge => (1009, "frame too large"),
+        }
+    }
+}
+
+/// One local connection, shared by the registry and the connection's task.
+#[derive(Debug)]
+pub struct ConnHandle {
+    /// Unique across instances (prefixed by the instance id), so a room
+    /// message can name the connection that must not get its own echo.
+    pub id: Arc<str>,
+    /// The authenticated user.
+    pub user: Arc<str>,
+    /// Bounded queue drained by the connection's writer.
+    outbound: mpsc::Sender<Message>,
+    /// Cancelled when the connection must be closed by the server.
+    closer: CancellationToken,
+    /// Why the server closed it; the first reason wins.
+    close_reason: OnceLock<CloseReason>,
+    /// Rooms this connection has joined (membership checks and cleanup).
+    rooms: Mutex<HashSet<Arc<str>>>,
+}
+
+impl ConnHandle {
+    /// A handle and the receiving end of its outbound queue.
+    pub fn new(
+        id: Arc<str>,
+        user: Arc<str>,
+        capacity: usize,
+    ) -> (Arc<Self>, mpsc::Receiver<Message>) {
+        let (outbound, rx) = mpsc::channel(capacity);
+        let handle = ConnHandle {
+            id,
+            user,
+            outbound,
+            closer: CancellationToken::new(),
+            close_reason: OnceLock::new(),
+            rooms: Mutex::new(HashSet::new()),
+        };
+        (Arc::new(handle), rx)
+    }
+
+    /// Queues a frame without waiting. A full queue closes the connection as
+    /// a slow consumer; returns whether the frame was queued.
+    pub fn send(&self, frame: Message, metrics: &Metrics) -> bool {
+        match self.outbound.try_send(frame) {
+            Ok(()) => {
+                metrics.delivered.inc();
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics.dropped_slow_consumer.inc();
+                self.close(CloseReason::SlowConsumer);
+                false
+            }
+            // The writer is gone: the connection is already closing.
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Asks the connection's task to close with this reason.
+    pub fn close(&self, reason: CloseReason) {
+        let _ = self.close_reason.set(reason);
+        self.closer.cancel();
+    }
+
+    /// Resolves when the server decided to close this connection.
+    pub fn closer(&self) -> &CancellationToken {
+        &self.closer
+    }
+
+    /// The reason given to [`ConnHandle::close`], if any.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.close_reason.get().copied()
+    }
+
+    /// Whether this connection has joined `room`.
+    pub fn is_member(&self, room: &str) -> bool {
+        self.rooms.lock().map(|r| r.contains(room)).unwrap_or(false)
+    }
+
+    fn add_room(&self, room: &Arc<str>) -> bool {
+        self.rooms
+            .lock()
+            .map(|mut r| r.insert(room.clone()))
+            .unwrap_or(false)
+    }
+
+    fn remove_room(&self, room: &str) -> bool {
+        self.rooms
+            .lock()
+            .map(|mut r| r.remove(room))
+            .unwrap_or(false)
+    }
+
+    /// The rooms joined, for cleanup on disconnect.
+    pub fn rooms(&self) -> Vec<Arc<str>> {
+        self.rooms
+            .lock()
+            .map(|r| r.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The connections of this instance, indexed by user and by room.
+#[derive(Debug, Default)]
+pub struct Registry {
+    users: DashMap<Arc<str>, Vec<Arc<ConnHandle>>>,
+    rooms: DashMap<Arc<str>, Vec<Arc<ConnHandle>>>,
+    next_conn: AtomicU64,
+}
+
+/// What a membership change did to the instance's set of local rooms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoomChange {
+    /// The first local member joined: subscribe to the room channel.
+    FirstJoined,
+    /// The last local member left: unsubscribe.
+    LastLeft,
+    /// Membership changed, the set of local rooms did not.
+    Unchanged,
+    /// Nothing changed (already a member, or not one).
+    Noop,
+}
+
+impl Registry {
+    /// A fresh connection id for this instance.
+    pub fn next_conn_id(&self, instance: &str) -> Arc<str> {
+        let n = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        Arc::from(format!("{instance}/{n}"))
+    }
+
+    /// Adds a connection; returns how many connections its user now has here.
+    pub fn insert(&self, conn: &Arc<ConnHandle>) -> usize {
+        let mut entry = self.users.entry(conn.user.clone()).or_default();
+        entry.push(conn.clone());
+        entry.len()
+    }
+
+    /// Removes a connection; returns how many connections its user still has here.
+    pub fn remove(&self, conn: &ConnHandle) -> usize {
+        let left = match self.users.get_mut(&conn.user) {
+            Some(mut conns) => {
+                conns.retain(|c| c.id != conn.id);
+                conns.len()
+            }
+            None => 0,
+        };
+        if left == 0 {
+            self.users
+                .remove_if(&conn.user, |_, conns| conns.is_empty());
+        }
+        left
+    }
+
+    /// Queues `frame` on every local connection of `user`; returns how many.
+    pub fn deliver_to_user(&self, user: &str, frame: &Message, metrics: &Metrics) -> usize {
+        // Clone the handles out so no map lock is held while queueing.
+        let conns: Vec<Arc<ConnHandle>> = match self.users.get(user) {
+            Some(conns) => conns.clone(),
+            None => return 0,
+        };
+        conns
+            .iter()
+            .filter(|c| c.send(frame.clone(), metrics))
+            .count()
+    }
+
+    /// Whether `user` has a connection here.
+    pub fn holds(&self, user: &str) -> bool {
+        self.users.contains_key(user)
+    }
+
+    /// Adds `conn` to `room`.
+    pub fn join(&self, room: &str, conn: &Arc<ConnHandle>) -> RoomChange {
+        let room: Arc<str> = Arc::from(room);
+        if !conn.add_room(&room) {
+            return RoomChange::Noop;
+        }
+        let mut members = self.rooms.entry(room).or_default();
+        members.push(conn.clone());
+        if members.len() == 1 {
+            RoomChange::FirstJoined
+        } else {
+            RoomChange::Unchanged
+        }
+    }
+
+    /// Removes `conn` from `room`.
+    pub fn leave(&self, room: &str, conn: &ConnHandle) -> RoomChange {
+        if !conn.remove_room(room) {
+            return RoomChange::Noop;
+        }
+        let left = match self.rooms.get_mut(room) {
+            Some(mut members) => {
+                members.retain(|c| c.id != conn.id);
+                members.len()
+            }
+            None => 0,
+        };
+        if left == 0 {
+            self.rooms.remove_if(room, |_, members| members.is_empty());
+            RoomChange::LastLeft
+        } else {
+            RoomChange::Unchanged
+        }
+    }
+
+    /// Whether any local connection is in `room`.
+    pub fn has_room(&self, room: &str) -> bool {
+        self.rooms.contains_key(room)
+    }
+
+    /// Queues `frame` on every local member of `room` except `except`.
+    pub fn deliver_to_room(
+        &self,
+        room: &str,
+        except: Option<&str>,
+        frame: &Message,
+        metrics: &Metrics,
+    ) -> usize {
+        let members: Vec<Arc<ConnHandle>> = match self.rooms.get(room) {
+            Some(members) => members.clone(),
+            None => return 0,
+        };
+        members
+            .iter()
+            .filter(|c| Some(&*c.id) != except)
+            .filter(|c| c.send(frame.clone(), metrics))
+            .count()
+    }
+
+    /// Every local connection (for shutdown).
+    pub fn all_connections(&self) -> Vec<Arc<ConnHandle>> {
+        self.users.iter().flat_map(|e| e.value().clone()).collect()
+    }
+
+    /// Number of open local connections.
+    pub fn connection_count(&self) -> usize {
+        self.users.iter().map(|e| e.value().len()).sum()
+    }
+
+    /// Number of distinct local users.
+    pub fn user_count(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Number of rooms with a local member.
+    pub fn room_count(&self) -> usize {
+        self.rooms.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn(reg: &Registry, user: &str, cap: usize) -> (Arc<ConnHandle>, mpsc::Receiver<Message>) {
+        ConnHandle::new(reg.next_conn_id("i1"), Arc::from(user), cap)
+    }
+
+    #[test]
+    fn users_and_rooms() {
+        let reg = Registry::default();
+        let m = Metrics::new();
+        let (a1, mut rx1) = conn(&reg, "alice", 4);
+        let (a2, mut rx2) = conn(&reg, "alice", 4);
+        assert_eq!(reg.insert(&a1), 1);
+        assert_eq!(reg.insert(&a2), 2);
+        assert_eq!(reg.deliver_to_user("alice", &Message::text("x"), &m), 2);
+        assert!(rx1.try_recv().is_ok() && rx2.try_recv().is_ok());
+
+        assert_eq!(reg.join("lobby", &a1), RoomChange::FirstJoined);
+        assert_eq!(reg.join("lobby", &a1), RoomChange::Noop);
+        assert_eq!(reg.join("lobby", &a2), RoomChange::Unchanged);
+        assert_eq!(
+            reg.deliver_to_room("lobby", Some(&a1.id), &Message::text("y"), &m),
+            1
+        );
+        assert!(rx1.try_recv().is_err());
+        assert!(rx2.try_recv().is_ok());
+        assert_eq!(reg.leave("lobby", &a1), RoomChange::Unchanged);
+        assert_eq!(reg.leave("lobby", &a2), RoomChange::LastLeft);
+        assert!(!reg.has_room("lobby"));
+
+        assert_eq!(reg.remove(&a1), 1);
+        assert_eq!(reg.remove(&a2), 0);
+        assert!(!reg.holds("alice"));
+    }
+
+    #[test]
+    fn full_queue_closes_as_slow_consumer() {
+        let reg = Registry::default();
+        let m = Metrics::new();
+        let (a, _rx) = conn(&reg, "alice", 1);
+        reg.insert(&a);
+        assert_eq!(reg.deliver_to_user("alice", &Message::text("1"), &m), 1);
+        assert_eq!(reg.deliver_to_user("alice", &Message::text("2"), &m), 0);
+        assert!(a.closer().is_cancelled());
+        assert_eq!(a.close_reason(), Some(CloseReason::SlowConsumer));
+    }
+}
