@@ -19,6 +19,9 @@ pub enum RoutingMode {
     Routed,
     /// Baseline: publish every DM on one channel every instance subscribes to.
     Broadcast,
+    /// The Centrifugo / SignalR design: an instance subscribes to a channel per
+    /// user it holds; a DM is one publish to the recipient's channel.
+    UserChannel,
 }
 
 /// How a WebSocket client proves who it is.

@@ -39,6 +39,8 @@ pub struct BusCounters {
     pub room: Counter,
     /// Broadcast channel (`sb:all`) messages.
     pub broadcast: Counter,
+    /// Per-user channel messages (`--routing user-channel`).
+    pub user: Counter,
 }
 
 /// Every number an operator or the benchmark reads off an instance.
@@ -145,6 +147,7 @@ impl Metrics {
             personal: family.get_or_create_owned(&KindLabel { kind: "personal" }),
             room: family.get_or_create_owned(&KindLabel { kind: "room" }),
             broadcast: family.get_or_create_owned(&KindLabel { kind: "broadcast" }),
+            user: family.get_or_create_owned(&KindLabel { kind: "user" }),
         };
         let reason = |r: &'static str| dropped.get_or_create_owned(&ReasonLabel { reason: r });
         Arc::new(Metrics {

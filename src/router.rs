@@ -50,6 +50,8 @@ pub struct Router {
     /// Serializes join/leave of one room with its (un)subscription, so the
     /// subscription always matches "has a local member".
     room_locks: KeyedLocks,
+    /// Same for a user's first connect / last disconnect in user-channel mode.
+    user_locks: KeyedLocks,
     /// Source of unique message ids (with the instance id as prefix).
     next_msg: AtomicU64,
 }
@@ -89,6 +91,7 @@ impl Router {
             registry,
             metrics,
             room_locks: KeyedLocks::new(256),
+            user_locks: KeyedLocks::new(256),
             next_msg: AtomicU64::new(0),
         }
     }
@@ -109,6 +112,8 @@ impl Router {
     }
 
     /// Subscribes the channels every instance needs before it serves clients.
+    /// The personal channel is subscribed in every mode: re-routed DMs and
+    /// (later) server-side publishes use it.
     pub async fn start(&self) -> Result<(), crate::bus::BusError> {
         self.bus
             .subscribe(Channel::Instance(&self.instance))
@@ -121,7 +126,16 @@ impl Router {
 
     /// Registers a new local connection and its user's presence.
     pub async fn connect(&self, conn: &Arc<ConnHandle>) {
-        self.registry.insert(conn);
+        if self.mode == RoutingMode::UserChannel {
+            let _guard = self.user_locks.lock(&conn.user).await;
+            if self.registry.insert(conn) == 1 {
+                if let Err(e) = self.bus.subscribe(Channel::User(&conn.user)).await {
+                    tracing::warn!(error = %e, "user channel subscribe failed");
+                }
+            }
+        } else {
+            self.registry.insert(conn);
+        }
         self.metrics.connections.inc();
         if let Err(e) = self.presence.connect(&conn.user).await {
             self.metrics.presence_write_failures.inc();
@@ -134,7 +148,16 @@ impl Router {
         for room in conn.rooms() {
             self.leave(conn, &room).await;
         }
-        self.registry.remove(conn);
+        if self.mode == RoutingMode::UserChannel {
+            let _guard = self.user_locks.lock(&conn.user).await;
+            if self.registry.remove(conn) == 0 {
+                if let Err(e) = self.bus.unsubscribe(Channel::User(&conn.user)).await {
+                    tracing::warn!(error = %e, "user channel unsubscribe failed");
+                }
+            }
+        } else {
+            self.registry.remove(conn);
+        }
         self.metrics.connections.dec();
         if let Err(e) = self.presence.disconnect(&conn.user).await {
             self.metrics.presence_write_failures.inc();
@@ -174,6 +197,7 @@ impl Router {
         let status = match self.mode {
             RoutingMode::Routed => self.route_direct(to, envelope, text).await?,
             RoutingMode::Broadcast => self.broadcast_direct(to, envelope, text).await?,
+            RoutingMode::UserChannel => self.user_channel_direct(to, envelope, text).await?,
         };
         Ok((status, msg_id))
     }
@@ -252,6 +276,38 @@ impl Router {
             // This instance is itself a subscriber of the broadcast channel.
             Ok(receivers) if receivers > 1 => {
                 self.metrics.bus_published.broadcast.inc();
+                self.metrics.dm_routed.inc();
+                Ok(DirectStatus::Routed)
+            }
+            Ok(_) | Err(_) if local => {
+                self.metrics.dm_local.inc();
+                Ok(DirectStatus::Routed)
+            }
+            Ok(_) => {
+                self.metrics.dm_offline.inc();
+                Ok(DirectStatus::Offline)
+            }
+            Err(_) => Err(RouteError::Unavailable),
+        }
+    }
+
+    /// One publish on the recipient's own channel: Redis fans it out to the
+    /// instances holding the user; no presence read.
+    async fn user_channel_direct(
+        &self,
+        to: &str,
+        envelope: Envelope<'_>,
+        text: String,
+    ) -> Result<DirectStatus, RouteError> {
+        let payload = envelope.encode(&text);
+        let local = self
+            .registry
+            .deliver_to_user(to, &Message::text(text), &self.metrics)
+            > 0;
+        match self.bus.publish(Channel::User(to), payload).await {
+            // When the recipient is local, this instance is one of the receivers.
+            Ok(receivers) if receivers > usize::from(local) => {
+                self.metrics.bus_published.user.inc();
                 self.metrics.dm_routed.inc();
                 Ok(DirectStatus::Routed)
             }
@@ -346,6 +402,7 @@ impl Router {
             ChannelKind::Personal => self.metrics.bus_received.personal.inc(),
             ChannelKind::Room => self.metrics.bus_received.room.inc(),
             ChannelKind::Broadcast => self.metrics.bus_received.broadcast.inc(),
+            ChannelKind::User => self.metrics.bus_received.user.inc(),
         };
         let Some((envelope, at)) = Envelope::decode(&inbound.payload) else {
             tracing::warn!("dropping a malformed bus message");
@@ -353,8 +410,9 @@ impl Router {
         };
         match envelope {
             Envelope::Direct { to, hop, origin } => {
-                if inbound.kind == ChannelKind::Broadcast {
-                    // The baseline's cheapest possible drop: one header line read.
+                if matches!(inbound.kind, ChannelKind::Broadcast | ChannelKind::User) {
+                    // Delivered locally when sent; and the broadcast baseline's
+                    // cheapest possible drop: one header line read.
                     if origin == &*self.instance || !self.registry.holds(to) {
                         return;
                     }
@@ -490,6 +548,19 @@ mod tests {
         serde_json::from_str(msg.to_str().expect("text")).expect("json")
     }
 
+    /// Yields to the (current-thread) runtime until `condition` holds. A bus
+    /// message is handled without awaiting, so once its counter moved, its
+    /// handling is complete.
+    async fn wait_for(condition: impl Fn() -> bool) {
+        tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            while !condition() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("condition in time");
+    }
+
     fn body(json: &str) -> Box<RawValue> {
         RawValue::from_string(json.to_owned()).expect("raw json")
     }
@@ -558,15 +629,42 @@ mod tests {
         assert_eq!(recv_json(&mut b).await["body"], 1);
         // Every instance, the sender included, received the broadcast.
         for m in &c.metrics {
-            tokio::time::timeout(std::time::Duration::from_secs(2), async {
-                while m.bus_received.broadcast.get() < 1 {
-                    tokio::task::yield_now().await;
-                }
-            })
-            .await
-            .expect("received");
+            wait_for(|| m.bus_received.broadcast.get() == 1).await;
         }
         assert!(b.try_recv().is_err(), "delivered exactly once");
+    }
+
+    #[tokio::test]
+    async fn user_channel_mode_publishes_to_the_users_channel_only() {
+        let c = cluster(3, RoutingMode::UserChannel).await;
+        let (alice, _a) = user(&c.routers[0], "alice").await;
+        let (bob, mut b) = user(&c.routers[1], "bob").await;
+        let (status, _) = c.routers[0]
+            .send_direct(&alice, "bob", &body("1"))
+            .await
+            .expect("sent");
+        assert_eq!(status, DirectStatus::Routed);
+        assert_eq!(recv_json(&mut b).await["body"], 1);
+        assert_eq!(c.metrics[1].bus_received.user.get(), 1);
+        assert_eq!(c.metrics[2].bus_received.user.get(), 0);
+        assert_eq!(c.metrics[1].bus_received.personal.get(), 0);
+        // Local recipient: delivered directly, the echo from the bus is skipped.
+        let (_carol, mut carol_rx) = user(&c.routers[0], "carol").await;
+        c.routers[0]
+            .send_direct(&alice, "carol", &body("2"))
+            .await
+            .expect("sent");
+        assert_eq!(recv_json(&mut carol_rx).await["body"], 2);
+        // The bus echo reaches i1 too (it subscribes carol's channel) and is skipped.
+        wait_for(|| c.metrics[0].bus_received.user.get() == 1).await;
+        // Last connection gone: the channel is unsubscribed and bob is offline.
+        c.routers[1].disconnect(&bob).await;
+        let (status, _) = c.routers[0]
+            .send_direct(&alice, "bob", &body("3"))
+            .await
+            .expect("sent");
+        assert_eq!(status, DirectStatus::Offline);
+        assert!(carol_rx.try_recv().is_err(), "no duplicate from the echo");
     }
 
     #[tokio::test]
@@ -602,7 +700,8 @@ mod tests {
             .send_room(&alice, "lobby", &body("2"))
             .await
             .expect("sent");
-        tokio::task::yield_now().await;
+        // i1 receives its own echo (it has a member); i2 would have by then too.
+        wait_for(|| c.metrics[0].bus_received.room.get() == 2).await;
         assert!(b.try_recv().is_err());
         assert_eq!(
             c.metrics[1].bus_received.room.get(),

@@ -56,6 +56,7 @@ fn name(channel: Channel<'_>) -> (String, ChannelKind) {
         Channel::Instance(id) => (format!("inst:{id}"), ChannelKind::Personal),
         Channel::Room(room) => (format!("room:{room}"), ChannelKind::Room),
         Channel::All => ("all".to_owned(), ChannelKind::Broadcast),
+        Channel::User(user) => (format!("user:{user}"), ChannelKind::User),
     }
 }
 

@@ -26,6 +26,9 @@ pub enum Channel<'a> {
     Room(&'a str),
     /// The single broadcast channel of `--routing broadcast`.
     All,
+    /// A user's channel (`--routing user-channel`), subscribed while the
+    /// instance holds the user.
+    User(&'a str),
 }
 
 /// Which kind of channel a received message came from (for counters).
@@ -37,6 +40,8 @@ pub enum ChannelKind {
     Room,
     /// The broadcast channel.
     Broadcast,
+    /// A user's channel.
+    User,
 }
 
 /// A message received from the bus, queued for the dispatcher.

@@ -20,6 +20,7 @@ impl RedisBackend {
             Channel::Instance(id) => self.keys.personal_channel(id),
             Channel::Room(room) => self.keys.room_channel(room),
             Channel::All => self.keys.all_channel(),
+            Channel::User(user) => self.keys.user_channel(user),
         }
     }
 }

@@ -58,6 +58,16 @@ impl Keys {
         &self.room_channel_prefix
     }
 
+    /// `sb:user:USER` — a user's channel (`--routing user-channel`).
+    pub fn user_channel(&self, user: &str) -> String {
+        format!("{}:user:{user}", self.prefix)
+    }
+
+    /// The prefix shared by every user channel.
+    pub fn user_channel_prefix(&self) -> String {
+        format!("{}:user:", self.prefix)
+    }
+
     /// `sb:all` — the broadcast channel of `--routing broadcast`.
     pub fn all_channel(&self) -> String {
         format!("{}:all", self.prefix)

@@ -129,6 +129,8 @@ pub struct RedisBackend {
     resync_needed: AtomicBool,
     /// The last heartbeat succeeded.
     lease_ok: AtomicBool,
+    /// A heartbeat has run once: from then on a missing lease means it was lost.
+    registered: AtomicBool,
     /// The subscriber connection is up (cleared on a disconnection push).
     subscriber_up: Arc<AtomicBool>,
     adjust_presence: redis::Script,
@@ -150,6 +152,7 @@ struct ChannelClassifier {
     personal: Vec<u8>,
     all: Vec<u8>,
     room_prefix: Vec<u8>,
+    user_prefix: Vec<u8>,
 }
 
 impl ChannelClassifier {
@@ -158,6 +161,8 @@ impl ChannelClassifier {
             Some(ChannelKind::Personal)
         } else if channel.starts_with(&self.room_prefix) {
             Some(ChannelKind::Room)
+        } else if channel.starts_with(&self.user_prefix) {
+            Some(ChannelKind::User)
         } else if channel == self.all.as_slice() {
             Some(ChannelKind::Broadcast)
         } else {
@@ -210,6 +215,7 @@ impl RedisBackend {
             personal: keys.personal_channel(&settings.instance).into_bytes(),
             all: keys.all_channel().into_bytes(),
             room_prefix: keys.room_channel_prefix().as_bytes().to_vec(),
+            user_prefix: keys.user_channel_prefix().into_bytes(),
         };
         let push_metrics = metrics.clone();
         let up = subscriber_up.clone();
@@ -274,6 +280,7 @@ impl RedisBackend {
             user_locks: KeyedLocks::new(256),
             resync_needed: AtomicBool::new(false),
             lease_ok: AtomicBool::new(false),
+            registered: AtomicBool::new(false),
             subscriber_up,
             adjust_presence: redis::Script::new(ADJUST_PRESENCE),
             heartbeat_script: redis::Script::new(HEARTBEAT),
@@ -338,7 +345,8 @@ impl RedisBackend {
         if let Ok(mut live) = self.live.write() {
             *live = Arc::new(view);
         }
-        let lost = existed.is_none();
+        // The very first heartbeat of a process finds no lease: that is not a loss.
+        let lost = existed.is_none() && self.registered.swap(true, Ordering::Relaxed);
         if lost || self.resync_needed.swap(false, Ordering::Relaxed) {
             if lost {
                 tracing::info!("lease was absent; re-asserting this instance's presence");
