@@ -162,21 +162,28 @@ pub struct Incoming<'a> {
 }
 
 /// Every field a client frame may carry, each kept raw so that a mistyped
-/// field is reported precisely instead of failing the whole frame.
+/// field is reported precisely instead of failing the whole frame. A field
+/// present as `null` is `Some("null")` (a `null` body is a valid body); only
+/// `id` treats `null` as absent.
 #[derive(serde::Deserialize)]
 struct RawFrame<'a> {
-    #[serde(rename = "type", borrow)]
+    #[serde(rename = "type", default, borrow, deserialize_with = "present")]
     kind: Option<&'a RawValue>,
     #[serde(borrow)]
     id: Option<&'a RawValue>,
-    #[serde(borrow)]
+    #[serde(default, borrow, deserialize_with = "present")]
     to: Option<&'a RawValue>,
-    #[serde(borrow)]
+    #[serde(default, borrow, deserialize_with = "present")]
     room: Option<&'a RawValue>,
-    #[serde(borrow)]
+    #[serde(default, borrow, deserialize_with = "present")]
     body: Option<&'a RawValue>,
-    #[serde(borrow)]
+    #[serde(default, borrow, deserialize_with = "present")]
     users: Option<&'a RawValue>,
+}
+
+/// A field that is present, whatever its value (absent fields take `default`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue as serde::Deserialize>::deserialize(d).map(Some)
 }
 
 /// Parses one text frame. Never panics; any input yields either a request or a
@@ -501,6 +508,17 @@ mod tests {
         let many: Vec<String> = (0..101).map(|i| format!("u{i}")).collect();
         let frame = serde_json::json!({"type":"presence","users":many}).to_string();
         assert_eq!(code_of(&frame), ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn a_null_body_is_a_body() {
+        match parse(r#"{"type":"dm","to":"bob","body":null}"#).request {
+            Ok(Request::Direct { body, .. }) => assert_eq!(body.get(), "null"),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(parse(r#"{"type":"room","room":"r","body":null}"#)
+            .request
+            .is_ok());
     }
 
     #[test]

@@ -35,6 +35,9 @@ const INBOX_CAPACITY: usize = 65_536;
 /// Longest wait for sessions to finish at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Whether the shared backend can serve cross-instance traffic right now.
+type ReadinessProbe = Arc<dyn Fn() -> bool + Send + Sync>;
+
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -59,38 +62,35 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let instance = config.instance().to_owned();
 
-    let (presence, bus, ready): (
-        Arc<dyn Presence>,
-        Arc<dyn Bus>,
-        Arc<dyn Fn() -> bool + Send + Sync>,
-    ) = match &config.redis_url {
-        Some(url) => {
-            let backend = RedisBackend::connect(
-                RedisSettings {
-                    url: url.clone(),
-                    prefix: config.redis_prefix.clone(),
-                    instance: instance.clone(),
-                    lease: config.lease(),
-                },
-                inbox_tx,
-                metrics.clone(),
-            )
-            .await?;
-            tokio::spawn(backend.clone().run_maintenance(background.clone()));
-            let probe = backend.clone();
-            (backend.clone(), backend, Arc::new(move || probe.is_ready()))
-        }
-        None => {
-            let presence = LocalPresence::new(Arc::new(LocalPresenceHub::default()), &instance);
-            let bus = LocalBus::new(
-                Arc::new(LocalHub::default()),
-                &instance,
-                inbox_tx,
-                metrics.clone(),
-            );
-            (Arc::new(presence), Arc::new(bus), Arc::new(|| true))
-        }
-    };
+    let (presence, bus, ready): (Arc<dyn Presence>, Arc<dyn Bus>, ReadinessProbe) =
+        match &config.redis_url {
+            Some(url) => {
+                let backend = RedisBackend::connect(
+                    RedisSettings {
+                        url: url.clone(),
+                        prefix: config.redis_prefix.clone(),
+                        instance: instance.clone(),
+                        lease: config.lease(),
+                    },
+                    inbox_tx,
+                    metrics.clone(),
+                )
+                .await?;
+                tokio::spawn(backend.clone().run_maintenance(background.clone()));
+                let probe = backend.clone();
+                (backend.clone(), backend, Arc::new(move || probe.is_ready()))
+            }
+            None => {
+                let presence = LocalPresence::new(Arc::new(LocalPresenceHub::default()), &instance);
+                let bus = LocalBus::new(
+                    Arc::new(LocalHub::default()),
+                    &instance,
+                    inbox_tx,
+                    metrics.clone(),
+                );
+                (Arc::new(presence), Arc::new(bus), Arc::new(|| true))
+            }
+        };
 
     let router = Arc::new(Router::new(
         &instance,

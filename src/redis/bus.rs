@@ -41,18 +41,17 @@ impl Bus for RedisBackend {
     }
 
     async fn subscribe(&self, channel: Channel<'_>) -> Result<(), BusError> {
+        let name = self.channel_name(channel);
         let mut subscriber = self.subscriber.clone();
-        subscriber
-            .subscribe(self.channel_name(channel))
-            .await
-            .map_err(unavailable)
+        subscriber.subscribe(&name).await.map_err(unavailable)?;
+        self.subscriptions.insert(name, ());
+        Ok(())
     }
 
     async fn unsubscribe(&self, channel: Channel<'_>) -> Result<(), BusError> {
+        let name = self.channel_name(channel);
+        self.subscriptions.remove(&name);
         let mut subscriber = self.subscriber.clone();
-        subscriber
-            .unsubscribe(self.channel_name(channel))
-            .await
-            .map_err(unavailable)
+        subscriber.unsubscribe(&name).await.map_err(unavailable)
     }
 }

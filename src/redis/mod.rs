@@ -21,7 +21,7 @@ pub mod keys;
 mod presence;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,7 @@ use deadpool_redis::redis::{
     ProtocolVersion, PushInfo, PushKind, Value,
 };
 use deadpool_redis::{Pool, Runtime};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::{ChannelKind, Inbound};
@@ -96,6 +96,23 @@ end
 return 0
 ";
 
+/// Prefix of a subscription probe on the personal channel: `P <nonce>`. Never
+/// a valid envelope header, so a probe can never be taken for a message.
+const PROBE_PREFIX: &[u8] = b"P ";
+
+/// What the subscriber's push callback tells the rest of the backend.
+#[derive(Debug, Default)]
+struct SubscriberSignals {
+    /// The subscriber connection is up (cleared on a disconnection push).
+    up: AtomicBool,
+    /// Highest probe nonce that came back on the personal channel.
+    probe_seen: AtomicU64,
+    /// Woken when a probe comes back.
+    probe_arrived: Notify,
+    /// Woken when the subscriber reconnected: re-assert presence at once.
+    restored: Notify,
+}
+
 /// What this instance believes about other instances, from the last heartbeat.
 #[derive(Debug, Default)]
 struct LiveView {
@@ -131,8 +148,15 @@ pub struct RedisBackend {
     lease_ok: AtomicBool,
     /// A heartbeat has run once: from then on a missing lease means it was lost.
     registered: AtomicBool,
-    /// The subscriber connection is up (cleared on a disconnection push).
-    subscriber_up: Arc<AtomicBool>,
+    /// Shared with the subscriber's push callback.
+    signals: Arc<SubscriberSignals>,
+    /// The last probe published on the personal channel came back.
+    probe_ok: AtomicBool,
+    /// Nonce of the last probe sent.
+    probe_sent: AtomicU64,
+    /// Every channel this instance subscribed, to re-issue SUBSCRIBE when a
+    /// probe shows the subscriptions were lost without a disconnection.
+    subscriptions: DashMap<String, ()>,
     adjust_presence: redis::Script,
     heartbeat_script: redis::Script,
     claim_dead: redis::Script,
@@ -210,7 +234,8 @@ impl RedisBackend {
             .set_protocol(ProtocolVersion::RESP3);
         let client = redis::Client::open(info.set_redis_settings(resp3))
             .map_err(|e| RedisSetupError::Url(e.to_string()))?;
-        let subscriber_up = Arc::new(AtomicBool::new(true));
+        let signals = Arc::new(SubscriberSignals::default());
+        signals.up.store(true, Ordering::Relaxed);
         let classifier = ChannelClassifier {
             personal: keys.personal_channel(&settings.instance).into_bytes(),
             all: keys.all_channel().into_bytes(),
@@ -218,7 +243,7 @@ impl RedisBackend {
             user_prefix: keys.user_channel_prefix().into_bytes(),
         };
         let push_metrics = metrics.clone();
-        let up = subscriber_up.clone();
+        let push_signals = signals.clone();
         let on_push = move |push: PushInfo| -> Result<(), std::convert::Infallible> {
             match push.kind {
                 PushKind::Message => {
@@ -231,6 +256,17 @@ impl RedisBackend {
                     let Some(kind) = classifier.kind(channel) else {
                         return Ok(());
                     };
+                    if kind == ChannelKind::Personal {
+                        if let Some(nonce) = payload.strip_prefix(PROBE_PREFIX) {
+                            let nonce =
+                                std::str::from_utf8(nonce).ok().and_then(|n| n.parse().ok());
+                            push_signals
+                                .probe_seen
+                                .fetch_max(nonce.unwrap_or(0), Ordering::Relaxed);
+                            push_signals.probe_arrived.notify_waiters();
+                            return Ok(());
+                        }
+                    }
                     let inbound = Inbound {
                         kind,
                         payload: payload.to_vec(),
@@ -240,13 +276,12 @@ impl RedisBackend {
                     }
                 }
                 PushKind::Disconnection => {
-                    up.store(false, Ordering::Relaxed);
+                    push_signals.up.store(false, Ordering::Relaxed);
                     tracing::warn!("redis subscriber connection lost; reconnecting");
                 }
-                PushKind::Subscribe => {
-                    if !up.swap(true, Ordering::Relaxed) {
-                        tracing::info!("redis subscriber connection restored");
-                    }
+                PushKind::Subscribe if !push_signals.up.swap(true, Ordering::Relaxed) => {
+                    tracing::info!("redis subscriber connection restored");
+                    push_signals.restored.notify_one();
                 }
                 _ => {}
             }
@@ -281,7 +316,10 @@ impl RedisBackend {
             resync_needed: AtomicBool::new(false),
             lease_ok: AtomicBool::new(false),
             registered: AtomicBool::new(false),
-            subscriber_up,
+            signals,
+            probe_ok: AtomicBool::new(true),
+            probe_sent: AtomicU64::new(0),
+            subscriptions: DashMap::new(),
             adjust_presence: redis::Script::new(ADJUST_PRESENCE),
             heartbeat_script: redis::Script::new(HEARTBEAT),
             claim_dead: redis::Script::new(CLAIM_DEAD),
@@ -295,7 +333,9 @@ impl RedisBackend {
 
     /// Whether the instance can serve cross-instance traffic right now.
     pub fn is_ready(&self) -> bool {
-        self.lease_ok.load(Ordering::Relaxed) && self.subscriber_up.load(Ordering::Relaxed)
+        self.lease_ok.load(Ordering::Relaxed)
+            && self.signals.up.load(Ordering::Relaxed)
+            && self.probe_ok.load(Ordering::Relaxed)
     }
 
     async fn conn(&self) -> redis::RedisResult<deadpool_redis::Connection> {
@@ -314,24 +354,21 @@ impl RedisBackend {
     async fn heartbeat(&self) -> redis::RedisResult<Vec<String>> {
         let mut conn = self.conn().await?;
         let lease_ms = self.lease.as_millis() as u64;
-        let (existed, (now, index)): (Option<String>, (i64, Vec<(String, i64)>)) = {
-            let previous: Option<String> = redis::cmd("SET")
-                .arg(self.keys.lease(&self.instance))
-                .arg(&*self.instance)
-                .arg("PX")
-                .arg(lease_ms)
-                .arg("GET")
-                .query_async(&mut conn)
-                .await?;
-            let beat = self
-                .heartbeat_script
-                .key(self.keys.instances())
-                .arg(&*self.instance)
-                .arg(lease_ms)
-                .invoke_async(&mut conn)
-                .await?;
-            (previous, beat)
-        };
+        let existed: Option<String> = redis::cmd("SET")
+            .arg(self.keys.lease(&self.instance))
+            .arg(&*self.instance)
+            .arg("PX")
+            .arg(lease_ms)
+            .arg("GET")
+            .query_async(&mut conn)
+            .await?;
+        let (now, index): (i64, Vec<(String, i64)>) = self
+            .heartbeat_script
+            .key(self.keys.instances())
+            .arg(&*self.instance)
+            .arg(lease_ms)
+            .invoke_async(&mut conn)
+            .await?;
         drop(conn);
         let mut dead = Vec::new();
         let mut view = LiveView::default();
@@ -445,30 +482,100 @@ impl RedisBackend {
         Ok(true)
     }
 
-    /// Runs until `shutdown`: lease refresh, live view, resync and reaping.
+    /// Runs until `shutdown`: lease refresh, live view, resync, reaping and
+    /// the subscription probe, every third of the lease. After a failure it
+    /// retries sooner (capped exponential backoff with jitter), and the moment
+    /// the subscriber reconnects it runs at once, so presence is re-asserted
+    /// within a second or so of Redis coming back.
     pub async fn run_maintenance(self: Arc<Self>, shutdown: CancellationToken) {
         let period = self.lease / 3;
-        let mut ticker = tokio::time::interval(period);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failures: u32 = 0;
+        let mut wait = period;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = ticker.tick() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.signals.restored.notified() => {}
             }
             match self.heartbeat().await {
                 Ok(dead) => {
+                    if failures > 0 {
+                        tracing::info!("redis heartbeat restored; ready");
+                    }
+                    failures = 0;
+                    wait = period;
                     for instance in dead {
                         if let Err(e) = self.reap(&instance).await {
                             tracing::warn!(error = %e, instance, "reaping failed; will retry");
                         }
                     }
+                    self.probe(period).await;
                 }
                 Err(e) => {
                     if self.lease_ok.swap(false, Ordering::Relaxed) {
                         tracing::warn!(error = %e, "redis heartbeat failed; not ready");
                     }
                     self.resync_needed.store(true, Ordering::Relaxed);
+                    failures = failures.saturating_add(1);
+                    wait = retry_delay(failures, period);
                 }
+            }
+        }
+    }
+
+    /// Publishes a probe on this instance's own personal channel and waits
+    /// for it to come back through the subscriber. Subscriptions can be lost
+    /// while every health check stays green (a failover, a proxy); a probe
+    /// that does not return marks the instance not ready and re-issues every
+    /// SUBSCRIBE.
+    async fn probe(&self, period: Duration) {
+        let nonce = self.probe_sent.fetch_add(1, Ordering::Relaxed) + 1;
+        let arrived = self.signals.probe_arrived.notified();
+        let published: redis::RedisResult<usize> = async {
+            let mut conn = self.conn().await?;
+            redis::cmd("PUBLISH")
+                .arg(self.keys.personal_channel(&self.instance))
+                .arg(format!("P {nonce}"))
+                .query_async(&mut conn)
+                .await
+        }
+        .await;
+        let returned = match published {
+            Err(_) => return, // Redis itself is failing: the heartbeat reports it.
+            Ok(0) => false,   // Nobody listens on our personal channel.
+            Ok(_) => {
+                let deadline = period.min(Duration::from_secs(1));
+                let seen = || self.signals.probe_seen.load(Ordering::Relaxed) >= nonce;
+                tokio::pin!(arrived);
+                let _ = tokio::time::timeout(deadline, async {
+                    while !seen() {
+                        arrived.as_mut().await;
+                        arrived.set(self.signals.probe_arrived.notified());
+                    }
+                })
+                .await;
+                seen()
+            }
+        };
+        if returned {
+            if !self.probe_ok.swap(true, Ordering::Relaxed) {
+                tracing::info!("subscription probe returned; ready");
+            }
+            return;
+        }
+        self.probe_ok.store(false, Ordering::Relaxed);
+        tracing::warn!("subscription probe did not return; not ready, resubscribing");
+        self.resubscribe_all().await;
+    }
+
+    /// Re-issues SUBSCRIBE for every channel this instance should hold.
+    async fn resubscribe_all(&self) {
+        let channels: Vec<String> = self.subscriptions.iter().map(|e| e.key().clone()).collect();
+        let mut subscriber = self.subscriber.clone();
+        for channel in channels {
+            if let Err(e) = subscriber.subscribe(&channel).await {
+                tracing::warn!(error = %e, channel, "resubscribe failed");
+                return;
             }
         }
     }
@@ -477,5 +584,37 @@ impl RedisBackend {
         self.metrics
             .redis_latency
             .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// Delay before the next heartbeat after `failures` failures in a row: 100 ms
+/// doubling, capped at one second (and at the normal period), with full jitter
+/// so instances do not reconnect in lockstep.
+fn retry_delay(failures: u32, period: Duration) -> Duration {
+    let cap = period.min(Duration::from_secs(1));
+    let exp = Duration::from_millis(100).saturating_mul(1 << failures.min(10));
+    let ceiling = exp.min(cap).as_millis() as u64;
+    Duration::from_millis(rand::random_range(ceiling / 2..=ceiling.max(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_is_capped_and_jittered() {
+        let period = Duration::from_secs(3);
+        for failures in 1..40 {
+            let d = retry_delay(failures, period);
+            assert!(d <= Duration::from_secs(1), "{d:?}");
+            assert!(d >= Duration::from_millis(50), "{d:?}");
+        }
+        assert!(retry_delay(1, Duration::from_millis(100)) <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn probes_are_not_envelopes() {
+        assert!(crate::bus::Envelope::decode(b"P 12").is_none());
+        assert!(crate::bus::Envelope::decode(b"P 12\n{}").is_none());
     }
 }

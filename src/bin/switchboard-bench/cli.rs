@@ -1,0 +1,296 @@
+//! The command line of `switchboard-bench`: every flag, its default, the
+//! checks clap cannot express, and the translation of the workload flags into
+//! the load generator's own command line.
+//!
+//! This module only describes what to run; it starts nothing.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+/// How the instances of one run route direct messages (`switchboard --routing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum RoutingMode {
+    /// Presence lookup, publish only to the instance(s) holding the recipient.
+    Routed,
+    /// Every DM on one channel that every instance subscribes to (the baseline).
+    Broadcast,
+    /// One channel per user, subscribed by the instances holding that user.
+    UserChannel,
+}
+
+impl RoutingMode {
+    /// The value `switchboard --routing` takes.
+    pub fn as_flag(self) -> &'static str {
+        match self {
+            RoutingMode::Routed => "routed",
+            RoutingMode::Broadcast => "broadcast",
+            RoutingMode::UserChannel => "user-channel",
+        }
+    }
+}
+
+/// What the load generator sends (`switchboard-load --workload`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// One-to-one direct messages between uniformly chosen users.
+    Dm,
+    /// Room messages fanned out to the room's members.
+    Room,
+    /// DMs and room messages.
+    Mixed,
+    /// DMs while users keep disconnecting and reconnecting.
+    Churn,
+}
+
+impl Workload {
+    /// The value `switchboard-load --workload` takes.
+    pub fn as_flag(self) -> &'static str {
+        match self {
+            Workload::Dm => "dm",
+            Workload::Room => "room",
+            Workload::Mixed => "mixed",
+            Workload::Churn => "churn",
+        }
+    }
+}
+
+/// Runs a matrix of Switchboard clusters (routing mode x instance count)
+/// against a fresh redis-server each, drives each with `switchboard-load`, and
+/// writes `<name>.json`, `<name>.md` and `<name>.svg`.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "switchboard-bench", version, about, long_about = None)]
+pub struct Cli {
+    /// Routing modes to measure, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "routed,broadcast")]
+    pub modes: Vec<RoutingMode>,
+
+    /// Instance counts to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+    pub nodes: Vec<usize>,
+
+    /// Workload the load generator runs.
+    #[arg(long, value_enum, default_value = "dm")]
+    pub workload: Workload,
+
+    /// Connected users (user k connects to instance k mod N).
+    #[arg(long, default_value_t = 200)]
+    pub users: u32,
+
+    /// Offered messages per second (the start of the ladder with --find-max
+    /// unless --start-rate is given).
+    #[arg(long, default_value_t = 20_000)]
+    pub rate: u32,
+
+    /// Length of the send phase of each run (each step with --find-max), seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+
+    /// Message body size in bytes.
+    #[arg(long, default_value_t = 64)]
+    pub body_bytes: u32,
+
+    /// Share of messages whose recipient is on the sender's instance (loader default when absent).
+    #[arg(long)]
+    pub locality: Option<f64>,
+
+    /// Room workload: number of rooms.
+    #[arg(long)]
+    pub rooms: Option<u32>,
+
+    /// Room workload: members per room.
+    #[arg(long)]
+    pub room_members: Option<u32>,
+
+    /// Room workload: over how many instances a room's members are spread.
+    #[arg(long)]
+    pub room_spread: Option<u32>,
+
+    /// Churn workload: reconnects per second.
+    #[arg(long)]
+    pub churn_rate: Option<f64>,
+
+    /// Use the loader's find-max mode: raise the rate until a step fails and
+    /// report the highest sustained rate.
+    #[arg(long)]
+    pub find_max: bool,
+
+    /// --find-max: first rate of the ladder (default: --rate).
+    #[arg(long)]
+    pub start_rate: Option<u32>,
+
+    /// --find-max: factor between two ladder steps (loader default when absent).
+    #[arg(long)]
+    pub step_factor: Option<f64>,
+
+    /// Pass rule (as the Socket.IO peer): p99 latency must stay below this, ms.
+    /// Also handed to the loader's --find-max.
+    #[arg(long, default_value_t = 100.0)]
+    pub max_p99_ms: f64,
+
+    /// Pass rule (as the Socket.IO peer): delivered / expected must reach this.
+    #[arg(long, default_value_t = 0.99)]
+    pub min_delivery: f64,
+
+    /// Extra argument handed verbatim to every switchboard-load run (repeatable).
+    #[arg(long = "loader-arg", allow_hyphen_values = true)]
+    pub loader_args: Vec<String>,
+
+    /// Result name: files are <out-dir>/<name>.{json,md,svg}. Default: <workload>-<UTC timestamp>.
+    #[arg(long)]
+    pub name: Option<String>,
+
+    /// Where the result files go.
+    #[arg(long, default_value = "bench/results")]
+    pub out_dir: PathBuf,
+
+    /// Directory for logs and redis' working directory. Default: a new one under the system temp dir.
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+
+    /// Keep the work directory (process logs, loader JSON) even when every run succeeded.
+    #[arg(long)]
+    pub keep_logs: bool,
+
+    /// The switchboard server binary. Default: next to this binary.
+    #[arg(long)]
+    pub server_bin: Option<PathBuf>,
+
+    /// The load generator binary. Default: next to this binary.
+    #[arg(long)]
+    pub loader_bin: Option<PathBuf>,
+
+    /// The redis-server binary.
+    #[arg(long, default_value = "redis-server")]
+    pub redis_server: PathBuf,
+
+    /// Handed to every instance as --lease-ms (server default when absent).
+    #[arg(long)]
+    pub lease_ms: Option<u64>,
+
+    /// How long redis and every instance may take to become ready, seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub ready_timeout: f64,
+
+    /// Pause after every instance is ready, before the loader starts, ms.
+    #[arg(long, default_value_t = 500)]
+    pub settle_ms: u64,
+
+    /// How long the loader may take to connect every user before the
+    /// measured window starts anyway, seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub connect_timeout: f64,
+
+    /// Upper bound of one loader run, seconds (default: duration + 90 s; 900 s with --find-max).
+    #[arg(long)]
+    pub run_timeout: Option<f64>,
+
+    /// Grace period between SIGTERM and SIGKILL when stopping a process, seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub stop_timeout: f64,
+
+    /// Interval of the CPU / delivered timeline kept in the JSON, ms (0: off).
+    #[arg(long, default_value_t = 1000)]
+    pub sample_ms: u64,
+
+    /// Do not run anything: re-render <name>.md and <name>.svg from this results JSON.
+    #[arg(long, value_name = "RESULTS_JSON")]
+    pub render_only: Option<PathBuf>,
+}
+
+impl Cli {
+    /// Checks what clap cannot: non-empty lists, positive numbers.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.render_only.is_some() {
+            return Ok(());
+        }
+        if self.modes.is_empty() {
+            return Err("--modes is empty".into());
+        }
+        if self.nodes.is_empty() || self.nodes.contains(&0) {
+            return Err("--nodes needs instance counts of at least 1".into());
+        }
+        if self.nodes.iter().any(|&n| n > 64) {
+            return Err("--nodes: at most 64 instances per run".into());
+        }
+        if self.users < 2 {
+            return Err("--users must be at least 2".into());
+        }
+        if self.rate == 0 {
+            return Err("--rate must be positive".into());
+        }
+        if !(self.duration > 0.0 && self.duration <= 3600.0) {
+            return Err("--duration must be in (0, 3600] seconds".into());
+        }
+        if !(self.min_delivery > 0.0 && self.min_delivery <= 1.0) {
+            return Err("--min-delivery must be in (0, 1]".into());
+        }
+        if self.max_p99_ms.is_nan() || self.max_p99_ms <= 0.0 {
+            return Err("--max-p99-ms must be positive".into());
+        }
+        for (flag, v) in [
+            ("--ready-timeout", self.ready_timeout),
+            ("--connect-timeout", self.connect_timeout),
+            ("--stop-timeout", self.stop_timeout),
+        ] {
+            if v.is_nan() || v <= 0.0 {
+                return Err(format!("{flag} must be positive"));
+            }
+        }
+        if let Some(t) = self.run_timeout {
+            if t.is_nan() || t <= 0.0 {
+                return Err("--run-timeout must be positive".into());
+            }
+        }
+        if let Some(name) = &self.name {
+            if name.is_empty() || name.contains('/') || name.starts_with('.') {
+                return Err("--name must be a plain file name".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The upper bound of one loader run.
+    pub fn loader_timeout_s(&self) -> f64 {
+        match self.run_timeout {
+            Some(t) => t,
+            None if self.find_max => 900.0,
+            None => self.duration + 90.0,
+        }
+    }
+
+    /// The loader's command line for one run, without --targets and --out.
+    pub fn loader_workload_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--users".to_owned(),
+            self.users.to_string(),
+            "--workload".to_owned(),
+            self.workload.as_flag().to_owned(),
+            "--rate".to_owned(),
+            self.rate.to_string(),
+            "--duration".to_owned(),
+            self.duration.to_string(),
+            "--body-bytes".to_owned(),
+            self.body_bytes.to_string(),
+        ];
+        let opt = |args: &mut Vec<String>, flag: &str, value: Option<String>| {
+            if let Some(v) = value {
+                args.push(flag.to_owned());
+                args.push(v);
+            }
+        };
+        opt(&mut args, "--locality", self.locality.map(|v| v.to_string()));
+        opt(&mut args, "--rooms", self.rooms.map(|v| v.to_string()));
+        opt(&mut args, "--room-members", self.room_members.map(|v| v.to_string()));
+        opt(&mut args, "--room-spread", self.room_spread.map(|v| v.to_string()));
+        opt(&mut args, "--churn-rate", self.churn_rate.map(|v| v.to_string()));
+        if self.find_max {
+            args.push("--find-max".to_owned());
+            opt(&mut args, "--start-rate", self.start_rate.map(|v| v.to_string()));
+            opt(&mut args, "--step-factor", self.step_factor.map(|v| v.to_string()));
+            opt(&mut args, "--max-p99-ms", Some(self.max_p99_ms.to_string()));
+        }
+        args.extend(self.loader_args.iter().cloned());
+        args
+    }
+}

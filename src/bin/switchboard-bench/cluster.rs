@@ -1,0 +1,212 @@
+//! One system under test: a fresh redis-server on a reserved loopback port
+//! and N `switchboard` instances pointed at it, started through the
+//! [`Supervisor`] and waited for until Redis answers PING and every instance
+//! answers `GET /readyz` with 200. Stopping is the supervisor's job.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::RoutingMode;
+use crate::error::BenchError;
+use crate::probe;
+use crate::procs::{reserve_ports, Supervisor};
+use crate::redis_info::RedisProbe;
+
+/// What to start.
+pub struct ClusterSpec<'a> {
+    /// `--routing` of every instance.
+    pub mode: RoutingMode,
+    /// How many instances.
+    pub nodes: usize,
+    /// The `switchboard` binary.
+    pub server_bin: &'a Path,
+    /// The `redis-server` binary.
+    pub redis_bin: &'a Path,
+    /// `--lease-ms` for the instances, if set.
+    pub lease_ms: Option<u64>,
+    /// How long Redis and each instance may take to become ready.
+    pub ready_timeout: Duration,
+    /// Logs and redis' `--dir` go here.
+    pub dir: &'a Path,
+}
+
+/// One running instance.
+#[derive(Debug, Clone)]
+pub struct Instance {
+    /// `--instance-id` (`n1`, `n2`, ...).
+    pub id: String,
+    /// The port it listens on (HTTP and WebSocket).
+    pub port: u16,
+    /// Its pid, for `/proc` CPU readings and for stopping it.
+    pub pid: u32,
+}
+
+/// A started, ready cluster.
+pub struct Cluster {
+    /// Port of the cluster's own redis-server.
+    pub redis_port: u16,
+    /// Its pid.
+    pub redis_pid: u32,
+    /// A connection for INFO readings.
+    pub redis: RedisProbe,
+    /// The instances, in id order.
+    pub instances: Vec<Instance>,
+}
+
+impl Cluster {
+    /// `ws://127.0.0.1:P1,ws://127.0.0.1:P2,...` for the loader's --targets.
+    pub fn targets(&self) -> String {
+        self.instances
+            .iter()
+            .map(|i| format!("ws://127.0.0.1:{}", i.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// Starts redis and the instances and waits until all are ready. On error the
+/// processes already started stay in `supervisor` for the caller to stop.
+pub async fn start(
+    spec: &ClusterSpec<'_>,
+    supervisor: &mut Supervisor,
+    cancel: &CancellationToken,
+) -> Result<Cluster, BenchError> {
+    let ports = reserve_ports(spec.nodes + 1)?;
+    let redis_port = ports[0];
+    let redis_dir: PathBuf = spec.dir.join("redis");
+    std::fs::create_dir_all(&redis_dir)
+        .map_err(|e| BenchError::io("create redis dir", &redis_dir, e))?;
+    let redis_args: Vec<String> = [
+        "--port",
+        &redis_port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+        "--dir",
+        &redis_dir.to_string_lossy(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let redis_pid = supervisor.spawn(
+        "redis",
+        spec.redis_bin,
+        &redis_args,
+        &spec.dir.join("redis.log"),
+        true,
+    )?;
+    let redis = wait_for_redis(redis_port, redis_pid, spec, supervisor, cancel).await?;
+
+    let mut instances = Vec::with_capacity(spec.nodes);
+    for (k, &port) in ports[1..].iter().enumerate() {
+        let id = format!("n{}", k + 1);
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--redis-url".into(),
+            format!("redis://127.0.0.1:{redis_port}"),
+            "--routing".into(),
+            spec.mode.as_flag().into(),
+            "--instance-id".into(),
+            id.clone(),
+            "--auth".into(),
+            "none".into(),
+        ];
+        if let Some(lease) = spec.lease_ms {
+            args.push("--lease-ms".into());
+            args.push(lease.to_string());
+        }
+        let log = spec.dir.join(format!("{id}.log"));
+        let pid = supervisor.spawn(&id, spec.server_bin, &args, &log, false)?;
+        instances.push(Instance { id, port, pid });
+    }
+    for instance in &instances {
+        wait_for_ready(instance, spec.ready_timeout, supervisor, cancel).await?;
+    }
+    Ok(Cluster {
+        redis_port,
+        redis_pid,
+        redis,
+        instances,
+    })
+}
+
+async fn wait_for_redis(
+    port: u16,
+    pid: u32,
+    spec: &ClusterSpec<'_>,
+    supervisor: &mut Supervisor,
+    cancel: &CancellationToken,
+) -> Result<RedisProbe, BenchError> {
+    let started = Instant::now();
+    loop {
+        if cancel.is_cancelled() {
+            return Err(BenchError::Interrupted);
+        }
+        if let Some(status) = supervisor.try_exited(pid) {
+            return Err(BenchError::ExitedEarly {
+                name: "redis".into(),
+                status,
+                log_tail: supervisor.log_tail(pid, 20),
+            });
+        }
+        if let Ok(Ok(mut probe)) =
+            tokio::time::timeout(Duration::from_secs(2), RedisProbe::connect(port)).await
+        {
+            if probe.ping().await.is_ok() {
+                return Ok(probe);
+            }
+        }
+        if started.elapsed() > spec.ready_timeout {
+            return Err(BenchError::NotReady {
+                name: "redis".into(),
+                seconds: spec.ready_timeout.as_secs_f64(),
+                log_tail: supervisor.log_tail(pid, 20),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_for_ready(
+    instance: &Instance,
+    timeout: Duration,
+    supervisor: &mut Supervisor,
+    cancel: &CancellationToken,
+) -> Result<(), BenchError> {
+    let started = Instant::now();
+    loop {
+        if cancel.is_cancelled() {
+            return Err(BenchError::Interrupted);
+        }
+        if let Some(status) = supervisor.try_exited(instance.pid) {
+            return Err(BenchError::ExitedEarly {
+                name: instance.id.clone(),
+                status,
+                log_tail: supervisor.log_tail(instance.pid, 20),
+            });
+        }
+        if let Ok(response) =
+            probe::http_get(instance.port, "/readyz", Duration::from_secs(1)).await
+        {
+            if response.status == 200 {
+                return Ok(());
+            }
+        }
+        if started.elapsed() > timeout {
+            return Err(BenchError::NotReady {
+                name: instance.id.clone(),
+                seconds: timeout.as_secs_f64(),
+                log_tail: supervisor.log_tail(instance.pid, 20),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,268 @@
+//! The processes this benchmark starts, and nothing else: it spawns each in
+//! its own process group (so a terminal's Ctrl-C reaches only the benchmark,
+//! which then stops them in order), sends its output to a log file, remembers
+//! it by pid, and stops it with SIGTERM, then SIGKILL after a grace period.
+//! It never signals a pid it did not start and has not reaped (an unreaped
+//! child keeps its pid, so the pid cannot have been reused).
+//!
+//! Also reserves free loopback ports for the processes to listen on.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::process::{Child, Command};
+
+use crate::error::BenchError;
+
+/// One process we started.
+struct Managed {
+    /// Our name for it (`redis`, `n1`, `loader`), for logs and the report.
+    name: String,
+    pid: u32,
+    child: Child,
+    /// Where its stdout and stderr go: read back when it fails.
+    log: PathBuf,
+    /// Stopped after every other process (redis: the instances need it to shut down cleanly).
+    stop_last: bool,
+    /// Set once reaped.
+    status: Option<ExitStatus>,
+}
+
+/// How a process ended, for the report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Stopped {
+    /// Our name for it.
+    pub name: String,
+    /// Its pid while it ran.
+    pub pid: u32,
+    /// Its exit status as text (`exit status: 0`, `signal: 9 (SIGKILL)`).
+    pub status: String,
+    /// Whether it exited by itself before we asked it to.
+    pub exited_by_itself: bool,
+    /// Whether it had to be killed after ignoring SIGTERM for the grace period.
+    pub killed: bool,
+}
+
+/// Owns every process of one run.
+pub struct Supervisor {
+    children: Vec<Managed>,
+    stop_grace: Duration,
+    stopped: Vec<Stopped>,
+}
+
+impl Supervisor {
+    /// A supervisor that waits `stop_grace` between SIGTERM and SIGKILL.
+    pub fn new(stop_grace: Duration) -> Self {
+        Supervisor {
+            children: Vec::new(),
+            stop_grace,
+            stopped: Vec::new(),
+        }
+    }
+
+    /// Starts `program args`, output to `log`; returns its pid.
+    pub fn spawn(
+        &mut self,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        log: &Path,
+        stop_last: bool,
+    ) -> Result<u32, BenchError> {
+        let out = std::fs::File::create(log).map_err(|e| BenchError::io("create log", log, e))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| BenchError::io("clone log handle", log, e))?;
+        let spawn_error = |source| BenchError::Spawn {
+            name: name.to_owned(),
+            program: program.to_owned(),
+            source,
+        };
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(spawn_error)?;
+        let pid = child.id().ok_or_else(|| {
+            spawn_error(std::io::Error::other("exited before its pid could be read"))
+        })?;
+        self.children.push(Managed {
+            name: name.to_owned(),
+            pid,
+            child,
+            log: log.to_owned(),
+            stop_last,
+            status: None,
+        });
+        Ok(pid)
+    }
+
+    fn find(&mut self, pid: u32) -> Option<&mut Managed> {
+        self.children.iter_mut().find(|m| m.pid == pid)
+    }
+
+    /// The exit status if the process has exited (reaping it), else `None`.
+    pub fn try_exited(&mut self, pid: u32) -> Option<String> {
+        let m = self.find(pid)?;
+        if m.status.is_none() {
+            if let Ok(Some(status)) = m.child.try_wait() {
+                m.status = Some(status);
+            }
+        }
+        m.status.map(|s| s.to_string())
+    }
+
+    /// Waits for the process to exit by itself, at most `timeout`.
+    pub async fn wait_exit(&mut self, pid: u32, timeout: Duration) -> Option<String> {
+        let m = self.find(pid)?;
+        if m.status.is_none() {
+            if let Ok(Ok(status)) = tokio::time::timeout(timeout, m.child.wait()).await {
+                m.status = Some(status);
+            }
+        }
+        m.status.map(|s| s.to_string())
+    }
+
+    /// The last `lines` lines of a process's log.
+    pub fn log_tail(&self, pid: u32, lines: usize) -> String {
+        self.children
+            .iter()
+            .find(|m| m.pid == pid)
+            .map(|m| tail_of_file(&m.log, lines))
+            .unwrap_or_default()
+    }
+
+    /// Stops one process (SIGTERM, then SIGKILL after the grace period).
+    pub async fn stop(&mut self, pid: u32) {
+        let grace = self.stop_grace;
+        let mut done = Vec::new();
+        if let Some(m) = self.find(pid) {
+            done.extend(stop_group(std::slice::from_mut(m), grace).await);
+        }
+        self.children.retain(|m| m.pid != pid);
+        self.stopped.extend(done);
+    }
+
+    /// Stops everything still running: all others first, then the `stop_last` ones.
+    /// Returns how every process of this supervisor ended.
+    pub async fn stop_all(&mut self) -> Vec<Stopped> {
+        let grace = self.stop_grace;
+        let (mut last, mut first): (Vec<Managed>, Vec<Managed>) =
+            self.children.drain(..).partition(|m| m.stop_last);
+        self.stopped.extend(stop_group(&mut first, grace).await);
+        self.stopped.extend(stop_group(&mut last, grace).await);
+        std::mem::take(&mut self.stopped)
+    }
+}
+
+/// SIGTERM to every live process of the group, wait up to `grace` for all of
+/// them, SIGKILL the rest.
+async fn stop_group(group: &mut [Managed], grace: Duration) -> Vec<Stopped> {
+    let mut exited_by_itself = Vec::with_capacity(group.len());
+    for m in group.iter_mut() {
+        if m.status.is_none() {
+            if let Ok(Some(status)) = m.child.try_wait() {
+                m.status = Some(status);
+            }
+        }
+        exited_by_itself.push(m.status.is_some());
+        if m.status.is_none() {
+            send_sigterm(m.pid);
+        }
+    }
+    let deadline = Instant::now() + grace;
+    loop {
+        let mut running = 0;
+        for m in group.iter_mut() {
+            if m.status.is_none() {
+                match m.child.try_wait() {
+                    Ok(Some(status)) => m.status = Some(status),
+                    Ok(None) => running += 1,
+                    Err(_) => running += 1,
+                }
+            }
+        }
+        if running == 0 || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut out = Vec::with_capacity(group.len());
+    for (m, by_itself) in group.iter_mut().zip(exited_by_itself) {
+        let mut killed = false;
+        if m.status.is_none() {
+            eprintln!(
+                "[bench] {} (pid {}) ignored SIGTERM for {:?}: SIGKILL",
+                m.name, m.pid, grace
+            );
+            killed = true;
+            let _ = m.child.start_kill();
+            if let Ok(Ok(status)) = tokio::time::timeout(grace, m.child.wait()).await {
+                m.status = Some(status);
+            }
+        }
+        out.push(Stopped {
+            name: m.name.clone(),
+            pid: m.pid,
+            status: m
+                .status
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "unknown (did not exit after SIGKILL)".to_owned()),
+            exited_by_itself: by_itself,
+            killed,
+        });
+    }
+    out
+}
+
+/// SIGTERM by pid, through `kill(1)`: the crate has no libc dependency of its own.
+fn send_sigterm(pid: u32) {
+    let result = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if let Err(e) = result {
+        eprintln!("[bench] cannot run kill -TERM {pid}: {e}");
+    }
+}
+
+/// The last `lines` lines of a text file (empty if unreadable).
+pub fn tail_of_file(path: &Path, lines: usize) -> String {
+    let text = match std::fs::read(path) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(_) => return String::new(),
+    };
+    let all: Vec<&str> = text.lines().collect();
+    let start = all.len().saturating_sub(lines);
+    all[start..].join("\n")
+}
+
+/// `count` distinct free TCP ports on 127.0.0.1. All are bound at once (so
+/// they differ), then released for the processes to bind; another program
+/// could take one in between, which the readiness checks would then report.
+pub fn reserve_ports(count: usize) -> Result<Vec<u16>, BenchError> {
+    let mut listeners = Vec::with_capacity(count);
+    for _ in 0..count {
+        let listener = TcpListener::bind(("127.0.0.1", 0))
+            .map_err(|e| BenchError::io("reserve a port", "127.0.0.1:0", e))?;
+        listeners.push(listener);
+    }
+    listeners
+        .iter()
+        .map(|l| {
+            l.local_addr()
+                .map(|a| a.port())
+                .map_err(|e| BenchError::io("read a reserved port", "127.0.0.1:0", e))
+        })
+        .collect()
+}

@@ -1,0 +1,164 @@
+//! Readings of a running cluster at one instant: CPU seconds of every
+//! instance and of redis-server (`/proc`), each instance's `/metrics`, Redis'
+//! INFO counters, machine-wide CPU, and the benchmark's own CPU. A run takes
+//! one before and one after the measured window and subtracts them; a light
+//! timeline (CPU and two gauges) is sampled in between.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::Cluster;
+use crate::error::BenchError;
+use crate::openmetrics::{self, Scrape};
+use crate::probe::{self, MachineCpu};
+use crate::redis_info::RedisSnapshot;
+
+/// One instance at one instant.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceReading {
+    /// Its `--instance-id`.
+    pub id: String,
+    /// utime + stime from `/proc/PID/stat`, seconds (`None`: process gone).
+    pub cpu_s: Option<f64>,
+    /// Its `/metrics` (histogram buckets left out); empty if the scrape failed.
+    pub metrics: Scrape,
+    /// Why the scrape failed, if it did.
+    pub scrape_error: Option<String>,
+}
+
+/// Everything read at one instant.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// Seconds since the run started.
+    pub t_s: f64,
+    /// Every instance, in id order.
+    pub instances: Vec<InstanceReading>,
+    /// redis-server's utime + stime from `/proc`, seconds.
+    pub redis_cpu_s: Option<f64>,
+    /// Redis' own counters.
+    pub redis: RedisSnapshot,
+    /// Machine-wide CPU time.
+    pub machine: MachineCpu,
+    /// This benchmark process's CPU seconds (it should stay near zero in the window).
+    pub bench_cpu_s: Option<f64>,
+}
+
+/// A timeline point: cheap readings taken every `--sample-ms` during the run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TimelinePoint {
+    /// Seconds since the run started.
+    pub t_s: f64,
+    /// CPU seconds of each instance so far.
+    pub instance_cpu_s: Vec<Option<f64>>,
+    /// CPU seconds of redis-server so far.
+    pub redis_cpu_s: Option<f64>,
+    /// Sum over instances of `switchboard_connections`.
+    pub connections: f64,
+    /// Sum over instances of `switchboard_delivered_total`.
+    pub delivered: f64,
+}
+
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Scrapes every instance's `/metrics` concurrently (one task each), results in
+/// instance order.
+pub async fn scrape_all(cluster: &Cluster) -> Vec<Result<Scrape, String>> {
+    let tasks: Vec<_> = cluster
+        .instances
+        .iter()
+        .map(|i| {
+            let port = i.port;
+            tokio::spawn(async move {
+                let response = probe::http_get(port, "/metrics", SCRAPE_TIMEOUT).await?;
+                if response.status != 200 {
+                    return Err(format!("/metrics answered {}", response.status));
+                }
+                Ok(openmetrics::parse(&response.body))
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        out.push(match task.await {
+            Ok(result) => result,
+            Err(e) => Err(format!("scrape task failed: {e}")),
+        });
+    }
+    out
+}
+
+/// Sum of `switchboard_connections` over the scrapes that worked.
+pub fn connections(scrapes: &[Result<Scrape, String>]) -> f64 {
+    scrapes
+        .iter()
+        .filter_map(|s| s.as_ref().ok())
+        .map(|s| openmetrics::sum(s, "switchboard_connections", None))
+        .sum()
+}
+
+/// Takes a full snapshot. CPU is read first (instantly, for all processes),
+/// then the scrapes and Redis INFO.
+pub async fn take(cluster: &mut Cluster, run_start: Instant) -> Result<Snapshot, BenchError> {
+    let t_s = run_start.elapsed().as_secs_f64();
+    let cpu: Vec<Option<f64>> = cluster
+        .instances
+        .iter()
+        .map(|i| probe::process_cpu_seconds(i.pid))
+        .collect();
+    let redis_cpu_s = probe::process_cpu_seconds(cluster.redis_pid);
+    let machine = probe::machine_cpu();
+    let bench_cpu_s = probe::own_cpu_seconds();
+    let scrapes = scrape_all(cluster).await;
+    let redis = cluster.redis.snapshot().await?;
+    let instances = cluster
+        .instances
+        .iter()
+        .zip(cpu)
+        .zip(scrapes)
+        .map(|((i, cpu_s), scrape)| {
+            let (metrics, scrape_error) = match scrape {
+                Ok(m) => (m, None),
+                Err(e) => (Scrape::new(), Some(e)),
+            };
+            InstanceReading {
+                id: i.id.clone(),
+                cpu_s,
+                metrics,
+                scrape_error,
+            }
+        })
+        .collect();
+    Ok(Snapshot {
+        t_s,
+        instances,
+        redis_cpu_s,
+        redis,
+        machine,
+        bench_cpu_s,
+    })
+}
+
+/// Takes a timeline point.
+pub async fn timeline_point(cluster: &Cluster, run_start: Instant) -> TimelinePoint {
+    let t_s = run_start.elapsed().as_secs_f64();
+    let instance_cpu_s = cluster
+        .instances
+        .iter()
+        .map(|i| probe::process_cpu_seconds(i.pid))
+        .collect();
+    let redis_cpu_s = probe::process_cpu_seconds(cluster.redis_pid);
+    let scrapes = scrape_all(cluster).await;
+    let delivered = scrapes
+        .iter()
+        .filter_map(|s| s.as_ref().ok())
+        .map(|s| openmetrics::sum(s, "switchboard_delivered_total", None))
+        .sum();
+    TimelinePoint {
+        t_s,
+        instance_cpu_s,
+        redis_cpu_s,
+        connections: connections(&scrapes),
+        delivered,
+    }
+}

@@ -1,0 +1,444 @@
+//! The command line of `switchboard-load`: every flag with its default, the
+//! checks clap cannot express (ranges, flag combinations, loopback-only
+//! targets), and the resolved settings the rest of the loader reads.
+//!
+//! This module decides nothing about load; it only validates what was asked.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+/// What the loader sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// Direct messages from a random connected user to a uniformly random other user.
+    Dm,
+    /// Room messages from a random member of a random room to that room.
+    Room,
+    /// `--room-share` room messages, the rest DMs.
+    Mixed,
+    /// DMs as in `dm`, while `--churn-rate` users per second disconnect and reconnect.
+    Churn,
+}
+
+impl Workload {
+    /// The name used on the command line and in the JSON output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Dm => "dm",
+            Workload::Room => "room",
+            Workload::Mixed => "mixed",
+            Workload::Churn => "churn",
+        }
+    }
+
+    /// Whether this workload sends room messages (and so joins rooms).
+    pub fn uses_rooms(self) -> bool {
+        matches!(self, Workload::Room | Workload::Mixed)
+    }
+}
+
+/// How connections are spread over the targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Placement {
+    /// Connection j of user k goes to target (k + j) mod N (user k -> k mod N).
+    RoundRobin,
+    /// Every connection goes to a target drawn from `--seed`.
+    Random,
+}
+
+/// How the sender of each message is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SenderPick {
+    /// A uniformly random connected user (connection) per message.
+    Random,
+    /// Round-robin over the connections, as the Socket.IO peer's load.js does.
+    RoundRobin,
+}
+
+/// How the loader authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// `?user=NAME` (server started with `--auth none`).
+    None,
+    /// `?token=JWT` minted with `--jwt-secret` (HS256, `sub`, `exp`).
+    Jwt,
+}
+
+/// Load generator for Switchboard: connects users over WebSocket, offers an
+/// open-loop message rate and measures delivery and latency. Prints one JSON
+/// summary (stdout or --out).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "switchboard-load", version, about, long_about = None)]
+pub struct Args {
+    /// Instances to connect to, comma-separated (ws://HOST:PORT, path /ws added).
+    #[arg(long, value_delimiter = ',', default_value = "ws://127.0.0.1:8081")]
+    pub targets: Vec<String>,
+
+    /// Accept targets outside 127.0.0.0/8, ::1 and localhost.
+    #[arg(long)]
+    pub allow_remote: bool,
+
+    /// Number of users (names <prefix>0 .. <prefix>{U-1}).
+    #[arg(long, default_value_t = 200)]
+    pub users: u32,
+
+    /// WebSocket connections per user.
+    #[arg(long, default_value_t = 1)]
+    pub conns_per_user: u32,
+
+    /// Prefix of the user names.
+    #[arg(long, default_value = "u")]
+    pub user_prefix: String,
+
+    /// Prefix of the room names.
+    #[arg(long, default_value = "r")]
+    pub room_prefix: String,
+
+    /// How connections are spread over the targets.
+    #[arg(long, value_enum, default_value = "round-robin")]
+    pub placement: Placement,
+
+    /// Seed of every random choice (placement, senders, recipients, churn).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+
+    /// Authentication: `none` (?user=) or `jwt` (?token=, needs --jwt-secret).
+    /// Default: jwt when --jwt-secret is given, none otherwise.
+    #[arg(long, value_enum)]
+    pub auth: Option<AuthMode>,
+
+    /// HS256 secret used to mint a token per user (implies --auth jwt).
+    #[arg(long, env = "SWITCHBOARD_LOAD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Lifetime of minted tokens, seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub jwt_ttl: u64,
+
+    /// What to send.
+    #[arg(long, value_enum, default_value = "dm")]
+    pub workload: Workload,
+
+    /// Offered messages per second, in total (open loop).
+    #[arg(long, default_value_t = 10_000.0)]
+    pub rate: f64,
+
+    /// Length of the send phase (of each step with --find-max), seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+
+    /// Serialized size of the JSON body (a string) in bytes.
+    #[arg(long, default_value_t = 64)]
+    pub body_bytes: usize,
+
+    /// Share of DMs whose recipient is homed on the sender's instance.
+    /// Default: recipient uniform over all other users.
+    #[arg(long)]
+    pub locality: Option<f64>,
+
+    /// How the sender of each message is chosen.
+    #[arg(long, value_enum, default_value = "random")]
+    pub sender: SenderPick,
+
+    /// Room workloads: number of rooms.
+    #[arg(long, default_value_t = 10)]
+    pub rooms: u32,
+
+    /// Room workloads: members (users) per room; every connection of a member joins.
+    #[arg(long, default_value_t = 10)]
+    pub room_members: u32,
+
+    /// Room workloads: over how many instances a room's members are homed (default: all).
+    #[arg(long)]
+    pub room_spread: Option<u32>,
+
+    /// Mixed workload: share of messages that are room messages.
+    #[arg(long, default_value_t = 0.5)]
+    pub room_share: f64,
+
+    /// Churn workload: users disconnected and reconnected per second.
+    #[arg(long, default_value_t = 10.0)]
+    pub churn_rate: f64,
+
+    /// After the send phase, wait at most this long for outstanding deliveries, seconds.
+    #[arg(long, default_value_t = 2.0)]
+    pub drain: f64,
+
+    /// Unrecorded send phase at the same rate before each measured run/step, seconds.
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup: f64,
+
+    /// Connect phase bound (all connections, welcome and room joins), seconds.
+    #[arg(long, default_value_t = 20.0)]
+    pub connect_timeout: f64,
+
+    /// Connections opened at the same time during the connect phase.
+    #[arg(long, default_value_t = 64)]
+    pub connect_concurrency: usize,
+
+    /// Raise the rate step by step until a step fails; report the highest passing rate.
+    #[arg(long)]
+    pub find_max: bool,
+
+    /// --find-max: rate of the first step, messages/s.
+    #[arg(long, default_value_t = 5000.0)]
+    pub start_rate: f64,
+
+    /// --find-max: factor between two steps.
+    #[arg(long, default_value_t = 1.5)]
+    pub step_factor: f64,
+
+    /// --find-max: at most this many steps.
+    #[arg(long, default_value_t = 20)]
+    pub max_steps: u32,
+
+    /// --find-max: run a failing rate again this many times before stopping
+    /// (the Socket.IO peer's bench.js retries once).
+    #[arg(long, default_value_t = 0)]
+    pub retries: u32,
+
+    /// Pause between steps so the server drains, seconds.
+    #[arg(long, default_value_t = 1.0)]
+    pub settle: f64,
+
+    /// Pass rule: p99 latency at most this, ms.
+    #[arg(long, default_value_t = 100.0)]
+    pub max_p99_ms: f64,
+
+    /// Pass rule: delivered / expected at least this (and sent / offered too).
+    #[arg(long, default_value_t = 0.99)]
+    pub min_delivery: f64,
+
+    /// Runtime worker threads.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+
+    /// Write the JSON summary here instead of stdout.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+
+    /// No progress bar / progress lines on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// A validated target: where to connect and what to print.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// As given (without a trailing slash), for the JSON output.
+    pub display: String,
+    /// The WebSocket endpoint, `ws://host:port/ws`.
+    pub endpoint: String,
+}
+
+impl Args {
+    /// Checks ranges and combinations clap cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = |flag: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{flag} must be a positive number"))
+            }
+        };
+        let share = |flag: &str, v: f64| {
+            if (0.0..=1.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("{flag} must be in [0, 1]"))
+            }
+        };
+        if self.targets.is_empty() {
+            return Err("--targets is empty".into());
+        }
+        if self.users < 2 {
+            return Err("--users must be at least 2".into());
+        }
+        if self.conns_per_user == 0 || self.conns_per_user > 64 {
+            return Err("--conns-per-user must be in 1..=64".into());
+        }
+        let slots = u64::from(self.users) * u64::from(self.conns_per_user);
+        if slots > 1_000_000 {
+            return Err("--users x --conns-per-user must stay at most 1000000".into());
+        }
+        valid_name_part("--user-prefix", &self.user_prefix)?;
+        valid_name_part("--room-prefix", &self.room_prefix)?;
+        positive("--rate", self.rate)?;
+        positive("--duration", self.duration)?;
+        positive("--connect-timeout", self.connect_timeout)?;
+        positive("--max-p99-ms", self.max_p99_ms)?;
+        if !(self.drain.is_finite() && self.drain >= 0.0) {
+            return Err("--drain must be >= 0".into());
+        }
+        if !(self.warmup.is_finite() && self.warmup >= 0.0) {
+            return Err("--warmup must be >= 0".into());
+        }
+        if !(self.settle.is_finite() && self.settle >= 0.0) {
+            return Err("--settle must be >= 0".into());
+        }
+        if !(self.min_delivery > 0.0 && self.min_delivery <= 1.0) {
+            return Err("--min-delivery must be in (0, 1]".into());
+        }
+        if let Some(l) = self.locality {
+            share("--locality", l)?;
+        }
+        share("--room-share", self.room_share)?;
+        if self.workload == Workload::Churn {
+            positive("--churn-rate", self.churn_rate)?;
+        }
+        if self.find_max {
+            positive("--start-rate", self.start_rate)?;
+            if !(self.step_factor.is_finite() && self.step_factor > 1.0) {
+                return Err("--step-factor must be > 1".into());
+            }
+            if self.max_steps == 0 {
+                return Err("--max-steps must be at least 1".into());
+            }
+        }
+        // The body must stay well under the server's default 64 KiB frame limit.
+        if !(16..=60_000).contains(&self.body_bytes) {
+            return Err("--body-bytes must be in 16..=60000".into());
+        }
+        let rate_cap = if self.find_max {
+            self.start_rate * self.step_factor.powi(self.max_steps as i32 - 1)
+        } else {
+            self.rate
+        };
+        if (rate_cap.min(10_000_000.0)) * (self.duration + self.warmup) > 200_000_000.0 {
+            return Err("--rate x --duration is too large (at most 2e8 messages per step)".into());
+        }
+        if self.threads == 0 || self.threads > 64 {
+            return Err("--threads must be in 1..=64".into());
+        }
+        if self.connect_concurrency == 0 {
+            return Err("--connect-concurrency must be at least 1".into());
+        }
+        if self.workload.uses_rooms() {
+            if self.rooms == 0 {
+                return Err("--rooms must be at least 1".into());
+            }
+            if self.room_members < 2 {
+                return Err("--room-members must be at least 2".into());
+            }
+            if self.room_members > self.users {
+                return Err("--room-members cannot exceed --users".into());
+            }
+            if self.room_spread == Some(0) {
+                return Err("--room-spread must be at least 1".into());
+            }
+        }
+        self.auth_mode()?;
+        Ok(())
+    }
+
+    /// The effective authentication mode.
+    pub fn auth_mode(&self) -> Result<AuthMode, String> {
+        match (self.auth, &self.jwt_secret) {
+            (None, None) | (Some(AuthMode::None), None) => Ok(AuthMode::None),
+            (None, Some(_)) | (Some(AuthMode::Jwt), Some(_)) => Ok(AuthMode::Jwt),
+            (Some(AuthMode::Jwt), None) => Err("--auth jwt needs --jwt-secret".into()),
+            (Some(AuthMode::None), Some(_)) => {
+                Err("--jwt-secret given together with --auth none".into())
+            }
+        }
+    }
+
+    /// Parses and checks the targets (loopback only unless --allow-remote).
+    pub fn parsed_targets(&self) -> Result<Vec<Target>, String> {
+        self.targets
+            .iter()
+            .map(|t| parse_target(t.trim(), self.allow_remote))
+            .collect()
+    }
+}
+
+fn valid_name_part(flag: &str, s: &str) -> Result<(), String> {
+    if s.len() > 40
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.:@-".contains(&b))
+    {
+        return Err(format!(
+            "{flag} must be at most 40 characters of [A-Za-z0-9_.:@-]"
+        ));
+    }
+    Ok(())
+}
+
+/// Parses `ws://host[:port][/path]`; only loopback hosts unless `allow_remote`.
+pub fn parse_target(raw: &str, allow_remote: bool) -> Result<Target, String> {
+    let display = raw.trim_end_matches('/').to_owned();
+    let rest = display.strip_prefix("ws://").ok_or_else(|| {
+        format!("target {raw:?}: only ws:// URLs are supported (no TLS in the loader)")
+    })?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, ""),
+    };
+    if path.contains('?') || path.contains('#') {
+        return Err(format!("target {raw:?}: no query or fragment, please"));
+    }
+    let host = if let Some(v6) = authority.strip_prefix('[') {
+        let end = v6
+            .find(']')
+            .ok_or_else(|| format!("target {raw:?}: unterminated IPv6 address"))?;
+        &v6[..end]
+    } else {
+        authority.split(':').next().unwrap_or("")
+    };
+    if host.is_empty() {
+        return Err(format!("target {raw:?}: no host"));
+    }
+    if !allow_remote && !is_loopback_host(host) {
+        return Err(format!(
+            "target {raw:?}: host {host} is not loopback (127.0.0.0/8, ::1, localhost); \
+             pass --allow-remote to load another machine"
+        ));
+    }
+    let endpoint = if path.is_empty() || path == "/" {
+        format!("ws://{authority}/ws")
+    } else {
+        format!("ws://{authority}{path}")
+    };
+    Ok(Target { display, endpoint })
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    match host.parse::<IpAddr>() {
+        Ok(IpAddr::V4(v4)) => v4.octets()[0] == 127,
+        Ok(IpAddr::V6(v6)) => {
+            v6.is_loopback()
+                || v6
+                    .to_ipv4_mapped()
+                    .is_some_and(|v4: Ipv4Addr| v4.octets()[0] == 127)
+        }
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_targets_only() {
+        assert_eq!(
+            parse_target("ws://127.0.0.1:8081", false).map(|t| t.endpoint),
+            Ok("ws://127.0.0.1:8081/ws".to_owned())
+        );
+        assert!(parse_target("ws://127.1.2.3:1/", false).is_ok());
+        assert!(parse_target("ws://localhost:1/ws", false).is_ok());
+        assert!(parse_target("ws://[::1]:80", false).is_ok());
+        assert!(parse_target("ws://10.0.0.1:8081", false).is_err());
+        assert!(parse_target("ws://example.com:8081", false).is_err());
+        assert!(parse_target("ws://127.0.0.1.evil.com:8081", false).is_err());
+        assert!(parse_target("ws://10.0.0.1:8081", true).is_ok());
+        assert!(parse_target("wss://127.0.0.1:8081", false).is_err());
+        assert!(parse_target("http://127.0.0.1:8081", false).is_err());
+    }
+}
