@@ -73,6 +73,12 @@ pub struct Metrics {
     pub presence_write_failures: Counter,
     /// Connections refused at the upgrade for bad credentials.
     pub auth_failures: Counter,
+    /// Dead instances this instance won the claim on and cleaned up.
+    pub reaped_instances: Counter,
+    /// Subscription probes that did not come back (each triggers a resubscribe).
+    pub probe_failures: Counter,
+    /// Times this instance re-asserted its presence (lease lost or writes failed).
+    pub presence_resyncs: Counter,
     /// Latency of Redis commands on the message path, seconds.
     pub redis_latency: Histogram,
 }
@@ -136,6 +142,24 @@ impl Metrics {
             "WebSocket upgrades refused for bad or missing credentials",
             auth_failures.clone(),
         );
+        let reaped_instances = Counter::default();
+        registry.register(
+            "switchboard_reaped_instances",
+            "Dead instances whose presence this instance cleaned (each is reaped by exactly one instance)",
+            reaped_instances.clone(),
+        );
+        let probe_failures = Counter::default();
+        registry.register(
+            "switchboard_probe_failures",
+            "Subscription probes on the personal channel that did not come back",
+            probe_failures.clone(),
+        );
+        let presence_resyncs = Counter::default();
+        registry.register(
+            "switchboard_presence_resyncs",
+            "Times this instance re-asserted all of its presence entries",
+            presence_resyncs.clone(),
+        );
         let redis_latency = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
         registry.register(
             "switchboard_redis_command_seconds",
@@ -164,6 +188,9 @@ impl Metrics {
             stale_presence,
             presence_write_failures,
             auth_failures,
+            reaped_instances,
+            probe_failures,
+            presence_resyncs,
             redis_latency,
             registry,
         })

@@ -4,7 +4,8 @@
 //!
 //! Two kinds of connection, never mixed:
 //! - commands (presence reads and writes, PUBLISH, the lease) go through a
-//!   deadpool of multiplexed connections;
+//!   few long-lived multiplexed connections ("lanes") that deadpool creates
+//!   and that are replaced only when one breaks;
 //! - subscriptions live on one dedicated RESP3 connection (a redis
 //!   `ConnectionManager` with a push sender and automatic resubscription),
 //!   which reconnects by itself with capped, jittered exponential backoff and
@@ -27,8 +28,9 @@ use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use deadpool_redis::redis::{
-    self, aio::ConnectionManager, aio::ConnectionManagerConfig, IntoConnectionInfo,
-    ProtocolVersion, PushInfo, PushKind, Value,
+    self,
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
+    IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, Value,
 };
 use deadpool_redis::{Pool, Runtime};
 use tokio::sync::{mpsc, Notify};
@@ -100,6 +102,56 @@ return 0
 /// a valid envelope header, so a probe can never be taken for a message.
 const PROBE_PREFIX: &[u8] = b"P ";
 
+/// How many long-lived multiplexed command connections an instance keeps.
+const COMMAND_LANES: usize = 4;
+
+/// A command connection handed out by [`RedisBackend::conn`]. It forwards to
+/// its multiplexed connection and, when a command fails because the
+/// connection is gone, empties its slot so the next caller gets a new one.
+struct Lane<'a> {
+    conn: MultiplexedConnection,
+    slot: &'a RwLock<Option<MultiplexedConnection>>,
+}
+
+impl Lane<'_> {
+    fn check<T>(&self, result: &redis::RedisResult<T>) {
+        if let Err(e) = result {
+            if e.is_unrecoverable_error() || e.is_connection_dropped() {
+                if let Ok(mut lane) = self.slot.write() {
+                    *lane = None;
+                }
+            }
+        }
+    }
+}
+
+impl ConnectionLike for Lane<'_> {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let result = self.conn.req_packed_command(cmd).await;
+            self.check(&result);
+            result
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let result = self.conn.req_packed_commands(pipeline, offset, count).await;
+            self.check(&result);
+            result
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.conn.get_db()
+    }
+}
+
 /// What the subscriber's push callback tells the rest of the backend.
 #[derive(Debug, Default)]
 struct SubscriberSignals {
@@ -131,7 +183,11 @@ impl LiveView {
 
 /// Presence store and message bus over one Redis deployment.
 pub struct RedisBackend {
+    /// Creates command connections (see [`RedisBackend::conn`]).
     pool: Pool,
+    /// Long-lived multiplexed command connections, used round-robin.
+    lanes: Box<[RwLock<Option<MultiplexedConnection>>]>,
+    next_lane: std::sync::atomic::AtomicUsize,
     subscriber: ConnectionManager,
     keys: Keys,
     instance: Arc<str>,
@@ -219,7 +275,7 @@ impl RedisBackend {
             .map_err(|e| RedisSetupError::Url(e.to_string()))?;
 
         let mut pool_config = deadpool_redis::Config::from_connection_info(info.clone());
-        let mut pool_settings = deadpool_redis::PoolConfig::new(32);
+        let mut pool_settings = deadpool_redis::PoolConfig::new(COMMAND_LANES * 2);
         pool_settings.timeouts.wait = Some(Duration::from_secs(2));
         pool_settings.timeouts.create = Some(Duration::from_secs(2));
         pool_settings.timeouts.recycle = Some(Duration::from_secs(2));
@@ -305,6 +361,8 @@ impl RedisBackend {
 
         let backend = Arc::new(RedisBackend {
             pool,
+            lanes: (0..COMMAND_LANES).map(|_| RwLock::new(None)).collect(),
+            next_lane: Default::default(),
             subscriber,
             keys,
             instance: Arc::from(settings.instance.as_str()),
@@ -338,10 +396,26 @@ impl RedisBackend {
             && self.probe_ok.load(Ordering::Relaxed)
     }
 
-    async fn conn(&self) -> redis::RedisResult<deadpool_redis::Connection> {
-        self.pool.get().await.map_err(|e| {
+    /// A command connection: one of a few long-lived multiplexed lanes, used
+    /// by many tasks at once. deadpool creates (and health-checks) the
+    /// connections; a lane goes back to the pool for a new one only when a
+    /// command on it fails with a connection-level error. Checking a
+    /// connection out per command would cost a `PING` round trip each time
+    /// (deadpool-redis's recycle check), doubling Redis traffic per message.
+    async fn conn(&self) -> redis::RedisResult<Lane<'_>> {
+        let index = self.next_lane.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
+        let slot = &self.lanes[index];
+        if let Some(conn) = slot.read().ok().and_then(|lane| lane.clone()) {
+            return Ok(Lane { conn, slot });
+        }
+        let pooled = self.pool.get().await.map_err(|e| {
             redis::RedisError::from((redis::ErrorKind::Io, "redis pool", e.to_string()))
-        })
+        })?;
+        let conn = deadpool_redis::Connection::take(pooled);
+        if let Ok(mut lane) = slot.write() {
+            *lane = Some(conn.clone());
+        }
+        Ok(Lane { conn, slot })
     }
 
     fn live_view(&self) -> Arc<LiveView> {
@@ -401,6 +475,7 @@ impl RedisBackend {
     /// set: absolute counts for every local user, and removal of users the set
     /// still lists but that have no connection here any more.
     async fn resync(&self) -> redis::RedisResult<()> {
+        self.metrics.presence_resyncs.inc();
         let users_key = self.keys.instance_users(&self.instance);
         let listed: Vec<String> = {
             let mut conn = self.conn().await?;
@@ -474,6 +549,7 @@ impl RedisBackend {
             .ignore()
             .query_async::<()>(&mut conn)
             .await?;
+        self.metrics.reaped_instances.inc();
         tracing::info!(
             instance = dead,
             users = users.len(),
@@ -564,6 +640,7 @@ impl RedisBackend {
             return;
         }
         self.probe_ok.store(false, Ordering::Relaxed);
+        self.metrics.probe_failures.inc();
         tracing::warn!("subscription probe did not return; not ready, resubscribing");
         self.resubscribe_all().await;
     }
