@@ -63,11 +63,24 @@ impl Authenticator {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.leeway = 5;
+        validation.validate_nbf = true;
+        // Checked only when an audience is configured (`with_audience`).
+        validation.validate_aud = false;
         Authenticator {
             mode,
             key: DecodingKey::from_secret(secret.unwrap_or("").as_bytes()),
             validation,
         }
+    }
+
+    /// Requires tokens to carry `aud` = `audience`.
+    pub fn with_audience(mut self, audience: &str) -> Self {
+        self.validation.set_audience(&[audience]);
+        self.validation.validate_aud = true;
+        // Without this, a token with no `aud` at all would pass.
+        self.validation
+            .set_required_spec_claims(&["exp", "sub", "aud"]);
+        self
     }
 
     /// The user id these credentials prove.
@@ -150,6 +163,37 @@ mod tests {
             .authenticate(&jwt(&token("s3cret", "a b", 60, Algorithm::HS256)))
             .is_err());
         assert!(auth.authenticate(&jwt("not.a.token")).is_err());
+    }
+
+    fn token_with(claims: serde_json::Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"s3cret"),
+        )
+        .expect("encode")
+    }
+
+    #[test]
+    fn not_before_and_audience() {
+        let now = crate::router::now_ms() as i64 / 1000;
+        let auth = Authenticator::new(AuthMode::Jwt, Some("s3cret"));
+        let future = token_with(serde_json::json!({"sub":"a","exp":now+60,"nbf":now+3600}));
+        assert!(auth.authenticate(&jwt(&future)).is_err(), "not yet valid");
+        let with_aud = token_with(serde_json::json!({"sub":"a","exp":now+60,"aud":"chat"}));
+        assert!(
+            auth.authenticate(&jwt(&with_aud)).is_ok(),
+            "aud not checked when unset"
+        );
+        let auth = Authenticator::new(AuthMode::Jwt, Some("s3cret")).with_audience("chat");
+        assert!(auth.authenticate(&jwt(&with_aud)).is_ok());
+        let other = token_with(serde_json::json!({"sub":"a","exp":now+60,"aud":"billing"}));
+        assert!(auth.authenticate(&jwt(&other)).is_err(), "another audience");
+        let none = token_with(serde_json::json!({"sub":"a","exp":now+60}));
+        assert!(
+            auth.authenticate(&jwt(&none)).is_err(),
+            "audience required once configured"
+        );
     }
 
     #[test]

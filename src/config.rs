@@ -24,6 +24,16 @@ pub enum RoutingMode {
     UserChannel,
 }
 
+impl std::fmt::Display for RoutingMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RoutingMode::Routed => "routed",
+            RoutingMode::Broadcast => "broadcast",
+            RoutingMode::UserChannel => "user-channel",
+        })
+    }
+}
+
 /// How a WebSocket client proves who it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AuthMode {
@@ -102,6 +112,63 @@ pub struct Config {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+
+    /// Required `aud` claim of client JWTs (not checked when absent).
+    #[arg(long, env = "SWITCHBOARD_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Bearer key of the server-side HTTP API (`/api/v1/*`); the API is
+    /// disabled when no key is set.
+    #[arg(long, env = "SWITCHBOARD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Largest message body (the `body` field, as JSON text); larger is
+    /// refused with `too_large` (WebSocket) or 413 (HTTP API).
+    #[arg(long, env = "SWITCHBOARD_MAX_BODY_BYTES", default_value_t = 16384)]
+    pub max_body_bytes: usize,
+
+    /// Frames per second one connection may send (token bucket rate); 0 disables.
+    #[arg(long, env = "SWITCHBOARD_RATE_LIMIT", default_value_t = 50.0)]
+    pub rate_limit: f64,
+
+    /// Token bucket size: frames a connection may send in a burst.
+    #[arg(long, env = "SWITCHBOARD_RATE_BURST", default_value_t = 100.0)]
+    pub rate_burst: f64,
+
+    /// Most open WebSocket connections on this instance (503 beyond).
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Most connections of one user on this instance (429 beyond).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_CONNECTIONS_PER_USER",
+        default_value_t = 16
+    )]
+    pub max_connections_per_user: usize,
+
+    /// Most rooms one connection may join.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_ROOMS_PER_CONNECTION",
+        default_value_t = 100
+    )]
+    pub max_rooms_per_connection: usize,
+
+    /// Interval of server WebSocket pings, milliseconds.
+    #[arg(long, env = "SWITCHBOARD_PING_INTERVAL_MS", default_value_t = 20_000)]
+    pub ping_interval_ms: u64,
+
+    /// A connection that sends nothing (not even a pong) for this long is
+    /// closed (1001 "idle timeout"), milliseconds.
+    #[arg(long, env = "SWITCHBOARD_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
+    pub idle_timeout_ms: u64,
+
+    /// Comma-separated `Origin` values browsers may connect from (e.g.
+    /// `https://chat.example.com`); others get 403. Empty: any origin.
+    /// Requests without an `Origin` header (non-browser clients) are allowed.
+    #[arg(long, env = "SWITCHBOARD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
 }
 
 /// Why a configuration cannot be used.
@@ -125,6 +192,12 @@ pub enum ConfigError {
     /// The outbound queue must hold at least one frame.
     #[error("--outbound-queue must be at least 1")]
     EmptyQueue,
+    /// A rate limit needs room for at least one frame.
+    #[error("--rate-limit must be >= 0 and --rate-burst >= 1")]
+    RateLimit,
+    /// Pings must come well before the idle timeout closes a connection.
+    #[error("--ping-interval-ms must be at least 100 and below --idle-timeout-ms")]
+    Heartbeat,
 }
 
 impl Config {
@@ -149,6 +222,13 @@ impl Config {
         if self.outbound_queue == 0 {
             return Err(ConfigError::EmptyQueue);
         }
+        if !(self.rate_limit >= 0.0 && self.rate_burst >= 1.0) {
+            return Err(ConfigError::RateLimit);
+        }
+        if self.ping_interval_ms < 100 || self.ping_interval_ms >= self.idle_timeout_ms {
+            return Err(ConfigError::Heartbeat);
+        }
+        self.allowed_origins.retain(|o| !o.trim().is_empty());
         Ok(self)
     }
 
@@ -176,6 +256,17 @@ impl Config {
             lease_ms: 10_000,
             outbound_queue: 1024,
             log_format: LogFormat::Text,
+            jwt_audience: None,
+            api_key: None,
+            max_body_bytes: 16384,
+            rate_limit: 0.0,
+            rate_burst: 100.0,
+            max_connections: 100_000,
+            max_connections_per_user: 16,
+            max_rooms_per_connection: 100,
+            ping_interval_ms: 20_000,
+            idle_timeout_ms: 60_000,
+            allowed_origins: Vec::new(),
         }
     }
 }

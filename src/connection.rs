@@ -7,10 +7,11 @@
 //! that stops reading fills its queue and is closed as a slow consumer.
 //! This module turns frames into router calls; it does not decide routing.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -27,6 +28,25 @@ use crate::router::{RouteError, Router};
 /// when the server closes a connection.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// Per-connection limits, from the configuration.
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    /// Capacity of the outbound queue (slow consumers are closed beyond it).
+    pub outbound_queue: usize,
+    /// Largest `body`, as JSON text.
+    pub max_body_bytes: usize,
+    /// Frames per second (token bucket rate); 0 disables the limit.
+    pub rate_limit: f64,
+    /// Token bucket size.
+    pub rate_burst: f64,
+    /// Most rooms one connection may join.
+    pub max_rooms: usize,
+    /// Interval of server pings.
+    pub ping_interval: Duration,
+    /// Silence after which a connection is closed.
+    pub idle_timeout: Duration,
+}
+
 /// What a session needs from its instance.
 #[derive(Debug, Clone)]
 pub struct SessionContext {
@@ -34,20 +54,60 @@ pub struct SessionContext {
     pub router: Arc<Router>,
     /// Counters.
     pub metrics: Arc<Metrics>,
-    /// Capacity of the outbound queue.
-    pub outbound_queue: usize,
+    /// Limits of every connection.
+    pub limits: SessionLimits,
     /// Cancelled when the instance shuts down.
     pub shutdown: CancellationToken,
 }
 
+/// A token bucket: `rate` frames a second on average, `burst` at once.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: f64, burst: f64, now: Instant) -> Self {
+        TokenBucket {
+            rate,
+            burst,
+            tokens: burst,
+            last: now,
+        }
+    }
+
+    /// Takes one token if there is one.
+    fn take(&mut self, now: Instant) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// Runs one session until the client leaves or the server closes it.
+///
+/// A panic anywhere in the session's handling is caught here: the connection
+/// is closed and its presence and rooms are cleaned up as on any other exit,
+/// and the rest of the instance never notices.
 pub async fn serve(ws: WebSocket, user: Arc<str>, ctx: SessionContext) {
     let id = ctx.router.registry().next_conn_id(ctx.router.instance());
     let span =
         tracing::info_span!("conn", user = %user, conn = %id, instance = %ctx.router.instance());
     async move {
         let router = &ctx.router;
-        let (handle, outbound) = ConnHandle::new(id, user, ctx.outbound_queue);
+        let (handle, outbound) = ConnHandle::new(id, user, ctx.limits.outbound_queue);
         router.connect(&handle).await;
         tracing::debug!("connected");
         let welcome = ServerFrame::Welcome {
@@ -59,9 +119,25 @@ pub async fn serve(ws: WebSocket, user: Arc<str>, ctx: SessionContext) {
 
         let (sink, stream) = ws.split();
         let writer = tokio::spawn(write_loop(sink, outbound, handle.clone()));
-        read_loop(stream, &handle, &ctx).await;
+        let session = AssertUnwindSafe(read_loop(stream, &handle, &ctx)).catch_unwind();
+        if session.await.is_err() {
+            ctx.metrics.session_panics.inc();
+            tracing::error!("connection task panicked; closing this connection only");
+        }
 
         router.disconnect(&handle).await;
+        match handle.close_reason() {
+            Some(CloseReason::SlowConsumer) => {
+                ctx.metrics.closed_slow_consumer.inc();
+            }
+            Some(CloseReason::Flooding) => {
+                ctx.metrics.closed_flooding.inc();
+            }
+            Some(CloseReason::Idle) => {
+                ctx.metrics.closed_idle.inc();
+            }
+            _ => {}
+        }
         // Ends the writer: with a reason it sends a close frame first.
         handle.closer().cancel();
         let _ = writer.await;
@@ -76,13 +152,30 @@ async fn read_loop(
     handle: &Arc<ConnHandle>,
     ctx: &SessionContext,
 ) {
+    let limits = &ctx.limits;
+    let mut bucket = TokenBucket::new(limits.rate_limit, limits.rate_burst, Instant::now());
+    // Refusals in a row: a client that ignores `rate_limited` is flooding.
+    let mut refused_in_a_row = 0.0;
+    let mut pings = tokio::time::interval(limits.ping_interval);
+    pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    pings.reset(); // the first tick would fire at once
+    let mut last_heard = Instant::now();
     loop {
+        let idle_deadline = last_heard + limits.idle_timeout;
         let next = tokio::select! {
             biased;
             _ = handle.closer().cancelled() => return,
             _ = ctx.shutdown.cancelled() => {
                 handle.close(CloseReason::GoingAway);
                 return;
+            }
+            _ = tokio::time::sleep_until(idle_deadline.into()) => {
+                handle.close(CloseReason::Idle);
+                return;
+            }
+            _ = pings.tick() => {
+                handle.send(Message::ping(Vec::new()), &ctx.metrics);
+                continue;
             }
             next = stream.next() => next,
         };
@@ -98,19 +191,35 @@ async fn read_loop(
                 return;
             }
         };
+        let now = Instant::now();
+        last_heard = now;
         if message.is_close() {
             return;
         }
+        if message.is_ping() || message.is_pong() {
+            continue; // pings are answered by the WebSocket layer
+        }
+        if !bucket.take(now) {
+            ctx.metrics.rate_limited.inc();
+            refused_in_a_row += 1.0;
+            if refused_in_a_row > limits.rate_burst {
+                handle.close(CloseReason::Flooding);
+                return;
+            }
+            let error =
+                ProtocolError::new(ErrorCode::RateLimited, "slow down: rate limit exceeded");
+            handle.send(Message::text(error_frame(None, &error)), &ctx.metrics);
+            continue;
+        }
+        refused_in_a_row = 0.0;
         let reply = if let Ok(text) = message.to_str() {
             handle_text(text, handle, ctx).await
-        } else if message.is_binary() {
+        } else {
             let error = ProtocolError::new(
                 ErrorCode::BadRequest,
                 "binary frames are not supported; send JSON text",
             );
             error_frame(None, &error)
-        } else {
-            continue; // ping/pong: answered by the WebSocket layer
         };
         handle.send(Message::text(reply), &ctx.metrics);
     }
@@ -135,7 +244,7 @@ async fn handle_text(text: &str, handle: &Arc<ConnHandle>, ctx: &SessionContext)
     let ack =
         |status: &str, msg_id: Option<&str>| ServerFrame::Ack { id, status, msg_id }.to_text();
     match request {
-        Request::Direct { to, body } => match router.send_direct(handle, &to, body).await {
+        Request::Direct { to, body } => match router.send_direct(&handle.user, &to, body).await {
             Ok((status, msg_id)) => {
                 let status = match status {
                     DirectStatus::Routed => "routed",
@@ -145,10 +254,17 @@ async fn handle_text(text: &str, handle: &Arc<ConnHandle>, ctx: &SessionContext)
             }
             Err(e) => route_error(id, e),
         },
-        Request::Room { room, body } => match router.send_room(handle, &room, body).await {
+        Request::Room { room, body } => match router.send_room_as_member(handle, &room, body).await
+        {
             Ok(msg_id) => ack("ok", Some(&msg_id)),
             Err(e) => route_error(id, e),
         },
+        Request::Join { room }
+            if handle.room_count() >= ctx.limits.max_rooms && !handle.is_member(&room) =>
+        {
+            let message = format!("at most {} rooms per connection", ctx.limits.max_rooms);
+            error_frame(id, &ProtocolError::new(ErrorCode::LimitExceeded, message))
+        }
         Request::Join { room } => match router.join(handle, &room).await {
             Ok(()) => ack("ok", None),
             Err(e) => route_error(id, e),

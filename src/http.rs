@@ -1,5 +1,6 @@
-//! The HTTP surface (warp filters): the WebSocket upgrade with authentication
-//! before it, health and readiness probes, and metrics.
+//! The HTTP surface (warp filters): the WebSocket upgrade with its checks
+//! (origin, credentials, connection limits) before it, the server-side API
+//! for backend services, health and readiness probes, and metrics.
 //!
 //! Routes translate HTTP into calls on the rest of the server; they hold no
 //! state of their own and make no routing decisions.
@@ -7,13 +8,33 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Instant;
 
+use bytes::Bytes;
+use serde_json::json;
+use subtle::ConstantTimeEq;
 use tokio_util::task::TaskTracker;
 use warp::http::StatusCode;
+use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::auth::{Authenticator, Credentials};
+use crate::config::RoutingMode;
 use crate::connection::{self, SessionContext};
+use crate::protocol::{self, DirectStatus, PublishTarget};
+
+/// Settings of the server-side API.
+#[derive(Clone)]
+pub struct ApiSettings {
+    /// The bearer key; `None` disables the API.
+    pub key: Option<Arc<str>>,
+    /// Largest `body` accepted (413 beyond).
+    pub max_body_bytes: usize,
+    /// Reported by `/api/v1/stats`.
+    pub routing: RoutingMode,
+    /// For the uptime in `/api/v1/stats`.
+    pub started: Instant,
+}
 
 /// Everything the routes need, cheap to clone into each filter.
 #[derive(Clone)]
@@ -28,12 +49,34 @@ pub struct HttpContext {
     pub tracker: TaskTracker,
     /// Largest WebSocket frame/message accepted.
     pub max_frame_bytes: usize,
+    /// Most connections on this instance.
+    pub max_connections: usize,
+    /// Most connections of one user on this instance.
+    pub max_connections_per_user: usize,
+    /// Browser origins allowed to connect; empty allows any.
+    pub allowed_origins: Arc<Vec<String>>,
+    /// The server-side API.
+    pub api: ApiSettings,
 }
 
-/// A refused upgrade: 401 with a JSON body.
+/// A refused request, answered with a status and a JSON error body.
 #[derive(Debug)]
-struct Unauthorized;
-impl warp::reject::Reject for Unauthorized {}
+struct Refused {
+    status: StatusCode,
+    message: String,
+}
+impl warp::reject::Reject for Refused {}
+
+fn refuse(status: StatusCode, message: impl Into<String>) -> Rejection {
+    warp::reject::custom(Refused {
+        status,
+        message: message.into(),
+    })
+}
+
+fn json_reply(status: StatusCode, value: serde_json::Value) -> Response {
+    warp::reply::with_status(warp::reply::json(&value), status).into_response()
+}
 
 /// All routes of one instance.
 pub fn routes(
@@ -60,26 +103,28 @@ pub fn routes(
         )
     });
 
-    let auth_ctx = ctx.clone();
-    let ws = warp::path!("ws")
+    healthz
+        .or(readyz)
+        .or(metrics_route)
+        .or(websocket(ctx.clone()))
+        .or(api(ctx))
+        .recover(handle_rejection)
+}
+
+/// `GET /ws`: origin, credentials and limits are checked before the upgrade.
+fn websocket(ctx: HttpContext) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
+    let check = ctx.clone();
+    warp::path!("ws")
         .and(warp::get())
         .and(warp::query::<HashMap<String, String>>())
         .and(warp::header::optional::<String>("authorization"))
+        .and(warp::header::optional::<String>("origin"))
         .and_then(
-            move |query: HashMap<String, String>, authorization: Option<String>| {
-                let ctx = auth_ctx.clone();
-                async move {
-                    let credentials = Credentials {
-                        query_token: query.get("token").map(String::as_str),
-                        authorization: authorization.as_deref(),
-                        query_user: query.get("user").map(String::as_str),
-                    };
-                    ctx.auth.authenticate(&credentials).map_err(|e| {
-                        ctx.session.metrics.auth_failures.inc();
-                        tracing::info!(reason = %e, "websocket upgrade refused");
-                        warp::reject::custom(Unauthorized)
-                    })
-                }
+            move |query: HashMap<String, String>,
+                  authorization: Option<String>,
+                  origin: Option<String>| {
+                let ctx = check.clone();
+                async move { admit(&ctx, &query, authorization.as_deref(), origin.as_deref()) }
             },
         )
         .and(warp::ws())
@@ -91,25 +136,219 @@ pub fn routes(
                 .on_upgrade(move |socket| {
                     tracker.track_future(connection::serve(socket, user, session))
                 })
-        });
-
-    healthz
-        .or(readyz)
-        .or(metrics_route)
-        .or(ws)
-        .recover(handle_rejection)
+        })
 }
 
-async fn handle_rejection(rejection: Rejection) -> Result<warp::reply::Response, Infallible> {
-    let (status, message) = if rejection.find::<Unauthorized>().is_some() {
-        (StatusCode::UNAUTHORIZED, "invalid or missing credentials")
-    } else if rejection.is_not_found() {
-        (StatusCode::NOT_FOUND, "not found")
-    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
-        (StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
-    } else {
-        (StatusCode::BAD_REQUEST, "bad request")
+/// Decides whether a WebSocket upgrade may proceed, and as whom.
+fn admit(
+    ctx: &HttpContext,
+    query: &HashMap<String, String>,
+    authorization: Option<&str>,
+    origin: Option<&str>,
+) -> Result<Arc<str>, Rejection> {
+    let metrics = &ctx.session.metrics;
+    if let Some(origin) = origin {
+        if !ctx.allowed_origins.is_empty() && !ctx.allowed_origins.iter().any(|o| o == origin) {
+            metrics.refused_origin.inc();
+            tracing::info!(origin, "websocket upgrade refused: origin not allowed");
+            return Err(refuse(StatusCode::FORBIDDEN, "origin not allowed"));
+        }
+    }
+    let credentials = Credentials {
+        query_token: query.get("token").map(String::as_str),
+        authorization,
+        query_user: query.get("user").map(String::as_str),
     };
-    let body = warp::reply::json(&serde_json::json!({ "error": message }));
-    Ok(warp::reply::with_status(body, status).into_response())
+    let user = ctx.auth.authenticate(&credentials).map_err(|e| {
+        metrics.auth_failures.inc();
+        tracing::info!(reason = %e, "websocket upgrade refused");
+        refuse(StatusCode::UNAUTHORIZED, "invalid or missing credentials")
+    })?;
+    if metrics.connections.get() >= ctx.max_connections as i64 {
+        metrics.refused_limit.inc();
+        return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "instance is full"));
+    }
+    let registry = ctx.session.router.registry();
+    if registry.user_connection_count(&user) >= ctx.max_connections_per_user {
+        metrics.refused_limit.inc();
+        return Err(refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many connections for this user",
+        ));
+    }
+    Ok(user)
+}
+
+/// `/api/v1/*`: the server-side API for backend services.
+fn api(ctx: HttpContext) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    let key = ctx.api.key.clone();
+    let authorized = warp::path!("api" / "v1" / ..)
+        .and(warp::header::optional::<String>("authorization"))
+        .and_then(move |authorization: Option<String>| {
+            let key = key.clone();
+            async move { check_api_key(key.as_deref(), authorization.as_deref()) }
+        })
+        .untuple_one();
+
+    let publish_ctx = ctx.clone();
+    // Room for the envelope around a maximal body.
+    let request_limit = (ctx.api.max_body_bytes + 4096) as u64;
+    let publish = warp::path!("publish")
+        .and(warp::post())
+        .and(warp::body::content_length_limit(request_limit))
+        .and(warp::body::bytes())
+        .then(move |body: Bytes| {
+            let ctx = publish_ctx.clone();
+            async move { publish(&ctx, &body).await }
+        });
+
+    let presence_ctx = ctx.clone();
+    let presence = warp::path!("presence" / String)
+        .and(warp::get())
+        .then(move |user: String| {
+            let ctx = presence_ctx.clone();
+            async move { presence(&ctx, &user).await }
+        });
+
+    let stats = warp::path!("stats").and(warp::get()).map(move || {
+        let registry = ctx.session.router.registry();
+        json_reply(
+            StatusCode::OK,
+            json!({
+                "instance": ctx.session.router.instance(),
+                "routing": ctx.api.routing.to_string(),
+                "connections": registry.connection_count(),
+                "users": registry.user_count(),
+                "rooms": registry.room_count(),
+                "uptime_s": ctx.api.started.elapsed().as_secs(),
+            }),
+        )
+    });
+
+    authorized.and(publish.or(presence).unify().or(stats).unify())
+}
+
+fn check_api_key(key: Option<&str>, authorization: Option<&str>) -> Result<(), Rejection> {
+    let Some(key) = key else {
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "the API is disabled: no --api-key is configured",
+        ));
+    };
+    let presented = authorization
+        .and_then(|h| h.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(presented.as_bytes().ct_eq(key.as_bytes())) {
+        Ok(())
+    } else {
+        Err(refuse(
+            StatusCode::UNAUTHORIZED,
+            "invalid or missing API key",
+        ))
+    }
+}
+
+async fn publish(ctx: &HttpContext, body: &[u8]) -> Response {
+    let Ok(text) = std::str::from_utf8(body) else {
+        return json_reply(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "body is not UTF-8"}),
+        );
+    };
+    let request = match protocol::parse_publish(text) {
+        Ok(request) => request,
+        Err(e) => {
+            return json_reply(
+                StatusCode::BAD_REQUEST,
+                json!({"error": e.message, "code": e.code}),
+            )
+        }
+    };
+    if request.body.get().len() > ctx.api.max_body_bytes {
+        return json_reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            json!({"error": format!("`body` is larger than {} bytes", ctx.api.max_body_bytes)}),
+        );
+    }
+    let router = &ctx.session.router;
+    let result = match &request.target {
+        PublishTarget::User(user) => router
+            .send_direct(&request.from, user, request.body)
+            .await
+            .map(|(status, msg_id)| {
+                let status = match status {
+                    DirectStatus::Routed => "routed",
+                    DirectStatus::Offline => "offline",
+                };
+                json!({"status": status, "msg_id": msg_id})
+            }),
+        PublishTarget::Room(room) => router
+            .send_room(&request.from, None, room, request.body)
+            .await
+            .map(|msg_id| json!({"status": "ok", "msg_id": msg_id})),
+    };
+    match result {
+        Ok(reply) => {
+            ctx.session.metrics.api_publishes.inc();
+            json_reply(StatusCode::ACCEPTED, reply)
+        }
+        Err(e) => json_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": e.to_string(), "code": "unavailable"}),
+        ),
+    }
+}
+
+async fn presence(ctx: &HttpContext, user: &str) -> Response {
+    if let Err(e) = protocol::validate_name(user) {
+        return json_reply(
+            StatusCode::BAD_REQUEST,
+            json!({"error": format!("invalid user: {e}"), "code": "invalid_name"}),
+        );
+    }
+    match ctx.session.router.presence_of(user).await {
+        Ok(holders) => {
+            let connections: u64 = holders.iter().map(|h| u64::from(h.connections)).sum();
+            let instances: Vec<&str> = holders.iter().map(|h| &*h.instance).collect();
+            json_reply(
+                StatusCode::OK,
+                json!({
+                    "user": user,
+                    "online": !holders.is_empty(),
+                    "instances": instances,
+                    "connections": connections,
+                }),
+            )
+        }
+        Err(e) => json_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"error": e.to_string(), "code": "unavailable"}),
+        ),
+    }
+}
+
+async fn handle_rejection(rejection: Rejection) -> Result<Response, Infallible> {
+    let (status, message) = if let Some(refused) = rejection.find::<Refused>() {
+        (refused.status, refused.message.clone())
+    } else if rejection.is_not_found() {
+        (StatusCode::NOT_FOUND, "not found".to_owned())
+    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request too large".to_owned(),
+        )
+    } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
+        (
+            StatusCode::LENGTH_REQUIRED,
+            "content-length required".to_owned(),
+        )
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed".to_owned(),
+        )
+    } else {
+        (StatusCode::BAD_REQUEST, "bad request".to_owned())
+    };
+    Ok(json_reply(status, json!({ "error": message })))
 }

@@ -18,3 +18,6 @@ pub mod redis;
 pub mod registry;
 pub mod router;
 pub mod server;
+
+#[cfg(test)]
+mod proptests;

@@ -73,6 +73,22 @@ pub struct Metrics {
     pub presence_write_failures: Counter,
     /// Connections refused at the upgrade for bad credentials.
     pub auth_failures: Counter,
+    /// Client frames refused by the per-connection rate limit.
+    pub rate_limited: Counter,
+    /// Connections closed by the server, by reason.
+    pub closed_slow_consumer: Counter,
+    /// Connections closed for flooding past their rate limit.
+    pub closed_flooding: Counter,
+    /// Connections closed for sending nothing within the idle timeout.
+    pub closed_idle: Counter,
+    /// Connection tasks that panicked (the instance kept running).
+    pub session_panics: Counter,
+    /// Upgrades refused by connection limits or origin checks, by reason.
+    pub refused_limit: Counter,
+    /// Upgrades refused because the browser's Origin is not allowed.
+    pub refused_origin: Counter,
+    /// Requests to the server-side HTTP API, accepted.
+    pub api_publishes: Counter,
     /// Dead instances this instance won the claim on and cleaned up.
     pub reaped_instances: Counter,
     /// Subscription probes that did not come back (each triggers a resubscribe).
@@ -142,6 +158,36 @@ impl Metrics {
             "WebSocket upgrades refused for bad or missing credentials",
             auth_failures.clone(),
         );
+        let rate_limited = Counter::default();
+        registry.register(
+            "switchboard_rate_limited_frames",
+            "Client frames refused by the per-connection rate limit",
+            rate_limited.clone(),
+        );
+        let closed = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "switchboard_closed_connections",
+            "Connections closed by the server, by reason (slow_consumer, flooding, idle)",
+            closed.clone(),
+        );
+        let session_panics = Counter::default();
+        registry.register(
+            "switchboard_session_panics",
+            "Connection tasks that panicked; the instance kept serving",
+            session_panics.clone(),
+        );
+        let refused = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "switchboard_refused_upgrades",
+            "WebSocket upgrades refused, by reason (limit, origin)",
+            refused.clone(),
+        );
+        let api_publishes = Counter::default();
+        registry.register(
+            "switchboard_api_publishes",
+            "Messages accepted by POST /api/v1/publish",
+            api_publishes.clone(),
+        );
         let reaped_instances = Counter::default();
         registry.register(
             "switchboard_reaped_instances",
@@ -188,6 +234,16 @@ impl Metrics {
             stale_presence,
             presence_write_failures,
             auth_failures,
+            rate_limited,
+            closed_slow_consumer: closed.get_or_create_owned(&ReasonLabel {
+                reason: "slow_consumer",
+            }),
+            closed_flooding: closed.get_or_create_owned(&ReasonLabel { reason: "flooding" }),
+            closed_idle: closed.get_or_create_owned(&ReasonLabel { reason: "idle" }),
+            session_panics,
+            refused_limit: refused.get_or_create_owned(&ReasonLabel { reason: "limit" }),
+            refused_origin: refused.get_or_create_owned(&ReasonLabel { reason: "origin" }),
+            api_publishes,
             reaped_instances,
             probe_failures,
             presence_resyncs,

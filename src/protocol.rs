@@ -71,6 +71,10 @@ pub enum ErrorCode {
     TooLarge,
     /// The shared backend (Redis) cannot be reached right now.
     Unavailable,
+    /// The connection sends faster than its rate limit allows.
+    RateLimited,
+    /// A per-connection limit (such as rooms joined) is reached.
+    LimitExceeded,
 }
 
 /// A request that could not be served, with the `id` to echo when known.
@@ -337,6 +341,70 @@ fn parse_users(raw: Option<&RawValue>) -> Result<Vec<String>, ProtocolError> {
     Ok(users)
 }
 
+/// Where a server-side publish goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishTarget {
+    /// Every connection of one user.
+    User(String),
+    /// Every member of one room.
+    Room(String),
+}
+
+/// A validated `POST /api/v1/publish` request.
+#[derive(Debug)]
+pub struct Publish<'a> {
+    /// The user or room.
+    pub target: PublishTarget,
+    /// Any JSON, kept as written.
+    pub body: &'a RawValue,
+    /// Shown to recipients as `from`: a label naming the backend service.
+    pub from: String,
+}
+
+/// `from` of a server-side publish that names no sender.
+pub const DEFAULT_PUBLISH_FROM: &str = "server";
+
+#[derive(serde::Deserialize)]
+struct RawPublish<'a> {
+    #[serde(default, borrow, deserialize_with = "present")]
+    user: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    room: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    body: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    from: Option<&'a RawValue>,
+}
+
+/// Parses and validates a server-side publish request body.
+pub fn parse_publish(text: &str) -> Result<Publish<'_>, ProtocolError> {
+    let raw: RawPublish<'_> = serde_json::from_str(text).map_err(|e| {
+        ProtocolError::new(
+            ErrorCode::BadRequest,
+            format!("request is not a JSON object: {e}"),
+        )
+    })?;
+    let target = match (raw.user, raw.room) {
+        (Some(user), None) => PublishTarget::User(required_name(Some(user), "user")?),
+        (None, Some(room)) => PublishTarget::Room(required_name(Some(room), "room")?),
+        _ => {
+            return Err(ProtocolError::new(
+                ErrorCode::BadRequest,
+                "exactly one of `user` and `room` is required",
+            ))
+        }
+    };
+    let from = match raw.from {
+        Some(from) => required_name(Some(from), "from")?,
+        None => DEFAULT_PUBLISH_FROM.to_owned(),
+    };
+    Ok(Publish {
+        target,
+        body: required_body(raw.body)?,
+        from,
+    })
+}
+
 /// Outcome of a direct message, as told to the sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -508,6 +576,32 @@ mod tests {
         let many: Vec<String> = (0..101).map(|i| format!("u{i}")).collect();
         let frame = serde_json::json!({"type":"presence","users":many}).to_string();
         assert_eq!(code_of(&frame), ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn publish_requests() {
+        let p = parse_publish(r#"{"user":"bob","body":{"t":"rejected"},"from":"tickets"}"#)
+            .expect("ok");
+        assert_eq!(p.target, PublishTarget::User("bob".into()));
+        assert_eq!(
+            (p.body.get(), p.from.as_str()),
+            (r#"{"t":"rejected"}"#, "tickets")
+        );
+        let p = parse_publish(r#"{"room":"lobby","body":1}"#).expect("ok");
+        assert_eq!(
+            (p.target, p.from.as_str()),
+            (PublishTarget::Room("lobby".into()), "server")
+        );
+        for bad in [
+            r#"{"user":"bob","room":"lobby","body":1}"#,
+            r#"{"body":1}"#,
+            r#"{"user":"bob"}"#,
+            r#"{"user":"b b","body":1}"#,
+            r#"{"user":"bob","body":1,"from":5}"#,
+            r#"[]"#,
+        ] {
+            assert!(parse_publish(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -26,6 +26,10 @@ pub enum CloseReason {
     SlowConsumer,
     /// 1009: a frame was over the size limit.
     TooLarge,
+    /// 1008: the client kept sending past its rate limit.
+    Flooding,
+    /// 1001: the client sent nothing, not even a pong, for too long.
+    Idle,
 }
 
 impl CloseReason {
@@ -35,6 +39,8 @@ impl CloseReason {
             CloseReason::GoingAway => (1001, "server shutting down"),
             CloseReason::SlowConsumer => (1008, "slow consumer"),
             CloseReason::TooLarge => (1009, "frame too large"),
+            CloseReason::Flooding => (1008, "rate limit exceeded"),
+            CloseReason::Idle => (1001, "idle timeout"),
         }
     }
 }
@@ -129,6 +135,11 @@ impl ConnHandle {
             .unwrap_or(false)
     }
 
+    /// How many rooms this connection has joined.
+    pub fn room_count(&self) -> usize {
+        self.rooms.lock().map(|r| r.len()).unwrap_or(0)
+    }
+
     /// The rooms joined, for cleanup on disconnect.
     pub fn rooms(&self) -> Vec<Arc<str>> {
         self.rooms
@@ -200,6 +211,11 @@ impl Registry {
             .iter()
             .filter(|c| c.send(frame.clone(), metrics))
             .count()
+    }
+
+    /// How many connections `user` has here.
+    pub fn user_connection_count(&self, user: &str) -> usize {
+        self.users.get(user).map(|conns| conns.len()).unwrap_or(0)
     }
 
     /// Whether `user` has a connection here.

@@ -175,15 +175,16 @@ impl Router {
     /// Routed mode: local connections get it at once; one presence read finds
     /// the other instances holding `to`; each is sent one publish on its
     /// personal channel. Broadcast mode: one publish on the shared channel.
+    /// `from` is the authenticated user, or a backend service's label.
     pub async fn send_direct(
         &self,
-        from: &ConnHandle,
+        from: &str,
         to: &str,
         body: &RawValue,
     ) -> Result<(DirectStatus, String), RouteError> {
         let msg_id = self.new_msg_id();
         let text = ServerFrame::Dm {
-            from: &from.user,
+            from,
             body,
             msg_id: &msg_id,
             ts: now_ms(),
@@ -324,7 +325,8 @@ impl Router {
     }
 
     /// Sends a room message to every member connection except the sender's.
-    pub async fn send_room(
+    /// Only members may send to a room.
+    pub async fn send_room_as_member(
         &self,
         from: &ConnHandle,
         room: &str,
@@ -333,10 +335,22 @@ impl Router {
         if !from.is_member(room) {
             return Err(RouteError::NotMember);
         }
+        self.send_room(&from.user, Some(&from.id), room, body).await
+    }
+
+    /// Sends a room message from `from` (a user or a service label) to every
+    /// member connection except `except_conn` (the sending connection).
+    pub async fn send_room(
+        &self,
+        from: &str,
+        except_conn: Option<&str>,
+        room: &str,
+        body: &RawValue,
+    ) -> Result<String, RouteError> {
         let msg_id = self.new_msg_id();
         let text = ServerFrame::Room {
             room,
-            from: &from.user,
+            from,
             body,
             msg_id: &msg_id,
             ts: now_ms(),
@@ -345,11 +359,12 @@ impl Router {
         let payload = Envelope::Room {
             room,
             origin: &self.instance,
-            conn: &from.id,
+            // Connection ids contain a '/', so "-" never names one.
+            conn: except_conn.unwrap_or("-"),
         }
         .encode(&text);
         self.registry
-            .deliver_to_room(room, Some(&from.id), &Message::text(text), &self.metrics);
+            .deliver_to_room(room, except_conn, &Message::text(text), &self.metrics);
         match self.bus.publish(Channel::Room(room), payload).await {
             Ok(_) => {
                 self.metrics.bus_published.room.inc();
@@ -382,6 +397,17 @@ impl Router {
                 tracing::warn!(error = %e, room, "room unsubscribe failed");
             }
         }
+    }
+
+    /// The live instances holding `user`, with connection counts.
+    pub async fn presence_of(
+        &self,
+        user: &str,
+    ) -> Result<Vec<crate::presence::Holder>, RouteError> {
+        self.presence
+            .locate(user)
+            .await
+            .map_err(|_| RouteError::Unavailable)
     }
 
     /// Whether each user is online on any live instance.
@@ -571,7 +597,7 @@ mod tests {
         let (alice, _a) = user(&c.routers[0], "alice").await;
         let (_bob, mut b) = user(&c.routers[1], "bob").await;
         let (status, _) = c.routers[0]
-            .send_direct(&alice, "bob", &body("{\"hi\":1}"))
+            .send_direct(&alice.user, "bob", &body("{\"hi\":1}"))
             .await
             .expect("sent");
         assert_eq!(status, DirectStatus::Routed);
@@ -588,13 +614,13 @@ mod tests {
         let c = cluster(2, RoutingMode::Routed).await;
         let (alice, _a) = user(&c.routers[0], "alice").await;
         let (status, _) = c.routers[0]
-            .send_direct(&alice, "nobody", &body("1"))
+            .send_direct(&alice.user, "nobody", &body("1"))
             .await
             .expect("sent");
         assert_eq!(status, DirectStatus::Offline);
         let (_carol, mut carol_rx) = user(&c.routers[0], "carol").await;
         let (status, _) = c.routers[0]
-            .send_direct(&alice, "carol", &body("2"))
+            .send_direct(&alice.user, "carol", &body("2"))
             .await
             .expect("sent");
         assert_eq!(status, DirectStatus::Routed);
@@ -610,7 +636,7 @@ mod tests {
         let (_b2, mut rx2) = user(&c.routers[1], "bob").await;
         let (_b3, mut rx3) = user(&c.routers[2], "bob").await;
         c.routers[0]
-            .send_direct(&alice, "bob", &body("\"x\""))
+            .send_direct(&alice.user, "bob", &body("\"x\""))
             .await
             .expect("sent");
         assert_eq!(recv_json(&mut rx2).await["body"], "x");
@@ -623,7 +649,7 @@ mod tests {
         let (alice, _a) = user(&c.routers[0], "alice").await;
         let (_bob, mut b) = user(&c.routers[1], "bob").await;
         c.routers[0]
-            .send_direct(&alice, "bob", &body("1"))
+            .send_direct(&alice.user, "bob", &body("1"))
             .await
             .expect("sent");
         assert_eq!(recv_json(&mut b).await["body"], 1);
@@ -640,7 +666,7 @@ mod tests {
         let (alice, _a) = user(&c.routers[0], "alice").await;
         let (bob, mut b) = user(&c.routers[1], "bob").await;
         let (status, _) = c.routers[0]
-            .send_direct(&alice, "bob", &body("1"))
+            .send_direct(&alice.user, "bob", &body("1"))
             .await
             .expect("sent");
         assert_eq!(status, DirectStatus::Routed);
@@ -651,7 +677,7 @@ mod tests {
         // Local recipient: delivered directly, the echo from the bus is skipped.
         let (_carol, mut carol_rx) = user(&c.routers[0], "carol").await;
         c.routers[0]
-            .send_direct(&alice, "carol", &body("2"))
+            .send_direct(&alice.user, "carol", &body("2"))
             .await
             .expect("sent");
         assert_eq!(recv_json(&mut carol_rx).await["body"], 2);
@@ -660,7 +686,7 @@ mod tests {
         // Last connection gone: the channel is unsubscribed and bob is offline.
         c.routers[1].disconnect(&bob).await;
         let (status, _) = c.routers[0]
-            .send_direct(&alice, "bob", &body("3"))
+            .send_direct(&alice.user, "bob", &body("3"))
             .await
             .expect("sent");
         assert_eq!(status, DirectStatus::Offline);
@@ -676,11 +702,13 @@ mod tests {
         c.routers[0].join(&alice, "lobby").await.expect("join");
         c.routers[1].join(&bob, "lobby").await.expect("join");
         assert_eq!(
-            c.routers[2].send_room(&carol, "lobby", &body("0")).await,
+            c.routers[2]
+                .send_room_as_member(&carol, "lobby", &body("0"))
+                .await,
             Err(RouteError::NotMember)
         );
         c.routers[0]
-            .send_room(&alice, "lobby", &body("1"))
+            .send_room_as_member(&alice, "lobby", &body("1"))
             .await
             .expect("sent");
         let got = recv_json(&mut b).await;
@@ -697,7 +725,7 @@ mod tests {
 
         c.routers[1].leave(&bob, "lobby").await;
         c.routers[0]
-            .send_room(&alice, "lobby", &body("2"))
+            .send_room_as_member(&alice, "lobby", &body("2"))
             .await
             .expect("sent");
         // i1 receives its own echo (it has a member); i2 would have by then too.

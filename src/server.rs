@@ -10,7 +10,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -21,8 +21,8 @@ use crate::auth::Authenticator;
 use crate::bus::local::{LocalBus, LocalHub};
 use crate::bus::{Bus, Inbound};
 use crate::config::Config;
-use crate::connection::SessionContext;
-use crate::http::{self, HttpContext};
+use crate::connection::{SessionContext, SessionLimits};
+use crate::http::{self, ApiSettings, HttpContext};
 use crate::metrics::Metrics;
 use crate::presence::local::{LocalPresence, LocalPresenceHub};
 use crate::presence::Presence;
@@ -36,7 +36,7 @@ const INBOX_CAPACITY: usize = 65_536;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Whether the shared backend can serve cross-instance traffic right now.
-type ReadinessProbe = Arc<dyn Fn() -> bool + Send + Sync>;
+pub type ReadinessProbe = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +49,43 @@ pub enum ServerError {
     Subscribe(#[from] crate::bus::BusError),
 }
 
+/// The shared state an instance runs on: presence store, bus, readiness,
+/// and where the bus delivers what it receives.
+pub struct Backend {
+    /// Which users which instances hold.
+    pub presence: Arc<dyn Presence>,
+    /// Publish/subscribe between instances.
+    pub bus: Arc<dyn Bus>,
+    /// Whether cross-instance traffic can be served right now.
+    pub ready: ReadinessProbe,
+    /// The bus's received messages, for the dispatcher.
+    pub inbox: mpsc::Receiver<Inbound>,
+    /// The instance's counters (the bus and presence count into them too).
+    pub metrics: Arc<Metrics>,
+}
+
+impl Backend {
+    /// The embedded single-node backend: in-process bus and presence.
+    pub fn embedded(instance: &str) -> Backend {
+        let metrics = Metrics::new();
+        let (inbox_tx, inbox) = mpsc::channel::<Inbound>(INBOX_CAPACITY);
+        let presence = LocalPresence::new(Arc::new(LocalPresenceHub::default()), instance);
+        let bus = LocalBus::new(
+            Arc::new(LocalHub::default()),
+            instance,
+            inbox_tx,
+            metrics.clone(),
+        );
+        Backend {
+            presence: Arc::new(presence),
+            bus: Arc::new(bus),
+            ready: Arc::new(|| true),
+            inbox,
+            metrics,
+        }
+    }
+}
+
 /// Runs one instance on `listener` until `shutdown` resolves, then shuts down
 /// gracefully. Tests pass a oneshot; the binary passes SIGINT/SIGTERM.
 pub async fn run(
@@ -56,42 +93,57 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let metrics = Metrics::new();
-    let (inbox_tx, inbox_rx) = mpsc::channel::<Inbound>(INBOX_CAPACITY);
-    let background = CancellationToken::new();
-    let tracker = TaskTracker::new();
     let instance = config.instance().to_owned();
-
-    let (presence, bus, ready): (Arc<dyn Presence>, Arc<dyn Bus>, ReadinessProbe) =
-        match &config.redis_url {
-            Some(url) => {
-                let backend = RedisBackend::connect(
-                    RedisSettings {
-                        url: url.clone(),
-                        prefix: config.redis_prefix.clone(),
-                        instance: instance.clone(),
-                        lease: config.lease(),
-                    },
-                    inbox_tx,
-                    metrics.clone(),
-                )
-                .await?;
-                tokio::spawn(backend.clone().run_maintenance(background.clone()));
-                let probe = backend.clone();
-                (backend.clone(), backend, Arc::new(move || probe.is_ready()))
+    let background = CancellationToken::new();
+    let backend = match &config.redis_url {
+        None => Backend::embedded(&instance),
+        Some(url) => {
+            let metrics = Metrics::new();
+            let (inbox_tx, inbox) = mpsc::channel::<Inbound>(INBOX_CAPACITY);
+            let redis = RedisBackend::connect(
+                RedisSettings {
+                    url: url.clone(),
+                    prefix: config.redis_prefix.clone(),
+                    instance: instance.clone(),
+                    lease: config.lease(),
+                },
+                inbox_tx,
+                metrics.clone(),
+            )
+            .await?;
+            tokio::spawn(redis.clone().run_maintenance(background.clone()));
+            let probe = redis.clone();
+            Backend {
+                presence: redis.clone(),
+                bus: redis,
+                ready: Arc::new(move || probe.is_ready()),
+                inbox,
+                metrics,
             }
-            None => {
-                let presence = LocalPresence::new(Arc::new(LocalPresenceHub::default()), &instance);
-                let bus = LocalBus::new(
-                    Arc::new(LocalHub::default()),
-                    &instance,
-                    inbox_tx,
-                    metrics.clone(),
-                );
-                (Arc::new(presence), Arc::new(bus), Arc::new(|| true))
-            }
-        };
+        }
+    };
+    let result = run_with_backend(config, listener, shutdown, backend).await;
+    background.cancel();
+    result
+}
 
+/// Runs one instance over an already-built [`Backend`]: the seam tests use
+/// to run the real server over an in-process or decorated backend.
+pub async fn run_with_backend(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    backend: Backend,
+) -> Result<(), ServerError> {
+    let Backend {
+        presence,
+        bus,
+        ready,
+        inbox,
+        metrics,
+    } = backend;
+    let instance = config.instance().to_owned();
+    let tracker = TaskTracker::new();
     let router = Arc::new(Router::new(
         &instance,
         config.routing,
@@ -101,23 +153,42 @@ pub async fn run(
         metrics.clone(),
     ));
     router.start().await?;
-    let dispatcher = tokio::spawn(dispatch(router.clone(), inbox_rx, background.clone()));
+    let stop_dispatcher = CancellationToken::new();
+    let dispatcher = tokio::spawn(dispatch(router.clone(), inbox, stop_dispatcher.clone()));
 
     let sessions = CancellationToken::new();
+    let mut auth = Authenticator::new(config.auth, config.jwt_secret.as_deref());
+    if let Some(audience) = &config.jwt_audience {
+        auth = auth.with_audience(audience);
+    }
     let ctx = HttpContext {
         session: SessionContext {
             router: router.clone(),
             metrics: metrics.clone(),
-            outbound_queue: config.outbound_queue,
+            limits: SessionLimits {
+                outbound_queue: config.outbound_queue,
+                max_body_bytes: config.max_body_bytes,
+                rate_limit: config.rate_limit,
+                rate_burst: config.rate_burst,
+                max_rooms: config.max_rooms_per_connection,
+                ping_interval: Duration::from_millis(config.ping_interval_ms),
+                idle_timeout: Duration::from_millis(config.idle_timeout_ms),
+            },
             shutdown: sessions.clone(),
         },
-        auth: Arc::new(Authenticator::new(
-            config.auth,
-            config.jwt_secret.as_deref(),
-        )),
+        auth: Arc::new(auth),
         ready,
         tracker: tracker.clone(),
         max_frame_bytes: config.max_frame_bytes,
+        max_connections: config.max_connections,
+        max_connections_per_user: config.max_connections_per_user,
+        allowed_origins: Arc::new(config.allowed_origins.clone()),
+        api: ApiSettings {
+            key: config.api_key.clone().map(Arc::from),
+            max_body_bytes: config.max_body_bytes,
+            routing: config.routing,
+            started: Instant::now(),
+        },
     };
 
     let stop = sessions.clone();
@@ -149,7 +220,7 @@ pub async fn run(
     if let Err(e) = presence.withdraw().await {
         tracing::warn!(error = %e, "could not withdraw presence; the lease will expire");
     }
-    background.cancel();
+    stop_dispatcher.cancel();
     let _ = dispatcher.await;
     tracing::info!("stopped");
     Ok(())

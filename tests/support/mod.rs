@@ -5,7 +5,9 @@
 //! - [`Spy`]: a `PSUBSCRIBE` listener recording every bus message.
 //! - [`Instance`]: the built `switchboard` binary on a free port, killed on drop.
 //! - [`Client`]: a WebSocket client speaking the JSON protocol.
-//! - [`mint_jwt`], [`eventually`], [`metric_value`].
+//! - [`RedisProxy`]: a byte-level proxy in front of a [`RedisServer`] that can
+//!   drop an instance's subscriptions without a disconnection (fault tests).
+//! - [`mint_jwt`], [`eventually`], [`metric_value`], [`rss_kb`].
 
 // Each test binary compiles this module separately and uses a subset of it.
 #![allow(dead_code)]
@@ -85,9 +87,29 @@ impl RedisServer {
     /// `redis-server` is not installed (the suite never skips).
     pub async fn start() -> RedisServer {
         let dir = tempfile::tempdir().expect("create a tempdir for redis-server");
+        let (child, client, conn) = Self::launch(&dir).await;
+        let url = format!("redis+unix://{}", dir.path().join("redis.sock").display());
+        RedisServer {
+            conn,
+            client,
+            url,
+            child,
+            dir,
+        }
+    }
+
+    /// Spawns redis-server on `<dir>/redis.sock` (no persistence, so a restart
+    /// is always empty) and waits up to 10s until it answers PING.
+    async fn launch(
+        dir: &TempDir,
+    ) -> (ChildGuard, redis::Client, redis::aio::MultiplexedConnection) {
         let sock = dir.path().join("redis.sock");
         let log_path = dir.path().join("redis.log");
-        let log = File::create(&log_path).expect("create redis-server log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("create redis-server log file");
         let spawned = Command::new("redis-server")
             .arg("--port")
             .arg("0")
@@ -136,15 +158,39 @@ impl RedisServer {
                 "redis-server did not answer PING on {url} within 10s; log:\n{}",
                 read_log(&log_path)
             );
-            tokio::time::sleep(Duration::from_millis(25)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         };
-        RedisServer {
-            conn,
-            client,
-            url,
-            child,
-            dir,
-        }
+        (child, client, conn)
+    }
+
+    /// Kills the redis-server with SIGKILL (no shutdown, no save) and reaps it.
+    /// Until [`RedisServer::restart`], every [`RedisServer::cmd`] fails.
+    pub fn kill(&mut self) {
+        self.child
+            .0
+            .kill()
+            .expect("SIGKILL the redis-server process");
+        self.child.0.wait().expect("reap the redis-server process");
+    }
+
+    /// Starts a fresh, empty redis-server on the same unix socket path (after
+    /// [`RedisServer::kill`]); returns the moment it first answered PING.
+    pub async fn restart(&mut self) -> Instant {
+        assert!(
+            matches!(self.child.0.try_wait(), Ok(Some(_))),
+            "restart() needs the previous redis-server to be dead (call kill() first)"
+        );
+        let (child, client, conn) = Self::launch(&self.dir).await;
+        let answered = Instant::now();
+        self.child = child;
+        self.client = client;
+        self.conn = conn;
+        answered
+    }
+
+    /// Path of the unix socket the server listens on.
+    pub fn socket_path(&self) -> PathBuf {
+        self.dir.path().join("redis.sock")
     }
 
     /// `redis+unix:///<dir>/redis.sock`
@@ -169,6 +215,21 @@ impl RedisServer {
             Ok(v) => v,
             Err(e) => panic!("redis command {args:?} failed: {e}"),
         }
+    }
+
+    /// Like [`RedisServer::cmd`] but returns the error instead of panicking.
+    pub async fn try_cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
+        let mut cmd = redis::cmd(args[0]);
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        let mut conn = self.conn.clone();
+        cmd.query_async(&mut conn).await
+    }
+
+    /// `ZSCORE key member` (None when the member is absent).
+    pub async fn zscore(&self, key: &str, member: &str) -> Option<f64> {
+        self.cmd(&["ZSCORE", key, member]).await
     }
 
     pub async fn hgetall(&self, key: &str) -> HashMap<String, String> {
@@ -263,6 +324,266 @@ impl Drop for Spy {
 }
 
 // ---------------------------------------------------------------------------
+// Redis proxy (fault injection)
+// ---------------------------------------------------------------------------
+
+/// A byte-for-byte unix-socket proxy in front of a [`RedisServer`]. Point an
+/// instance at [`RedisProxy::url`] and it talks to Redis through the proxy.
+///
+/// Its one trick, [`RedisProxy::drop_subscriptions_silently`], makes Redis
+/// forget subscriptions of the subscriber connections (those that sent a
+/// SUBSCRIBE) without any disconnection: it injects `UNSUBSCRIBE` upstream and
+/// swallows Redis's RESP3 confirmation pushes, so the client sees nothing.
+pub struct RedisProxy {
+    url: String,
+    subscribers: Arc<Mutex<HashMap<u64, ProxyConn>>>,
+    tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+    _dir: TempDir,
+}
+
+/// A subscriber connection's handles: bytes to inject upstream, and the
+/// confirmation pushes to swallow on the way back.
+#[derive(Clone)]
+struct ProxyConn {
+    inject: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+    swallow: Arc<Mutex<Vec<Swallow>>>,
+}
+
+struct Swallow {
+    /// The push up to its final integer: `>3 unsubscribe <channel> :`.
+    prefix: Vec<u8>,
+    done: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+fn find_bytes(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Removes every complete pending push from `pending` and returns the bytes
+/// that can be forwarded now (a tail that may be the start of a pending push
+/// is held back until more bytes arrive).
+fn strip_swallowed(pending: &mut Vec<u8>, swallow: &Mutex<Vec<Swallow>>) -> Vec<u8> {
+    let mut list = swallow.lock().expect("proxy mutex poisoned");
+    loop {
+        let mut matched = false;
+        for entry in list.iter_mut().filter(|e| e.done.is_some()) {
+            let Some(start) = find_bytes(pending, &entry.prefix) else {
+                continue;
+            };
+            let after = start + entry.prefix.len();
+            let Some(end) = find_bytes(&pending[after..], b"\r\n") else {
+                continue;
+            };
+            pending.drain(start..after + end + 2);
+            if let Some(done) = entry.done.take() {
+                let _ = done.send(());
+            }
+            matched = true;
+            break;
+        }
+        if !matched {
+            break;
+        }
+    }
+    list.retain(|e| e.done.is_some());
+    let mut hold = 0;
+    for entry in list.iter() {
+        if let Some(start) = find_bytes(pending, &entry.prefix) {
+            hold = hold.max(pending.len() - start);
+        }
+        for k in (1..entry.prefix.len().min(pending.len() + 1)).rev() {
+            if pending.ends_with(&entry.prefix[..k]) {
+                hold = hold.max(k);
+                break;
+            }
+        }
+    }
+    let forward = pending.len() - hold;
+    pending.drain(..forward).collect()
+}
+
+impl RedisProxy {
+    /// Listens on a fresh unix socket and forwards every connection to `redis`.
+    pub async fn start(redis: &RedisServer) -> RedisProxy {
+        let dir = tempfile::tempdir().expect("create a tempdir for the proxy");
+        let path = dir.path().join("proxy.sock");
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind the proxy socket");
+        let upstream = redis.socket_path();
+        let subscribers: Arc<Mutex<HashMap<u64, ProxyConn>>> = Arc::default();
+        let tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (subs, all_tasks) = (subscribers.clone(), tasks.clone());
+        let accept = tokio::spawn(async move {
+            let mut next_id = 0u64;
+            while let Ok((client, _)) = listener.accept().await {
+                next_id += 1;
+                let task = tokio::spawn(proxy_connection(
+                    next_id,
+                    client,
+                    upstream.clone(),
+                    subs.clone(),
+                ));
+                all_tasks
+                    .lock()
+                    .expect("proxy mutex poisoned")
+                    .push(task.abort_handle());
+            }
+        });
+        tasks
+            .lock()
+            .expect("proxy mutex poisoned")
+            .push(accept.abort_handle());
+        RedisProxy {
+            url: format!("redis+unix://{}", path.display()),
+            subscribers,
+            tasks,
+            _dir: dir,
+        }
+    }
+
+    /// `redis+unix:///<dir>/proxy.sock`
+    pub fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    /// Number of live connections that subscribed through the proxy.
+    pub fn subscriber_connections(&self) -> usize {
+        self.subscribers.lock().expect("proxy mutex poisoned").len()
+    }
+
+    /// Makes Redis unsubscribe every subscriber connection from `channels`
+    /// while the clients see nothing (no push, no disconnection). Returns
+    /// once Redis confirmed each unsubscription (confirmations swallowed).
+    pub async fn drop_subscriptions_silently(&self, channels: &[&str]) {
+        let conns: Vec<ProxyConn> = self
+            .subscribers
+            .lock()
+            .expect("proxy mutex poisoned")
+            .values()
+            .cloned()
+            .collect();
+        assert!(
+            !conns.is_empty(),
+            "no subscriber connection goes through the proxy"
+        );
+        let mut command = format!("*{}\r\n$11\r\nUNSUBSCRIBE\r\n", channels.len() + 1);
+        for channel in channels {
+            command.push_str(&format!("${}\r\n{channel}\r\n", channel.len()));
+        }
+        let mut confirmations = Vec::new();
+        for conn in &conns {
+            {
+                let mut swallow = conn.swallow.lock().expect("proxy mutex poisoned");
+                for channel in channels {
+                    let (done, confirmed) = tokio::sync::oneshot::channel();
+                    let prefix = format!(
+                        ">3\r\n$11\r\nunsubscribe\r\n${}\r\n{channel}\r\n:",
+                        channel.len()
+                    );
+                    swallow.push(Swallow {
+                        prefix: prefix.into_bytes(),
+                        done: Some(done),
+                    });
+                    confirmations.push((channel.to_string(), confirmed));
+                }
+            }
+            conn.inject
+                .send(command.clone().into_bytes())
+                .expect("proxy connection task is gone");
+        }
+        for (channel, confirmed) in confirmations {
+            tokio::time::timeout(Duration::from_secs(5), confirmed)
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("redis did not confirm the injected UNSUBSCRIBE {channel} within 5s")
+                })
+                .expect("proxy connection ended before the UNSUBSCRIBE was confirmed");
+        }
+    }
+}
+
+impl Drop for RedisProxy {
+    fn drop(&mut self) {
+        for task in self.tasks.lock().expect("proxy mutex poisoned").iter() {
+            task.abort();
+        }
+    }
+}
+
+async fn proxy_connection(
+    id: u64,
+    client: tokio::net::UnixStream,
+    upstream: PathBuf,
+    subscribers: Arc<Mutex<HashMap<u64, ProxyConn>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(upstream) = tokio::net::UnixStream::connect(&upstream).await else {
+        return; // Redis is down: the client sees the connection close.
+    };
+    let (mut client_rx, mut client_tx) = client.into_split();
+    let (mut redis_rx, mut redis_tx) = upstream.into_split();
+    let (inject, mut injected) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let swallow: Arc<Mutex<Vec<Swallow>>> = Arc::default();
+    let conn = ProxyConn {
+        inject,
+        swallow: swallow.clone(),
+    };
+    let registry = subscribers.clone();
+    let to_redis = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut registered = false;
+        loop {
+            tokio::select! {
+                read = client_rx.read(&mut buf) => {
+                    let n = match read {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if !registered && find_bytes(&buf[..n], b"SUBSCRIBE").is_some() {
+                        registered = true;
+                        registry
+                            .lock()
+                            .expect("proxy mutex poisoned")
+                            .insert(id, conn.clone());
+                    }
+                    if redis_tx.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+                Some(bytes) = injected.recv() => {
+                    if redis_tx.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let to_client = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut pending = Vec::new();
+        loop {
+            let n = match redis_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            pending.extend_from_slice(&buf[..n]);
+            let forward = strip_swallowed(&mut pending, &swallow);
+            if client_tx.write_all(&forward).await.is_err() {
+                return;
+            }
+        }
+    };
+    // Either side closing closes both.
+    tokio::select! {
+        _ = to_redis => {}
+        _ = to_client => {}
+    }
+    subscribers
+        .lock()
+        .expect("proxy mutex poisoned")
+        .remove(&id);
+}
+
+// ---------------------------------------------------------------------------
 // Switchboard instances
 // ---------------------------------------------------------------------------
 
@@ -287,6 +608,9 @@ pub struct Opts {
     pub max_frame_bytes: Option<usize>,
     pub lease_ms: Option<u64>,
     pub redis_prefix: Option<String>,
+    pub outbound_queue: Option<usize>,
+    /// Any other `--flag value` pairs, passed as given.
+    pub extra: Vec<(String, String)>,
 }
 
 impl Opts {
@@ -299,11 +623,26 @@ impl Opts {
             max_frame_bytes: None,
             lease_ms: None,
             redis_prefix: None,
+            outbound_queue: None,
+            extra: Vec::new(),
         }
+    }
+
+    /// Any other flag, e.g. `.flag("--rate-limit", "5")`. Tests run with
+    /// `--rate-limit 0` (no limit) unless they set it: most send bursts.
+    pub fn flag(mut self, flag: &str, value: impl ToString) -> Opts {
+        self.extra.push((flag.to_string(), value.to_string()));
+        self
     }
 
     pub fn redis(mut self, redis: &RedisServer) -> Opts {
         self.redis_url = Some(redis.url());
+        self
+    }
+
+    /// Any Redis URL (e.g. a [`RedisProxy`]'s) instead of a [`RedisServer`]'s.
+    pub fn redis_url(mut self, url: &str) -> Opts {
+        self.redis_url = Some(url.to_string());
         self
     }
 
@@ -333,6 +672,12 @@ impl Opts {
 
     pub fn redis_prefix(mut self, prefix: &str) -> Opts {
         self.redis_prefix = Some(prefix.to_string());
+        self
+    }
+
+    /// `--outbound-queue N`: frames queued per client before 1008.
+    pub fn outbound_queue(mut self, n: usize) -> Opts {
+        self.outbound_queue = Some(n);
         self
     }
 
@@ -370,6 +715,15 @@ impl Opts {
         if let Some(prefix) = &self.redis_prefix {
             push("--redis-prefix", prefix.clone());
         }
+        if let Some(n) = self.outbound_queue {
+            push("--outbound-queue", n.to_string());
+        }
+        if !self.extra.iter().any(|(flag, _)| flag == "--rate-limit") {
+            push("--rate-limit", "0".to_string());
+        }
+        for (flag, value) in &self.extra {
+            push(flag, value.clone());
+        }
         args
     }
 }
@@ -381,7 +735,7 @@ pub struct Instance {
     addr: SocketAddr,
     id: String,
     log_path: PathBuf,
-    _dir: TempDir,
+    _dir: Arc<TempDir>,
 }
 
 /// Reserves a free loopback port by binding port 0 and releasing it.
@@ -400,7 +754,7 @@ impl Instance {
     pub async fn spawn(opts: Opts) -> Instance {
         let mut last = String::new();
         for _attempt in 0..3 {
-            match Self::try_spawn(&opts).await {
+            match Self::try_spawn(&opts, free_port(), None).await {
                 Ok(instance) => return instance,
                 Err(SpawnError::Exited(msg)) => last = msg,
             }
@@ -411,11 +765,23 @@ impl Instance {
         );
     }
 
-    async fn try_spawn(opts: &Opts) -> Result<Instance, SpawnError> {
-        let addr = free_port();
-        let dir = tempfile::tempdir().expect("create a tempdir for the server log");
+    /// Spawns on `addr`; a respawn passes the previous log dir so one log
+    /// file holds every process that served this address.
+    async fn try_spawn(
+        opts: &Opts,
+        addr: SocketAddr,
+        dir: Option<Arc<TempDir>>,
+    ) -> Result<Instance, SpawnError> {
+        let dir = match dir {
+            Some(dir) => dir,
+            None => Arc::new(tempfile::tempdir().expect("create a tempdir for the server log")),
+        };
         let log_path = dir.path().join("server.log");
-        let log = File::create(&log_path).expect("create server log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("create server log file");
         let log_err = log.try_clone().expect("clone server log handle");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
         for (key, _) in std::env::vars_os() {
@@ -564,6 +930,74 @@ impl Instance {
         self.send_sigterm();
         self.wait_exit(timeout).await
     }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .unwrap_or_else(|e| panic!("run kill -{name}: {e}"));
+        assert!(
+            status.success(),
+            "kill -{name} {} failed: {status}",
+            self.pid()
+        );
+    }
+
+    /// SIGKILL (no cleanup at all) and reap the process.
+    pub fn sigkill(&mut self) {
+        self.child.0.kill().expect("SIGKILL the instance");
+        self.child.0.wait().expect("reap the killed instance");
+    }
+
+    /// SIGSTOP: the process freezes; its sockets stay open.
+    pub fn sigstop(&self) {
+        self.signal("STOP");
+    }
+
+    /// SIGCONT after [`Instance::sigstop`].
+    pub fn sigcont(&self) {
+        self.signal("CONT");
+    }
+
+    /// Starts a new process with `opts` (typically a new instance id) on this
+    /// instance's port, once the previous process has exited (panics if it is
+    /// still running). The log file keeps the previous processes' output.
+    pub async fn respawn_same_port(&mut self, opts: Opts) {
+        assert!(
+            matches!(self.child.0.try_wait(), Ok(Some(_))),
+            "respawn_same_port: the previous process of {} is still running",
+            self.id
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match Self::try_spawn(&opts, self.addr, Some(self._dir.clone())).await {
+                Ok(instance) => {
+                    // The old (dead) child is dropped; the log dir is shared.
+                    *self = instance;
+                    return;
+                }
+                Err(SpawnError::Exited(msg)) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "respawning {} on {} failed for 10s: {msg}",
+                        opts.instance_id,
+                        self.addr
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// Resident set size of the process in KiB (`VmRSS` of /proc/PID/status).
+    pub fn rss_kb(&self) -> u64 {
+        rss_kb(self.pid())
+    }
+
+    /// `GET path` status, or None when the instance does not answer.
+    pub async fn http_status(&self, path: &str) -> Option<u16> {
+        self.try_http_get(path).await.ok().map(|(status, _)| status)
+    }
 }
 
 impl Drop for Instance {
@@ -651,10 +1085,18 @@ pub fn metric_value(text: &str, key: &str) -> f64 {
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-enum Incoming {
+/// What [`Client::next_event`] saw: a frame, the end of the connection, or
+/// nothing within the timeout. Never panics, for tests where connections are
+/// expected to drop (restarts, slow consumers).
+#[derive(Debug)]
+pub enum Incoming {
+    /// A JSON text frame.
     Json(Value),
+    /// The server's Close frame, with its code.
     Closed(Option<u16>),
+    /// The connection ended without a Close frame (the text says how).
     Ended(String),
+    /// Nothing arrived within the timeout.
     Timeout,
 }
 
@@ -810,6 +1252,23 @@ impl Client {
                 self.label
             ),
         }
+    }
+
+    /// Next event (buffered frames first), waiting up to `timeout`; never
+    /// panics. After `Closed` or `Ended` the client is unusable.
+    pub async fn next_event(&mut self, timeout: Duration) -> Incoming {
+        if let Some(value) = self.buffered.pop_front() {
+            return Incoming::Json(value);
+        }
+        self.read_incoming(timeout).await
+    }
+
+    /// Sends a JSON frame; returns the error text instead of panicking.
+    pub async fn try_send_json(&mut self, value: &Value) -> Result<(), String> {
+        self.ws
+            .send(Message::text(value.to_string()))
+            .await
+            .map_err(|e| format!("[{}] send failed: {e}", self.label))
     }
 
     /// Next frame (buffered first), waiting up to 5s.
@@ -995,6 +1454,18 @@ where
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Resident set size of process `pid` in KiB (`VmRSS` in /proc/PID/status).
+pub fn rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kb| kb.parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS line in /proc/{pid}/status:\n{status}"))
 }
 
 /// A string unique within the test run, for body markers.
