@@ -106,9 +106,56 @@ pub fn routes(
     healthz
         .or(readyz)
         .or(metrics_route)
+        .or(page())
         .or(websocket(ctx.clone()))
         .or(api(ctx))
         .recover(handle_rejection)
+}
+
+/// The browser client's files, compiled into the binary (no build step).
+const PAGE_INDEX: &str = include_str!("../web/index.html");
+const PAGE_SCRIPT: &str = include_str!("../web/app.js");
+const PAGE_STYLE: &str = include_str!("../web/style.css");
+
+/// No inline script or style, no foreign origin: bodies rendered as text can
+/// never become code, and a token can only travel to this instance.
+const PAGE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+     frame-ancestors 'none'";
+
+/// `GET /`, `/app.js`, `/style.css`: the chat page, served by every instance.
+fn page() -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
+    let file = |path: &'static str, body: &'static str, content_type: &'static str| {
+        let route = if path.is_empty() {
+            warp::path::end().boxed()
+        } else {
+            warp::path(path).and(warp::path::end()).boxed()
+        };
+        route.and(warp::get()).map(move || {
+            let mut response = Response::new(body.into());
+            let headers = response.headers_mut();
+            let pairs = [
+                ("content-type", content_type),
+                ("content-security-policy", PAGE_CSP),
+                ("x-content-type-options", "nosniff"),
+                ("referrer-policy", "no-referrer"),
+                ("cache-control", "no-cache"),
+            ];
+            for (name, value) in pairs {
+                headers.insert(name, warp::http::HeaderValue::from_static(value));
+            }
+            response
+        })
+    };
+    file("", PAGE_INDEX, "text/html; charset=utf-8")
+        .or(file(
+            "app.js",
+            PAGE_SCRIPT,
+            "text/javascript; charset=utf-8",
+        ))
+        .unify()
+        .or(file("style.css", PAGE_STYLE, "text/css; charset=utf-8"))
+        .unify()
 }
 
 /// `GET /ws`: origin, credentials and limits are checked before the upgrade.

@@ -1,0 +1,2 @@
+// Switchboard chat page: replaced by the full client (issue 6).
+document.getElementById("app").textContent = "Switchboard";
