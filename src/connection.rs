@@ -108,14 +108,16 @@ pub async fn serve(ws: WebSocket, user: Arc<str>, ctx: SessionContext) {
     async move {
         let router = &ctx.router;
         let (handle, outbound) = ConnHandle::new(id, user, ctx.limits.outbound_queue);
-        router.connect(&handle).await;
-        tracing::debug!("connected");
+        // Queued before the connection is registered: nothing routed to it
+        // can overtake the welcome frame.
         let welcome = ServerFrame::Welcome {
             user: &handle.user,
             instance: router.instance(),
             conn: &handle.id,
         };
         handle.send(Message::text(welcome.to_text()), &ctx.metrics);
+        router.connect(&handle).await;
+        tracing::debug!("connected");
 
         let (sink, stream) = ws.split();
         let writer = tokio::spawn(write_loop(sink, outbound, handle.clone()));
