@@ -124,6 +124,7 @@ pub async fn serve(ws: WebSocket, user: Arc<str>, ctx: SessionContext) {
         let session = AssertUnwindSafe(read_loop(stream, &handle, &ctx)).catch_unwind();
         if session.await.is_err() {
             ctx.metrics.session_panics.inc();
+            handle.close(CloseReason::Internal);
             tracing::error!("connection task panicked; closing this connection only");
         }
 
@@ -210,7 +211,15 @@ async fn read_loop(
             }
             let error =
                 ProtocolError::new(ErrorCode::RateLimited, "slow down: rate limit exceeded");
-            handle.send(Message::text(error_frame(None, &error)), &ctx.metrics);
+            // The refused frame is not processed, but its id is echoed when readable.
+            let id = message
+                .to_str()
+                .ok()
+                .and_then(|text| protocol::parse(text).id);
+            handle.send(
+                Message::text(error_frame(id.as_ref(), &error)),
+                &ctx.metrics,
+            );
             continue;
         }
         refused_in_a_row = 0.0;
@@ -242,6 +251,12 @@ async fn handle_text(text: &str, handle: &Arc<ConnHandle>, ctx: &SessionContext)
         Ok(request) => request,
         Err(error) => return error_frame(id, &error),
     };
+    if let Request::Direct { body, .. } | Request::Room { body, .. } = &request {
+        if body.get().len() > ctx.limits.max_body_bytes {
+            let message = format!("`body` is larger than {} bytes", ctx.limits.max_body_bytes);
+            return error_frame(id, &ProtocolError::new(ErrorCode::TooLarge, message));
+        }
+    }
     let router = &ctx.router;
     let ack =
         |status: &str, msg_id: Option<&str>| ServerFrame::Ack { id, status, msg_id }.to_text();
@@ -336,8 +351,10 @@ async fn write_loop(
         return;
     };
     let _ = tokio::time::timeout(CLOSE_GRACE, async {
-        if reason == CloseReason::GoingAway {
-            // Shutting down: deliver what was already accepted for this client.
+        if reason != CloseReason::SlowConsumer {
+            // Deliver what was already accepted for this client (replies to
+            // requests the server did handle, messages routed to it) before
+            // the close frame. A slow consumer would not read them anyway.
             while let Ok(message) = outbound.try_recv() {
                 if sink.feed(message).await.is_err() {
                     return;

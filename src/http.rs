@@ -299,7 +299,7 @@ async fn publish(ctx: &HttpContext, body: &[u8]) -> Response {
     let Ok(text) = std::str::from_utf8(body) else {
         return json_reply(
             StatusCode::BAD_REQUEST,
-            json!({"error": "body is not UTF-8"}),
+            json!({"error": "request body is not UTF-8 JSON", "code": "bad_request"}),
         );
     };
     let request = match protocol::parse_publish(text) {
@@ -346,7 +346,13 @@ async fn publish(ctx: &HttpContext, body: &[u8]) -> Response {
     }
 }
 
-async fn presence(ctx: &HttpContext, user: &str) -> Response {
+async fn presence(ctx: &HttpContext, segment: &str) -> Response {
+    // Clients percent-encode path segments (`bob%40example.com`, `svc%3Ax`).
+    let decoded = percent_encoding::percent_decode_str(segment).decode_utf8();
+    let user: &str = match &decoded {
+        Ok(user) => user,
+        Err(_) => segment,
+    };
     if let Err(e) = protocol::validate_name(user) {
         return json_reply(
             StatusCode::BAD_REQUEST,

@@ -30,6 +30,8 @@ pub enum CloseReason {
     Flooding,
     /// 1001: the client sent nothing, not even a pong, for too long.
     Idle,
+    /// 1011: the server failed while handling this connection.
+    Internal,
 }
 
 impl CloseReason {
@@ -41,6 +43,7 @@ impl CloseReason {
             CloseReason::TooLarge => (1009, "frame too large"),
             CloseReason::Flooding => (1008, "rate limit exceeded"),
             CloseReason::Idle => (1001, "idle timeout"),
+            CloseReason::Internal => (1011, "internal error"),
         }
     }
 }

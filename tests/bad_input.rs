@@ -252,3 +252,436 @@ async fn frame_under_the_limit_is_fine_and_over_it_closes_with_1009() {
     let pong = bob.request(json!({"type": "ping", "id": 1})).await;
     assert_eq!(pong["type"], "pong");
 }
+
+/// Sends `text` as one text frame and returns the next frame (the reply:
+/// nothing else is pushed to this connection).
+async fn reply_to(client: &mut Client, text: &str) -> Value {
+    client.send_text(text).await;
+    client.recv_json().await
+}
+
+/// Checks one hostile frame's reply: the error code (or, with `None`, that
+/// the reply is not an error) and the id (`None`: the reply has no `id` key).
+fn check_reply(
+    reply: &Value,
+    code: Option<&str>,
+    id: Option<&Value>,
+    what: &str,
+    out: &mut Vec<String>,
+) {
+    match code {
+        Some(code) if reply["type"] != "error" || reply["code"] != code => {
+            out.push(format!("{what}: expected error {code:?}, got {reply}"));
+        }
+        Some(_) if !reply["message"].is_string() => {
+            out.push(format!("{what}: error without a message: {reply}"));
+        }
+        None if reply["type"] == "error" => out.push(format!("{what}: unexpected error {reply}")),
+        _ => {}
+    }
+    match id {
+        Some(id) if reply.get("id") != Some(id) => {
+            out.push(format!("{what}: reply must carry id {id}, got {reply}"));
+        }
+        None if reply.get("id").is_some() => {
+            out.push(format!("{what}: reply must carry no id, got {reply}"));
+        }
+        _ => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_frame_matrix_gets_precise_errors_and_the_instance_stays_healthy() {
+    let inst = small_frames_instance().await;
+    let mut c = Client::connect_user(&inst, "alice").await;
+    let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+    let deep_objects = |n: usize| format!("{}1{}", r#"{"a":"#.repeat(n), "}".repeat(n));
+    let long_id = format!(r#"{{"type":"ping","id":"{}"}}"#, "i".repeat(200));
+    let bad = Some("bad_request");
+    let invalid = Some("invalid_name");
+
+    // (what, frame text, expected error code (None: a success), expected id)
+    let cases: Vec<(&str, String, Option<&str>, Option<Value>)> = vec![
+        // Not JSON at all, or not an object: no id can be read.
+        (
+            "truncated JSON",
+            r#"{"type":"ping","id":1"#.into(),
+            bad,
+            None,
+        ),
+        (
+            "trailing garbage",
+            r#"{"type":"ping","id":1}}"#.into(),
+            bad,
+            None,
+        ),
+        (
+            "trailing comma",
+            r#"{"type":"ping","id":1,}"#.into(),
+            bad,
+            None,
+        ),
+        ("single quotes", "{'type':'ping','id':1}".into(), bad, None),
+        ("bare word", "nul".into(), bad, None),
+        ("number", "42".into(), bad, None),
+        ("null", "null".into(), bad, None),
+        ("whitespace", "   ".into(), bad, None),
+        // Ids that are not a string or a 64-bit integer.
+        ("id 1.5", r#"{"type":"ping","id":1.5}"#.into(), bad, None),
+        ("id true", r#"{"type":"ping","id":true}"#.into(), bad, None),
+        ("id array", r#"{"type":"ping","id":[1]}"#.into(), bad, None),
+        (
+            "id object",
+            r#"{"type":"ping","id":{"a":1}}"#.into(),
+            bad,
+            None,
+        ),
+        (
+            "id 1e400",
+            r#"{"type":"ping","id":1e400}"#.into(),
+            bad,
+            None,
+        ),
+        (
+            "id beyond 64 bits",
+            r#"{"type":"ping","id":123456789012345678901234567890}"#.into(),
+            bad,
+            None,
+        ),
+        ("id of 200 characters", long_id, bad, None),
+        // Valid ids at the edges are echoed.
+        (
+            "id u64::MAX",
+            r#"{"type":"ping","id":18446744073709551615}"#.into(),
+            None,
+            Some(json!(18446744073709551615u64)),
+        ),
+        (
+            "id i64::MIN",
+            r#"{"type":"ping","id":-9223372036854775808}"#.into(),
+            None,
+            Some(json!(i64::MIN)),
+        ),
+        // Wrong types, with a readable id.
+        (
+            "type is a list",
+            r#"{"type":["ping"],"id":2}"#.into(),
+            bad,
+            Some(json!(2)),
+        ),
+        (
+            "type is null",
+            r#"{"type":null,"id":3}"#.into(),
+            bad,
+            Some(json!(3)),
+        ),
+        (
+            "type 1e400",
+            r#"{"type":1e400,"id":4}"#.into(),
+            bad,
+            Some(json!(4)),
+        ),
+        (
+            "to is a list",
+            r#"{"type":"dm","to":["bob"],"body":1,"id":5}"#.into(),
+            bad,
+            Some(json!(5)),
+        ),
+        (
+            "to is null",
+            r#"{"type":"dm","to":null,"body":1,"id":6}"#.into(),
+            bad,
+            Some(json!(6)),
+        ),
+        (
+            "to is a huge integer",
+            r#"{"type":"dm","to":123456789012345678901234567890,"body":1,"id":7}"#.into(),
+            bad,
+            Some(json!(7)),
+        ),
+        (
+            "to is 1e400",
+            r#"{"type":"dm","to":1e400,"body":1,"id":8}"#.into(),
+            bad,
+            Some(json!(8)),
+        ),
+        (
+            "room is an object",
+            r#"{"type":"join","room":{"name":"x"},"id":9}"#.into(),
+            bad,
+            Some(json!(9)),
+        ),
+        (
+            "users are numbers",
+            r#"{"type":"presence","users":[1,2],"id":10}"#.into(),
+            bad,
+            Some(json!(10)),
+        ),
+        (
+            "users is null",
+            r#"{"type":"presence","users":null,"id":11}"#.into(),
+            bad,
+            Some(json!(11)),
+        ),
+        (
+            "users is an object",
+            r#"{"type":"presence","users":{"bob":true},"id":12}"#.into(),
+            bad,
+            Some(json!(12)),
+        ),
+        (
+            "dm without body",
+            r#"{"type":"dm","to":"bob","id":13}"#.into(),
+            bad,
+            Some(json!(13)),
+        ),
+        (
+            "room message without body",
+            r#"{"type":"room","room":"lobby","id":14}"#.into(),
+            bad,
+            Some(json!(14)),
+        ),
+        // Names.
+        (
+            "empty user in presence",
+            r#"{"type":"presence","users":[""],"id":15}"#.into(),
+            invalid,
+            Some(json!(15)),
+        ),
+        (
+            "one bad user among good ones",
+            r#"{"type":"presence","users":["bob","b d"],"id":16}"#.into(),
+            invalid,
+            Some(json!(16)),
+        ),
+        (
+            "non-ASCII name",
+            r#"{"type":"dm","to":"böb","body":1,"id":17}"#.into(),
+            invalid,
+            Some(json!(17)),
+        ),
+        (
+            "name with a brace",
+            r#"{"type":"join","room":"a{b}","id":18}"#.into(),
+            invalid,
+            Some(json!(18)),
+        ),
+        // Nesting: 64 levels is the limit.
+        (
+            "body nested 65 deep (arrays)",
+            format!(r#"{{"type":"dm","to":"bob","body":{},"id":19}}"#, deep(65)),
+            bad,
+            Some(json!(19)),
+        ),
+        (
+            "body nested 65 deep (objects)",
+            format!(
+                r#"{{"type":"dm","to":"bob","body":{},"id":20}}"#,
+                deep_objects(65)
+            ),
+            bad,
+            Some(json!(20)),
+        ),
+        (
+            "room body nested 100 deep",
+            format!(
+                r#"{{"type":"room","room":"lobby","body":{},"id":21}}"#,
+                deep(100)
+            ),
+            bad,
+            Some(json!(21)),
+        ),
+        (
+            "body nested 64 deep",
+            format!(
+                r#"{{"type":"dm","to":"nobody","body":{},"id":22}}"#,
+                deep(64)
+            ),
+            None,
+            Some(json!(22)),
+        ),
+        (
+            "brackets inside strings do not count",
+            format!(
+                r#"{{"type":"dm","to":"nobody","body":["{}"],"id":23}}"#,
+                "[".repeat(200)
+            ),
+            None,
+            Some(json!(23)),
+        ),
+        // Unknown fields are ignored; `"id": null` is no id.
+        (
+            "unknown fields",
+            r#"{"type":"ping","id":24,"extra":{"x":[1,2]},"from":"mallory","v":2}"#.into(),
+            None,
+            Some(json!(24)),
+        ),
+        (
+            "id null on ping",
+            r#"{"type":"ping","id":null}"#.into(),
+            None,
+            None,
+        ),
+        (
+            "id null on an unknown type",
+            r#"{"type":"dance","id":null}"#.into(),
+            Some("unknown_type"),
+            None,
+        ),
+        (
+            "id null on a dm",
+            r#"{"type":"dm","to":"nobody","body":1,"id":null}"#.into(),
+            None,
+            None,
+        ),
+    ];
+
+    let mut failures = Vec::new();
+    for (what, text, code, id) in &cases {
+        let reply = reply_to(&mut c, text).await;
+        check_reply(&reply, *code, id.as_ref(), what, &mut failures);
+        assert_healthy(&mut c, what).await;
+        assert_eq!(
+            inst.http_get("/healthz").await.0,
+            200,
+            "/healthz after {what}"
+        );
+    }
+
+    // Exact replies where the content matters.
+    assert_eq!(
+        reply_to(&mut c, r#"{"type":"ping","id":null}"#).await,
+        json!({"type": "pong"}),
+        "`\"id\": null` is the same as no id"
+    );
+    assert_eq!(
+        reply_to(&mut c, r#"{"type":"ping","id":18446744073709551615}"#).await,
+        json!({"type": "pong", "id": 18446744073709551615u64})
+    );
+
+    // Binary frames, valid UTF-8 or not.
+    for (what, data) in [
+        ("binary invalid UTF-8", vec![0xff, 0xfe, 0xfd, 0x00, 0x80]),
+        (
+            "binary truncated UTF-8",
+            b"{\"type\":\"ping\",\"x\":\"\xe2\x82\"}".to_vec(),
+        ),
+        ("empty binary frame", Vec::new()),
+    ] {
+        c.send_binary(data).await;
+        let reply = c.recv_json().await;
+        check_reply(&reply, bad, None, what, &mut failures);
+        assert_healthy(&mut c, what).await;
+        assert_eq!(
+            inst.http_get("/healthz").await.0,
+            200,
+            "/healthz after {what}"
+        );
+    }
+    assert!(
+        failures.is_empty(),
+        "{} hostile frame(s) got the wrong reply:\n  {}",
+        failures.len(),
+        failures.join("\n  ")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_at_the_nesting_limit_and_unknown_fields_reach_the_recipient() {
+    let inst = small_frames_instance().await;
+    let mut alice = Client::connect_user(&inst, "alice").await;
+    let mut bob = Client::connect_user(&inst, "bob").await;
+
+    let body_text = format!("{}\"core\"{}", "[".repeat(64), "]".repeat(64));
+    let frame = format!(
+        r#"{{"type":"dm","to":"bob","body":{body_text},"id":1,"from":"mallory","extra":{{"k":[1]}}}}"#
+    );
+    let ack = reply_to(&mut alice, &frame).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["status"], "routed", "{ack}");
+    assert_eq!(ack["id"], 1, "{ack}");
+    let dm = bob.recv_type("dm").await;
+    assert_eq!(
+        dm["from"], "alice",
+        "a `from` field in a client frame is ignored: {dm}"
+    );
+    let expected: Value = serde_json::from_str(&body_text).expect("64-deep JSON");
+    assert_eq!(dm["body"], expected, "the 64-deep body arrives intact");
+    assert!(
+        dm.get("extra").is_none(),
+        "unknown fields are not forwarded: {dm}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_character_names_and_very_deep_bodies() {
+    // Default frame limit (64 KiB), so that these frames arrive whole.
+    let inst = Instance::spawn(Opts::new("b2")).await;
+    let mut c = Client::connect_user(&inst, "alice").await;
+    let huge = "n".repeat(10_000);
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "dm to",
+            json!({"type": "dm", "to": huge, "body": 1, "id": 1}),
+            "invalid_name",
+        ),
+        (
+            "join",
+            json!({"type": "join", "room": huge, "id": 2}),
+            "invalid_name",
+        ),
+        (
+            "leave",
+            json!({"type": "leave", "room": huge, "id": 3}),
+            "invalid_name",
+        ),
+        (
+            "room message",
+            json!({"type": "room", "room": huge, "body": 1, "id": 4}),
+            "invalid_name",
+        ),
+        (
+            "presence",
+            json!({"type": "presence", "users": ["bob", huge], "id": 5}),
+            "invalid_name",
+        ),
+        ("type", json!({"type": huge, "id": 6}), "unknown_type"),
+    ];
+    for (what, frame, code) in cases {
+        let reply = c.request(frame.clone()).await;
+        assert_error(&reply, code, &format!("10,000-character name: {what}"));
+        assert_eq!(reply["id"], frame["id"], "{what}: {reply}");
+        assert_healthy(&mut c, what).await;
+    }
+
+    // A 10,000-character id cannot be echoed: refused without one.
+    let reply = reply_to(&mut c, &json!({"type": "ping", "id": huge}).to_string()).await;
+    assert_error(&reply, "bad_request", "10,000-character id");
+    assert!(reply.get("id").is_none(), "{reply}");
+    assert_healthy(&mut c, "10,000-character id").await;
+
+    // 30,000 levels of nesting: refused, no stack overflow.
+    let deep = format!("{}{}", "[".repeat(30_000), "]".repeat(30_000));
+    let reply = reply_to(
+        &mut c,
+        &format!(r#"{{"type":"dm","to":"bob","body":{deep},"id":"deep"}}"#),
+    )
+    .await;
+    assert_error(&reply, "bad_request", "body nested 30,000 deep");
+    assert_eq!(reply["id"], "deep", "the id is readable: {reply}");
+    assert_healthy(&mut c, "a 30,000-deep body").await;
+    let reply = reply_to(&mut c, &format!(r#"{{"type":"ping","x":{deep}}}"#)).await;
+    assert!(
+        reply["type"] == "pong" || reply["code"] == "bad_request",
+        "a deep unknown field is ignored or refused: {reply}"
+    );
+    assert_healthy(&mut c, "a 30,000-deep unknown field").await;
+
+    // A 10,000-character user id at the upgrade.
+    assert_eq!(
+        Client::rejection_status(inst.ws_request(&format!("user={huge}"))).await,
+        401,
+        "an invalid user id is refused with 401 (docs/PROTOCOL.md)"
+    );
+    assert_eq!(inst.http_get("/healthz").await.0, 200);
+}

@@ -336,6 +336,8 @@ impl Drop for Spy {
 /// swallows Redis's RESP3 confirmation pushes, so the client sees nothing.
 pub struct RedisProxy {
     url: String,
+    /// Added before forwarding each chunk towards Redis (commands only).
+    delay: Arc<Mutex<Duration>>,
     subscribers: Arc<Mutex<HashMap<u64, ProxyConn>>>,
     tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
     _dir: TempDir,
@@ -411,7 +413,8 @@ impl RedisProxy {
         let upstream = redis.socket_path();
         let subscribers: Arc<Mutex<HashMap<u64, ProxyConn>>> = Arc::default();
         let tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (subs, all_tasks) = (subscribers.clone(), tasks.clone());
+        let delay: Arc<Mutex<Duration>> = Arc::default();
+        let (subs, all_tasks, conn_delay) = (subscribers.clone(), tasks.clone(), delay.clone());
         let accept = tokio::spawn(async move {
             let mut next_id = 0u64;
             while let Ok((client, _)) = listener.accept().await {
@@ -421,6 +424,7 @@ impl RedisProxy {
                     client,
                     upstream.clone(),
                     subs.clone(),
+                    conn_delay.clone(),
                 ));
                 all_tasks
                     .lock()
@@ -434,6 +438,7 @@ impl RedisProxy {
             .push(accept.abort_handle());
         RedisProxy {
             url: format!("redis+unix://{}", path.display()),
+            delay,
             subscribers,
             tasks,
             _dir: dir,
@@ -443,6 +448,12 @@ impl RedisProxy {
     /// `redis+unix:///<dir>/proxy.sock`
     pub fn url(&self) -> String {
         self.url.clone()
+    }
+
+    /// From now on, every chunk a client sends towards Redis waits `delay`
+    /// first (replies and pushes are not delayed): a slow Redis for writes.
+    pub fn delay_commands(&self, delay: Duration) {
+        *self.delay.lock().expect("proxy mutex poisoned") = delay;
     }
 
     /// Number of live connections that subscribed through the proxy.
@@ -514,6 +525,7 @@ async fn proxy_connection(
     client: tokio::net::UnixStream,
     upstream: PathBuf,
     subscribers: Arc<Mutex<HashMap<u64, ProxyConn>>>,
+    delay: Arc<Mutex<Duration>>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(upstream) = tokio::net::UnixStream::connect(&upstream).await else {
@@ -544,6 +556,10 @@ async fn proxy_connection(
                             .lock()
                             .expect("proxy mutex poisoned")
                             .insert(id, conn.clone());
+                    }
+                    let wait = *delay.lock().expect("proxy mutex poisoned");
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
                     }
                     if redis_tx.write_all(&buf[..n]).await.is_err() {
                         return;
@@ -1144,6 +1160,23 @@ impl Client {
 
     /// Connects and reads the welcome frame; returns the handshake error as is.
     pub async fn try_connect(request: Request) -> Result<Client, WsError> {
+        let (mut client, welcome) = Self::try_connect_raw(request).await?;
+        assert_eq!(
+            welcome["type"], "welcome",
+            "first server frame must be the welcome frame, got {welcome}"
+        );
+        client.label = format!(
+            "{}@{}",
+            welcome["user"].as_str().unwrap_or("?"),
+            welcome["instance"].as_str().unwrap_or("?")
+        );
+        client.welcome = welcome;
+        Ok(client)
+    }
+
+    /// Connects and returns the server's first frame as it is, without
+    /// checking that it is the welcome frame (`welcome` stays null).
+    pub async fn try_connect_raw(request: Request) -> Result<(Client, Value), WsError> {
         let uri = request.uri().to_string();
         let (ws, _resp) =
             tokio::time::timeout(RECV_TIMEOUT, tokio_tungstenite::connect_async(request))
@@ -1156,18 +1189,8 @@ impl Client {
             welcome: Value::Null,
             label: uri,
         };
-        let welcome = client.recv_json().await;
-        assert_eq!(
-            welcome["type"], "welcome",
-            "first server frame must be the welcome frame, got {welcome}"
-        );
-        client.label = format!(
-            "{}@{}",
-            welcome["user"].as_str().unwrap_or("?"),
-            welcome["instance"].as_str().unwrap_or("?")
-        );
-        client.welcome = welcome;
-        Ok(client)
+        let first = client.recv_json().await;
+        Ok((client, first))
     }
 
     /// Expects the upgrade to be refused; returns the HTTP status.
@@ -1471,4 +1494,361 @@ pub fn rss_kb(pid: u32) -> u64 {
 /// A string unique within the test run, for body markers.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}-{}", std::process::id(), rand::random::<u64>())
+}
+
+// ---------------------------------------------------------------------------
+// HTTP requests with headers and a body; raw WebSocket upgrades; JWT claims
+// (API, limits, conformance and panic-isolation tests)
+// ---------------------------------------------------------------------------
+
+/// One HTTP answer: status, headers (names lower-cased, in order) and body.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// The first header called `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as (lossy) UTF-8 text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body parsed as JSON; panics (showing status and body) if it is not.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "HTTP {} answer is not JSON ({e}): {:?}",
+                self.status,
+                self.text()
+            )
+        })
+    }
+}
+
+/// Splits a complete HTTP/1.1 answer into status, headers and (de-chunked) body.
+fn parse_full_http_response(raw: &[u8]) -> Option<HttpResponse> {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&raw[..split]).ok()?;
+    let rest = &raw[split + 4..];
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines.next()?.split_whitespace().nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.to_ascii_lowercase().contains("chunked"));
+    let length = headers
+        .iter()
+        .find(|(n, _)| n == "content-length")
+        .and_then(|(_, v)| v.parse::<usize>().ok());
+    let body = if chunked {
+        dechunk(rest)?
+    } else if let Some(length) = length {
+        rest.get(..length)?.to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Some(HttpResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Sends one HTTP/1.1 request (`Connection: close`) over a fresh TCP
+/// connection and reads the whole answer (10s bound). A `Content-Length` is
+/// added for a non-empty body or any non-GET method unless `headers` already
+/// set `content-length` or `transfer-encoding`. A failed write (the server
+/// may answer early and close, e.g. 413) is ignored if an answer arrives.
+pub async fn try_http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<HttpResponse> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        let framed = headers.iter().any(|(n, _)| {
+            n.eq_ignore_ascii_case("content-length") || n.eq_ignore_ascii_case("transfer-encoding")
+        });
+        if !framed && (!body.is_empty() || method != "GET") {
+            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        head.push_str("\r\n");
+        let mut request = head.into_bytes();
+        request.extend_from_slice(body);
+        let written = stream.write_all(&request).await;
+        let mut raw = Vec::new();
+        let read = stream.read_to_end(&mut raw).await;
+        match parse_full_http_response(&raw) {
+            Some(response) => Ok(response),
+            None => {
+                written?;
+                read?;
+                Err(std::io::Error::other(format!(
+                    "unparsable HTTP answer to {method} {path}: {:?}",
+                    String::from_utf8_lossy(&raw)
+                )))
+            }
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(10), exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::other(format!(
+            "{method} {path} on {addr}: no complete answer within 10s"
+        ))),
+    }
+}
+
+/// [`try_http_request`], panicking with the request in the message on failure.
+pub async fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpResponse {
+    try_http_request(addr, method, path, headers, body)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path} on {addr} failed: {e}"))
+}
+
+impl Instance {
+    /// Any HTTP request to this instance.
+    pub async fn http(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> HttpResponse {
+        http_request(self.addr, method, path, headers, body).await
+    }
+
+    /// `GET path` with `Authorization: Bearer <key>` when `key` is given.
+    pub async fn api_get(&self, path: &str, key: Option<&str>) -> HttpResponse {
+        let auth = key.map(|k| format!("Bearer {k}"));
+        let mut headers = Vec::new();
+        if let Some(auth) = &auth {
+            headers.push(("Authorization", auth.as_str()));
+        }
+        self.http("GET", path, &headers, b"").await
+    }
+
+    /// `POST path` with a JSON content type, `body` as given, and
+    /// `Authorization: Bearer <key>` when `key` is given.
+    pub async fn api_post(&self, path: &str, key: Option<&str>, body: &[u8]) -> HttpResponse {
+        let auth = key.map(|k| format!("Bearer {k}"));
+        let mut headers = vec![("Content-Type", "application/json")];
+        if let Some(auth) = &auth {
+            headers.push(("Authorization", auth.as_str()));
+        }
+        self.http("POST", path, &headers, body).await
+    }
+}
+
+/// A WebSocket upgrade request for `ws://ADDR/ws?<query>` (any server, e.g.
+/// one run in-process).
+pub fn ws_request_at(addr: SocketAddr, query: &str) -> Request {
+    let url = if query.is_empty() {
+        format!("ws://{addr}/ws")
+    } else {
+        format!("ws://{addr}/ws?{query}")
+    };
+    url.into_client_request().expect("build websocket request")
+}
+
+/// HS256 token with exactly these claims (add `sub`, `exp`, `aud`, `nbf`...).
+pub fn mint_jwt_claims(secret: &str, claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("encode a JWT")
+}
+
+/// A WebSocket connection upgraded by hand over a plain TCP socket: nothing
+/// reads it or answers pings unless the test does.
+pub struct RawWs {
+    pub stream: TcpStream,
+    /// Bytes read past the 101 response headers (the first frames).
+    pub pending: Vec<u8>,
+}
+
+/// One frame the server sent (servers never mask).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawFrame {
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+impl RawFrame {
+    /// For a Close frame: its code and reason.
+    pub fn close_code_and_reason(&self) -> Option<(u16, String)> {
+        if self.opcode != 0x8 || self.payload.len() < 2 {
+            return None;
+        }
+        let code = u16::from_be_bytes([self.payload[0], self.payload[1]]);
+        Some((
+            code,
+            String::from_utf8_lossy(&self.payload[2..]).into_owned(),
+        ))
+    }
+}
+
+/// Parses unmasked server frames; a trailing incomplete frame is ignored.
+pub fn parse_ws_frames(mut data: &[u8]) -> Vec<RawFrame> {
+    let mut frames = Vec::new();
+    while data.len() >= 2 {
+        let opcode = data[0] & 0x0f;
+        let masked = data[1] & 0x80 != 0;
+        let (len, mut at) = match data[1] & 0x7f {
+            126 if data.len() >= 4 => (u16::from_be_bytes([data[2], data[3]]) as usize, 4),
+            127 if data.len() >= 10 => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&data[2..10]);
+                (u64::from_be_bytes(b) as usize, 10)
+            }
+            126 | 127 => break,
+            n => (n as usize, 2),
+        };
+        if masked {
+            at += 4;
+        }
+        let Some(payload) = data.get(at..at + len) else {
+            break;
+        };
+        frames.push(RawFrame {
+            opcode,
+            payload: payload.to_vec(),
+        });
+        data = &data[at + len..];
+    }
+    frames
+}
+
+impl RawWs {
+    /// Sends `GET /ws?<query>` with the upgrade headers (plus `extra`) and
+    /// reads the answer's headers. `Err` carries a non-101 answer.
+    pub async fn upgrade(
+        addr: SocketAddr,
+        query: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<RawWs, HttpResponse> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let path = if query.is_empty() {
+            "/ws".to_string()
+        } else {
+            format!("/ws?{query}")
+        };
+        let mut request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        );
+        for (name, value) in extra {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        let exchange = async {
+            let mut stream = TcpStream::connect(addr)
+                .await
+                .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+            stream
+                .write_all(request.as_bytes())
+                .await
+                .unwrap_or_else(|e| panic!("send the upgrade request to {addr}: {e}"));
+            let mut raw = Vec::new();
+            let mut buf = [0u8; 4096];
+            let split = loop {
+                if let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break split;
+                }
+                let n = stream
+                    .read(&mut buf)
+                    .await
+                    .unwrap_or_else(|e| panic!("read the upgrade answer from {addr}: {e}"));
+                assert!(
+                    n > 0,
+                    "{addr} closed before answering the upgrade: {:?}",
+                    String::from_utf8_lossy(&raw)
+                );
+                raw.extend_from_slice(&buf[..n]);
+            };
+            let status: u16 = std::str::from_utf8(&raw[..split])
+                .ok()
+                .and_then(|head| head.split_whitespace().nth(1)?.parse().ok())
+                .unwrap_or_else(|| {
+                    panic!(
+                        "unparsable upgrade answer: {:?}",
+                        String::from_utf8_lossy(&raw)
+                    )
+                });
+            if status == 101 {
+                return Ok(RawWs {
+                    stream,
+                    pending: raw[split + 4..].to_vec(),
+                });
+            }
+            // Read the rest of the refusal (bounded) for the caller to inspect.
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while parse_full_http_response(&raw)
+                    .is_none_or(|r| r.header("content-length").is_none() && r.body.is_empty())
+                {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => raw.extend_from_slice(&buf[..n]),
+                    }
+                }
+            })
+            .await;
+            Err(parse_full_http_response(&raw).unwrap_or(HttpResponse {
+                status,
+                headers: Vec::new(),
+                body: Vec::new(),
+            }))
+        };
+        tokio::time::timeout(RECV_TIMEOUT, exchange)
+            .await
+            .unwrap_or_else(|_| panic!("websocket upgrade on {addr} got no answer within 5s"))
+    }
+
+    /// Reads everything until the server closes the TCP connection (or
+    /// `timeout` passes). Returns the frames (including those read with the
+    /// upgrade), and whether the connection ended within the timeout.
+    pub async fn read_until_closed(&mut self, timeout: Duration) -> (Vec<RawFrame>, bool) {
+        use tokio::io::AsyncReadExt;
+        let mut data = std::mem::take(&mut self.pending);
+        let mut buf = [0u8; 4096];
+        let ended = tokio::time::timeout(timeout, async {
+            loop {
+                match self.stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => data.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await
+        .is_ok();
+        (parse_ws_frames(&data), ended)
+    }
 }

@@ -7,9 +7,11 @@
 use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
+use serde::Serialize;
 
 /// How the instances of one run route direct messages (`switchboard --routing`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum RoutingMode {
     /// Presence lookup, publish only to the instance(s) holding the recipient.
     Routed,
@@ -31,7 +33,8 @@ impl RoutingMode {
 }
 
 /// What the load generator sends (`switchboard-load --workload`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Workload {
     /// One-to-one direct messages between uniformly chosen users.
     Dm,
@@ -58,11 +61,16 @@ impl Workload {
 /// Runs a matrix of Switchboard clusters (routing mode x instance count)
 /// against a fresh redis-server each, drives each with `switchboard-load`, and
 /// writes `<name>.json`, `<name>.md` and `<name>.svg`.
-#[derive(Debug, Clone, Parser)]
-#[command(name = "switchboard-bench", version, about, long_about = None)]
+#[derive(Debug, Clone, Parser, Serialize)]
+#[command(name = "switchboard-bench", version, args_override_self = true)]
 pub struct Cli {
     /// Routing modes to measure, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "routed,broadcast")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "routed,broadcast"
+    )]
     pub modes: Vec<RoutingMode>,
 
     /// Instance counts to measure, comma-separated.
@@ -123,14 +131,31 @@ pub struct Cli {
     #[arg(long)]
     pub step_factor: Option<f64>,
 
+    /// --find-max: run a failing rate again this many times before the ladder
+    /// stops (the Socket.IO peer retries once).
+    #[arg(long, default_value_t = 1)]
+    pub retries: u32,
+
     /// Pass rule (as the Socket.IO peer): p99 latency must stay below this, ms.
-    /// Also handed to the loader's --find-max.
+    /// Also handed to the loader (--max-p99-ms).
     #[arg(long, default_value_t = 100.0)]
     pub max_p99_ms: f64,
 
     /// Pass rule (as the Socket.IO peer): delivered / expected must reach this.
+    /// Also handed to the loader (--min-delivery).
     #[arg(long, default_value_t = 0.99)]
     pub min_delivery: f64,
+
+    /// Handed to every instance as --rate-limit (frames/s per connection). The
+    /// server's default (50/s) caps 200 users at 10k msgs/s; 0 turns the limit
+    /// off, as in the Socket.IO peer, which has none. `server-default` passes
+    /// nothing.
+    #[arg(long, default_value = "0")]
+    pub server_rate_limit: String,
+
+    /// Extra argument handed verbatim to every switchboard instance (repeatable).
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    pub server_args: Vec<String>,
 
     /// Extra argument handed verbatim to every switchboard-load run (repeatable).
     #[arg(long = "loader-arg", allow_hyphen_values = true)]
@@ -242,6 +267,14 @@ impl Cli {
                 return Err("--run-timeout must be positive".into());
             }
         }
+        if self.server_rate_limit != "server-default"
+            && !self
+                .server_rate_limit
+                .parse::<f64>()
+                .is_ok_and(|v| v >= 0.0)
+        {
+            return Err("--server-rate-limit takes a number >= 0 or `server-default`".into());
+        }
         if let Some(name) = &self.name {
             if name.is_empty() || name.contains('/') || name.starts_with('.') {
                 return Err("--name must be a plain file name".into());
@@ -259,38 +292,70 @@ impl Cli {
         }
     }
 
+    /// Connections the loader opens: --users times its --conns-per-user (1
+    /// unless given through --loader-arg).
+    pub fn expected_connections(&self) -> f64 {
+        let per_user = self
+            .loader_args
+            .iter()
+            .enumerate()
+            .find_map(|(i, a)| {
+                if let Some(v) = a.strip_prefix("--conns-per-user=") {
+                    return v.parse::<f64>().ok();
+                }
+                (a == "--conns-per-user")
+                    .then(|| self.loader_args.get(i + 1)?.parse::<f64>().ok())
+                    .flatten()
+            })
+            .unwrap_or(1.0);
+        f64::from(self.users) * per_user
+    }
+
     /// The loader's command line for one run, without --targets and --out.
     pub fn loader_workload_args(&self) -> Vec<String> {
-        let mut args = vec![
-            "--users".to_owned(),
-            self.users.to_string(),
-            "--workload".to_owned(),
-            self.workload.as_flag().to_owned(),
-            "--rate".to_owned(),
-            self.rate.to_string(),
-            "--duration".to_owned(),
-            self.duration.to_string(),
-            "--body-bytes".to_owned(),
-            self.body_bytes.to_string(),
+        let mut pairs: Vec<(&str, Option<String>)> = vec![
+            ("--users", Some(self.users.to_string())),
+            ("--workload", Some(self.workload.as_flag().to_owned())),
+            ("--rate", Some(self.rate.to_string())),
+            ("--duration", Some(self.duration.to_string())),
+            ("--body-bytes", Some(self.body_bytes.to_string())),
+            ("--locality", self.locality.map(|v| v.to_string())),
+            ("--rooms", self.rooms.map(|v| v.to_string())),
+            ("--room-members", self.room_members.map(|v| v.to_string())),
+            ("--room-spread", self.room_spread.map(|v| v.to_string())),
+            ("--churn-rate", self.churn_rate.map(|v| v.to_string())),
+            // The loader applies the same pass rule to its own verdict.
+            ("--max-p99-ms", Some(self.max_p99_ms.to_string())),
+            ("--min-delivery", Some(self.min_delivery.to_string())),
         ];
-        let opt = |args: &mut Vec<String>, flag: &str, value: Option<String>| {
-            if let Some(v) = value {
-                args.push(flag.to_owned());
-                args.push(v);
-            }
-        };
-        opt(&mut args, "--locality", self.locality.map(|v| v.to_string()));
-        opt(&mut args, "--rooms", self.rooms.map(|v| v.to_string()));
-        opt(&mut args, "--room-members", self.room_members.map(|v| v.to_string()));
-        opt(&mut args, "--room-spread", self.room_spread.map(|v| v.to_string()));
-        opt(&mut args, "--churn-rate", self.churn_rate.map(|v| v.to_string()));
+        if self.find_max {
+            let start = self.start_rate.unwrap_or(self.rate);
+            pairs.push(("--start-rate", Some(start.to_string())));
+            pairs.push(("--step-factor", self.step_factor.map(|v| v.to_string())));
+            pairs.push(("--retries", Some(self.retries.to_string())));
+        }
+        let mut args: Vec<String> = Vec::new();
         if self.find_max {
             args.push("--find-max".to_owned());
-            opt(&mut args, "--start-rate", self.start_rate.map(|v| v.to_string()));
-            opt(&mut args, "--step-factor", self.step_factor.map(|v| v.to_string()));
-            opt(&mut args, "--max-p99-ms", Some(self.max_p99_ms.to_string()));
+        }
+        for (flag, value) in pairs {
+            if let Some(value) = value {
+                args.push(flag.to_owned());
+                args.push(value);
+            }
         }
         args.extend(self.loader_args.iter().cloned());
+        args
+    }
+
+    /// Extra flags for every instance: the rate limit, then --server-arg verbatim.
+    pub fn server_extra_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if self.server_rate_limit != "server-default" {
+            args.push("--rate-limit".to_owned());
+            args.push(self.server_rate_limit.clone());
+        }
+        args.extend(self.server_args.iter().cloned());
         args
     }
 }

@@ -26,6 +26,8 @@ pub struct ClusterSpec<'a> {
     pub redis_bin: &'a Path,
     /// `--lease-ms` for the instances, if set.
     pub lease_ms: Option<u64>,
+    /// Further flags for every instance.
+    pub extra_args: Vec<String>,
     /// How long Redis and each instance may take to become ready.
     pub ready_timeout: Duration,
     /// Logs and redis' `--dir` go here.
@@ -53,6 +55,8 @@ pub struct Cluster {
     pub redis: RedisProbe,
     /// The instances, in id order.
     pub instances: Vec<Instance>,
+    /// The first instance's command line (the others differ in port and id).
+    pub instance_command: Vec<String>,
 }
 
 impl Cluster {
@@ -105,6 +109,7 @@ pub async fn start(
     let redis = wait_for_redis(redis_port, redis_pid, spec, supervisor, cancel).await?;
 
     let mut instances = Vec::with_capacity(spec.nodes);
+    let mut instance_command = Vec::new();
     for (k, &port) in ports[1..].iter().enumerate() {
         let id = format!("n{}", k + 1);
         let mut args: Vec<String> = vec![
@@ -123,6 +128,12 @@ pub async fn start(
             args.push("--lease-ms".into());
             args.push(lease.to_string());
         }
+        args.extend(spec.extra_args.iter().cloned());
+        if instance_command.is_empty() {
+            instance_command = std::iter::once(spec.server_bin.to_string_lossy().into_owned())
+                .chain(args.iter().cloned())
+                .collect();
+        }
         let log = spec.dir.join(format!("{id}.log"));
         let pid = supervisor.spawn(&id, spec.server_bin, &args, &log, false)?;
         instances.push(Instance { id, port, pid });
@@ -135,6 +146,7 @@ pub async fn start(
         redis_pid,
         redis,
         instances,
+        instance_command,
     })
 }
 

@@ -135,7 +135,11 @@ switchboard_redis_command_seconds_count 9\n\
         let s = parse(TEXT);
         assert_eq!(sum(&s, "switchboard_connections", None), 200.0);
         assert_eq!(
-            sum(&s, "switchboard_bus_received_total", Some(("kind", "personal"))),
+            sum(
+                &s,
+                "switchboard_bus_received_total",
+                Some(("kind", "personal"))
+            ),
             12.0
         );
         assert_eq!(sum(&s, "switchboard_bus_received_total", None), 15.0);
@@ -145,11 +149,13 @@ switchboard_redis_command_seconds_count 9\n\
         );
         assert_eq!(sum(&s, "switchboard_missing_total", None), 0.0);
         assert_eq!(
-            by_label(&s, "switchboard_dropped_total", "reason")
-                .get("slow consumer, \\\"bad\\\""),
+            by_label(&s, "switchboard_dropped_total", "reason").get("slow consumer, \\\"bad\\\""),
             Some(&2.0)
         );
         assert!(!s.keys().any(|k| k.contains("_bucket")));
-        assert_eq!(sum(&s, "switchboard_redis_command_seconds_count", None), 9.0);
+        assert_eq!(
+            sum(&s, "switchboard_redis_command_seconds_count", None),
+            9.0
+        );
     }
 }

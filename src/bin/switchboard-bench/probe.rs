@@ -155,7 +155,10 @@ fn dechunk(mut body: &str) -> Result<String, String> {
             .get(..size)
             .ok_or_else(|| "truncated chunk".to_owned())?;
         out.push_str(chunk);
-        body = rest.get(size..).unwrap_or_default().trim_start_matches("\r\n");
+        body = rest
+            .get(size..)
+            .unwrap_or_default()
+            .trim_start_matches("\r\n");
     }
 }
 

@@ -3,10 +3,14 @@
 //! subtracts (network bytes, commands, calls per command, CPU seconds).
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::BenchError;
+
+/// Bound of every command the benchmark sends, so a stuck Redis cannot hang a run.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Calls and time of one command, from `cmdstat_<name>:calls=..,usec=..`.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
@@ -51,19 +55,30 @@ impl RedisProbe {
 
     /// `PING`.
     pub async fn ping(&mut self) -> Result<(), BenchError> {
-        redis::cmd("PING")
-            .query_async::<String>(&mut self.connection)
-            .await
-            .map(|_| ())
-            .map_err(|e| BenchError::Redis(e.to_string()))
+        let cmd = redis::cmd("PING");
+        let ping = cmd.query_async::<String>(&mut self.connection);
+        match tokio::time::timeout(COMMAND_TIMEOUT, ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(BenchError::Redis(e.to_string())),
+            Err(_) => Err(BenchError::Redis(format!(
+                "PING timed out after {COMMAND_TIMEOUT:?}"
+            ))),
+        }
     }
 
     async fn info(&mut self, section: &str) -> Result<BTreeMap<String, String>, BenchError> {
-        let text = redis::cmd("INFO")
-            .arg(section)
-            .query_async::<String>(&mut self.connection)
-            .await
-            .map_err(|e| BenchError::Redis(format!("INFO {section}: {e}")))?;
+        let mut cmd = redis::cmd("INFO");
+        cmd.arg(section);
+        let info = cmd.query_async::<String>(&mut self.connection);
+        let text = match tokio::time::timeout(COMMAND_TIMEOUT, info).await {
+            Ok(Ok(text)) => text,
+            Ok(Err(e)) => return Err(BenchError::Redis(format!("INFO {section}: {e}"))),
+            Err(_) => {
+                return Err(BenchError::Redis(format!(
+                    "INFO {section} timed out after {COMMAND_TIMEOUT:?}"
+                )))
+            }
+        };
         Ok(parse_info(&text))
     }
 

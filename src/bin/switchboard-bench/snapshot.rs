@@ -44,6 +44,24 @@ pub struct Snapshot {
     pub bench_cpu_s: Option<f64>,
 }
 
+impl Snapshot {
+    /// Sum over instances of `switchboard_connections`.
+    pub fn connections(&self) -> f64 {
+        self.instances
+            .iter()
+            .map(|i| openmetrics::sum(&i.metrics, "switchboard_connections", None))
+            .sum()
+    }
+
+    /// Sum over instances of `switchboard_delivered_total` (every frame queued).
+    pub fn frames_queued(&self) -> f64 {
+        self.instances
+            .iter()
+            .map(|i| openmetrics::sum(&i.metrics, "switchboard_delivered_total", None))
+            .sum()
+    }
+}
+
 /// A timeline point: cheap readings taken every `--sample-ms` during the run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TimelinePoint {
@@ -55,8 +73,8 @@ pub struct TimelinePoint {
     pub redis_cpu_s: Option<f64>,
     /// Sum over instances of `switchboard_connections`.
     pub connections: f64,
-    /// Sum over instances of `switchboard_delivered_total`.
-    pub delivered: f64,
+    /// Sum over instances of `switchboard_delivered_total` (every frame queued).
+    pub frames_queued: f64,
 }
 
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -94,6 +112,16 @@ pub fn connections(scrapes: &[Result<Scrape, String>]) -> f64 {
         .iter()
         .filter_map(|s| s.as_ref().ok())
         .map(|s| openmetrics::sum(s, "switchboard_connections", None))
+        .sum()
+}
+
+/// Sum of `switchboard_delivered_total` (every frame queued to a socket) over
+/// the scrapes that worked.
+pub fn frames_queued(scrapes: &[Result<Scrape, String>]) -> f64 {
+    scrapes
+        .iter()
+        .filter_map(|s| s.as_ref().ok())
+        .map(|s| openmetrics::sum(s, "switchboard_delivered_total", None))
         .sum()
 }
 
@@ -149,16 +177,12 @@ pub async fn timeline_point(cluster: &Cluster, run_start: Instant) -> TimelinePo
         .collect();
     let redis_cpu_s = probe::process_cpu_seconds(cluster.redis_pid);
     let scrapes = scrape_all(cluster).await;
-    let delivered = scrapes
-        .iter()
-        .filter_map(|s| s.as_ref().ok())
-        .map(|s| openmetrics::sum(s, "switchboard_delivered_total", None))
-        .sum();
+    let delivered = frames_queued(&scrapes);
     TimelinePoint {
         t_s,
         instance_cpu_s,
         redis_cpu_s,
         connections: connections(&scrapes),
-        delivered,
+        frames_queued: delivered,
     }
 }

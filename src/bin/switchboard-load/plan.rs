@@ -11,15 +11,11 @@ use rand::{Rng, SeedableRng};
 
 use crate::cli::{Args, Placement};
 
-/// One room: its member users and the connection slots that join it.
+/// One room: the connection slots that join it.
 #[derive(Debug, Clone)]
 pub struct Room {
-    /// Member users.
-    pub members: Vec<u32>,
-    /// Every connection slot of every member.
+    /// Every connection slot of every member user.
     pub slots: Vec<u32>,
-    /// The instances its members are homed on.
-    pub instances: Vec<usize>,
 }
 
 /// Placement of users, connections and rooms.
@@ -132,11 +128,7 @@ impl Plan {
                     self.slot_rooms[s as usize].push(r);
                 }
             }
-            self.rooms.push(Room {
-                members,
-                slots,
-                instances,
-            });
+            self.rooms.push(Room { slots });
         }
         Ok(())
     }
@@ -164,21 +156,17 @@ impl Plan {
         locality: Option<f64>,
     ) -> u32 {
         if let Some(p) = locality {
-            let pool = if rng.random::<f64>() < p {
+            let local = rng.random::<f64>() < p;
+            let pool = if local {
                 &self.home_users[sender_inst]
             } else {
                 &self.remote_users[sender_inst]
             };
+            // Is the sender itself in the pool? (Its home is connection 0's instance.)
             let home = self.slot_inst[(sender_user * self.cpu) as usize] as usize;
-            let in_local = home == sender_inst;
-            let in_pool = if std::ptr::eq(pool, &self.home_users[sender_inst]) {
-                in_local
-            } else {
-                !in_local
-            };
-            let usable = pool.len() - usize::from(in_pool);
-            if usable > 0 {
-                for _ in 0..64 {
+            let in_pool = (home == sender_inst) == local;
+            if pool.len() > usize::from(in_pool) {
+                loop {
                     let u = pool[rng.random_range(0..pool.len())];
                     if u != sender_user {
                         return u;

@@ -1,0 +1,246 @@
+//! `switchboard-bench`: the benchmark orchestrator. For each routing mode and
+//! instance count it starts a fresh redis-server and N `switchboard`
+//! instances on loopback ports, drives them with `switchboard-load`, reads
+//! CPU (`/proc`), each instance's `/metrics` and Redis' INFO before and after
+//! the measured window, and writes `<out-dir>/<name>.{json,md,svg}`.
+//!
+//! The figures mirror the Socket.IO peer benchmark in
+//! `../shared/peers/socketio` (delivered/s, p50/p99, CPU per process per
+//! delivered message, Redis bytes per message, its pass rule), so the two can
+//! be compared run for run on the same machine.
+//!
+//! This file owns the top level only: the command line, signals, the loop
+//! over the matrix and the exit code. Module map:
+//! - `cli`: flags and the loader's command line;
+//! - `procs`: starting and stopping processes by pid, port reservation;
+//! - `cluster`: redis-server + N instances, readiness;
+//! - `probe`, `openmetrics`, `redis_info`: reading `/proc`, `/metrics`, INFO;
+//! - `snapshot`: one reading of everything; `run`: one measured run;
+//! - `derive`: the per-message figures and the pass rule;
+//! - `report`, `plot`: the result files.
+
+mod cli;
+mod cluster;
+mod derive;
+mod error;
+mod openmetrics;
+mod plot;
+mod probe;
+mod procs;
+mod redis_info;
+mod report;
+mod run;
+mod snapshot;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use cli::Cli;
+use error::BenchError;
+use report::ResultsFile;
+use run::{RunContext, RunRecord};
+
+const WINDOW_NOTE: &str = "CPU (/proc/PID/stat utime+stime), each instance's /metrics and Redis INFO \
+are read once every user is connected (sum of switchboard_connections >= --users, polled every 20 ms \
+after the loader starts) and again once the send phase is over and the instances have queued no \
+frames for three 20 ms polls (the drain is done), or earlier if the loader starts closing or exits. \
+The connect phase and the teardown are outside the window, the drain inside. With --find-max the \
+window ends at the loader's exit and spans the whole ladder (pauses and final disconnects too). \
+Per-message figures divide by the loader's delivered count (all steps with --find-max).";
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = cli.validate() {
+        eprintln!("switchboard-bench: {e}");
+        return ExitCode::from(2);
+    }
+    if let Some(path) = &cli.render_only {
+        return match render_only(path) {
+            Ok(paths) => {
+                for p in paths {
+                    println!("{}", p.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("switchboard-bench: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match run_matrix(&cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("switchboard-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Re-renders `<name>.md` and `<name>.svg` next to an existing results JSON.
+fn render_only(path: &Path) -> Result<Vec<PathBuf>, BenchError> {
+    let results = report::read(path)?;
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let md = dir.join(format!("{}.md", results.name));
+    std::fs::write(&md, report::markdown(&results)).map_err(|e| BenchError::io("write", &md, e))?;
+    let svg = dir.join(format!("{}.svg", results.name));
+    plot::write_svg(&results, &svg)?;
+    Ok(vec![md, svg])
+}
+
+/// A binary next to this one, unless given.
+fn sibling_binary(given: &Option<PathBuf>, name: &str) -> Result<PathBuf, BenchError> {
+    if let Some(p) = given {
+        return Ok(p.clone());
+    }
+    let exe = std::env::current_exe().map_err(|e| BenchError::io("locate own binary", name, e))?;
+    Ok(exe.parent().unwrap_or_else(|| Path::new(".")).join(name))
+}
+
+/// Resolves once on Ctrl-C or SIGTERM, cancelling `cancel`.
+fn watch_signals(cancel: CancellationToken) {
+    tokio::spawn(async move {
+        let terminate = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate => {}
+        }
+        eprintln!("[bench] interrupted: stopping every process of the current run");
+        cancel.cancel();
+    });
+}
+
+async fn run_matrix(cli: &Cli) -> Result<ExitCode, BenchError> {
+    let server_bin = sibling_binary(&cli.server_bin, "switchboard")?;
+    let loader_bin = sibling_binary(&cli.loader_bin, "switchboard-load")?;
+    for (what, path) in [("server", &server_bin), ("loader", &loader_bin)] {
+        if !path.is_file() {
+            return Err(BenchError::Report(format!(
+                "{what} binary {} not found: build with `cargo build --release --bins` \
+                 (scripts/bench.sh does) or pass --{what}-bin",
+                path.display()
+            )));
+        }
+    }
+    let machine = report::machine(&cli.redis_server);
+    if machine.redis_version.is_empty() {
+        return Err(BenchError::Report(format!(
+            "cannot run `{} --version`: install redis-server (Debian/Ubuntu: apt-get install -y redis-server) or pass --redis-server",
+            cli.redis_server.display()
+        )));
+    }
+    let (stamp, started_utc) = report::utc_now();
+    let name = cli
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{}-{stamp}", cli.workload.as_flag()));
+    let work_dir = cli.work_dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("switchboard-bench-{name}-{}", std::process::id()))
+    });
+    std::fs::create_dir_all(&work_dir)
+        .map_err(|e| BenchError::io("create work dir", &work_dir, e))?;
+    std::fs::create_dir_all(&cli.out_dir)
+        .map_err(|e| BenchError::io("create out dir", &cli.out_dir, e))?;
+    let args: Vec<String> = std::env::args().collect();
+    let command = report::shell_command_line(&args);
+    eprintln!("[bench] {name}: logs in {}", work_dir.display());
+
+    let cancel = CancellationToken::new();
+    watch_signals(cancel.clone());
+    let ctx = RunContext {
+        cli,
+        server_bin,
+        loader_bin,
+        work_dir: work_dir.clone(),
+    };
+    let mut runs: Vec<RunRecord> = Vec::new();
+    'matrix: for &mode in &cli.modes {
+        for &nodes in &cli.nodes {
+            if cancel.is_cancelled() {
+                break 'matrix;
+            }
+            eprintln!("[bench] === {} N={nodes}", mode.as_flag());
+            let record = run::run_one(&ctx, mode, nodes, &cancel).await;
+            print_run(&record);
+            runs.push(record);
+            tokio::select! {
+                _ = cancel.cancelled() => break 'matrix,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+    let interrupted = cancel.is_cancelled();
+    let (_, finished_utc) = report::utc_now();
+    let results = ResultsFile {
+        schema: report::SCHEMA.to_owned(),
+        name,
+        command,
+        started_utc,
+        finished_utc,
+        machine,
+        config: serde_json::to_value(cli)
+            .map_err(|e| BenchError::Report(format!("serialize config: {e}")))?,
+        window: WINDOW_NOTE.to_owned(),
+        pass_rule: format!(
+            "as the Socket.IO peer: delivered/expected and sent/offered >= {:.0}%, p99 < {} ms, \
+             nothing misrouted or duplicated, no disconnects",
+            cli.min_delivery * 100.0,
+            cli.max_p99_ms
+        ),
+        interrupted,
+        runs,
+    };
+    let paths = report::write_all(&results, &cli.out_dir)?;
+    println!("{}", report::markdown(&results));
+    for p in &paths {
+        eprintln!("[bench] wrote {}", p.display());
+    }
+    let all_ok = results.runs.iter().all(|r| r.status == "ok");
+    if all_ok && !cli.keep_logs && cli.work_dir.is_none() {
+        if let Err(e) = std::fs::remove_dir_all(&work_dir) {
+            eprintln!("[bench] cannot remove {}: {e}", work_dir.display());
+        }
+    } else {
+        eprintln!("[bench] logs kept in {}", work_dir.display());
+    }
+    Ok(if interrupted {
+        ExitCode::from(130)
+    } else if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// One progress line per run.
+fn print_run(r: &RunRecord) {
+    match (&r.derived, &r.error) {
+        (Some(d), _) => eprintln!(
+            "[bench] {} N={}: {:.0} delivered/s, p50 {} p99 {} ms, instances {} µs/msg, redis {} µs/msg, {} B/msg out, {}{}",
+            r.mode,
+            r.nodes,
+            d.delivered_per_sec,
+            d.p50_ms.map_or("-".into(), |v| format!("{v:.2}")),
+            d.p99_ms.map_or("-".into(), |v| format!("{v:.1}")),
+            d.instance_cpu_us_per_msg.map_or("-".into(), |v| format!("{v:.1}")),
+            d.redis_cpu_us_per_msg.map_or("-".into(), |v| format!("{v:.1}")),
+            d.redis_out_bytes_per_msg.map_or("-".into(), |v| format!("{v:.0}")),
+            if d.pass { "PASS" } else { "FAIL" },
+            r.error.as_ref().map_or(String::new(), |e| format!(" ({})", r.status.clone() + ": " + e)),
+        ),
+        (None, Some(e)) => eprintln!("[bench] {} N={}: {}: {e}", r.mode, r.nodes, r.status),
+        (None, None) => eprintln!("[bench] {} N={}: no result", r.mode, r.nodes),
+    }
+}

@@ -1,0 +1,441 @@
+//! The result files: `<name>.json` (every raw reading and derived figure, the
+//! machine, the exact command line), `<name>.md` (the summary table) and,
+//! through the `plot` module, `<name>.svg`. Also the small facts about the
+//! machine and the clock that go into them.
+//!
+//! Everything here reads a [`ResultsFile`] only, so `--render-only` can
+//! re-render the Markdown and SVG of an earlier run.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::BenchError;
+use crate::run::RunRecord;
+
+/// Identifies the layout of `<name>.json`.
+pub const SCHEMA: &str = "switchboard-bench/1";
+
+/// What the machine was.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Machine {
+    /// `nproc`.
+    pub nproc: usize,
+    /// `model name` from /proc/cpuinfo.
+    pub cpu_model: String,
+    /// /proc/version.
+    pub kernel: String,
+    /// `redis-server --version`.
+    pub redis_version: String,
+    /// Clock ticks per second used for /proc times.
+    pub clk_tck: f64,
+    /// `git describe --always --dirty` of the working tree, if any.
+    pub git_revision: Option<String>,
+}
+
+/// Everything one benchmark invocation produced.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResultsFile {
+    /// [`SCHEMA`].
+    pub schema: String,
+    /// The result name (file stem).
+    pub name: String,
+    /// The command line, shell-quoted.
+    pub command: String,
+    /// When the benchmark started, UTC (RFC 3339).
+    pub started_utc: String,
+    /// When it finished, UTC.
+    pub finished_utc: String,
+    /// The machine.
+    pub machine: Machine,
+    /// Every setting (the parsed command line).
+    pub config: serde_json::Value,
+    /// How the measured window is delimited.
+    pub window: String,
+    /// The pass rule applied.
+    pub pass_rule: String,
+    /// Whether Ctrl-C / SIGTERM cut the matrix short.
+    pub interrupted: bool,
+    /// One record per (mode, N).
+    pub runs: Vec<RunRecord>,
+}
+
+/// Reads the machine facts (best effort: unknown values stay empty).
+pub fn machine(redis_bin: &Path) -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_owned())
+        .unwrap_or_default();
+    let command_output = |program: &Path, args: &[&str]| -> Option<String> {
+        std::process::Command::new(program)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|s| s.trim().to_owned())
+    };
+    Machine {
+        nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu_model,
+        kernel: std::fs::read_to_string("/proc/version")
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        redis_version: command_output(redis_bin, &["--version"]).unwrap_or_default(),
+        clk_tck: crate::probe::clk_tck(),
+        git_revision: command_output(
+            Path::new("git"),
+            &["describe", "--always", "--dirty", "--abbrev=12"],
+        ),
+    }
+}
+
+/// UTC now as `(compact, rfc3339)`: `20261125T183000Z`, `2026-11-25T18:30:00Z`.
+pub fn utc_now() -> (String, String) {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (h, mi, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
+    let (y, mo, d) = civil_from_days(days);
+    (
+        format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}Z"),
+        format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z"),
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian
+/// (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// The command line, each argument quoted for a POSIX shell where needed.
+pub fn shell_command_line(args: &[String]) -> String {
+    args.iter()
+        .map(|a| {
+            let plain = !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=,:+@%".contains(c));
+            if plain {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Writes `<dir>/<name>.json`, `.md` and `.svg`; returns their paths.
+pub fn write_all(results: &ResultsFile, dir: &Path) -> Result<Vec<PathBuf>, BenchError> {
+    std::fs::create_dir_all(dir).map_err(|e| BenchError::io("create out dir", dir, e))?;
+    let json_path = dir.join(format!("{}.json", results.name));
+    let json = serde_json::to_string_pretty(results)
+        .map_err(|e| BenchError::Report(format!("serialize results: {e}")))?;
+    write_atomically(&json_path, json.as_bytes())?;
+    let md_path = dir.join(format!("{}.md", results.name));
+    write_atomically(&md_path, markdown(results).as_bytes())?;
+    let svg_path = dir.join(format!("{}.svg", results.name));
+    crate::plot::write_svg(results, &svg_path)?;
+    Ok(vec![json_path, md_path, svg_path])
+}
+
+/// Writes `path` via `path.tmp` and a rename, so a reader never sees half a file.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), BenchError> {
+    let tmp = path.with_extension(format!(
+        "{}.tmp",
+        path.extension().and_then(|e| e.to_str()).unwrap_or("out")
+    ));
+    std::fs::write(&tmp, bytes).map_err(|e| BenchError::io("write", &tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| BenchError::io("rename into place", path, e))
+}
+
+/// Reads a results JSON written earlier.
+pub fn read(path: &Path) -> Result<ResultsFile, BenchError> {
+    let text = std::fs::read_to_string(path).map_err(|e| BenchError::io("read", path, e))?;
+    serde_json::from_str(&text)
+        .map_err(|e| BenchError::Report(format!("{}: not a results file: {e}", path.display())))
+}
+
+fn f(x: Option<f64>, decimals: usize) -> String {
+    match x {
+        Some(v) if v.is_finite() => format!("{v:.decimals$}"),
+        _ => "-".to_owned(),
+    }
+}
+
+fn config_str(results: &ResultsFile, key: &str) -> String {
+    match results.config.get(key) {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(serde_json::Value::Null) | None => "-".to_owned(),
+        Some(v) => v.to_string(),
+    }
+}
+
+/// Whether the results come from `--find-max` runs.
+pub fn is_find_max(results: &ResultsFile) -> bool {
+    results
+        .config
+        .get("find_max")
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false)
+}
+
+/// The Markdown summary.
+pub fn markdown(results: &ResultsFile) -> String {
+    let find_max = is_find_max(results);
+    let m = &results.machine;
+    let mut out = String::new();
+    let _ = writeln!(out, "# Switchboard benchmark `{}`\n", results.name);
+    let _ = writeln!(
+        out,
+        "- date (UTC): {} to {}{}",
+        results.started_utc,
+        results.finished_utc,
+        if results.interrupted {
+            " — **interrupted**"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        out,
+        "- machine: {} cpus, {}; {}",
+        m.nproc, m.cpu_model, m.kernel
+    );
+    let _ = writeln!(
+        out,
+        "- {}; switchboard tree {}",
+        m.redis_version,
+        m.git_revision.as_deref().unwrap_or("unknown")
+    );
+    let _ = writeln!(out, "- command: `{}`", results.command);
+    let _ = writeln!(
+        out,
+        "- workload: {}, {} users, offered {}/s{}, {} s{}, body {} B",
+        config_str(results, "workload"),
+        config_str(results, "users"),
+        config_str(results, "rate"),
+        if find_max { " (find-max start)" } else { "" },
+        config_str(results, "duration"),
+        if find_max { " per step" } else { "" },
+        config_str(results, "body_bytes"),
+    );
+    let _ = writeln!(out, "- pass rule: {}", results.pass_rule);
+    let _ = writeln!(out, "- window: {}", results.window);
+    if find_max {
+        let _ = writeln!(
+            out,
+            "- find-max: *offered/s* is the loader's max sustained rate; delivered/s, p50, p99 \
+             and lost are those of that step; CPU, Redis and bus figures per message average \
+             over the whole ladder (every step's deliveries in the window)."
+        );
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "| mode | N | {} | delivered/s | p50 ms | p99 ms | instance µs/msg | Redis µs/msg | Redis B/msg | PUBLISH/msg | bus msgs rx per instance per msg (mean / max) | lost | pass |",
+        if find_max { "max sustained/s" } else { "offered/s" }
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &results.runs {
+        match &r.derived {
+            Some(d) => {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
+                    r.mode,
+                    r.nodes,
+                    f(Some(d.offered_rate), 0),
+                    f(Some(d.delivered_per_sec), 0),
+                    f(d.p50_ms, 2),
+                    f(d.p99_ms, 1),
+                    f(d.instance_cpu_us_per_msg, 1),
+                    f(d.redis_cpu_us_per_msg, 1),
+                    f(d.redis_out_bytes_per_msg, 0),
+                    f(d.publish_per_msg, 2),
+                    f(d.bus_rx_per_instance_per_msg_mean, 2),
+                    f(d.bus_rx_per_instance_per_msg_max, 2),
+                    f(Some(d.lost), 0),
+                    if d.pass {
+                        "yes".to_owned()
+                    } else {
+                        format!("NO ({})", d.pass_failures.join("; "))
+                    },
+                );
+            }
+            None => {
+                let reason = r
+                    .error
+                    .as_deref()
+                    .map_or("no result".to_owned(), short_error);
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {} | | | | | | | | | | |",
+                    r.mode,
+                    r.nodes,
+                    format!("{}: {}", r.status, reason).replace('|', "\\|")
+                );
+            }
+        }
+    }
+
+    if results.runs.iter().all(|r| r.derived.is_none()) {
+        return out + &warnings_section(results);
+    }
+    let _ = writeln!(out, "\n## Details\n");
+    let _ = writeln!(
+        out,
+        "| mode | N | window s | delivered (loader) / frames queued (instances) | instance cores | Redis cores | machine busy cores | Redis µs/msg (INFO) | loader µs/msg | Redis cmds/msg | commands per msg | bus rx by kind | DMs by path |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &results.runs {
+        let Some(d) = &r.derived else { continue };
+        let commands = d
+            .command_calls_per_msg
+            .iter()
+            .filter(|(_, v)| **v >= 0.005)
+            .map(|(k, v)| format!("{k} {v:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let kv = |m: &std::collections::BTreeMap<String, f64>| {
+            m.iter()
+                .filter(|(_, v)| **v != 0.0)
+                .map(|(k, v)| format!("{k} {v:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.mode,
+            r.nodes,
+            f(Some(d.window_s), 2),
+            f(Some(d.window_delivered), 0),
+            f(Some(d.instance_frames_queued), 0),
+            f(d.instance_cores, 2),
+            f(d.redis_cores, 2),
+            f(d.machine_busy_cores, 2),
+            f(d.redis_cpu_us_per_msg_info, 1),
+            f(d.loader_cpu_us_per_msg, 1),
+            f(d.redis_commands_per_msg, 2),
+            commands,
+            kv(&d.bus_received_by_kind),
+            kv(&d.dm_by_path),
+        );
+    }
+
+    out + &warnings_section(results)
+}
+
+/// The "Warnings and errors" section (empty when there are none).
+fn warnings_section(results: &ResultsFile) -> String {
+    let mut out = String::new();
+    let notes: Vec<String> = results
+        .runs
+        .iter()
+        .flat_map(|r| {
+            let prefix = format!("{} N={}", r.mode, r.nodes);
+            let mut lines: Vec<String> = r
+                .derived
+                .iter()
+                .flat_map(|d| d.warnings.iter().cloned())
+                .collect();
+            if let Some(d) = &r.derived {
+                if !d.verdict_disagreements.is_empty() {
+                    lines.push(format!(
+                        "loader pass verdict differs from the peer rule at rates {:?}",
+                        d.verdict_disagreements
+                    ));
+                }
+                if d.loader_pass.is_some_and(|p| p != d.pass) {
+                    lines.push(format!(
+                        "loader says pass={:?}, peer rule says {}",
+                        d.loader_pass, d.pass
+                    ));
+                }
+            }
+            if let Some(e) = &r.error {
+                let mut text = format!("{}: {}", r.status, short_error(e));
+                if e.lines().count() > 1 {
+                    text.push_str("\n\n  ```\n");
+                    for l in e.lines() {
+                        let _ = writeln!(text, "  {l}");
+                    }
+                    text.push_str("  ```");
+                }
+                lines.push(text);
+            }
+            lines.into_iter().map(move |l| format!("- {prefix}: {l}"))
+        })
+        .collect();
+    if !notes.is_empty() {
+        let _ = writeln!(out, "\n## Warnings and errors\n");
+        for n in notes {
+            let _ = writeln!(out, "{n}");
+        }
+    }
+    out
+}
+
+/// One line for a table cell: the error's first line and, when a log tail
+/// follows, the first line of it that mentions an error (else its last line).
+fn short_error(e: &str) -> String {
+    let mut lines = e.lines();
+    let first = lines.next().unwrap_or_default();
+    let Some(head) = first.strip_suffix("; last log lines:") else {
+        return first.to_owned();
+    };
+    let rest: Vec<&str> = lines.map(str::trim).filter(|l| !l.is_empty()).collect();
+    let detail = rest
+        .iter()
+        .find(|l| l.to_ascii_lowercase().contains("error"))
+        .or(rest.last());
+    match detail {
+        Some(d) => format!("{head}: {}", d.chars().take(160).collect::<String>()),
+        None => head.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_417), (2025, 11, 25));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+    }
+
+    #[test]
+    fn short_errors() {
+        assert_eq!(
+            short_error("n1 exited early (exit status: 2); last log lines:\nerror: unexpected argument '--x' found\n\nUsage: ..."),
+            "n1 exited early (exit status: 2): error: unexpected argument '--x' found"
+        );
+        assert_eq!(short_error("interrupted"), "interrupted");
+    }
+
+    #[test]
+    fn quoting() {
+        let args = ["a", "--x", "", "it's", "b c"].map(String::from);
+        assert_eq!(shell_command_line(&args), "a --x '' 'it'\\''s' 'b c'");
+    }
+}

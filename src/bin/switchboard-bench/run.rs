@@ -1,0 +1,473 @@
+//! One measured run: start a cluster (routing mode x N instances), start the
+//! loader against it, take the "before" snapshot once every user is
+//! connected and the "after" snapshot once the loader has exited, sample a
+//! timeline in between, stop every process, and derive the figures.
+//!
+//! The measured window starts at the end of the loader's connect phase (sum
+//! of `switchboard_connections` >= `--users`, polled every 20 ms). For a
+//! plain run it ends once the send phase is over (`--duration` + 50 ms after
+//! the start) and the cluster has gone quiet: polled every 20 ms, three
+//! intervals in a row in which the instances queued at most a couple of
+//! frames (`switchboard_delivered_total`) — the drain is done, and the loader
+//! has not begun closing its connections. If a poll sees it closing
+//! (connections drop; not checked with churn), the previous poll's snapshot,
+//! at most 20 ms older and taken with every user still connected, ends the
+//! window; if the loader exits first, the window ends then. So the connect phase and the teardown stay outside,
+//! the drain inside, like the Socket.IO peer's snapshots. With --find-max the
+//! cluster goes quiet between steps, so the window ends when the loader
+//! exits: it spans the whole ladder, its pauses and its final disconnects.
+//! Every wait is bounded, and every process is stopped by pid on success, on
+//! error and on interruption.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{Cli, RoutingMode, Workload};
+use crate::cluster::{self, Cluster, ClusterSpec};
+use crate::derive::{self, Derived};
+use crate::error::BenchError;
+use crate::procs::{Stopped, Supervisor};
+use crate::snapshot::{self, Snapshot, TimelinePoint};
+
+/// How the measured window started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WindowStart {
+    /// Every user was connected: the intended case.
+    AllConnected,
+    /// Not every user connected within --connect-timeout; the window started anyway.
+    ConnectTimeout,
+    /// The loader exited before every user was connected.
+    LoaderExited,
+}
+
+/// How the measured window ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WindowEnd {
+    /// Send phase over and no frames for two poll intervals: drained.
+    Quiet,
+    /// The loader began closing its connections (its measurement was over).
+    LoaderClosing,
+    /// The loader exited (its final disconnects are inside the window).
+    LoaderExited,
+}
+
+/// How often the end of the window is polled once the send phase is over.
+const END_POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// At most this many frames queued by all instances in one poll interval
+/// count as quiet (a stray ping, no traffic).
+const QUIET_FRAMES: f64 = 2.0;
+/// Quiet intervals in a row that end the window.
+const QUIET_POLLS: u32 = 3;
+
+/// Everything recorded about one run, raw and derived.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Routing mode of the instances.
+    pub mode: String,
+    /// Number of instances.
+    pub nodes: usize,
+    /// `ok`, `error` or `interrupted`.
+    pub status: String,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+    /// Wall time of the whole run (start to everything stopped), s.
+    pub wall_s: f64,
+    /// Port of the run's redis-server.
+    pub redis_port: Option<u16>,
+    /// `id -> port` of the instances.
+    pub instance_ports: Vec<(String, u16)>,
+    /// The first instance's command line.
+    pub instance_command: Vec<String>,
+    /// The loader's command line.
+    pub loader_command: Vec<String>,
+    /// How the loader exited.
+    pub loader_exit: Option<String>,
+    /// How the window started.
+    pub window_start: Option<WindowStart>,
+    /// Connections counted by the instances when the window started.
+    pub connections_at_start: Option<f64>,
+    /// How the window ended.
+    pub window_end: Option<WindowEnd>,
+    /// Readings when the window started.
+    pub before: Option<Snapshot>,
+    /// Readings when the window ended.
+    pub after: Option<Snapshot>,
+    /// The loader's JSON, verbatim.
+    pub loader: Option<serde_json::Value>,
+    /// Figures derived from the above.
+    pub derived: Option<Derived>,
+    /// CPU / connections / delivered sampled every --sample-ms.
+    pub timeline: Vec<TimelinePoint>,
+    /// How every process of the run ended.
+    pub processes: Vec<Stopped>,
+    /// Where the logs of this run are.
+    pub logs_dir: PathBuf,
+}
+
+/// Binaries and settings shared by every run.
+pub struct RunContext<'a> {
+    /// The command line.
+    pub cli: &'a Cli,
+    /// The `switchboard` binary.
+    pub server_bin: PathBuf,
+    /// The `switchboard-load` binary.
+    pub loader_bin: PathBuf,
+    /// Work directory of the whole benchmark.
+    pub work_dir: PathBuf,
+}
+
+/// What a run measured before the processes were stopped.
+#[derive(Default)]
+struct Measured {
+    redis_port: Option<u16>,
+    instance_ports: Vec<(String, u16)>,
+    instance_command: Vec<String>,
+    loader_command: Vec<String>,
+    loader_exit: Option<String>,
+    window_start: Option<WindowStart>,
+    connections_at_start: Option<f64>,
+    window_end: Option<WindowEnd>,
+    before: Option<Snapshot>,
+    after: Option<Snapshot>,
+    loader: Option<serde_json::Value>,
+    timeline: Vec<TimelinePoint>,
+}
+
+/// Runs one (mode, N) cell of the matrix. Never returns an error: failures are
+/// recorded in the [`RunRecord`] so the matrix can go on.
+pub async fn run_one(
+    ctx: &RunContext<'_>,
+    mode: RoutingMode,
+    nodes: usize,
+    cancel: &CancellationToken,
+) -> RunRecord {
+    let started = Instant::now();
+    let dir = ctx.work_dir.join(format!("{}-n{nodes}", mode.as_flag()));
+    let mut supervisor = Supervisor::new(Duration::from_secs_f64(ctx.cli.stop_timeout));
+    let mut measured = Measured::default();
+    let result = match std::fs::create_dir_all(&dir) {
+        Ok(()) => {
+            measure(
+                ctx,
+                mode,
+                nodes,
+                &dir,
+                &mut supervisor,
+                &mut measured,
+                cancel,
+            )
+            .await
+        }
+        Err(e) => Err(BenchError::io("create run dir", &dir, e)),
+    };
+    let processes = supervisor.stop_all().await;
+    let (status, error) = match &result {
+        Ok(()) => ("ok", None),
+        Err(BenchError::Interrupted) => ("interrupted", Some("interrupted".to_owned())),
+        Err(e) => ("error", Some(e.to_string())),
+    };
+    let mut derived = None;
+    if let (Some(before), Some(after), Some(loader)) =
+        (&measured.before, &measured.after, &measured.loader)
+    {
+        match derive::parse_loader(loader) {
+            Ok(load) => {
+                let mut d = derive::derive(
+                    before,
+                    after,
+                    &load,
+                    ctx.cli.min_delivery,
+                    ctx.cli.max_p99_ms,
+                );
+                match measured.window_start {
+                    Some(WindowStart::AllConnected) => {}
+                    Some(WindowStart::ConnectTimeout) => d.warnings.push(
+                        "not every user connected within --connect-timeout; the window \
+                         started anyway"
+                            .into(),
+                    ),
+                    Some(WindowStart::LoaderExited) | None => d
+                        .warnings
+                        .push("the loader exited before every user was connected".into()),
+                }
+                if let Some(status) = measured
+                    .loader_exit
+                    .as_ref()
+                    .filter(|s| s.as_str() != "exit status: 0")
+                {
+                    d.warnings.push(format!("loader exited with {status}"));
+                }
+                if ctx
+                    .cli
+                    .loader_args
+                    .iter()
+                    .any(|a| a.starts_with("--warmup"))
+                {
+                    d.warnings.push(
+                        "--warmup: the loader's warmup falls inside the window but its \
+                         deliveries are not counted, so per-message costs read high"
+                            .into(),
+                    );
+                }
+                for p in &processes {
+                    if p.exited_by_itself && p.name != "loader" {
+                        d.warnings
+                            .push(format!("{} exited during the run: {}", p.name, p.status));
+                    }
+                }
+                derived = Some(d);
+            }
+            Err(e) => {
+                eprintln!("[bench] cannot read the loader's JSON: {e}");
+            }
+        }
+    }
+    RunRecord {
+        mode: mode.as_flag().to_owned(),
+        nodes,
+        status: status.to_owned(),
+        error,
+        wall_s: started.elapsed().as_secs_f64(),
+        redis_port: measured.redis_port,
+        instance_ports: measured.instance_ports,
+        instance_command: measured.instance_command,
+        loader_command: measured.loader_command,
+        loader_exit: measured.loader_exit,
+        window_start: measured.window_start,
+        connections_at_start: measured.connections_at_start,
+        window_end: measured.window_end,
+        before: measured.before,
+        after: measured.after,
+        loader: measured.loader,
+        derived,
+        timeline: measured.timeline,
+        processes,
+        logs_dir: dir,
+    }
+}
+
+async fn measure(
+    ctx: &RunContext<'_>,
+    mode: RoutingMode,
+    nodes: usize,
+    dir: &Path,
+    supervisor: &mut Supervisor,
+    m: &mut Measured,
+    cancel: &CancellationToken,
+) -> Result<(), BenchError> {
+    let cli = ctx.cli;
+    let run_start = Instant::now();
+    let spec = ClusterSpec {
+        mode,
+        nodes,
+        server_bin: &ctx.server_bin,
+        redis_bin: &cli.redis_server,
+        lease_ms: cli.lease_ms,
+        extra_args: cli.server_extra_args(),
+        ready_timeout: Duration::from_secs_f64(cli.ready_timeout),
+        dir,
+    };
+    let mut cluster = cluster::start(&spec, supervisor, cancel).await?;
+    m.redis_port = Some(cluster.redis_port);
+    m.instance_command = cluster.instance_command.clone();
+    m.instance_ports = cluster
+        .instances
+        .iter()
+        .map(|i| (i.id.clone(), i.port))
+        .collect();
+    sleep_or_cancel(Duration::from_millis(cli.settle_ms), cancel).await?;
+
+    let loader_out = dir.join("loader.json");
+    let mut args = vec!["--targets".to_owned(), cluster.targets()];
+    args.extend(cli.loader_workload_args());
+    args.push("--out".to_owned());
+    args.push(loader_out.to_string_lossy().into_owned());
+    m.loader_command = std::iter::once(ctx.loader_bin.to_string_lossy().into_owned())
+        .chain(args.iter().cloned())
+        .collect();
+    let loader_started = Instant::now();
+    let loader_pid = supervisor.spawn(
+        "loader",
+        &ctx.loader_bin,
+        &args,
+        &dir.join("loader.log"),
+        false,
+    )?;
+    let loader_deadline = loader_started + Duration::from_secs_f64(cli.loader_timeout_s());
+
+    // Window start: every user connected.
+    let connect_deadline = loader_started + Duration::from_secs_f64(cli.connect_timeout);
+    let users = cli.expected_connections();
+    loop {
+        if cancel.is_cancelled() {
+            return Err(BenchError::Interrupted);
+        }
+        let connected = snapshot::connections(&snapshot::scrape_all(&cluster).await);
+        m.connections_at_start = Some(connected);
+        if connected >= users {
+            m.window_start = Some(WindowStart::AllConnected);
+            break;
+        }
+        if supervisor.try_exited(loader_pid).is_some() {
+            m.window_start = Some(WindowStart::LoaderExited);
+            break;
+        }
+        if Instant::now() >= connect_deadline {
+            m.window_start = Some(WindowStart::ConnectTimeout);
+            eprintln!(
+                "[bench] only {connected} of {users} connections up after {} s; measuring anyway",
+                cli.connect_timeout
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    m.before = Some(snapshot::take(&mut cluster, run_start).await?);
+
+    // Window: until the loader starts closing (or exits), sampling the timeline.
+    let window_started = Instant::now();
+    let poll_end = !cli.find_max;
+    let end_on_close = cli.workload != Workload::Churn;
+    let mut next_end_poll =
+        window_started + Duration::from_secs_f64(cli.duration) + Duration::from_millis(50);
+    let mut last_frames: Option<f64> = None;
+    let mut quiet_polls = 0;
+    let mut previous_poll: Option<Snapshot> = None;
+    let connected_at_start = m.connections_at_start.unwrap_or(users);
+    let sample_every = (cli.sample_ms > 0).then(|| Duration::from_millis(cli.sample_ms));
+    let mut next_sample = Instant::now();
+    let mut exit_status = None;
+    loop {
+        if let Some(status) = supervisor.try_exited(loader_pid) {
+            exit_status = Some(status);
+            m.window_end = Some(WindowEnd::LoaderExited);
+            break;
+        }
+        let now = Instant::now();
+        if now >= loader_deadline {
+            return Err(loader_timed_out(cli, dir, supervisor, loader_pid).await);
+        }
+        if poll_end && now >= next_end_poll {
+            // A full snapshot per poll: when the next poll sees the loader
+            // closing, this one (all still connected) becomes "after", so the
+            // teardown stays outside the window.
+            let snap = snapshot::take(&mut cluster, run_start).await?;
+            if snap.instances.iter().all(|i| i.scrape_error.is_none()) {
+                if end_on_close && snap.connections() < connected_at_start {
+                    m.window_end = Some(WindowEnd::LoaderClosing);
+                    m.after = Some(previous_poll.take().unwrap_or(snap));
+                    break;
+                }
+                let frames = snap.frames_queued();
+                match last_frames {
+                    Some(last) if frames - last <= QUIET_FRAMES => quiet_polls += 1,
+                    _ => quiet_polls = 0,
+                }
+                last_frames = Some(frames);
+                if quiet_polls >= QUIET_POLLS {
+                    m.window_end = Some(WindowEnd::Quiet);
+                    m.after = Some(snap);
+                    break;
+                }
+                previous_poll = Some(snap);
+            }
+            next_end_poll = Instant::now() + END_POLL_INTERVAL;
+        }
+        if let Some(every) = sample_every {
+            if now >= next_sample {
+                m.timeline
+                    .push(snapshot::timeline_point(&cluster, run_start).await);
+                next_sample = now + every;
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(BenchError::Interrupted),
+            status = supervisor.wait_exit(loader_pid, Duration::from_millis(10)) => {
+                if let Some(status) = status {
+                    exit_status = Some(status);
+                    m.window_end = Some(WindowEnd::LoaderExited);
+                    break;
+                }
+            }
+        }
+    }
+    if m.after.is_none() {
+        m.after = Some(snapshot::take(&mut cluster, run_start).await?);
+    }
+    let exit_status = match exit_status {
+        Some(status) => status,
+        None => {
+            let left = loader_deadline.saturating_duration_since(Instant::now());
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(BenchError::Interrupted),
+                status = supervisor.wait_exit(loader_pid, left) => match status {
+                    Some(status) => status,
+                    None => return Err(loader_timed_out(cli, dir, supervisor, loader_pid).await),
+                },
+            }
+        }
+    };
+    m.loader_exit = Some(exit_status.clone());
+
+    let text = std::fs::read_to_string(&loader_out).map_err(|e| {
+        BenchError::Loader(format!(
+            "exited ({exit_status}) without readable output {}: {e}; last log lines:\n{}",
+            loader_out.display(),
+            supervisor.log_tail(loader_pid, 20)
+        ))
+    })?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| BenchError::Loader(format!("{} is not JSON: {e}", loader_out.display())))?;
+    m.loader = Some(json);
+    if !exit_status.contains("exit status: 0") {
+        // The JSON is kept (a failed pass rule may exit non-zero), but flagged.
+        eprintln!("[bench] loader exited with {exit_status}");
+    }
+    check_instances_alive(&cluster, supervisor)
+}
+
+/// Stops a loader that overran --run-timeout and says so.
+async fn loader_timed_out(
+    cli: &Cli,
+    dir: &Path,
+    supervisor: &mut Supervisor,
+    loader_pid: u32,
+) -> BenchError {
+    supervisor.stop(loader_pid).await;
+    BenchError::Loader(format!(
+        "did not finish within {} s (--run-timeout); last log lines:\n{}",
+        cli.loader_timeout_s(),
+        crate::procs::tail_of_file(&dir.join("loader.log"), 20)
+    ))
+}
+
+/// Errors if an instance or redis died during the window.
+fn check_instances_alive(cluster: &Cluster, supervisor: &mut Supervisor) -> Result<(), BenchError> {
+    let pids = cluster
+        .instances
+        .iter()
+        .map(|i| (i.id.clone(), i.pid))
+        .chain(std::iter::once(("redis".to_owned(), cluster.redis_pid)));
+    for (name, pid) in pids {
+        if let Some(status) = supervisor.try_exited(pid) {
+            return Err(BenchError::ExitedEarly {
+                name,
+                status,
+                log_tail: supervisor.log_tail(pid, 20),
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> Result<(), BenchError> {
+    tokio::select! {
+        _ = cancel.cancelled() => Err(BenchError::Interrupted),
+        _ = tokio::time::sleep(d) => Ok(()),
+    }
+}
