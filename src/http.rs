@@ -385,6 +385,15 @@ async fn handle_rejection(rejection: Rejection) -> Result<Response, Infallible> 
         (refused.status, refused.message.clone())
     } else if rejection.is_not_found() {
         (StatusCode::NOT_FOUND, "not found".to_owned())
+    } else if rejection
+        .find::<warp::reject::MissingHeader>()
+        .is_some_and(|h| matches!(h.name(), "connection" | "upgrade" | "sec-websocket-key"))
+    {
+        // Valid credentials on a plain GET of /ws: the client must upgrade.
+        (
+            StatusCode::UPGRADE_REQUIRED,
+            "websocket upgrade required".to_owned(),
+        )
     } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
         (
             StatusCode::PAYLOAD_TOO_LARGE,

@@ -1,2 +1,874 @@
-// Switchboard chat page: replaced by the full client (issue 6).
-document.getElementById("app").textContent = "Switchboard";
+// Switchboard browser client (issue #6): one ES module, no framework, no build.
+//
+// It speaks the wire protocol of docs/PROTOCOL.md to the instance that served
+// it. Everything that came from the network is put into the page with
+// textContent / text nodes only (never innerHTML), and the page's CSP forbids
+// inline script and style, so a message body can never become code.
+//
+// Credentials: a user name (`--auth none` servers) or a pasted token. They are
+// kept in memory only and travel only in the `/ws?...` URL to this origin.
+
+const NAME_RE = /^[A-Za-z0-9_.:@-]{1,64}$/;
+const NAME_RULE = "1–64 characters of A–Z a–z 0–9 _ . : @ -";
+const PRESENCE_EVERY_MS = 2000;
+const PRESENCE_BATCH = 100; // the server's limit per query
+const BACKOFF_BASE_MS = 500;
+const BACKOFF_CAP_MS = 10000;
+const MAX_BODY_CHARS = 16000; // the server checks the real limit (too_large)
+const LAST_USER_KEY = "switchboard:last-user";
+const HUES = 8;
+
+const $ = (id) => document.getElementById(id);
+
+/** Builds an element. Children that are strings become text nodes. */
+function h(tag, attrs = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key === "class") el.className = value;
+    else if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
+    else el.setAttribute(key, value === true ? "" : String(value));
+  }
+  el.append(...children.filter((c) => c !== null && c !== undefined));
+  return el;
+}
+
+function show(el, visible) {
+  el.hidden = !visible;
+}
+
+function hueOf(name) {
+  let hash = 0;
+  for (const ch of name) hash = (hash * 31 + ch.codePointAt(0)) >>> 0;
+  return `hue-${hash % HUES}`;
+}
+
+function fillAvatar(el, name, kind = "user") {
+  el.className = `avatar ${kind === "room" ? "room" : hueOf(name)}`;
+  el.textContent = kind === "room" ? "#" : (name[0] || "?").toUpperCase();
+}
+
+/** What a message body shows: `body.text` when it is a string, else the JSON. */
+function bodyText(body) {
+  if (body && typeof body === "object" && typeof body.text === "string") return body.text;
+  if (body === undefined) return "";
+  return JSON.stringify(body);
+}
+
+function clockTime(ts) {
+  const date = new Date(typeof ts === "number" ? ts : Date.now());
+  return {
+    short: date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }),
+    full: date.toLocaleString(),
+    iso: date.toISOString(),
+  };
+}
+
+function storageGet(key) {
+  try {
+    return localStorage.getItem(key);
+  } catch {
+    return null;
+  }
+}
+
+function storageSet(key, value) {
+  try {
+    localStorage.setItem(key, value);
+  } catch {
+    // storage disabled: the page works without it
+  }
+}
+
+// ---------------------------------------------------------------------------
+// State
+// ---------------------------------------------------------------------------
+
+const state = {
+  creds: null, // { user } or { token }: memory only
+  me: null, // the user id from `welcome`
+  instance: null,
+  ws: null,
+  connected: false, // true between `welcome` and close
+  wanted: false, // false once signed out: no reconnect
+  attempt: 0, // reconnect attempts since the last welcome
+  retryAt: 0,
+  retryTimer: null,
+  countdownTimer: null,
+  lastReason: "",
+  nextId: 1,
+  pending: new Map(), // request id -> reply handler
+  contacts: new Map(), // name -> { name, presence, unread, row, dot, badge }
+  rooms: new Map(), // name -> { name, joined, unread, row, badge }
+  convs: new Map(), // "dm:bob" | "room:lobby" -> { kind, peer, nodes }
+  active: null, // key of the shown conversation
+};
+
+const ui = {
+  signin: $("signin"),
+  signinForm: $("signin-form"),
+  signinUser: $("signin-user"),
+  signinToken: $("signin-token"),
+  signinError: $("signin-error"),
+  signinSubmit: $("signin-submit"),
+  app: $("app"),
+  meAvatar: $("me-avatar"),
+  meName: $("me-name"),
+  connState: $("conn-state"),
+  instance: $("instance-label"),
+  banner: $("banner"),
+  bannerText: $("banner-text"),
+  contactForm: $("contact-form"),
+  contactInput: $("contact-input"),
+  contactError: $("contact-error"),
+  contactList: $("contact-list"),
+  contactEmpty: $("contact-empty"),
+  roomForm: $("room-form"),
+  roomInput: $("room-input"),
+  roomError: $("room-error"),
+  roomList: $("room-list"),
+  roomEmpty: $("room-empty"),
+  convAvatar: $("conv-avatar"),
+  convTitle: $("conv-title"),
+  convSub: $("conv-sub"),
+  convEmpty: $("conv-empty"),
+  dmMessages: $("dm-messages"),
+  roomMessages: $("room-messages"),
+  composer: $("composer"),
+  composerInput: $("composer-input"),
+  composerSend: $("composer-send"),
+};
+
+// ---------------------------------------------------------------------------
+// Connection
+// ---------------------------------------------------------------------------
+
+function credentialQuery() {
+  const query = new URLSearchParams();
+  if (state.creds.token) query.set("token", state.creds.token);
+  else query.set("user", state.creds.user);
+  return query.toString();
+}
+
+/**
+ * Asks the server, with a plain GET of the upgrade URL, whether it would
+ * accept these credentials: the WebSocket API hides the HTTP status of a
+ * refused upgrade. Valid credentials get 400 (not an upgrade), bad ones 401.
+ */
+async function probe() {
+  let response;
+  try {
+    response = await fetch(`/ws?${credentialQuery()}`, {
+      cache: "no-store",
+      credentials: "omit",
+      redirect: "error",
+    });
+  } catch {
+    return { retry: true, message: "server unreachable" };
+  }
+  let detail = "";
+  try {
+    detail = (await response.json()).error || "";
+  } catch {
+    // not JSON: keep the status alone
+  }
+  switch (response.status) {
+    case 401:
+      return {
+        fatal: true,
+        message: state.creds.token
+          ? "Invalid credentials: the server refused this token (wrong, expired or not for this server)."
+          : "Invalid credentials: the server refused this name. It may require a token (--auth jwt).",
+      };
+    case 403:
+      return { fatal: true, message: `Refused by the server: ${detail || "forbidden"}.` };
+    case 429:
+      return { retry: true, message: detail || "too many connections for this user" };
+    case 503:
+      return { retry: true, message: detail || "instance unavailable" };
+    default:
+      // 400/426: the credentials passed, the GET just was not an upgrade.
+      return { ok: true };
+  }
+}
+
+function connect() {
+  clearTimeout(state.retryTimer);
+  clearInterval(state.countdownTimer);
+  if (!state.wanted) return;
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  const ws = new WebSocket(`${scheme}//${location.host}/ws?${credentialQuery()}`);
+  let opened = false;
+  state.ws = ws;
+  setConnState("connecting", state.attempt ? `connecting (attempt ${state.attempt + 1})…` : "connecting…");
+  ws.addEventListener("open", () => {
+    opened = true;
+  });
+  ws.addEventListener("message", (event) => {
+    if (state.ws === ws) onFrame(event.data);
+  });
+  ws.addEventListener("close", (event) => {
+    if (state.ws !== ws) return;
+    state.ws = null;
+    onClosed(event, opened);
+  });
+}
+
+function closeReason(event) {
+  switch (event.code) {
+    case 1001:
+      return event.reason ? `closed by the server: ${event.reason}` : "the instance is shutting down";
+    case 1008:
+      return `closed by the server: ${event.reason || "policy violation"}`;
+    case 1009:
+      return "closed by the server: message too large";
+    case 1006:
+      return "connection lost";
+    default:
+      return event.reason ? `closed: ${event.reason} (${event.code})` : `closed (${event.code})`;
+  }
+}
+
+async function onClosed(event, opened) {
+  const wasConnected = state.connected;
+  state.connected = false;
+  failPending();
+  for (const contact of state.contacts.values()) setPresence(contact, "unknown");
+  for (const room of state.rooms.values()) setRoomJoined(room, false);
+  updateComposer();
+  if (!state.wanted) return;
+  let reason = wasConnected || opened ? closeReason(event) : "cannot connect";
+  if (!opened) {
+    const verdict = await probe();
+    if (!state.wanted) return;
+    if (verdict.fatal) {
+      signOut(verdict.message);
+      return;
+    }
+    if (verdict.message) reason = verdict.message;
+  }
+  scheduleReconnect(reason);
+}
+
+/** Capped exponential backoff with jitter (half fixed, half random). */
+function scheduleReconnect(reason) {
+  const ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** state.attempt);
+  const delay = Math.round(ceiling / 2 + Math.random() * (ceiling / 2));
+  state.attempt += 1;
+  state.lastReason = reason;
+  state.retryAt = Date.now() + delay;
+  state.retryTimer = setTimeout(connect, delay);
+  const tick = () => {
+    const seconds = Math.max(0, Math.ceil((state.retryAt - Date.now()) / 1000));
+    setConnState("reconnecting", `${reason} — reconnecting in ${seconds} s`);
+  };
+  tick();
+  clearInterval(state.countdownTimer);
+  state.countdownTimer = setInterval(tick, 1000);
+}
+
+function reconnectNow() {
+  if (state.ws || !state.wanted) return;
+  connect();
+}
+
+function setConnState(name, detail) {
+  ui.connState.dataset.state = name;
+  ui.connState.textContent = name;
+  ui.connState.title = detail || name;
+  ui.instance.classList.toggle("stale", name !== "connected");
+  const banner = name !== "connected";
+  show(ui.banner, banner);
+  ui.banner.dataset.state = name;
+  ui.bannerText.textContent = detail || "";
+  show($("reconnect-now"), name === "reconnecting");
+  updateTitle();
+}
+
+/** Sends a request frame with a fresh id; `onReply` gets the reply frame. */
+function request(frame, onReply) {
+  if (!state.connected || !state.ws) return null;
+  const id = state.nextId++;
+  state.pending.set(id, onReply || (() => {}));
+  state.ws.send(JSON.stringify({ ...frame, id }));
+  return id;
+}
+
+function failPending() {
+  const handlers = [...state.pending.values()];
+  state.pending.clear();
+  for (const handler of handlers) handler(null);
+}
+
+function onFrame(text) {
+  let frame;
+  try {
+    frame = JSON.parse(text);
+  } catch {
+    return;
+  }
+  if (!frame || typeof frame !== "object") return;
+  if (frame.id !== undefined && frame.id !== null && state.pending.has(frame.id)) {
+    const handler = state.pending.get(frame.id);
+    state.pending.delete(frame.id);
+    handler(frame);
+    return;
+  }
+  switch (frame.type) {
+    case "welcome":
+      onWelcome(frame);
+      break;
+    case "dm":
+      onDirect(frame);
+      break;
+    case "room":
+      onRoom(frame);
+      break;
+    case "error":
+      notice(`${frame.code}: ${frame.message}`);
+      break;
+    default:
+      break;
+  }
+}
+
+function onWelcome(frame) {
+  const first = state.me === null;
+  state.me = String(frame.user);
+  state.instance = String(frame.instance);
+  state.connected = true;
+  state.attempt = 0;
+  clearInterval(state.countdownTimer);
+  if (first) {
+    if (state.creds.user) storageSet(LAST_USER_KEY, state.creds.user);
+    restoreSaved();
+  }
+  ui.meName.textContent = state.me;
+  fillAvatar(ui.meAvatar, state.me);
+  ui.instance.textContent = state.instance;
+  ui.instance.title = `instance ${state.instance}, connection ${frame.conn}`;
+  setConnState("connected", `connected to ${state.instance}`);
+  // Room membership belongs to the connection: join again after a reconnect.
+  for (const room of state.rooms.values()) joinRoom(room.name, { rejoin: true });
+  pollPresence();
+  updateComposer();
+}
+
+// ---------------------------------------------------------------------------
+// Saved contacts and rooms (names only, per user; never credentials)
+// ---------------------------------------------------------------------------
+
+function savedKey() {
+  return `switchboard:v1:${state.me}`;
+}
+
+function save() {
+  if (!state.me) return;
+  storageSet(
+    savedKey(),
+    JSON.stringify({ contacts: [...state.contacts.keys()], rooms: [...state.rooms.keys()] }),
+  );
+}
+
+function restoreSaved() {
+  let saved;
+  try {
+    saved = JSON.parse(storageGet(savedKey()) || "{}");
+  } catch {
+    saved = {};
+  }
+  for (const name of Array.isArray(saved.contacts) ? saved.contacts : []) {
+    if (typeof name === "string" && NAME_RE.test(name)) addContact(name, { quiet: true });
+  }
+  for (const name of Array.isArray(saved.rooms) ? saved.rooms : []) {
+    if (typeof name === "string" && NAME_RE.test(name) && !state.rooms.has(name)) addRoom(name);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Contacts and presence
+// ---------------------------------------------------------------------------
+
+function addContact(name, { quiet = false } = {}) {
+  if (state.contacts.has(name)) return state.contacts.get(name);
+  const dot = h("span", { class: "dot", "data-testid": "presence-dot", "data-presence": "unknown" });
+  const avatar = h("span", { class: "avatar small", "aria-hidden": "true" });
+  fillAvatar(avatar, name);
+  avatar.append(dot);
+  const badge = h("span", { class: "badge", "data-testid": "unread", hidden: true });
+  const presenceText = h("span", { class: "row-sub" }, "unknown");
+  const row = h(
+    "li",
+    { class: "row", "data-testid": "contact-row", "data-user": name, "data-presence": "unknown" },
+    h(
+      "button",
+      { type: "button", class: "row-main", onclick: () => select(`dm:${name}`) },
+      avatar,
+      h("span", { class: "row-text" }, h("span", { class: "row-name" }, name), presenceText),
+      badge,
+    ),
+    h(
+      "button",
+      {
+        type: "button",
+        class: "row-action",
+        title: `Remove ${name}`,
+        "aria-label": `Remove ${name}`,
+        "data-testid": "contact-remove",
+        onclick: () => removeContact(name),
+      },
+      "×",
+    ),
+  );
+  const contact = { name, presence: "unknown", unread: 0, row, dot, badge, presenceText };
+  state.contacts.set(name, contact);
+  insertSorted(ui.contactList, row, name);
+  show(ui.contactEmpty, false);
+  save();
+  if (!quiet) pollPresence([name]);
+  return contact;
+}
+
+function removeContact(name) {
+  const contact = state.contacts.get(name);
+  if (!contact) return;
+  contact.row.remove();
+  state.contacts.delete(name);
+  state.convs.delete(`dm:${name}`);
+  show(ui.contactEmpty, state.contacts.size === 0);
+  if (state.active === `dm:${name}`) select(null);
+  save();
+}
+
+function insertSorted(list, row, name) {
+  const after = [...list.children].find((other) => (other.dataset.user || other.dataset.room) > name);
+  list.insertBefore(row, after || null);
+}
+
+function setPresence(contact, presence) {
+  if (contact.presence === presence) return;
+  contact.presence = presence;
+  contact.row.dataset.presence = presence;
+  contact.dot.dataset.presence = presence;
+  contact.presenceText.textContent = presence;
+  if (state.active === `dm:${contact.name}`) renderHeader();
+}
+
+function pollPresence(names) {
+  if (!state.connected) return;
+  const users = names || [...state.contacts.keys()];
+  for (let i = 0; i < users.length; i += PRESENCE_BATCH) {
+    request({ type: "presence", users: users.slice(i, i + PRESENCE_BATCH) }, (reply) => {
+      if (!reply || reply.type !== "presence" || !reply.online) return;
+      for (const [name, online] of Object.entries(reply.online)) {
+        const contact = state.contacts.get(name);
+        if (contact) setPresence(contact, online ? "online" : "offline");
+      }
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Rooms
+// ---------------------------------------------------------------------------
+
+function addRoom(name) {
+  const badge = h("span", { class: "badge", "data-testid": "unread", hidden: true });
+  const avatar = h("span", { class: "avatar small", "aria-hidden": "true" });
+  fillAvatar(avatar, name, "room");
+  const sub = h("span", { class: "row-sub" }, "joining…");
+  const row = h(
+    "li",
+    { class: "row", "data-testid": "room-row", "data-room": name, "data-joined": "no" },
+    h(
+      "button",
+      { type: "button", class: "row-main", onclick: () => select(`room:${name}`) },
+      avatar,
+      h("span", { class: "row-text" }, h("span", { class: "row-name" }, name), sub),
+      badge,
+    ),
+    h(
+      "button",
+      {
+        type: "button",
+        class: "row-action",
+        title: `Leave ${name}`,
+        "aria-label": `Leave ${name}`,
+        "data-testid": "room-leave",
+        onclick: () => leaveRoom(name),
+      },
+      "×",
+    ),
+  );
+  const room = { name, joined: false, unread: 0, row, badge, sub };
+  state.rooms.set(name, room);
+  insertSorted(ui.roomList, row, name);
+  show(ui.roomEmpty, false);
+  save();
+  return room;
+}
+
+function setRoomJoined(room, joined, problem) {
+  room.joined = joined;
+  room.row.dataset.joined = joined ? "yes" : "no";
+  room.sub.textContent = joined ? "joined" : problem || "not joined";
+  room.row.classList.toggle("problem", Boolean(problem));
+  if (state.active === `room:${room.name}`) {
+    renderHeader();
+    updateComposer();
+  }
+}
+
+function joinRoom(name, { rejoin = false } = {}) {
+  const sent = request({ type: "join", room: name }, (reply) => {
+    const room = state.rooms.get(name);
+    if (!reply) return;
+    if (reply.type === "ack" && reply.status === "ok") {
+      const fresh = !room;
+      const joined = room || addRoom(name);
+      setRoomJoined(joined, true);
+      if (fresh) select(`room:${name}`);
+    } else if (reply.type === "error") {
+      if (room) setRoomJoined(room, false, reply.code);
+      if (!rejoin) setError(ui.roomError, `${reply.code}: ${reply.message}`);
+    }
+  });
+  if (sent === null && !rejoin) setError(ui.roomError, "Not connected: try again once connected.");
+}
+
+function leaveRoom(name) {
+  const room = state.rooms.get(name);
+  if (!room) return;
+  if (room.joined) request({ type: "leave", room: name });
+  room.row.remove();
+  state.rooms.delete(name);
+  state.convs.delete(`room:${name}`);
+  show(ui.roomEmpty, state.rooms.size === 0);
+  if (state.active === `room:${name}`) select(null);
+  save();
+}
+
+// ---------------------------------------------------------------------------
+// Conversations and messages
+// ---------------------------------------------------------------------------
+
+function conversation(key) {
+  let conv = state.convs.get(key);
+  if (!conv) {
+    const [kind, ...rest] = key.split(":");
+    conv = { kind, peer: rest.join(":"), nodes: [] };
+    state.convs.set(key, conv);
+  }
+  return conv;
+}
+
+function messageNode({ dir, from, body, ts, msgId }) {
+  const time = clockTime(ts);
+  const node = h(
+    "li",
+    {
+      class: `msg ${dir}`,
+      "data-testid": "message",
+      "data-dir": dir,
+      "data-from": from,
+      "data-msg-id": msgId,
+      "data-ts": typeof ts === "number" ? ts : Date.now(),
+    },
+    h(
+      "div",
+      { class: "meta" },
+      h("span", { class: "from", "data-testid": "message-from" }, from),
+      h("time", { class: "time", "data-testid": "message-time", datetime: time.iso, title: time.full }, time.short),
+    ),
+    h("div", { class: "bubble", "data-testid": "message-body" }, bodyText(body)),
+  );
+  return node;
+}
+
+function ackLabel(node) {
+  const label = h("span", { class: "ack", "data-testid": "message-ack", "data-status": "pending" }, "sending");
+  node.append(label);
+  return (status, title) => {
+    label.dataset.status = status;
+    label.textContent = status;
+    label.title = title || "";
+    node.dataset.status = status;
+  };
+}
+
+const GROUP_MS = 5 * 60 * 1000;
+
+function appendMessage(key, node) {
+  const conv = conversation(key);
+  const prev = conv.nodes[conv.nodes.length - 1];
+  // Consecutive messages of one sender share one name/time line.
+  if (
+    prev &&
+    prev.dataset.dir === node.dataset.dir &&
+    prev.dataset.from === node.dataset.from &&
+    Math.abs(Number(node.dataset.ts) - Number(prev.dataset.ts)) < GROUP_MS
+  ) {
+    node.classList.add("cont");
+  }
+  conv.nodes.push(node);
+  if (state.active === key) {
+    const list = listFor(conv);
+    const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 80;
+    list.append(node);
+    if (atBottom || node.dataset.dir === "out") list.scrollTop = list.scrollHeight;
+  } else {
+    const owner = conv.kind === "dm" ? state.contacts.get(conv.peer) : state.rooms.get(conv.peer);
+    if (owner) {
+      owner.unread += 1;
+      owner.badge.textContent = String(owner.unread);
+      show(owner.badge, true);
+      updateTitle();
+    }
+  }
+}
+
+function onDirect(frame) {
+  if (typeof frame.from !== "string") return;
+  addContact(frame.from, { quiet: !state.connected });
+  appendMessage(
+    `dm:${frame.from}`,
+    messageNode({ dir: "in", from: frame.from, body: frame.body, ts: frame.ts, msgId: frame.msg_id }),
+  );
+}
+
+function onRoom(frame) {
+  if (typeof frame.room !== "string" || !state.rooms.has(frame.room)) return;
+  appendMessage(
+    `room:${frame.room}`,
+    messageNode({ dir: "in", from: String(frame.from), body: frame.body, ts: frame.ts, msgId: frame.msg_id }),
+  );
+}
+
+function sendMessage(text) {
+  const conv = state.active && conversation(state.active);
+  if (!conv || !state.connected) return false;
+  const body = { text };
+  const node = messageNode({ dir: "out", from: state.me, body, ts: Date.now() });
+  const setAck = ackLabel(node);
+  const frame = conv.kind === "dm" ? { type: "dm", to: conv.peer, body } : { type: "room", room: conv.peer, body };
+  const id = request(frame, (reply) => {
+    if (!reply) setAck("lost", "the connection closed before the server answered");
+    else if (reply.type === "ack") {
+      setAck(String(reply.status), reply.msg_id ? `msg_id ${reply.msg_id}` : "");
+      if (reply.msg_id) node.dataset.msgId = reply.msg_id;
+    } else if (reply.type === "error") setAck(String(reply.code), String(reply.message));
+  });
+  if (id === null) return false;
+  node.dataset.requestId = String(id);
+  appendMessage(state.active, node);
+  return true;
+}
+
+function listFor(conv) {
+  return conv.kind === "room" ? ui.roomMessages : ui.dmMessages;
+}
+
+function select(key) {
+  state.active = key;
+  for (const list of [ui.dmMessages, ui.roomMessages]) {
+    list.replaceChildren();
+    show(list, false);
+  }
+  for (const row of document.querySelectorAll(".row")) row.classList.remove("selected");
+  show(ui.convEmpty, !key);
+  show(ui.composer, Boolean(key));
+  if (key) {
+    const conv = conversation(key);
+    const owner = conv.kind === "dm" ? state.contacts.get(conv.peer) : state.rooms.get(conv.peer);
+    if (owner) {
+      owner.row.classList.add("selected");
+      owner.unread = 0;
+      show(owner.badge, false);
+    }
+    const list = listFor(conv);
+    list.append(...conv.nodes);
+    show(list, true);
+    list.scrollTop = list.scrollHeight;
+    ui.composerInput.focus();
+  }
+  renderHeader();
+  updateComposer();
+  updateTitle();
+}
+
+function renderHeader() {
+  const conv = state.active && conversation(state.active);
+  show(ui.convAvatar, Boolean(conv));
+  if (!conv) {
+    ui.convTitle.textContent = "Switchboard";
+    ui.convSub.textContent = "";
+    ui.convSub.dataset.presence = "";
+    return;
+  }
+  fillAvatar(ui.convAvatar, conv.peer, conv.kind);
+  ui.convTitle.textContent = conv.peer;
+  if (conv.kind === "dm") {
+    const presence = state.contacts.get(conv.peer)?.presence || "unknown";
+    ui.convSub.textContent =
+      presence === "online" ? "online" : presence === "offline" ? "offline — messages are not stored" : "presence unknown";
+    ui.convSub.dataset.presence = presence;
+  } else {
+    const room = state.rooms.get(conv.peer);
+    ui.convSub.textContent = room?.joined ? "room · joined" : "room · not joined";
+    ui.convSub.dataset.presence = "";
+  }
+}
+
+function updateComposer() {
+  const conv = state.active && conversation(state.active);
+  const roomReady = !conv || conv.kind !== "room" || state.rooms.get(conv.peer)?.joined;
+  const ready = Boolean(conv) && state.connected && roomReady;
+  ui.composerSend.disabled = !ready;
+  ui.composerInput.placeholder = !state.connected
+    ? "Not connected — reconnecting…"
+    : !conv
+      ? "Message"
+      : conv.kind === "dm"
+        ? `Message ${conv.peer}`
+        : roomReady
+          ? `Message #${conv.peer}`
+          : "Joining the room…";
+}
+
+function updateTitle() {
+  let unread = 0;
+  for (const owner of [...state.contacts.values(), ...state.rooms.values()]) unread += owner.unread;
+  const who = state.me ? `${state.me}${state.instance ? ` @ ${state.instance}` : ""} — ` : "";
+  document.title = `${unread ? `(${unread}) ` : ""}${who}Switchboard`;
+}
+
+function notice(text) {
+  setError(ui.contactError, text);
+}
+
+function setError(el, text) {
+  el.textContent = text || "";
+  show(el, Boolean(text));
+}
+
+// ---------------------------------------------------------------------------
+// Sign-in and sign-out
+// ---------------------------------------------------------------------------
+
+async function signIn() {
+  setError(ui.signinError, "");
+  const token = ui.signinToken.value.trim();
+  const user = ui.signinUser.value.trim();
+  if (!token && !user) {
+    setError(ui.signinError, "Enter a user name or paste a token.");
+    return;
+  }
+  if (!token && !NAME_RE.test(user)) {
+    setError(ui.signinError, `A user name is ${NAME_RULE}.`);
+    return;
+  }
+  state.creds = token ? { token } : { user };
+  ui.signinSubmit.disabled = true;
+  ui.signinSubmit.textContent = "Signing in…";
+  const verdict = await probe();
+  ui.signinSubmit.disabled = false;
+  ui.signinSubmit.textContent = "Sign in";
+  if (!verdict.ok) {
+    state.creds = null;
+    setError(ui.signinError, verdict.fatal ? verdict.message : `Cannot connect: ${verdict.message}.`);
+    return;
+  }
+  ui.signinToken.value = "";
+  state.wanted = true;
+  state.attempt = 0;
+  show(ui.signin, false);
+  show(ui.app, true);
+  ui.meName.textContent = user || "…";
+  fillAvatar(ui.meAvatar, user || "?");
+  connect();
+}
+
+function signOut(error) {
+  state.wanted = false;
+  clearTimeout(state.retryTimer);
+  clearInterval(state.countdownTimer);
+  const ws = state.ws;
+  state.ws = null;
+  state.connected = false;
+  if (ws) ws.close(1000, "signed out");
+  failPending();
+  Object.assign(state, { creds: null, me: null, instance: null, attempt: 0, active: null });
+  state.contacts.clear();
+  state.rooms.clear();
+  state.convs.clear();
+  ui.contactList.replaceChildren();
+  ui.roomList.replaceChildren();
+  show(ui.contactEmpty, true);
+  show(ui.roomEmpty, true);
+  for (const el of [ui.contactError, ui.roomError]) setError(el, "");
+  ui.instance.textContent = "–";
+  select(null);
+  show(ui.app, false);
+  show(ui.signin, true);
+  setError(ui.signinError, error || "");
+  ui.signinUser.focus();
+}
+
+// ---------------------------------------------------------------------------
+// Wiring
+// ---------------------------------------------------------------------------
+
+function onSubmit(form, handler) {
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    handler();
+  });
+}
+
+onSubmit(ui.signinForm, signIn);
+
+onSubmit(ui.contactForm, () => {
+  const name = ui.contactInput.value.trim();
+  if (!NAME_RE.test(name)) {
+    setError(ui.contactError, `A user name is ${NAME_RULE}.`);
+    return;
+  }
+  setError(ui.contactError, "");
+  ui.contactInput.value = "";
+  addContact(name);
+  select(`dm:${name}`);
+});
+
+onSubmit(ui.roomForm, () => {
+  const name = ui.roomInput.value.trim();
+  if (!NAME_RE.test(name)) {
+    setError(ui.roomError, `A room name is ${NAME_RULE}.`);
+    return;
+  }
+  setError(ui.roomError, "");
+  ui.roomInput.value = "";
+  if (state.rooms.has(name)) select(`room:${name}`);
+  else joinRoom(name);
+});
+
+onSubmit(ui.composer, () => {
+  const text = ui.composerInput.value;
+  if (!text.trim()) return;
+  if (text.length > MAX_BODY_CHARS) {
+    ui.composerInput.setCustomValidity("Message too long");
+    ui.composerInput.reportValidity();
+    return;
+  }
+  ui.composerInput.setCustomValidity("");
+  if (sendMessage(text)) ui.composerInput.value = "";
+});
+
+$("signout").addEventListener("click", () => signOut());
+$("reconnect-now").addEventListener("click", reconnectNow);
+window.addEventListener("online", reconnectNow);
+
+setInterval(pollPresence, PRESENCE_EVERY_MS);
+
+$("signin-host").textContent = location.host;
+ui.signinUser.value = storageGet(LAST_USER_KEY) || "";
+(ui.signinUser.value ? ui.signinSubmit : ui.signinUser).focus();

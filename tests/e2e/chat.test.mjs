@@ -1,0 +1,514 @@
+// End-to-end test of the chat page (web/) in a real browser: headless Debian
+// Chromium driven by playwright-core, against a private redis-server and two
+// Switchboard instances started here. Run with `bash tests/e2e/run.sh`, or,
+// once the server is built: `node --test tests/e2e/chat.test.mjs`.
+//
+// Environment: SWITCHBOARD_BIN (default target/debug/switchboard),
+// CHROMIUM_PATH (default /usr/bin/chromium), SCREENSHOT_DIR (default docs/img).
+
+import { after, before, test } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import fs from "node:fs";
+import net from "node:net";
+import os from "node:os";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { chromium } from "playwright-core";
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
+const BIN = process.env.SWITCHBOARD_BIN || path.join(ROOT, "target/debug/switchboard");
+const CHROMIUM = process.env.CHROMIUM_PATH || "/usr/bin/chromium";
+const SHOTS = process.env.SCREENSHOT_DIR || path.join(ROOT, "docs/img");
+const CHROMIUM_ARGS = [
+  "--headless",
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--no-first-run",
+  "--disable-quic",
+  "--disable-sync",
+];
+const VIEWPORT = { width: 800, height: 600 };
+const XSS = "<img src=x onerror=alert(1)>";
+
+// ---------------------------------------------------------------------------
+// Processes: everything started here is tracked by pid and killed at the end.
+// ---------------------------------------------------------------------------
+
+const work = fs.mkdtempSync(path.join(os.tmpdir(), "switchboard-e2e-"));
+const children = new Set();
+
+function killAll(signal = "SIGKILL") {
+  for (const child of children) {
+    try {
+      process.kill(child.pid, signal);
+    } catch {
+      // already gone
+    }
+  }
+}
+process.on("exit", () => killAll());
+for (const signal of ["SIGINT", "SIGTERM"]) {
+  process.once(signal, () => {
+    killAll();
+    process.exit(130);
+  });
+}
+
+function start(name, command, args) {
+  const log = path.join(work, `${name}.log`);
+  const fd = fs.openSync(log, "a");
+  const child = spawn(command, args, {
+    stdio: ["ignore", fd, fd],
+    env: { ...process.env, RUST_LOG: process.env.RUST_LOG || "info", NO_COLOR: "1" },
+  });
+  fs.closeSync(fd);
+  child.label = name;
+  child.logPath = log;
+  child.exited = new Promise((resolve) => {
+    child.once("exit", (code, signal) => {
+      children.delete(child);
+      resolve({ code, signal });
+    });
+    child.once("error", (error) => {
+      children.delete(child);
+      resolve({ code: null, signal: null, error });
+    });
+  });
+  children.add(child);
+  return child;
+}
+
+async function stop(child, signal = "SIGTERM", ms = 10000) {
+  if (!children.has(child)) return child.exited;
+  process.kill(child.pid, signal);
+  const timer = sleep(ms).then(() => "timeout");
+  if ((await Promise.race([child.exited, timer])) === "timeout") {
+    process.kill(child.pid, "SIGKILL");
+    await child.exited;
+    throw new Error(`${child.label} (pid ${child.pid}) ignored ${signal} for ${ms} ms`);
+  }
+  return child.exited;
+}
+
+function tail(file, lines = 25) {
+  try {
+    return fs.readFileSync(file, "utf8").trimEnd().split("\n").slice(-lines).join("\n");
+  } catch {
+    return "(no log)";
+  }
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** Polls `probe` until it returns something truthy; fails with `what`. */
+async function until(what, probe, ms = 10000) {
+  const deadline = Date.now() + ms;
+  let last;
+  for (;;) {
+    try {
+      last = await probe();
+      if (last) return last;
+    } catch (error) {
+      last = error;
+    }
+    if (Date.now() > deadline) {
+      throw new Error(`timed out after ${ms} ms waiting for: ${what} (last: ${last})`);
+    }
+    await sleep(100);
+  }
+}
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer();
+    server.once("error", reject);
+    server.listen(0, "127.0.0.1", () => {
+      const { port } = server.address();
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+function redisPing(socket) {
+  return new Promise((resolve) => {
+    const conn = net.createConnection({ path: socket });
+    conn.setTimeout(500);
+    conn.once("connect", () => conn.write("PING\r\n"));
+    conn.once("data", (data) => {
+      conn.destroy();
+      resolve(data.toString().startsWith("+PONG"));
+    });
+    conn.once("error", () => resolve(false));
+    conn.once("timeout", () => {
+      conn.destroy();
+      resolve(false);
+    });
+  });
+}
+
+const redisSocket = path.join(work, "r.sock");
+let redis;
+
+function startInstance(id, port) {
+  const child = start(id, BIN, [
+    "--auth", "none",
+    "--redis-url", `redis+unix://${redisSocket}`,
+    "--instance-id", id,
+    "--listen", `127.0.0.1:${port}`,
+  ]);
+  child.port = port;
+  return child;
+}
+
+async function waitReady(child) {
+  await until(`${child.label} /readyz on port ${child.port}`, async () => {
+    if (!children.has(child)) {
+      throw new Error(`${child.label} exited early:\n${tail(child.logPath)}`);
+    }
+    try {
+      const response = await fetch(`http://127.0.0.1:${child.port}/readyz`);
+      return response.status === 200;
+    } catch {
+      return false;
+    }
+  }, 20000);
+}
+
+// ---------------------------------------------------------------------------
+// Browser
+// ---------------------------------------------------------------------------
+
+let browser;
+const pages = {}; // alice, bob: { page, dialogs, problems }
+const instances = {}; // node1, node2
+let failed = false;
+
+async function openPage(name) {
+  const context = await browser.newContext({ viewport: VIEWPORT, deviceScaleFactor: 1 });
+  const page = await context.newPage();
+  const entry = { page, dialogs: [], problems: [] };
+  page.on("dialog", (dialog) => {
+    entry.dialogs.push(`${dialog.type()}: ${dialog.message()}`);
+    dialog.dismiss().catch(() => {});
+  });
+  page.on("pageerror", (error) => entry.problems.push(`page error: ${error.message}`));
+  page.on("console", (message) => {
+    if (/Content.Security.Policy/i.test(message.text())) {
+      entry.problems.push(`CSP: ${message.text()}`);
+    }
+  });
+  page.setDefaultTimeout(10000);
+  pages[name] = entry;
+  return page;
+}
+
+const byTest = (page, id) => page.locator(`[data-testid="${id}"]`);
+const contactRow = (page, user) => page.locator(`[data-testid="contact-row"][data-user="${user}"]`);
+const roomRow = (page, room) => page.locator(`[data-testid="room-row"][data-room="${room}"]`);
+const attr = (locator, name) => locator.getAttribute(name, { timeout: 1000 });
+
+async function messages(page, list = "message-list") {
+  return byTest(page, list).locator('[data-testid="message"]').evaluateAll((nodes) =>
+    nodes.map((node) => ({
+      dir: node.dataset.dir,
+      from: node.querySelector('[data-testid="message-from"]').textContent,
+      body: node.querySelector('[data-testid="message-body"]').textContent,
+      time: node.querySelector('[data-testid="message-time"]').textContent,
+      ack: node.querySelector('[data-testid="message-ack"]')?.dataset.status ?? null,
+      ackText: node.querySelector('[data-testid="message-ack"]')?.textContent ?? null,
+    })),
+  );
+}
+
+async function lastMessage(page, list = "message-list") {
+  const all = await messages(page, list);
+  return all[all.length - 1];
+}
+
+async function send(page, text) {
+  const input = byTest(page, "composer-input");
+  await input.fill(text);
+  await input.press("Enter");
+}
+
+/** Sends a message and waits for its ack label to leave "pending". */
+async function sendAndAck(page, text, list = "message-list") {
+  await send(page, text);
+  return until(`ack of ${JSON.stringify(text)}`, async () => {
+    const last = await lastMessage(page, list);
+    return last && last.body === text && last.ack !== "pending" && last;
+  });
+}
+
+async function signIn(page, port, user) {
+  await page.goto(`http://127.0.0.1:${port}/`);
+  await byTest(page, "signin-user").fill(user);
+  await byTest(page, "signin-submit").click();
+  await until(`${user} connected`, async () =>
+    (await attr(byTest(page, "conn-state"), "data-state")) === "connected");
+}
+
+async function instanceLabel(page) {
+  return byTest(page, "instance-label").textContent();
+}
+
+// ---------------------------------------------------------------------------
+// Set-up and tear-down
+// ---------------------------------------------------------------------------
+
+before(async () => {
+  assert.ok(fs.existsSync(BIN), `${BIN} is missing: build it first (cargo build --bin switchboard)`);
+  try {
+    browser = await chromium.launch({
+      executablePath: CHROMIUM,
+      headless: true,
+      args: CHROMIUM_ARGS,
+      timeout: 30000,
+    });
+  } catch (error) {
+    throw new Error(`cannot start Chromium at ${CHROMIUM} (install Debian's chromium package): ${error.message}`);
+  }
+  redis = start("redis", "redis-server", [
+    "--port", "0",
+    "--unixsocket", redisSocket,
+    "--save", "",
+    "--appendonly", "no",
+    "--dir", work,
+  ]);
+  await until("redis-server answering PING", async () => {
+    if (!children.has(redis)) throw new Error(`redis-server exited:\n${tail(redis.logPath)}`);
+    return redisPing(redisSocket);
+  });
+  instances.node1 = startInstance("node1", await freePort());
+  instances.node2 = startInstance("node2", await freePort());
+  await Promise.all([waitReady(instances.node1), waitReady(instances.node2)]);
+  await openPage("alice");
+  await openPage("bob");
+});
+
+after(async () => {
+  if (browser) await browser.close().catch(() => {});
+  const running = [...children].filter((child) => child !== redis);
+  await Promise.all(running.map((child) => stop(child, "SIGTERM", 5000).catch(() => {})));
+  if (redis) await stop(redis, "SIGTERM", 5000).catch(() => {});
+  if (failed) {
+    for (const file of fs.readdirSync(work).filter((f) => f.endsWith(".log"))) {
+      console.log(`---- ${file} (last lines)\n${tail(path.join(work, file))}`);
+    }
+  }
+  fs.rmSync(work, { recursive: true, force: true });
+});
+
+/** A test that stops the sequence at the first failure (later steps fail fast). */
+function step(name, fn, timeout = 30000) {
+  test(name, { timeout }, async () => {
+    if (failed) throw new Error("not run: an earlier step failed");
+    try {
+      await fn();
+    } catch (error) {
+      failed = true;
+      throw error;
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// The scenario
+// ---------------------------------------------------------------------------
+
+step("the page is served with its CSP and refused credentials show an error", async () => {
+  const response = await fetch(`http://127.0.0.1:${instances.node1.port}/`);
+  assert.equal(response.status, 200);
+  assert.match(response.headers.get("content-security-policy") || "", /script-src 'self'/);
+
+  const { page } = pages.bob;
+  await page.goto(`http://127.0.0.1:${instances.node2.port}/`);
+  await byTest(page, "signin-token").fill("not-a-valid-token");
+  await byTest(page, "signin-submit").click();
+  const error = byTest(page, "signin-error");
+  await error.waitFor({ state: "visible" });
+  assert.match(await error.textContent(), /invalid credentials/i);
+  assert.ok(await byTest(page, "signin-form").isVisible(), "still on the sign-in form");
+  assert.doesNotMatch(page.url(), /token/, "the token never enters the page URL");
+  await byTest(page, "signin-token").fill("");
+});
+
+step("alice signs in on node1 and bob on node2", async () => {
+  await signIn(pages.alice.page, instances.node1.port, "alice");
+  await signIn(pages.bob.page, instances.node2.port, "bob");
+  assert.equal(await instanceLabel(pages.alice.page), "node1");
+  assert.equal(await instanceLabel(pages.bob.page), "node2");
+  assert.equal(await byTest(pages.alice.page, "identity-user").textContent(), "alice");
+  assert.equal(await byTest(pages.bob.page, "identity-user").textContent(), "bob");
+});
+
+step("alice adds bob (online) and carol (offline)", async () => {
+  const { page } = pages.alice;
+  for (const user of ["carol", "bob"]) {
+    await byTest(page, "contact-add-input").fill(user);
+    await byTest(page, "contact-add-button").click();
+  }
+  await until("bob online on alice's page", async () =>
+    (await attr(contactRow(page, "bob"), "data-presence")) === "online");
+  await until("carol offline on alice's page", async () =>
+    (await attr(contactRow(page, "carol"), "data-presence")) === "offline");
+  assert.equal(
+    await contactRow(page, "bob").locator('[data-testid="presence-dot"]').getAttribute("data-presence"),
+    "online",
+  );
+});
+
+step("a DM crosses instances: routed, shown on bob's page, answered", async () => {
+  const alice = pages.alice.page;
+  const bob = pages.bob.page;
+  await contactRow(alice, "bob").locator(".row-main").click();
+  const sent = await sendAndAck(alice, "hello bob");
+  assert.equal(sent.ack, "routed");
+  assert.equal(sent.ackText, "routed");
+
+  // bob gets alice as a new contact with an unread badge, then opens the chat.
+  const unread = contactRow(bob, "alice").locator('[data-testid="unread"]');
+  await until("unread badge on bob's page", async () => (await unread.textContent()) === "1");
+  await contactRow(bob, "alice").locator(".row-main").click();
+  const got = await until("alice's DM on bob's page", () => lastMessage(bob));
+  assert.equal(got.dir, "in");
+  assert.equal(got.from, "alice");
+  assert.equal(got.body, "hello bob");
+  assert.match(got.time, /\d/);
+
+  const reply = await sendAndAck(bob, "hi alice");
+  assert.equal(reply.ack, "routed");
+  await until("bob's reply on alice's page", async () => (await lastMessage(alice)).body === "hi alice");
+  assert.equal((await lastMessage(alice)).from, "bob");
+
+  // A DM to a user nobody holds is acked `offline`.
+  await contactRow(alice, "carol").locator(".row-main").click();
+  assert.equal((await sendAndAck(alice, "are you there?")).ack, "offline");
+  await contactRow(alice, "bob").locator(".row-main").click();
+});
+
+step("both join a room and exchange room messages", async () => {
+  for (const { page } of [pages.alice, pages.bob]) {
+    await byTest(page, "room-join-input").fill("lobby");
+    await byTest(page, "room-join-button").click();
+    await until("lobby joined", async () => (await attr(roomRow(page, "lobby"), "data-joined")) === "yes");
+    await byTest(page, "room-message-list").waitFor({ state: "visible" });
+  }
+  const alice = pages.alice.page;
+  const bob = pages.bob.page;
+  const mine = await sendAndAck(alice, "hello lobby", "room-message-list");
+  assert.equal(mine.ack, "ok");
+  assert.equal(mine.dir, "out", "the sender's own room message is echoed locally");
+  await until("alice's room message on bob's page", async () => {
+    const last = await lastMessage(bob, "room-message-list");
+    return last && last.body === "hello lobby" && last.from === "alice";
+  });
+  assert.equal((await sendAndAck(bob, "hi everyone", "room-message-list")).ack, "ok");
+  await until("bob's room message on alice's page", async () => {
+    const last = await lastMessage(alice, "room-message-list");
+    return last && last.body === "hi everyone" && last.from === "bob";
+  });
+  const aliceRoom = await messages(alice, "room-message-list");
+  assert.deepEqual(aliceRoom.map((m) => m.body), ["hello lobby", "hi everyone"], "no duplicate echo");
+});
+
+step("bob's instance restarts: offline, then bob reconnects by himself", async () => {
+  const alice = pages.alice.page;
+  const bob = pages.bob.page;
+  const { port } = instances.node2;
+  const exit = await stop(instances.node2, "SIGTERM");
+  assert.equal(exit.code, 0, `node2 exit: ${JSON.stringify(exit)}\n${tail(instances.node2.logPath)}`);
+
+  await until("bob's page notices the drop", async () =>
+    (await attr(byTest(bob, "conn-state"), "data-state")) !== "connected");
+  await until("bob offline on alice's page", async () =>
+    (await attr(contactRow(alice, "bob"), "data-presence")) === "offline");
+
+  instances.node2 = startInstance("node2b", port);
+  await waitReady(instances.node2);
+  const restarted = Date.now();
+  await until("bob's page reconnected", async () =>
+    (await attr(byTest(bob, "conn-state"), "data-state")) === "connected", 20000);
+  console.log(`# bob reconnected ${Date.now() - restarted} ms after node2b was ready`);
+  assert.equal(await instanceLabel(bob), "node2b");
+  await until("bob online again on alice's page", async () =>
+    (await attr(contactRow(alice, "bob"), "data-presence")) === "online");
+
+  // The DM flow resumes.
+  await contactRow(alice, "bob").locator(".row-main").click();
+  const sent = await sendAndAck(alice, "welcome back");
+  assert.equal(sent.ack, "routed");
+  await contactRow(bob, "alice").locator(".row-main").click();
+  await until("the DM after the restart on bob's page", async () =>
+    (await lastMessage(bob)).body === "welcome back");
+
+  // The page joined its rooms again on the new connection.
+  await until("bob back in lobby", async () => (await attr(roomRow(bob, "lobby"), "data-joined")) === "yes");
+  await roomRow(alice, "lobby").locator(".row-main").click();
+  assert.equal((await sendAndAck(alice, "room works again", "room-message-list")).ack, "ok");
+  await roomRow(bob, "lobby").locator(".row-main").click();
+  await until("room message after the restart on bob's page", async () =>
+    (await lastMessage(bob, "room-message-list")).body === "room works again");
+});
+
+step("a body with markup is shown as text, never run", async () => {
+  const alice = pages.alice.page;
+  const bob = pages.bob.page;
+  await contactRow(alice, "bob").locator(".row-main").click();
+  await contactRow(bob, "alice").locator(".row-main").click();
+  assert.equal((await sendAndAck(alice, XSS)).ack, "routed");
+  await until("the markup body on bob's page", async () => (await lastMessage(bob)).body === XSS);
+  // The CSP would also block the inline handler: the real proof is that no
+  // element was created from the body.
+  assert.equal(await byTest(bob, "message-list").locator("img").count(), 0);
+  assert.equal(await byTest(alice, "message-list").locator("img").count(), 0);
+  await sleep(300);
+  assert.deepEqual(pages.bob.dialogs, []);
+  assert.deepEqual(pages.alice.dialogs, []);
+});
+
+step("no script errors and no CSP violations on either page", async () => {
+  assert.deepEqual(pages.alice.problems, []);
+  assert.deepEqual(pages.bob.problems, []);
+});
+
+step("screenshots for the README", async () => {
+  const alice = pages.alice.page;
+  const bob = pages.bob.page;
+  // A last friendly exchange so the pictures end on a readable note.
+  await sendAndAck(bob, "that was just text, nice");
+  await until("bob's last DM on alice's page", async () =>
+    (await lastMessage(alice)).body === "that was just text, nice");
+  // bob looks at the room; alice's next DM shows as an unread badge there.
+  await roomRow(bob, "lobby").locator(".row-main").click();
+  await sendAndAck(alice, "see you in the lobby!");
+  await until("unread badge for alice's last DM on bob's page", async () =>
+    (await contactRow(bob, "alice").locator('[data-testid="unread"]').textContent()) === "1");
+  await alice.mouse.move(600, 20);
+  await bob.mouse.move(600, 20);
+
+  fs.mkdirSync(SHOTS, { recursive: true });
+  const aliceShot = await alice.screenshot({ path: path.join(SHOTS, "chat-alice.png") });
+  const bobShot = await bob.screenshot({ path: path.join(SHOTS, "chat-bob.png") });
+
+  // Side by side, composed by the browser itself (about:blank has no CSP).
+  const gap = 12;
+  const canvas = await browser.newPage({
+    viewport: { width: VIEWPORT.width * 2 + gap * 3, height: VIEWPORT.height + gap * 2 },
+  });
+  const img = (png, label) =>
+    `<img alt="${label}" src="data:image/png;base64,${png.toString("base64")}"` +
+    ` style="display:block;width:${VIEWPORT.width}px;height:${VIEWPORT.height}px;border-radius:8px">`;
+  await canvas.setContent(
+    `<body style="margin:0;padding:${gap}px;display:flex;gap:${gap}px;background:#c9cedd">` +
+      `${img(aliceShot, "alice on node1")}${img(bobShot, "bob on node2b")}</body>`,
+  );
+  await canvas.screenshot({ path: path.join(SHOTS, "chat.png") });
+  await canvas.close();
+  for (const name of ["chat.png", "chat-alice.png", "chat-bob.png"]) {
+    assert.ok(fs.statSync(path.join(SHOTS, name)).size > 10000, `${name} written`);
+  }
+});

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Browser end-to-end test of the chat page (CI entry, called by .ci/run).
+# Installs what it needs when missing (Debian's chromium and redis-server,
+# playwright-core from package-lock.json), builds the server, then runs
+# tests/e2e/chat.test.mjs under node's test runner. Never skips: a browser
+# that cannot start is a failure.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+cd "$root"
+started=$SECONDS
+
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "== installing ${missing[*]} (Debian packages)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+command -v node >/dev/null 2>&1 || { echo "node (>= 20) is required" >&2; exit 1; }
+node -e 'if (+process.versions.node.split(".")[0] < 20) { console.error(`node >= 20 required, found ${process.version}`); process.exit(1) }'
+# Chromium's launcher script prints harmless shell noise on some machines.
+echo "chromium: $(/usr/bin/chromium --version 2>/dev/null)"
+
+pinned=$(node -p 'require("./tests/e2e/package-lock.json").packages["node_modules/playwright-core"].version')
+have=$(node -p 'try { require("./tests/e2e/node_modules/playwright-core/package.json").version } catch { "" }')
+if [ "$have" != "$pinned" ]; then
+  echo "== npm ci (playwright-core $pinned)"
+  (cd tests/e2e && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+echo "== cargo build --bin switchboard"
+cargo build --locked --bin switchboard
+echo "(set-up and build: $((SECONDS - started)) s)"
+
+test_started=$SECONDS
+status=0
+node --test tests/e2e/chat.test.mjs || status=$?
+echo "(browser e2e: $((SECONDS - test_started)) s)"
+exit "$status"
