@@ -143,6 +143,12 @@ pub async fn run_with_backend(
         metrics,
     } = backend;
     let instance = config.instance().to_owned();
+    // Small frames (acks, DMs) must not wait for Nagle's algorithm and the
+    // peer's delayed ACK (~40 ms). warp cannot configure accepted sockets, but
+    // on Linux they inherit TCP_NODELAY from the listening socket.
+    if let Err(e) = socket2::SockRef::from(&listener).set_tcp_nodelay(true) {
+        tracing::warn!(error = %e, "cannot set TCP_NODELAY; small frames may be delayed");
+    }
     let tracker = TaskTracker::new();
     let router = Arc::new(Router::new(
         &instance,

@@ -188,6 +188,10 @@ pub async fn run(
     .unwrap_or_else(|_| Err("connect timeout".to_owned()));
     let mut ws = match opened {
         Ok((ws, us)) => {
+            // Usable before it is reported ready: the first step counts on it.
+            shared.slots[slot as usize]
+                .connected
+                .store(true, Ordering::Release);
             let _ = ready.send((slot, Ok(us)));
             ws
         }
@@ -197,9 +201,6 @@ pub async fn run(
         }
     };
     drop(ready);
-    shared.slots[slot as usize]
-        .connected
-        .store(true, Ordering::Release);
 
     loop {
         let event = poll_fn(|cx| conn.poll_session(&mut ws, &mut rx, cx)).await;
