@@ -89,10 +89,7 @@ impl ConnHandle {
     /// a slow consumer; returns whether the frame was queued.
     pub fn send(&self, frame: Message, metrics: &Metrics) -> bool {
         match self.outbound.try_send(frame) {
-            Ok(()) => {
-                metrics.delivered.inc();
-                true
-            }
+            Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 metrics.dropped_slow_consumer.inc();
                 self.close(CloseReason::SlowConsumer);

@@ -359,6 +359,12 @@ pub struct Derived {
     pub machine_busy_cores: Option<f64>,
     /// Whole machine steal over the window, cores.
     pub machine_steal_cores: Option<f64>,
+    /// Whole machine irq + softirq over the window, cores (not charged to any process).
+    pub machine_irq_cores: Option<f64>,
+    /// Busy cores not accounted for by the instances, Redis, the loader, this
+    /// benchmark or interrupts: other work on the machine competing with the
+    /// measurement.
+    pub foreign_cores: Option<f64>,
 
     /// Redis `total_net_output_bytes` per delivered message.
     pub redis_out_bytes_per_msg: Option<f64>,
@@ -392,6 +398,9 @@ pub struct Derived {
     /// Things that make a figure doubtful.
     pub warnings: Vec<String>,
 }
+
+/// Above this many cores of other work in the window, a run is flagged.
+const FOREIGN_CORES_WARNING: f64 = 0.25;
 
 /// Per-message figure: `x / messages`, `None` without messages.
 fn per(x: f64, messages: f64) -> Option<f64> {
@@ -507,6 +516,23 @@ pub fn derive(
             d.machine_busy_cores = Some((total - idle) / d.window_s);
             d.machine_steal_cores =
                 Some((after.machine.steal_s - before.machine.steal_s) / d.window_s);
+            d.machine_irq_cores = Some((after.machine.irq_s - before.machine.irq_s) / d.window_s);
+        }
+    }
+
+    if let Some(busy) = d.machine_busy_cores {
+        let ours = d.instance_cpu_s_sum
+            + d.redis_cpu_s.unwrap_or(0.0)
+            + d.loader_cpu_s.unwrap_or(0.0)
+            + d.bench_cpu_s.unwrap_or(0.0);
+        let irq = d.machine_irq_cores.unwrap_or(0.0);
+        let foreign = (busy - irq - ours / d.window_s).max(0.0);
+        d.foreign_cores = Some(foreign);
+        if foreign > FOREIGN_CORES_WARNING {
+            warnings.push(format!(
+                "other processes kept {foreign:.2} cores busy during the window: \
+                 latency and CPU figures are disturbed"
+            ));
         }
     }
 

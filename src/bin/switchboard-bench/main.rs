@@ -44,13 +44,17 @@ use error::BenchError;
 use report::ResultsFile;
 use run::{RunContext, RunRecord};
 
-const WINDOW_NOTE: &str = "CPU (/proc/PID/stat utime+stime), each instance's /metrics and Redis INFO \
-are read once every user is connected (sum of switchboard_connections >= --users, polled every 20 ms \
-after the loader starts) and again once the send phase is over and the instances have queued no \
-frames for three 20 ms polls (the drain is done), or earlier if the loader starts closing or exits. \
-The connect phase and the teardown are outside the window, the drain inside. With --find-max the \
-window ends at the loader's exit and spans the whole ladder (pauses and final disconnects too). \
-Per-message figures divide by the loader's delivered count (all steps with --find-max).";
+const WINDOW_NOTE: &str =
+    "CPU (/proc/PID/stat utime+stime), each instance's /metrics and Redis INFO \
+are read once every user is connected (sum of switchboard_connections reaches the expected count, \
+polled every 20 ms after the loader starts), and again after the drain: from 200 ms before the end \
+of the send phase a snapshot is taken every 20 ms; the window ends at the first one after the send \
+phase that follows three quiet intervals (no frames queued), or, if the loader starts closing its \
+connections first, at the last snapshot taken with every user still connected (or at the loader's \
+exit). The connect phase and the teardown are outside the window, the drain inside. With \
+--find-max the window ends at the loader's exit and spans the whole ladder (pauses and final \
+disconnects too). Per-message figures divide by the loader's delivered count (all steps with \
+--find-max).";
 
 #[tokio::main]
 async fn main() -> ExitCode {

@@ -61,6 +61,10 @@ pub struct MachineCpu {
     pub idle_s: f64,
     /// steal (time the hypervisor ran something else).
     pub steal_s: f64,
+    /// irq + softirq: interrupt work no process is charged for (loopback
+    /// TCP processing largely runs here).
+    #[serde(default)]
+    pub irq_s: f64,
 }
 
 /// Reads `/proc/stat`; zeros if unreadable.
@@ -80,6 +84,7 @@ pub fn machine_cpu() -> MachineCpu {
         total_s: (0..8).map(get).sum::<f64>() / tick,
         idle_s: (get(3) + get(4)) / tick,
         steal_s: get(7) / tick,
+        irq_s: (get(5) + get(6)) / tick,
     }
 }
 

@@ -302,7 +302,7 @@ pub fn markdown(results: &ResultsFile) -> String {
     let _ = writeln!(out, "\n## Details\n");
     let _ = writeln!(
         out,
-        "| mode | N | window s | delivered (loader) / frames queued (instances) | instance cores | Redis cores | machine busy cores | Redis µs/msg (INFO) | loader µs/msg | Redis cmds/msg | commands per msg | bus rx by kind | DMs by path |"
+        "| mode | N | window s | delivered (loader) / frames queued (instances) | instance cores | Redis cores | machine busy cores (irq / other processes) | Redis µs/msg (INFO) | loader µs/msg | Redis cmds/msg | commands per msg | bus rx by kind | DMs by path |"
     );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &results.runs {
@@ -323,7 +323,7 @@ pub fn markdown(results: &ResultsFile) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} / {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} / {} | {} | {} | {} ({} / {}) | {} | {} | {} | {} | {} | {} |",
             r.mode,
             r.nodes,
             f(Some(d.window_s), 2),
@@ -332,6 +332,8 @@ pub fn markdown(results: &ResultsFile) -> String {
             f(d.instance_cores, 2),
             f(d.redis_cores, 2),
             f(d.machine_busy_cores, 2),
+            f(d.machine_irq_cores, 2),
+            f(d.foreign_cores, 2),
             f(d.redis_cpu_us_per_msg_info, 1),
             f(d.loader_cpu_us_per_msg, 1),
             f(d.redis_commands_per_msg, 2),

@@ -1,23 +1,24 @@
 //! One measured run: start a cluster (routing mode x N instances), start the
-//! loader against it, take the "before" snapshot once every user is
-//! connected and the "after" snapshot once the loader has exited, sample a
-//! timeline in between, stop every process, and derive the figures.
+//! loader against it, take a "before" and an "after" snapshot around the
+//! measured window, sample a timeline in between, stop every process, and
+//! derive the figures.
 //!
-//! The measured window starts at the end of the loader's connect phase (sum
-//! of `switchboard_connections` >= `--users`, polled every 20 ms). For a
-//! plain run it ends once the send phase is over (`--duration` + 50 ms after
-//! the start) and the cluster has gone quiet: polled every 20 ms, three
-//! intervals in a row in which the instances queued at most a couple of
-//! frames (`switchboard_delivered_total`) — the drain is done, and the loader
-//! has not begun closing its connections. If a poll sees it closing
-//! (connections drop; not checked with churn), the previous poll's snapshot,
-//! at most 20 ms older and taken with every user still connected, ends the
-//! window; if the loader exits first, the window ends then. So the connect phase and the teardown stay outside,
-//! the drain inside, like the Socket.IO peer's snapshots. With --find-max the
-//! cluster goes quiet between steps, so the window ends when the loader
-//! exits: it spans the whole ladder, its pauses and its final disconnects.
-//! Every wait is bounded, and every process is stopped by pid on success, on
-//! error and on interruption.
+//! The window starts when the loader's connect phase is over: the sum of
+//! `switchboard_connections` reaches the expected connections (polled every
+//! 20 ms). For a plain run it ends after the drain and before the teardown:
+//! from 200 ms before the end of the send phase a full snapshot is taken
+//! every 20 ms, and
+//! - once the send phase is over (+50 ms), three quiet intervals in a row
+//!   (the instances queued at most a couple of frames) end it there;
+//! - if a snapshot sees connections drop (the loader is closing; not checked
+//!   with churn), the previous snapshot, taken with every user still
+//!   connected, becomes "after";
+//! - if the loader exits first, the window ends then.
+//!
+//! With --find-max the cluster goes quiet between steps, so the window ends
+//! when the loader exits: it spans the whole ladder, its pauses and its final
+//! disconnects. Every wait is bounded, and every process is stopped by pid on
+//! success, on error and on interruption.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -333,8 +334,15 @@ async fn measure(
     let window_started = Instant::now();
     let poll_end = !cli.find_max;
     let end_on_close = cli.workload != Workload::Churn;
-    let mut next_end_poll =
-        window_started + Duration::from_secs_f64(cli.duration) + Duration::from_millis(50);
+    // Polls begin a little before the send phase ends, so that a poll taken
+    // with every user still connected exists even when the loader drains and
+    // closes within one interval; "quiet" only counts after the send phase.
+    let send_end = window_started + Duration::from_secs_f64(cli.duration);
+    let mut next_end_poll = send_end
+        .checked_sub(Duration::from_millis(200))
+        .unwrap_or(window_started)
+        .max(window_started);
+    let quiet_from = send_end + Duration::from_millis(50);
     let mut last_frames: Option<f64> = None;
     let mut quiet_polls = 0;
     let mut previous_poll: Option<Snapshot> = None;
@@ -365,7 +373,9 @@ async fn measure(
                 }
                 let frames = snap.frames_queued();
                 match last_frames {
-                    Some(last) if frames - last <= QUIET_FRAMES => quiet_polls += 1,
+                    Some(last) if frames - last <= QUIET_FRAMES && now >= quiet_from => {
+                        quiet_polls += 1
+                    }
                     _ => quiet_polls = 0,
                 }
                 last_frames = Some(frames);

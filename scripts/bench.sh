@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Benchmark matrix: for each routing mode and instance count, a fresh
+# redis-server and N switchboard instances on loopback ports, driven by
+# switchboard-load; writes bench/results/<name>.{json,md,svg}.
+#
+#   scripts/bench.sh                                   # routed,broadcast x N=1,2,4,8, DM 20k/s, 10 s
+#   scripts/bench.sh --nodes 1,2 --rate 5000 --duration 3 --name smoke
+#   scripts/bench.sh --modes routed,broadcast,user-channel --nodes 2,4
+#   scripts/bench.sh --find-max --nodes 2,4            # highest sustained rate per cell
+#   scripts/bench.sh --workload room --rooms 20 --room-members 10 --room-spread 2
+#   scripts/bench.sh --workload churn --churn-rate 20
+#   scripts/bench.sh --help                            # every flag
+#
+# Every argument goes to target/release/switchboard-bench unchanged.
+# SKIP_BUILD=1 uses the binaries already built. The benchmark stops every
+# process it started, by pid, on success, on error and on Ctrl-C.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "bench.sh: redis-server not found in PATH." >&2
+  echo "  Debian/Ubuntu: apt-get install -y redis-server   (the benchmark starts its own instances;" >&2
+  echo "  the system service is not used and can stay stopped)" >&2
+  exit 1
+fi
+
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  echo "bench.sh: building release binaries..." >&2
+  CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2} cargo build --release --bins --quiet
+fi
+
+bin_dir=${CARGO_TARGET_DIR:-$root/target}/release
+for b in switchboard switchboard-load switchboard-bench; do
+  if [ ! -x "$bin_dir/$b" ]; then
+    echo "bench.sh: $bin_dir/$b is missing (did the build succeed?)" >&2
+    exit 1
+  fi
+done
+
+exec "$bin_dir/switchboard-bench" \
+  --server-bin "$bin_dir/switchboard" \
+  --loader-bin "$bin_dir/switchboard-load" \
+  "$@"
