@@ -59,7 +59,8 @@ pub struct Metrics {
     pub bus_published: BusCounters,
     /// Bus messages this instance received, by channel kind.
     pub bus_received: BusCounters,
-    /// Frames handed to local sockets' outbound queues.
+    /// Messages (dm and room frames) queued to local sockets; replies,
+    /// pings and welcome frames are not counted.
     pub delivered: Counter,
     /// Bus messages received for a recipient this instance no longer holds.
     pub dropped_not_here: Counter,
@@ -131,7 +132,7 @@ impl Metrics {
         let delivered = Counter::default();
         registry.register(
             "switchboard_delivered",
-            "Frames queued to local client sockets",
+            "Messages (dm and room frames) queued to local client sockets",
             delivered.clone(),
         );
         let dropped = Family::<ReasonLabel, Counter>::default();

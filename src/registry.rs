@@ -207,10 +207,12 @@ impl Registry {
             Some(conns) => conns.clone(),
             None => return 0,
         };
-        conns
+        let delivered = conns
             .iter()
             .filter(|c| c.send(frame.clone(), metrics))
-            .count()
+            .count();
+        metrics.delivered.inc_by(delivered as u64);
+        delivered
     }
 
     /// How many connections `user` has here.
@@ -275,11 +277,13 @@ impl Registry {
             Some(members) => members.clone(),
             None => return 0,
         };
-        members
+        let delivered = members
             .iter()
             .filter(|c| Some(&*c.id) != except)
             .filter(|c| c.send(frame.clone(), metrics))
-            .count()
+            .count();
+        metrics.delivered.inc_by(delivered as u64);
+        delivered
     }
 
     /// Every local connection (for shutdown).
@@ -321,6 +325,10 @@ mod tests {
         assert_eq!(reg.insert(&a2), 2);
         assert_eq!(reg.deliver_to_user("alice", &Message::text("x"), &m), 2);
         assert!(rx1.try_recv().is_ok() && rx2.try_recv().is_ok());
+        // Replies queued with `send` are not message deliveries.
+        assert!(a1.send(Message::text("ack"), &m));
+        assert_eq!(m.delivered.get(), 2);
+        assert!(rx1.try_recv().is_ok());
 
         assert_eq!(reg.join("lobby", &a1), RoomChange::FirstJoined);
         assert_eq!(reg.join("lobby", &a1), RoomChange::Noop);
@@ -331,6 +339,7 @@ mod tests {
         );
         assert!(rx1.try_recv().is_err());
         assert!(rx2.try_recv().is_ok());
+        assert_eq!(m.delivered.get(), 3);
         assert_eq!(reg.leave("lobby", &a1), RoomChange::Unchanged);
         assert_eq!(reg.leave("lobby", &a2), RoomChange::LastLeft);
         assert!(!reg.has_room("lobby"));
