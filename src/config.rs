@@ -104,6 +104,12 @@ pub struct Config {
     #[arg(long, env = "SWITCHBOARD_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
 
+    /// Runtime worker threads; 0 = one per CPU. 1 runs a single-threaded
+    /// runtime (no cross-thread wakeups), the better choice when several
+    /// instances share a few cores.
+    #[arg(long, env = "SWITCHBOARD_THREADS", default_value_t = 0)]
+    pub threads: usize,
+
     /// Log format.
     #[arg(
         long,
@@ -256,6 +262,7 @@ impl Config {
             lease_ms: 10_000,
             outbound_queue: 1024,
             log_format: LogFormat::Text,
+            threads: 0,
             jwt_audience: None,
             api_key: None,
             max_body_bytes: 16384,

@@ -28,6 +28,9 @@ use crate::router::{RouteError, Router};
 /// when the server closes a connection.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// Most frames written per flush (bounds the time one flush can take).
+const WRITE_BATCH: usize = 64;
+
 /// Per-connection limits, from the configuration.
 #[derive(Debug, Clone)]
 pub struct SessionLimits {
@@ -230,9 +233,11 @@ async fn read_loop(
                 ErrorCode::BadRequest,
                 "binary frames are not supported; send JSON text",
             );
-            error_frame(None, &error)
+            Some(error_frame(None, &error))
         };
-        handle.send(Message::text(reply), &ctx.metrics);
+        if let Some(reply) = reply {
+            handle.send(Message::text(reply), &ctx.metrics);
+        }
     }
 }
 
@@ -244,22 +249,49 @@ fn is_too_large(error: &warp::Error) -> bool {
     )
 }
 
-async fn handle_text(text: &str, handle: &Arc<ConnHandle>, ctx: &SessionContext) -> String {
+/// Handles one text frame; returns the reply to send, if any (a `dm` or
+/// `room` sent with `"ack": false` gets none when it succeeds).
+async fn handle_text(text: &str, handle: &Arc<ConnHandle>, ctx: &SessionContext) -> Option<String> {
     let incoming = protocol::parse(text);
     let id = incoming.id.as_ref();
     let request = match incoming.request {
         Ok(request) => request,
-        Err(error) => return error_frame(id, &error),
+        Err(error) => return Some(error_frame(id, &error)),
     };
+    let wants_ack =
+        incoming.ack || !matches!(request, Request::Direct { .. } | Request::Room { .. });
+    let reply = handle_request(request, id, handle, ctx).await;
+    match reply {
+        Reply::Ok(_) if !wants_ack => None,
+        Reply::Ok(text) | Reply::Failed(text) => Some(text),
+    }
+}
+
+/// A reply frame, and whether it reports success.
+enum Reply {
+    Ok(String),
+    Failed(String),
+}
+
+async fn handle_request(
+    request: Request<'_>,
+    id: Option<&RequestId>,
+    handle: &Arc<ConnHandle>,
+    ctx: &SessionContext,
+) -> Reply {
     if let Request::Direct { body, .. } | Request::Room { body, .. } = &request {
         if body.get().len() > ctx.limits.max_body_bytes {
             let message = format!("`body` is larger than {} bytes", ctx.limits.max_body_bytes);
-            return error_frame(id, &ProtocolError::new(ErrorCode::TooLarge, message));
+            return Reply::Failed(error_frame(
+                id,
+                &ProtocolError::new(ErrorCode::TooLarge, message),
+            ));
         }
     }
     let router = &ctx.router;
-    let ack =
-        |status: &str, msg_id: Option<&str>| ServerFrame::Ack { id, status, msg_id }.to_text();
+    let ack = |status: &str, msg_id: Option<&str>| {
+        Reply::Ok(ServerFrame::Ack { id, status, msg_id }.to_text())
+    };
     match request {
         Request::Direct { to, body } => match router.send_direct(&handle.user, &to, body).await {
             Ok((status, msg_id)) => {
@@ -269,36 +301,41 @@ async fn handle_text(text: &str, handle: &Arc<ConnHandle>, ctx: &SessionContext)
                 };
                 ack(status, Some(&msg_id))
             }
-            Err(e) => route_error(id, e),
+            Err(e) => Reply::Failed(route_error(id, e)),
         },
         Request::Room { room, body } => match router.send_room_as_member(handle, &room, body).await
         {
             Ok(msg_id) => ack("ok", Some(&msg_id)),
-            Err(e) => route_error(id, e),
+            Err(e) => Reply::Failed(route_error(id, e)),
         },
         Request::Join { room }
             if handle.room_count() >= ctx.limits.max_rooms && !handle.is_member(&room) =>
         {
             let message = format!("at most {} rooms per connection", ctx.limits.max_rooms);
-            error_frame(id, &ProtocolError::new(ErrorCode::LimitExceeded, message))
+            Reply::Failed(error_frame(
+                id,
+                &ProtocolError::new(ErrorCode::LimitExceeded, message),
+            ))
         }
         Request::Join { room } => match router.join(handle, &room).await {
             Ok(()) => ack("ok", None),
-            Err(e) => route_error(id, e),
+            Err(e) => Reply::Failed(route_error(id, e)),
         },
         Request::Leave { room } => {
             router.leave(handle, &room).await;
             ack("ok", None)
         }
         Request::Presence { users } => match router.online(&users).await {
-            Ok(online) => ServerFrame::Presence {
-                id,
-                online: users.iter().map(String::as_str).zip(online).collect(),
-            }
-            .to_text(),
-            Err(e) => route_error(id, e),
+            Ok(online) => Reply::Ok(
+                ServerFrame::Presence {
+                    id,
+                    online: users.iter().map(String::as_str).zip(online).collect(),
+                }
+                .to_text(),
+            ),
+            Err(e) => Reply::Failed(route_error(id, e)),
         },
-        Request::Ping => ServerFrame::Pong { id }.to_text(),
+        Request::Ping => Reply::Ok(ServerFrame::Pong { id }.to_text()),
     }
 }
 
@@ -336,10 +373,22 @@ async fn write_loop(
                 None => break,
             },
         };
+        // Everything already queued goes out with this frame in one flush:
+        // under load, one write syscall carries many frames.
+        let write_batch = async {
+            sink.feed(message).await?;
+            for _ in 1..WRITE_BATCH {
+                match outbound.try_recv() {
+                    Ok(next) => sink.feed(next).await?,
+                    Err(_) => break,
+                }
+            }
+            sink.flush().await
+        };
         let sent = tokio::select! {
             biased;
             _ = handle.closer().cancelled() => break,
-            sent = sink.send(message) => sent,
+            sent = write_batch => sent,
         };
         if sent.is_err() {
             return;

@@ -161,6 +161,9 @@ pub enum Request<'a> {
 pub struct Incoming<'a> {
     /// Echoed in the reply when present.
     pub id: Option<RequestId>,
+    /// `false` when the client asked for no success reply to a `dm` or
+    /// `room` (`"ack": false`, fire-and-forget); errors are always sent.
+    pub ack: bool,
     /// The request, or the error to answer with.
     pub request: Result<Request<'a>, ProtocolError>,
 }
@@ -183,6 +186,8 @@ struct RawFrame<'a> {
     body: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "present")]
     users: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    ack: Option<&'a RawValue>,
 }
 
 /// A field that is present, whatever its value (absent fields take `default`).
@@ -198,6 +203,7 @@ pub fn parse(text: &str) -> Incoming<'_> {
         Err(e) => {
             return Incoming {
                 id: None,
+                ack: true,
                 request: Err(ProtocolError::new(
                     ErrorCode::BadRequest,
                     format!("frame is not a JSON object: {e}"),
@@ -210,12 +216,28 @@ pub fn parse(text: &str) -> Incoming<'_> {
         Err(e) => {
             return Incoming {
                 id: None,
+                ack: true,
                 request: Err(e),
+            }
+        }
+    };
+    let ack = match raw.ack.map(|a| serde_json::from_str::<bool>(a.get())) {
+        None => true,
+        Some(Ok(ack)) => ack,
+        Some(Err(_)) => {
+            return Incoming {
+                id,
+                ack: true,
+                request: Err(ProtocolError::new(
+                    ErrorCode::BadRequest,
+                    "`ack` must be a boolean",
+                )),
             }
         }
     };
     Incoming {
         id,
+        ack,
         request: parse_request(&raw),
     }
 }
@@ -602,6 +624,19 @@ mod tests {
         ] {
             assert!(parse_publish(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn ack_false_is_fire_and_forget() {
+        assert!(parse(r#"{"type":"dm","to":"b","body":1}"#).ack);
+        let inc = parse(r#"{"type":"dm","to":"b","body":1,"ack":false}"#);
+        assert!(!inc.ack && inc.request.is_ok());
+        let bad = parse(r#"{"type":"dm","to":"b","body":1,"ack":"no","id":3}"#);
+        assert_eq!(
+            bad.request.map(|_| ()).map_err(|e| e.code),
+            Err(ErrorCode::BadRequest)
+        );
+        assert_eq!(bad.id.as_ref().map(RequestId::as_json), Some("3"));
     }
 
     #[test]

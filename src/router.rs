@@ -209,57 +209,89 @@ impl Router {
         envelope: Envelope<'_>,
         text: String,
     ) -> Result<DirectStatus, RouteError> {
-        let holders = self.presence.locate(to).await;
-        let remote: Vec<Arc<str>> = match &holders {
-            Ok(holders) => holders
-                .iter()
-                .filter(|h| h.instance != self.instance)
-                .map(|h| h.instance.clone())
-                .collect(),
-            Err(_) => Vec::new(),
-        };
-        let payload = (!remote.is_empty()).then(|| envelope.encode(&text));
+        let payload = envelope.encode(&text);
         let local = self
             .registry
             .deliver_to_user(to, &Message::text(text), &self.metrics)
             > 0;
-
-        let mut remote_reached = false;
-        let mut bus_failed = false;
-        if let Some(payload) = payload {
-            for instance in &remote {
-                match self
-                    .bus
-                    .publish(Channel::Instance(instance), payload.clone())
-                    .await
-                {
-                    Ok(0) => {
+        let Some(published) = self
+            .bus
+            .publish_to_holders(to, &self.instance, payload.clone())
+            .await
+        else {
+            return self.locate_and_publish(to, payload, local).await;
+        };
+        let remote_reached = match published {
+            Ok(published) => published
+                .iter()
+                .fold(false, |reached, (instance, receivers)| {
+                    if *receivers == 0 {
                         self.metrics.stale_presence.inc();
                         self.presence.report_stale(instance);
-                    }
-                    Ok(_) => {
+                        reached
+                    } else {
                         self.metrics.bus_published.personal.inc();
-                        remote_reached = true;
+                        true
                     }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "publish failed");
-                        bus_failed = true;
-                    }
+                }),
+            Err(_) if local => false,
+            Err(_) => return Err(RouteError::Unavailable),
+        };
+        Ok(self.direct_outcome(local, remote_reached))
+    }
+
+    fn direct_outcome(&self, local: bool, remote_reached: bool) -> DirectStatus {
+        if remote_reached {
+            self.metrics.dm_routed.inc();
+            DirectStatus::Routed
+        } else if local {
+            self.metrics.dm_local.inc();
+            DirectStatus::Routed
+        } else {
+            self.metrics.dm_offline.inc();
+            DirectStatus::Offline
+        }
+    }
+
+    /// The two-step route (presence read, then one publish per holder), for
+    /// backends that cannot do both in one step.
+    async fn locate_and_publish(
+        &self,
+        to: &str,
+        payload: Bytes,
+        local: bool,
+    ) -> Result<DirectStatus, RouteError> {
+        let holders = match self.presence.locate(to).await {
+            Ok(holders) => holders,
+            Err(_) if local => return Ok(self.direct_outcome(true, false)),
+            Err(_) => return Err(RouteError::Unavailable),
+        };
+        let mut remote_reached = false;
+        let mut bus_failed = false;
+        for holder in holders.iter().filter(|h| h.instance != self.instance) {
+            match self
+                .bus
+                .publish(Channel::Instance(&holder.instance), payload.clone())
+                .await
+            {
+                Ok(0) => {
+                    self.metrics.stale_presence.inc();
+                    self.presence.report_stale(&holder.instance);
+                }
+                Ok(_) => {
+                    self.metrics.bus_published.personal.inc();
+                    remote_reached = true;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "publish failed");
+                    bus_failed = true;
                 }
             }
         }
-        if remote_reached {
-            self.metrics.dm_routed.inc();
-            Ok(DirectStatus::Routed)
-        } else if local {
-            self.metrics.dm_local.inc();
-            Ok(DirectStatus::Routed)
-        } else if holders.is_err() || bus_failed {
-            Err(RouteError::Unavailable)
-        } else {
-            self.metrics.dm_offline.inc();
-            Ok(DirectStatus::Offline)
+        if bus_failed && !remote_reached && !local {
+            return Err(RouteError::Unavailable);
         }
+        Ok(self.direct_outcome(local, remote_reached))
     }
 
     async fn broadcast_direct(

@@ -199,3 +199,45 @@ async fn presence_on_one_instance() {
     bob.close().await;
     alice.await_presence("bob", false).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_false_sends_no_reply_on_success_but_reports_errors() {
+    let inst = Instance::spawn(Opts::new("solo")).await;
+    let mut alice = Client::connect_user(&inst, "alice").await;
+    let mut bob = Client::connect_user(&inst, "bob").await;
+
+    alice
+        .send_json(&json!({"type":"dm","to":"bob","body":"quiet","id":1,"ack":false}))
+        .await;
+    let dm = bob.recv_type("dm").await;
+    assert_eq!(
+        (dm["from"].as_str(), dm["body"].as_str()),
+        (Some("alice"), Some("quiet"))
+    );
+    // Nothing comes back to alice for a successful fire-and-forget DM.
+    alice.expect_no_frame(QUIET).await;
+
+    // Errors are still reported, with the id.
+    alice
+        .send_json(&json!({"type":"dm","to":"a b","body":1,"id":2,"ack":false}))
+        .await;
+    let error = alice.recv_type("error").await;
+    assert_eq!(
+        (error["code"].as_str(), error["id"].as_i64()),
+        (Some("invalid_name"), Some(2))
+    );
+
+    // Room messages too; `ack` must be a boolean.
+    let joined = alice
+        .request(json!({"type":"join","room":"r","id":3}))
+        .await;
+    assert_eq!(joined["status"], "ok");
+    alice
+        .send_json(&json!({"type":"room","room":"r","body":1,"ack":false}))
+        .await;
+    alice.expect_no_frame(QUIET).await;
+    let bad = alice
+        .request(json!({"type":"dm","to":"bob","body":1,"ack":"no","id":4}))
+        .await;
+    assert_eq!(bad["code"], "bad_request");
+}

@@ -71,6 +71,21 @@ pub trait Bus: Send + Sync + 'static {
     async fn subscribe(&self, channel: Channel<'_>) -> Result<(), BusError>;
     /// Stops receiving a channel's messages.
     async fn unsubscribe(&self, channel: Channel<'_>) -> Result<(), BusError>;
+
+    /// Publishes `payload` on the personal channel of every live instance
+    /// holding `user`, except `skip` (the caller), reading presence and
+    /// publishing in one step where the backend can (Redis: one script, one
+    /// round trip instead of two). Returns each instance published to with
+    /// its receiver count. `None`: this backend cannot combine the two; the
+    /// router then reads presence and publishes itself.
+    async fn publish_to_holders(
+        &self,
+        _user: &str,
+        _skip: &str,
+        _payload: Bytes,
+    ) -> Option<Result<Vec<(String, usize)>, BusError>> {
+        None
+    }
 }
 
 /// The routing header of a bus message. The frame after it is opaque here.

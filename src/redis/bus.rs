@@ -40,6 +40,34 @@ impl Bus for RedisBackend {
         Ok(receivers)
     }
 
+    async fn publish_to_holders(
+        &self,
+        user: &str,
+        skip: &str,
+        payload: Bytes,
+    ) -> Option<Result<Vec<(String, usize)>, BusError>> {
+        let started = Instant::now();
+        let live = self.live_view();
+        let result = async {
+            let mut conn = self.conn().await?;
+            let mut invocation = self.route_direct.key(self.keys.presence(user));
+            invocation
+                .arg(skip)
+                .arg(&self.personal_prefix)
+                .arg(payload.as_ref());
+            for dead in &live.dead {
+                invocation.arg(dead);
+            }
+            invocation
+                .invoke_async::<Vec<(String, usize)>>(&mut conn)
+                .await
+        }
+        .await
+        .map_err(unavailable);
+        self.observe(started);
+        Some(result)
+    }
+
     async fn subscribe(&self, channel: Channel<'_>) -> Result<(), BusError> {
         let name = self.channel_name(channel);
         let mut subscriber = self.subscriber.clone();

@@ -77,6 +77,30 @@ end
 return n
 ";
 
+/// Lua: route a DM in one round trip. Reads the recipient's presence hash and
+/// publishes the payload on the personal channel of every holder except the
+/// caller and the instances it knows to be dead; returns `[instance,
+/// receivers, ...]`. Only the presence key is touched (cluster-safe).
+/// KEYS[1] = presence key; ARGV = self id, personal-channel prefix, payload,
+/// dead instance ids...
+const ROUTE_DIRECT: &str = r"
+local fields = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #fields, 2 do
+  local instance = fields[i]
+  local skip = instance == ARGV[1] or tonumber(fields[i + 1]) <= 0
+  for j = 4, #ARGV do
+    if skip then break end
+    skip = ARGV[j] == instance
+  end
+  if not skip then
+    out[#out + 1] = instance
+    out[#out + 1] = redis.call('PUBLISH', ARGV[2] .. instance, ARGV[3])
+  end
+end
+return out
+";
+
 /// Lua: record this instance's lease expiry in the instance index using
 /// Redis's own clock, and return that clock and the whole index.
 const HEARTBEAT: &str = r"
@@ -170,6 +194,8 @@ struct SubscriberSignals {
 struct LiveView {
     /// instance id -> alive (lease not expired at the last refresh).
     instances: HashMap<String, bool>,
+    /// The instances known dead, passed to the routing script.
+    dead: Vec<String>,
 }
 
 impl LiveView {
@@ -215,6 +241,9 @@ pub struct RedisBackend {
     subscriptions: DashMap<String, ()>,
     adjust_presence: redis::Script,
     heartbeat_script: redis::Script,
+    route_direct: redis::Script,
+    /// `PREFIX:inst:`, the personal channel prefix the routing script appends ids to.
+    personal_prefix: String,
     claim_dead: redis::Script,
 }
 
@@ -359,6 +388,7 @@ impl RedisBackend {
         .map_err(|_| RedisSetupError::Connect("timed out connecting the subscriber".into()))?
         .map_err(|e| RedisSetupError::Connect(e.to_string()))?;
 
+        let personal_prefix = keys.personal_channel("");
         let backend = Arc::new(RedisBackend {
             pool,
             lanes: (0..COMMAND_LANES).map(|_| RwLock::new(None)).collect(),
@@ -380,6 +410,8 @@ impl RedisBackend {
             subscriptions: DashMap::new(),
             adjust_presence: redis::Script::new(ADJUST_PRESENCE),
             heartbeat_script: redis::Script::new(HEARTBEAT),
+            route_direct: redis::Script::new(ROUTE_DIRECT),
+            personal_prefix,
             claim_dead: redis::Script::new(CLAIM_DEAD),
         });
         backend
@@ -450,6 +482,9 @@ impl RedisBackend {
             let alive = expiry >= now;
             if !alive {
                 dead.push(instance.clone());
+            }
+            if !alive {
+                view.dead.push(instance.clone());
             }
             view.instances.insert(instance, alive);
         }

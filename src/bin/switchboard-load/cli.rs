@@ -162,6 +162,13 @@ pub struct Args {
     #[arg(long, default_value_t = 10.0)]
     pub churn_rate: f64,
 
+    /// Send every dm/room frame with `"ack":false` (fire-and-forget, like the
+    /// Socket.IO peer's clients): no acks are awaited; every sent message is
+    /// expected to be delivered to every recipient / other member connection
+    /// counted at step start. Not supported with `--workload churn`.
+    #[arg(long)]
+    pub no_ack: bool,
+
     /// After the send phase, wait at most this long for outstanding deliveries, seconds.
     #[arg(long, default_value_t = 2.0)]
     pub drain: f64,
@@ -287,6 +294,11 @@ impl Args {
         share("--room-share", self.room_share)?;
         if self.workload == Workload::Churn {
             positive("--churn-rate", self.churn_rate)?;
+            if self.no_ack {
+                return Err("--no-ack is not supported with --workload churn \
+                            (churn loss accounting needs acks)"
+                    .into());
+            }
         }
         if self.find_max {
             positive("--start-rate", self.start_rate)?;

@@ -67,21 +67,26 @@ pub struct FrameWriter {
     room_prefix: String,
     body_bytes: usize,
     pad: String,
+    /// Add `"ack":false` to dm/room frames (`--no-ack`).
+    no_ack: bool,
 }
 
 impl FrameWriter {
-    /// A writer for bodies of `body_bytes` serialized bytes.
-    pub fn new(user_prefix: &str, room_prefix: &str, body_bytes: usize) -> Self {
+    /// A writer for bodies of `body_bytes` serialized bytes; with `no_ack`
+    /// messages carry `"ack":false`.
+    pub fn new(user_prefix: &str, room_prefix: &str, body_bytes: usize, no_ack: bool) -> Self {
         FrameWriter {
             user_prefix: user_prefix.to_owned(),
             room_prefix: room_prefix.to_owned(),
             body_bytes,
             pad: "x".repeat(body_bytes),
+            no_ack,
         }
     }
 
     /// `{"type":"dm","to":"u7","id":N,"body":"…"}` or
-    /// `{"type":"room","room":"r3","id":N,"body":"…"}`.
+    /// `{"type":"room","room":"r3","id":N,"body":"…"}`; with `no_ack`,
+    /// `"ack":false` follows the id.
     pub fn message(&self, kind: Kind, target: u32, body: &BodyFields) -> String {
         let mut s = String::with_capacity(64 + self.body_bytes);
         match kind {
@@ -97,6 +102,9 @@ impl FrameWriter {
         push_u64(&mut s, u64::from(target));
         s.push_str("\",\"id\":");
         push_u64(&mut s, body.id);
+        if self.no_ack {
+            s.push_str(",\"ack\":false");
+        }
         s.push_str(",\"body\":\"");
         let start = s.len();
         push_u64(&mut s, u64::from(body.step));
@@ -207,7 +215,7 @@ mod tests {
 
     #[test]
     fn body_round_trip_and_size() {
-        let w = FrameWriter::new("u", "r", 64);
+        let w = FrameWriter::new("u", "r", 64, false);
         let f = BodyFields {
             step: 3,
             id: 123_456,
@@ -229,7 +237,7 @@ mod tests {
         assert_eq!(v["room"], "r2");
         assert_eq!(w.join(5, 9), r#"{"type":"join","room":"r5","id":9}"#);
         // Too small a body: the fields are kept, no padding.
-        let small = FrameWriter::new("u", "r", 16).message(Kind::Dm, 1, &f);
+        let small = FrameWriter::new("u", "r", 16, false).message(Kind::Dm, 1, &f);
         let v: serde_json::Value = serde_json::from_str(&small).unwrap();
         assert_eq!(parse_body(v["body"].as_str().unwrap()), Some(f));
         assert_eq!(
@@ -238,6 +246,13 @@ mod tests {
                 .len(),
             FrameWriter::min_body_len(&f)
         );
+        // --no-ack: the same frame plus "ack":false, body unchanged.
+        let na = FrameWriter::new("u", "r", 64, true).message(Kind::Room, 2, &f);
+        let v: serde_json::Value = serde_json::from_str(&na).unwrap();
+        assert_eq!(v["ack"], false);
+        assert_eq!(v["id"], 123_456);
+        assert_eq!(parse_body(v["body"].as_str().unwrap()), Some(f));
+        assert!(w.message(Kind::Dm, 7, &f).find("\"ack\"").is_none());
     }
 
     #[test]
