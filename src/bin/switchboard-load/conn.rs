@@ -132,8 +132,11 @@ struct Conn {
     name: String,
     rooms: Vec<u32>,
     writer: FrameWriter,
-    /// Sent, not yet acked: (id, actual send time ns).
+    /// Sent, not yet acked: (id, actual send time ns). Stays empty with
+    /// `--no-ack` (no acks are awaited).
     pending: VecDeque<(u64, u64)>,
+    /// `--no-ack`: message acks are neither awaited nor counted.
+    no_ack: bool,
     trackers: U64Map<Tracker>,
     tracker_step: u32,
     step: Option<Arc<StepState>>,
@@ -165,8 +168,14 @@ pub async fn run(
         user,
         name: format!("{}{}", args.user_prefix, user),
         rooms: plan.slot_rooms[slot as usize].clone(),
-        writer: FrameWriter::new(&args.user_prefix, &args.room_prefix, args.body_bytes),
+        writer: FrameWriter::new(
+            &args.user_prefix,
+            &args.room_prefix,
+            args.body_bytes,
+            args.no_ack,
+        ),
         pending: VecDeque::new(),
+        no_ack: args.no_ack,
         trackers: U64Map::default(),
         tracker_step: 0,
         step: None,
@@ -332,7 +341,9 @@ impl Conn {
                     }
                     let now = self.shared.now_ns();
                     self.ensure_step_for_send(body.id);
-                    self.pending.push_back((body.id, now));
+                    if !self.no_ack {
+                        self.pending.push_back((body.id, now));
+                    }
                     self.lag_buf.push(now.saturating_sub(body.ts_ns) / 1000);
                     self.dirty = true;
                     n += 1;
@@ -532,6 +543,13 @@ impl Conn {
             if rec.status.swap(ST_ERROR, Ordering::Relaxed) != ST_NONE {
                 return;
             }
+            if self.no_ack {
+                // Counted as expected at send time: no longer waited for.
+                step.c.expected_live.fetch_sub(
+                    u64::from(rec.exp.load(Ordering::Relaxed)),
+                    Ordering::Relaxed,
+                );
+            }
         }
         step.c.acks_error.fetch_add(1, Ordering::Relaxed);
         *lock(&step.errors).entry(code.to_owned()).or_insert(0) += 1;
@@ -548,6 +566,11 @@ impl Conn {
             } else {
                 self.join_error = Some(format!("{}: join not ok: {}", self.name, clip(text)));
             }
+            return;
+        }
+        if self.no_ack {
+            // Not asked for (a server without `"ack": false` support still
+            // sends them): ignored, not counted.
             return;
         }
         let sent_at = self.take_pending(id);

@@ -93,6 +93,8 @@ struct SingleRun {
     loader_cpu_total_s: f64,
     initial_connect_ms: Quantiles,
     connect_failures: u64,
+    /// `--no-ack`: messages sent with `"ack":false`.
+    no_ack: bool,
 }
 
 /// Everything a step needs from the run.
@@ -166,6 +168,7 @@ async fn run(args: Args, targets: Vec<Target>) -> Result<(), String> {
             loader_cpu_s: round3(report::cpu_seconds()),
             initial_connect_ms: runner.initial_connect.clone(),
             connect_failures,
+            no_ack: args.no_ack,
         })
     } else {
         let step = runner.measured(args.rate).await;
@@ -175,6 +178,7 @@ async fn run(args: Args, targets: Vec<Target>) -> Result<(), String> {
             loader_cpu_total_s: round3(report::cpu_seconds()),
             initial_connect_ms: runner.initial_connect.clone(),
             connect_failures,
+            no_ack: args.no_ack,
         })
     }
     .map_err(|e| format!("serializing the summary: {e}"))?;
@@ -242,11 +246,12 @@ impl Runner {
             let _ = churn.await;
         }
 
-        // Drain: until every ack and every expected delivery is in, or the time is up.
+        // Drain: until every ack and every expected delivery is in, or the
+        // time is up. With --no-ack no acks are awaited.
         let t0 = shared.instant_at(t0_ns);
         let deadline = t0 + Duration::from_secs_f64(duration + args.drain);
         loop {
-            let settled = step.settled() >= outcome.sent;
+            let settled = args.no_ack || step.settled() >= outcome.sent;
             let delivered = step.c.delivered.load(Ordering::Relaxed)
                 >= step.c.expected_live.load(Ordering::Relaxed);
             let reconnecting = shared.reconnecting.load(Ordering::Relaxed) > 0;

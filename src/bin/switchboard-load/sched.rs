@@ -162,9 +162,21 @@ impl Scheduler {
                     seq: *seq_ref,
                 },
             };
+            // --no-ack: no ack will say it was routed, so it is expected at
+            // send time (before the send: an error frame may take it back).
+            if args.no_ack {
+                step.c
+                    .expected_live
+                    .fetch_add(u64::from(exp), Ordering::Relaxed);
+            }
             if senders[slot as usize].send(cmd).is_ok() {
                 *seq_ref += 1;
                 return true;
+            }
+            if args.no_ack {
+                step.c
+                    .expected_live
+                    .fetch_sub(u64::from(exp), Ordering::Relaxed);
             }
             // The connection task is gone: never pick it again.
             shared.slots[slot as usize]
