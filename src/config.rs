@@ -161,6 +161,15 @@ pub struct Config {
     )]
     pub max_rooms_per_connection: usize,
 
+    /// A client must send its HTTP request (the WebSocket upgrade) within this
+    /// many milliseconds of connecting, or it is disconnected.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_HANDSHAKE_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub handshake_timeout_ms: u64,
+
     /// Interval of server WebSocket pings, milliseconds.
     #[arg(long, env = "SWITCHBOARD_PING_INTERVAL_MS", default_value_t = 20_000)]
     pub ping_interval_ms: u64,
@@ -271,6 +280,7 @@ impl Config {
             max_connections: 100_000,
             max_connections_per_user: 16,
             max_rooms_per_connection: 100,
+            handshake_timeout_ms: 10_000,
             ping_interval_ms: 20_000,
             idle_timeout_ms: 60_000,
             allowed_origins: Vec::new(),

@@ -143,12 +143,7 @@ pub async fn run_with_backend(
         metrics,
     } = backend;
     let instance = config.instance().to_owned();
-    // Small frames (acks, DMs) must not wait for Nagle's algorithm and the
-    // peer's delayed ACK (~40 ms). warp cannot configure accepted sockets, but
-    // on Linux they inherit TCP_NODELAY from the listening socket.
-    if let Err(e) = socket2::SockRef::from(&listener).set_tcp_nodelay(true) {
-        tracing::warn!(error = %e, "cannot set TCP_NODELAY; small frames may be delayed");
-    }
+
     let tracker = TaskTracker::new();
     let router = Arc::new(Router::new(
         &instance,
@@ -205,13 +200,17 @@ pub async fn run_with_backend(
     let addr = listener.local_addr().ok();
     tracing::info!(instance = %instance, addr = ?addr, routing = ?config.routing,
         redis = config.redis_url.is_some(), "listening");
-    warp::serve(http::routes(ctx))
-        .incoming(listener)
-        .graceful(sessions.clone().cancelled_owned())
-        .run()
-        .await;
+    let handshake_timeout = Duration::from_millis(config.handshake_timeout_ms);
+    accept_loop(
+        listener,
+        http::routes(ctx),
+        handshake_timeout,
+        sessions.clone(),
+    )
+    .await;
 
-    // warp does not wait for upgraded connections: the tracker does.
+    // Upgraded connections are not HTTP connections any more: the tracker
+    // waits for them.
     tracing::info!(
         connections = router.registry().connection_count(),
         "shutting down"
@@ -230,6 +229,77 @@ pub async fn run_with_backend(
     let _ = dispatcher.await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Accepts connections until `stop`, serving each with the warp routes over
+/// hyper. Owning this loop (rather than `warp::serve`) is what lets each
+/// socket get TCP_NODELAY (small frames must not wait for Nagle's algorithm
+/// and the peer's delayed ACK, ~40 ms) and lets a client that does not send
+/// its request headers within `handshake_timeout` be dropped (slowloris).
+/// Accept errors (e.g. out of file descriptors) back off instead of spinning.
+async fn accept_loop<F>(
+    listener: TcpListener,
+    routes: F,
+    handshake_timeout: Duration,
+    stop: CancellationToken,
+) where
+    F: warp::Filter + Clone + Send + Sync + 'static,
+    F::Extract: warp::Reply,
+{
+    let connections = TaskTracker::new();
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, _) = match accepted {
+            Ok(accepted) => {
+                backoff = Duration::from_millis(10);
+                accepted
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, ?backoff, "accept failed; backing off");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+        let service = hyper_util::service::TowerToHyperService::new(warp::service(routes.clone()));
+        let stop = stop.clone();
+        connections.spawn(async move {
+            // HTTP/1.1 (WebSocket upgrades need it); the header timer starts
+            // as soon as the connection is served.
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(handshake_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                _ = stop.cancelled() => {
+                    // Finish the request in progress, then close.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "http connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    connections.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some HTTP connections did not finish in time");
+    }
 }
 
 /// Hands every bus message to the router, in arrival order.

@@ -415,3 +415,37 @@ async fn jwt_audience_and_not_before_are_enforced() {
         "each refusal is counted"
     );
 }
+
+/// A client that connects and never sends its request (slowloris) is
+/// disconnected after `--handshake-timeout-ms`; a normal client is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_sends_its_request_is_disconnected() {
+    use tokio::io::AsyncReadExt;
+
+    let inst = Instance::spawn(Opts::new("hs").flag("--handshake-timeout-ms", 300)).await;
+    let mut silent = tokio::net::TcpStream::connect(inst.addr())
+        .await
+        .expect("tcp connect");
+    let started = Instant::now();
+    let mut buf = [0u8; 512];
+    // The server closes the socket (EOF, possibly after a 408 response).
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a silent client must be disconnected");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250),
+        "closed too early ({waited:?}): the timeout is 300 ms"
+    );
+    // Normal clients are unaffected.
+    let mut client = Client::connect_user(&inst, "alice").await;
+    let pong = client.request(json!({"type":"ping"})).await;
+    assert_eq!(pong["type"], "pong");
+}
