@@ -195,25 +195,39 @@ impl Router {
             hop: 0,
             origin: &self.instance,
         };
-        let status = match self.mode {
-            RoutingMode::Routed => self.route_direct(to, envelope, text).await?,
-            RoutingMode::Broadcast => self.broadcast_direct(to, envelope, text).await?,
-            RoutingMode::UserChannel => self.user_channel_direct(to, envelope, text).await?,
-        };
-        Ok((status, msg_id))
-    }
-
-    async fn route_direct(
-        &self,
-        to: &str,
-        envelope: Envelope<'_>,
-        text: String,
-    ) -> Result<DirectStatus, RouteError> {
         let payload = envelope.encode(&text);
+        // Local connections get the frame at once, whatever the mode.
         let local = self
             .registry
             .deliver_to_user(to, &Message::text(text), &self.metrics)
             > 0;
+        let status = match self.mode {
+            RoutingMode::Routed => self.route_direct(to, payload, local).await?,
+            // This instance itself subscribes to the broadcast channel.
+            RoutingMode::Broadcast => {
+                let counter = &self.metrics.bus_published.broadcast;
+                self.publish_direct(Channel::All, payload, local, 1, counter)
+                    .await?
+            }
+            // One publish on the recipient's channel: Redis fans it out to
+            // the instances holding the user (this one too, when local).
+            RoutingMode::UserChannel => {
+                let counter = &self.metrics.bus_published.user;
+                let own = usize::from(local);
+                self.publish_direct(Channel::User(to), payload, local, own, counter)
+                    .await?
+            }
+        };
+        Ok((status, msg_id))
+    }
+
+    /// Routed mode: one publish per other instance holding `to`.
+    async fn route_direct(
+        &self,
+        to: &str,
+        payload: Bytes,
+        local: bool,
+    ) -> Result<DirectStatus, RouteError> {
         let Some(published) = self
             .bus
             .publish_to_holders(to, &self.instance, payload.clone())
@@ -294,64 +308,24 @@ impl Router {
         Ok(self.direct_outcome(local, remote_reached))
     }
 
-    async fn broadcast_direct(
+    /// Broadcast and user-channel modes: one publish on one channel.
+    /// `own_receivers` is how many of the receivers are this instance (its
+    /// echo is skipped on arrival); any other receiver means "routed".
+    async fn publish_direct(
         &self,
-        to: &str,
-        envelope: Envelope<'_>,
-        text: String,
+        channel: Channel<'_>,
+        payload: Bytes,
+        local: bool,
+        own_receivers: usize,
+        published: &prometheus_client::metrics::counter::Counter,
     ) -> Result<DirectStatus, RouteError> {
-        let payload = envelope.encode(&text);
-        let local = self
-            .registry
-            .deliver_to_user(to, &Message::text(text), &self.metrics)
-            > 0;
-        match self.bus.publish(Channel::All, payload).await {
-            // This instance is itself a subscriber of the broadcast channel.
-            Ok(receivers) if receivers > 1 => {
-                self.metrics.bus_published.broadcast.inc();
-                self.metrics.dm_routed.inc();
-                Ok(DirectStatus::Routed)
+        match self.bus.publish(channel, payload).await {
+            Ok(receivers) if receivers > own_receivers => {
+                published.inc();
+                Ok(self.direct_outcome(local, true))
             }
-            Ok(_) | Err(_) if local => {
-                self.metrics.dm_local.inc();
-                Ok(DirectStatus::Routed)
-            }
-            Ok(_) => {
-                self.metrics.dm_offline.inc();
-                Ok(DirectStatus::Offline)
-            }
-            Err(_) => Err(RouteError::Unavailable),
-        }
-    }
-
-    /// One publish on the recipient's own channel: Redis fans it out to the
-    /// instances holding the user; no presence read.
-    async fn user_channel_direct(
-        &self,
-        to: &str,
-        envelope: Envelope<'_>,
-        text: String,
-    ) -> Result<DirectStatus, RouteError> {
-        let payload = envelope.encode(&text);
-        let local = self
-            .registry
-            .deliver_to_user(to, &Message::text(text), &self.metrics)
-            > 0;
-        match self.bus.publish(Channel::User(to), payload).await {
-            // When the recipient is local, this instance is one of the receivers.
-            Ok(receivers) if receivers > usize::from(local) => {
-                self.metrics.bus_published.user.inc();
-                self.metrics.dm_routed.inc();
-                Ok(DirectStatus::Routed)
-            }
-            Ok(_) | Err(_) if local => {
-                self.metrics.dm_local.inc();
-                Ok(DirectStatus::Routed)
-            }
-            Ok(_) => {
-                self.metrics.dm_offline.inc();
-                Ok(DirectStatus::Offline)
-            }
+            Ok(_) => Ok(self.direct_outcome(local, false)),
+            Err(_) if local => Ok(self.direct_outcome(true, false)),
             Err(_) => Err(RouteError::Unavailable),
         }
     }
