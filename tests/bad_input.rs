@@ -3,34 +3,10 @@
 mod support;
 
 use serde_json::{json, Value};
-use support::{Client, Instance, Opts, RECV_TIMEOUT};
+use support::{assert_error, assert_healthy, Client, Instance, Opts, RECV_TIMEOUT};
 
 async fn small_frames_instance() -> Instance {
     Instance::spawn(Opts::new("b1").max_frame_bytes(1024)).await
-}
-
-/// Asserts the connection still answers `ping` with `pong`.
-async fn assert_healthy(client: &mut Client, after: &str) {
-    let pong = client
-        .request(json!({"type": "ping", "id": "health"}))
-        .await;
-    assert_eq!(
-        pong,
-        json!({"type": "pong", "id": "health"}),
-        "connection must stay usable after {after}"
-    );
-}
-
-fn assert_error(reply: &Value, code: &str, what: &str) {
-    assert_eq!(
-        reply["type"], "error",
-        "{what}: expected an error frame, got {reply}"
-    );
-    assert_eq!(reply["code"], code, "{what}: wrong error code in {reply}");
-    assert!(
-        reply["message"].is_string(),
-        "{what}: error needs a message: {reply}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

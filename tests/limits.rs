@@ -8,35 +8,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::{
-    eventually, mint_jwt_claims, now_unix_secs, Client, Incoming, Instance, Opts, RawWs, QUIET,
-    RECV_TIMEOUT,
+    assert_error, assert_healthy, eventually, mint_jwt_claims, now_unix_secs, Client, Incoming,
+    Instance, Opts, RawWs, QUIET, RECV_TIMEOUT,
 };
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 const FLOODING: &str = r#"switchboard_closed_connections_total{reason="flooding"}"#;
 const RATE_LIMITED: &str = "switchboard_rate_limited_frames_total";
 const IDLE: &str = r#"switchboard_closed_connections_total{reason="idle"}"#;
-
-/// Asserts the connection still answers `ping` with `pong`.
-async fn assert_healthy(client: &mut Client, after: &str) {
-    let pong = client
-        .request(json!({"type": "ping", "id": "health"}))
-        .await;
-    assert_eq!(
-        pong,
-        json!({"type": "pong", "id": "health"}),
-        "connection must stay usable after {after}"
-    );
-}
-
-fn assert_error(reply: &Value, code: &str, what: &str) {
-    assert_eq!(
-        reply["type"], "error",
-        "{what}: expected an error, got {reply}"
-    );
-    assert_eq!(reply["code"], code, "{what}: wrong code in {reply}");
-    assert!(reply["message"].is_string(), "{what}: no message: {reply}");
-}
 
 async fn rate_limited_instance(id: &str) -> Instance {
     Instance::spawn(

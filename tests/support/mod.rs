@@ -1852,3 +1852,28 @@ impl RawWs {
         (parse_ws_frames(&data), ended)
     }
 }
+
+/// Asserts the connection still answers `ping` with `pong`.
+pub async fn assert_healthy(client: &mut Client, after: &str) {
+    let pong = client
+        .request(json!({"type": "ping", "id": "health"}))
+        .await;
+    assert_eq!(
+        pong,
+        json!({"type": "pong", "id": "health"}),
+        "connection must stay usable after {after}"
+    );
+}
+
+/// Asserts `reply` is an error frame with `code` and a message.
+pub fn assert_error(reply: &Value, code: &str, what: &str) {
+    assert_eq!(
+        reply["type"], "error",
+        "{what}: expected an error frame, got {reply}"
+    );
+    assert_eq!(reply["code"], code, "{what}: wrong error code in {reply}");
+    assert!(
+        reply["message"].is_string(),
+        "{what}: error needs a message: {reply}"
+    );
+}
