@@ -144,6 +144,18 @@ async fn wait_marker(client: &mut Client, markers: &[String], timeout: Duration)
     }
 }
 
+/// Sends DMs (to `to_user`) and then `lobby` room messages from `from`
+/// until one of each reaches `to` (both sides are members of `lobby`).
+async fn until_dm_and_room_flow(
+    from: &mut Client,
+    to: &mut Client,
+    to_user: &str,
+    deadline: &Deadline,
+) {
+    until_delivered(from, to, deadline, |m| dm_frame(to_user, m), "routed").await;
+    until_delivered(from, to, deadline, |m| room_frame("lobby", m), "ok").await;
+}
+
 /// Sends `frame(marker)` with fresh markers from `sender` until one reaches
 /// `recipient` (acked `ok_status`), by `deadline`. Returns the delivered frame.
 async fn until_delivered(
@@ -648,38 +660,8 @@ async fn killed_subscriber_connections_resubscribe() {
         pause().await;
     }
     let deadline = Deadline::after(Duration::from_secs(5), "DMs and room messages flow again");
-    until_delivered(
-        &mut alice,
-        &mut bob,
-        &deadline,
-        |m| dm_frame("bob", m),
-        "routed",
-    )
-    .await;
-    until_delivered(
-        &mut bob,
-        &mut alice,
-        &deadline,
-        |m| dm_frame("alice", m),
-        "routed",
-    )
-    .await;
-    until_delivered(
-        &mut alice,
-        &mut bob,
-        &deadline,
-        |m| room_frame("lobby", m),
-        "ok",
-    )
-    .await;
-    until_delivered(
-        &mut bob,
-        &mut alice,
-        &deadline,
-        |m| room_frame("lobby", m),
-        "ok",
-    )
-    .await;
+    until_dm_and_room_flow(&mut alice, &mut bob, "bob", &deadline).await;
+    until_dm_and_room_flow(&mut bob, &mut alice, "alice", &deadline).await;
     await_status(&i1, "/readyz", 200, &deadline).await;
     await_status(&i2, "/readyz", 200, &deadline).await;
 }
@@ -747,22 +729,7 @@ async fn silently_lost_subscriptions_are_detected_by_the_probe() {
         Duration::from_secs(5),
         "DM and room message reach bob again",
     );
-    until_delivered(
-        &mut alice,
-        &mut bob,
-        &deadline,
-        |m| dm_frame("bob", m),
-        "routed",
-    )
-    .await;
-    until_delivered(
-        &mut alice,
-        &mut bob,
-        &deadline,
-        |m| room_frame("lobby", m),
-        "ok",
-    )
-    .await;
+    until_dm_and_room_flow(&mut alice, &mut bob, "bob", &deadline).await;
     await_status(&i2, "/readyz", 200, &deadline).await;
     assert_eq!(
         proxy.subscriber_connections(),
