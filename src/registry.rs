@@ -286,11 +286,6 @@ impl Registry {
         delivered
     }
 
-    /// Every local connection (for shutdown).
-    pub fn all_connections(&self) -> Vec<Arc<ConnHandle>> {
-        self.users.iter().flat_map(|e| e.value().clone()).collect()
-    }
-
     /// Number of open local connections.
     pub fn connection_count(&self) -> usize {
         self.users.iter().map(|e| e.value().len()).sum()
