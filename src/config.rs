@@ -8,30 +8,19 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use clap::builder::{PossibleValuesParser, TypedValueParser};
 use clap::{Parser, ValueEnum};
 
-use crate::protocol::{validate_name, NameError};
+use switchboard_core::protocol::{validate_name, NameError};
+pub use switchboard_core::router::RoutingMode;
 
-/// How a direct message reaches the instance that holds its recipient.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum RoutingMode {
-    /// Read the recipient's presence, publish only to the instances holding it.
-    Routed,
-    /// Baseline: publish every DM on one channel every instance subscribes to.
-    Broadcast,
-    /// The Centrifugo / SignalR design: an instance subscribes to a channel per
-    /// user it holds; a DM is one publish to the recipient's channel.
-    UserChannel,
-}
+/// HS256 secrets shorter than this are accepted with a warning (RFC 7518
+/// §3.2: the key must be at least as long as the hash output, 256 bits).
+pub const MIN_HS256_SECRET_BYTES: usize = 32;
 
-impl std::fmt::Display for RoutingMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            RoutingMode::Routed => "routed",
-            RoutingMode::Broadcast => "broadcast",
-            RoutingMode::UserChannel => "user-channel",
-        })
-    }
+fn routing_mode() -> impl TypedValueParser<Value = RoutingMode> {
+    PossibleValuesParser::new(RoutingMode::ALL.map(RoutingMode::as_str))
+        .try_map(|name: String| name.parse::<RoutingMode>())
 }
 
 /// How a WebSocket client proves who it is.
@@ -75,7 +64,7 @@ pub struct Config {
     #[arg(
         long,
         env = "SWITCHBOARD_ROUTING",
-        value_enum,
+        value_parser = routing_mode(),
         default_value = "routed"
     )]
     pub routing: RoutingMode,
@@ -103,6 +92,33 @@ pub struct Config {
     /// Frames queued for one client before it is disconnected as a slow consumer.
     #[arg(long, env = "SWITCHBOARD_OUTBOUND_QUEUE", default_value_t = 1024)]
     pub outbound_queue: usize,
+
+    /// Bytes queued for one client before it is disconnected as a slow
+    /// consumer (whichever of this and --outbound-queue is reached first).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_OUTBOUND_QUEUE_BYTES",
+        default_value_t = 1 << 20
+    )]
+    pub outbound_queue_bytes: usize,
+
+    /// Longest wait for a connection to Redis to be established, milliseconds.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REDIS_CONNECT_TIMEOUT_MS",
+        default_value_t = 1000
+    )]
+    pub redis_connect_timeout_ms: u64,
+
+    /// Longest wait for Redis to answer a command, milliseconds. A DM whose
+    /// routing got no answer in time is answered `timeout` (it may have been
+    /// delivered), never `unavailable`.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REDIS_RESPONSE_TIMEOUT_MS",
+        default_value_t = 2000
+    )]
+    pub redis_response_timeout_ms: u64,
 
     /// Runtime worker threads; 0 = one per CPU. 1 runs a single-threaded
     /// runtime (no cross-thread wakeups), the better choice when several
@@ -213,6 +229,12 @@ pub enum ConfigError {
     /// Pings must come well before the idle timeout closes a connection.
     #[error("--ping-interval-ms must be at least 100 and below --idle-timeout-ms")]
     Heartbeat,
+    /// A queue must hold at least one maximal frame.
+    #[error("--outbound-queue-bytes must be at least --max-frame-bytes")]
+    QueueBytes,
+    /// Timeouts of zero would fail every command.
+    #[error("--redis-connect-timeout-ms and --redis-response-timeout-ms must be at least 10")]
+    RedisTimeouts,
 }
 
 impl Config {
@@ -243,8 +265,29 @@ impl Config {
         if self.ping_interval_ms < 100 || self.ping_interval_ms >= self.idle_timeout_ms {
             return Err(ConfigError::Heartbeat);
         }
+        if self.outbound_queue_bytes < self.max_frame_bytes {
+            return Err(ConfigError::QueueBytes);
+        }
+        if self.redis_connect_timeout_ms < 10 || self.redis_response_timeout_ms < 10 {
+            return Err(ConfigError::RedisTimeouts);
+        }
         self.allowed_origins.retain(|o| !o.trim().is_empty());
         Ok(self)
+    }
+
+    /// Settings that work but that an operator should hear about.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.auth == AuthMode::Jwt {
+            let len = self.jwt_secret.as_deref().unwrap_or("").len();
+            if len < MIN_HS256_SECRET_BYTES {
+                warnings.push(format!(
+                    "--jwt-secret is {len} bytes; HS256 needs at least {MIN_HS256_SECRET_BYTES} \
+                     random bytes to resist brute force (e.g. `openssl rand -base64 32`)"
+                ));
+            }
+        }
+        warnings
     }
 
     /// The instance id; always set once [`Config::validate`] has run.
@@ -270,6 +313,9 @@ impl Config {
             max_frame_bytes: 65536,
             lease_ms: 10_000,
             outbound_queue: 1024,
+            outbound_queue_bytes: 1 << 20,
+            redis_connect_timeout_ms: 1000,
+            redis_response_timeout_ms: 2000,
             log_format: LogFormat::Text,
             threads: 0,
             jwt_audience: None,
@@ -345,6 +391,27 @@ mod tests {
         assert_eq!(cfg.routing, RoutingMode::Broadcast);
         assert_eq!(cfg.instance(), "i1");
         assert_eq!(cfg.listen.port(), 9000);
+    }
+
+    #[test]
+    fn a_short_jwt_secret_is_warned_about() {
+        let parse = |secret: &str| {
+            Config::try_parse_from(["switchboard", "--jwt-secret", secret])
+                .expect("parse")
+                .validate()
+                .expect("valid")
+        };
+        assert_eq!(parse("s3cret").warnings().len(), 1);
+        assert!(parse(&"k".repeat(32)).warnings().is_empty());
+    }
+
+    #[test]
+    fn routing_modes_parse_by_name() {
+        for mode in RoutingMode::ALL {
+            let cfg = Config::try_parse_from(["switchboard", "--routing", mode.as_str()]);
+            assert_eq!(cfg.expect("parse").routing, mode);
+        }
+        assert!(Config::try_parse_from(["switchboard", "--routing", "nope"]).is_err());
     }
 
     #[test]

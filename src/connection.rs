@@ -1,31 +1,52 @@
 //! One WebSocket session: the read loop, the writer draining the bounded
-//! outbound queue, and the close handshake.
+//! outbound queue, and the closing handshake.
 //!
 //! The reader handles one frame at a time (so a connection's messages keep
 //! their order) and answers through the same bounded queue the router
 //! delivers into. The writer never blocks the rest of the instance: a client
 //! that stops reading fills its queue and is closed as a slow consumer.
 //! This module turns frames into router calls; it does not decide routing.
+//!
+//! A close the server decides (1001, 1008, 1009, 1011) follows RFC 6455 §7:
+//! frames already accepted for the client are flushed, then the Close frame;
+//! nothing more is read into the router; the TCP write side is shut down and
+//! the client's remaining input is read and discarded until it closes too (or
+//! a grace period ends). Closing a socket with unread input makes the kernel
+//! send a reset, and the client would lose the Close frame and every reply
+//! before it.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use warp::ws::{Message, WebSocket};
 
-use crate::metrics::Metrics;
-use crate::protocol::{
-    self, DirectStatus, ErrorCode, ProtocolError, Request, RequestId, ServerFrame,
+use switchboard_core::metrics::Metrics;
+use switchboard_core::protocol::{
+    self, ErrorCode, ProtocolError, Request, RequestId, ServerFrame, TextFrame,
 };
-use crate::registry::{CloseReason, ConnHandle};
-use crate::router::{RouteError, Router};
+use switchboard_core::queue::BoundedReceiver;
+use switchboard_core::registry::{CloseReason, ConnHandle, Outbound, QueueLimits};
+use switchboard_core::router::{RouteError, Router};
+
+use crate::admission::Admission;
+
+/// An upgraded WebSocket connection.
+pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// How long the writer may spend flushing queued frames and the close frame
-/// when the server closes a connection.
+/// when the server closes a connection; the client then has as long again
+/// to finish sending and close its side.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Most frames written per flush (bounds the time one flush can take).
@@ -34,8 +55,8 @@ const WRITE_BATCH: usize = 64;
 /// Per-connection limits, from the configuration.
 #[derive(Debug, Clone)]
 pub struct SessionLimits {
-    /// Capacity of the outbound queue (slow consumers are closed beyond it).
-    pub outbound_queue: usize,
+    /// The outbound queue's budgets (slow consumers are closed beyond them).
+    pub outbound: QueueLimits,
     /// Largest `body`, as JSON text.
     pub max_body_bytes: usize,
     /// Frames per second (token bucket rate); 0 disables the limit.
@@ -100,17 +121,19 @@ impl TokenBucket {
 }
 
 /// Runs one session until the client leaves or the server closes it.
+/// `admission` (the slots reserved before the upgrade) is held until the
+/// session has ended.
 ///
 /// A panic anywhere in the session's handling is caught here: the connection
 /// is closed and its presence and rooms are cleaned up as on any other exit,
 /// and the rest of the instance never notices.
-pub async fn serve(ws: WebSocket, user: Arc<str>, ctx: SessionContext) {
+pub async fn serve(ws: Socket, user: Arc<str>, ctx: SessionContext, admission: Admission) {
     let id = ctx.router.registry().next_conn_id(ctx.router.instance());
     let span =
         tracing::info_span!("conn", user = %user, conn = %id, instance = %ctx.router.instance());
     async move {
         let router = &ctx.router;
-        let (handle, outbound) = ConnHandle::new(id, user, ctx.limits.outbound_queue);
+        let (handle, outbound) = ConnHandle::new(id, user, ctx.limits.outbound);
         // Queued before the connection is registered: nothing routed to it
         // can overtake the welcome frame.
         let welcome = ServerFrame::Welcome {
@@ -118,13 +141,13 @@ pub async fn serve(ws: WebSocket, user: Arc<str>, ctx: SessionContext) {
             instance: router.instance(),
             conn: &handle.id,
         };
-        handle.send(Message::text(welcome.to_text()), &ctx.metrics);
+        handle.send_text(welcome.to_frame(), &ctx.metrics);
         router.connect(&handle).await;
         tracing::debug!("connected");
 
-        let (sink, stream) = ws.split();
+        let (sink, mut stream) = ws.split();
         let writer = tokio::spawn(write_loop(sink, outbound, handle.clone()));
-        let session = AssertUnwindSafe(read_loop(stream, &handle, &ctx)).catch_unwind();
+        let session = AssertUnwindSafe(read_loop(&mut stream, &handle, &ctx)).catch_unwind();
         if session.await.is_err() {
             ctx.metrics.session_panics.inc();
             handle.close(CloseReason::Internal);
@@ -133,28 +156,44 @@ pub async fn serve(ws: WebSocket, user: Arc<str>, ctx: SessionContext) {
 
         router.disconnect(&handle).await;
         match handle.close_reason() {
-            Some(CloseReason::SlowConsumer) => {
-                ctx.metrics.closed_slow_consumer.inc();
-            }
-            Some(CloseReason::Flooding) => {
-                ctx.metrics.closed_flooding.inc();
-            }
-            Some(CloseReason::Idle) => {
-                ctx.metrics.closed_idle.inc();
-            }
-            _ => {}
-        }
+            Some(CloseReason::SlowConsumer) => ctx.metrics.closed_slow_consumer.inc(),
+            Some(CloseReason::Flooding) => ctx.metrics.closed_flooding.inc(),
+            Some(CloseReason::Idle) => ctx.metrics.closed_idle.inc(),
+            _ => 0,
+        };
         // Ends the writer: with a reason it sends a close frame first.
         handle.closer().cancel();
-        let _ = writer.await;
+        let sink = writer.await.ok().flatten();
+        if let (Some(sink), Some(_)) = (sink, handle.close_reason()) {
+            drain_until_closed(sink, stream).await;
+        }
+        drop(admission);
         tracing::debug!(reason = ?handle.close_reason(), "disconnected");
     }
     .instrument(span)
     .await
 }
 
+/// After the server's Close frame: shuts the TCP write side (the client sees
+/// the end right after the Close frame) and reads and discards what the
+/// client still sends until it closes its side, for at most [`CLOSE_GRACE`].
+async fn drain_until_closed(sink: SplitSink<Socket, Message>, stream: SplitStream<Socket>) {
+    let Ok(ws) = sink.reunite(stream) else {
+        return;
+    };
+    let mut io = ws.into_inner();
+    let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
+    let _ = tokio::time::timeout_at(deadline, io.shutdown()).await;
+    let mut discard = [0u8; 4096];
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, io.read(&mut discard)).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
 async fn read_loop(
-    mut stream: futures_util::stream::SplitStream<WebSocket>,
+    stream: &mut SplitStream<Socket>,
     handle: &Arc<ConnHandle>,
     ctx: &SessionContext,
 ) {
@@ -180,7 +219,7 @@ async fn read_loop(
                 return;
             }
             _ = pings.tick() => {
-                handle.send(Message::ping(Vec::new()), &ctx.metrics);
+                handle.send(Outbound::Ping, &ctx.metrics);
                 continue;
             }
             next = stream.next() => next,
@@ -188,23 +227,24 @@ async fn read_loop(
         let message = match next {
             None => return,
             Some(Ok(message)) => message,
+            Some(Err(tungstenite::Error::Capacity(_))) => {
+                handle.close(CloseReason::TooLarge);
+                return;
+            }
             Some(Err(e)) => {
-                if is_too_large(&e) {
-                    handle.close(CloseReason::TooLarge);
-                } else {
-                    tracing::debug!(error = %e, "read error");
-                }
+                tracing::debug!(error = %e, "read error");
                 return;
             }
         };
         let now = Instant::now();
         last_heard = now;
-        if message.is_close() {
-            return;
-        }
-        if message.is_ping() || message.is_pong() {
-            continue; // pings are answered by the WebSocket layer
-        }
+        let text = match &message {
+            Message::Close(_) => return,
+            // Pings are answered by the WebSocket layer.
+            Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
+            Message::Text(text) => Some(text.as_str()),
+            Message::Binary(_) => None,
+        };
         if !bucket.take(now) {
             ctx.metrics.rate_limited.inc();
             refused_in_a_row += 1.0;
@@ -215,43 +255,34 @@ async fn read_loop(
             let error =
                 ProtocolError::new(ErrorCode::RateLimited, "slow down: rate limit exceeded");
             // The refused frame is not processed, but its id is echoed when readable.
-            let id = message
-                .to_str()
-                .ok()
-                .and_then(|text| protocol::parse(text).id);
-            handle.send(
-                Message::text(error_frame(id.as_ref(), &error)),
-                &ctx.metrics,
-            );
+            let id = text.and_then(|text| protocol::parse(text).id);
+            handle.send_text(error_frame(id.as_ref(), &error), &ctx.metrics);
             continue;
         }
         refused_in_a_row = 0.0;
-        let reply = if let Ok(text) = message.to_str() {
-            handle_text(text, handle, ctx).await
-        } else {
-            let error = ProtocolError::new(
-                ErrorCode::BadRequest,
-                "binary frames are not supported; send JSON text",
-            );
-            Some(error_frame(None, &error))
+        let reply = match text {
+            Some(text) => handle_text(text, handle, ctx).await,
+            None => {
+                let error = ProtocolError::new(
+                    ErrorCode::BadRequest,
+                    "binary frames are not supported; send JSON text",
+                );
+                Some(error_frame(None, &error))
+            }
         };
         if let Some(reply) = reply {
-            handle.send(Message::text(reply), &ctx.metrics);
+            handle.send_text(reply, &ctx.metrics);
         }
     }
 }
 
-fn is_too_large(error: &warp::Error) -> bool {
-    let source = std::error::Error::source(error);
-    matches!(
-        source.and_then(|s| s.downcast_ref::<tungstenite::Error>()),
-        Some(tungstenite::Error::Capacity(_))
-    )
-}
-
 /// Handles one text frame; returns the reply to send, if any (a `dm` or
-/// `room` sent with `"ack": false` gets none when it succeeds).
-async fn handle_text(text: &str, handle: &Arc<ConnHandle>, ctx: &SessionContext) -> Option<String> {
+/// `room` sent with `"ack": false` gets none when it fully succeeds).
+async fn handle_text(
+    text: &str,
+    handle: &Arc<ConnHandle>,
+    ctx: &SessionContext,
+) -> Option<TextFrame> {
     let incoming = protocol::parse(text);
     let id = incoming.id.as_ref();
     let request = match incoming.request {
@@ -260,17 +291,17 @@ async fn handle_text(text: &str, handle: &Arc<ConnHandle>, ctx: &SessionContext)
     };
     let wants_ack =
         incoming.ack || !matches!(request, Request::Direct { .. } | Request::Room { .. });
-    let reply = handle_request(request, id, handle, ctx).await;
-    match reply {
+    match handle_request(request, id, handle, ctx).await {
         Reply::Ok(_) if !wants_ack => None,
-        Reply::Ok(text) | Reply::Failed(text) => Some(text),
+        Reply::Ok(frame) | Reply::Notable(frame) => Some(frame),
     }
 }
 
-/// A reply frame, and whether it reports success.
+/// A reply frame: a plain success, or one the client must hear even when it
+/// asked for no acks (an error, or a `partial` delivery).
 enum Reply {
-    Ok(String),
-    Failed(String),
+    Ok(TextFrame),
+    Notable(TextFrame),
 }
 
 async fn handle_request(
@@ -282,48 +313,53 @@ async fn handle_request(
     if let Request::Direct { body, .. } | Request::Room { body, .. } = &request {
         if body.get().len() > ctx.limits.max_body_bytes {
             let message = format!("`body` is larger than {} bytes", ctx.limits.max_body_bytes);
-            return Reply::Failed(error_frame(
+            return Reply::Notable(error_frame(
                 id,
                 &ProtocolError::new(ErrorCode::TooLarge, message),
             ));
         }
     }
     let router = &ctx.router;
-    let ack = |status: &str, msg_id: Option<&str>| {
-        Reply::Ok(ServerFrame::Ack { id, status, msg_id }.to_text())
-    };
+    let ack =
+        |status: &str, msg_id: Option<&str>| ServerFrame::Ack { id, status, msg_id }.to_frame();
     match request {
         Request::Direct { to, body } => match router.send_direct(&handle.user, &to, body).await {
-            Ok((status, msg_id)) => {
-                let status = match status {
-                    DirectStatus::Routed => "routed",
-                    DirectStatus::Offline => "offline",
-                };
-                ack(status, Some(&msg_id))
+            Ok(outcome) => {
+                let frame = ack(outcome.status.as_str(), Some(&outcome.msg_id));
+                match outcome.status {
+                    protocol::DirectStatus::Partial => Reply::Notable(frame),
+                    _ => Reply::Ok(frame),
+                }
             }
-            Err(e) => Reply::Failed(route_error(id, e)),
+            Err(e) => Reply::Notable(route_error(id, e)),
         },
         Request::Room { room, body } => match router.send_room_as_member(handle, &room, body).await
         {
-            Ok(msg_id) => ack("ok", Some(&msg_id)),
-            Err(e) => Reply::Failed(route_error(id, e)),
+            Ok(outcome) => {
+                let frame = ack(outcome.status.as_str(), Some(&outcome.msg_id));
+                match outcome.status {
+                    protocol::RoomStatus::Partial => Reply::Notable(frame),
+                    protocol::RoomStatus::Ok => Reply::Ok(frame),
+                }
+            }
+            Err(e) => Reply::Notable(route_error(id, e)),
         },
         Request::Join { room }
             if handle.room_count() >= ctx.limits.max_rooms && !handle.is_member(&room) =>
         {
             let message = format!("at most {} rooms per connection", ctx.limits.max_rooms);
-            Reply::Failed(error_frame(
+            Reply::Notable(error_frame(
                 id,
                 &ProtocolError::new(ErrorCode::LimitExceeded, message),
             ))
         }
         Request::Join { room } => match router.join(handle, &room).await {
-            Ok(()) => ack("ok", None),
-            Err(e) => Reply::Failed(route_error(id, e)),
+            Ok(()) => Reply::Ok(ack("ok", None)),
+            Err(e) => Reply::Notable(route_error(id, e)),
         },
         Request::Leave { room } => {
             router.leave(handle, &room).await;
-            ack("ok", None)
+            Reply::Ok(ack("ok", None))
         }
         Request::Presence { users } => match router.online(&users).await {
             Ok(online) => Reply::Ok(
@@ -331,56 +367,80 @@ async fn handle_request(
                     id,
                     online: users.iter().map(String::as_str).zip(online).collect(),
                 }
-                .to_text(),
+                .to_frame(),
             ),
-            Err(e) => Reply::Failed(route_error(id, e)),
+            Err(e) => Reply::Notable(route_error(id, e)),
         },
-        Request::Ping => Reply::Ok(ServerFrame::Pong { id }.to_text()),
+        Request::Ping => Reply::Ok(ServerFrame::Pong { id }.to_frame()),
     }
 }
 
-fn route_error(id: Option<&RequestId>, error: RouteError) -> String {
-    let code = match error {
+/// The protocol error code for a routing failure.
+pub fn route_error_code(error: RouteError) -> ErrorCode {
+    match error {
         RouteError::Unavailable => ErrorCode::Unavailable,
+        RouteError::Timeout => ErrorCode::Timeout,
         RouteError::NotMember => ErrorCode::NotMember,
-    };
-    error_frame(id, &ProtocolError::new(code, error.to_string()))
+    }
 }
 
-fn error_frame(id: Option<&RequestId>, error: &ProtocolError) -> String {
+fn route_error(id: Option<&RequestId>, error: RouteError) -> TextFrame {
+    error_frame(
+        id,
+        &ProtocolError::new(route_error_code(error), error.to_string()),
+    )
+}
+
+fn error_frame(id: Option<&RequestId>, error: &ProtocolError) -> TextFrame {
     ServerFrame::Error {
         id,
         code: error.code,
         message: &error.message,
     }
-    .to_text()
+    .to_frame()
 }
 
-/// Drains the outbound queue into the socket until the connection closes.
-/// Every await here also watches the closer, so a client that stopped reading
-/// cannot hold the writer in a blocked send.
+/// The WebSocket message for a queued frame. A [`TextFrame`] is UTF-8 by
+/// construction, so the check cannot fail; if it ever did, the frame is
+/// dropped rather than sent as something else.
+fn message_of(outbound: Outbound) -> Option<Message> {
+    match outbound {
+        Outbound::Text(frame) => Utf8Bytes::try_from(frame.bytes().clone())
+            .ok()
+            .map(Message::Text),
+        Outbound::Ping => Some(Message::Ping(Default::default())),
+    }
+}
+
+/// Drains the outbound queue into the socket until the connection closes;
+/// returns the sink when the server closes the connection cleanly (so the
+/// session can finish the closing handshake). Every await here also watches
+/// the closer, so a client that stopped reading cannot hold the writer in a
+/// blocked send.
 async fn write_loop(
-    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
-    mut outbound: mpsc::Receiver<Message>,
+    mut sink: SplitSink<Socket, Message>,
+    mut outbound: BoundedReceiver<Outbound>,
     handle: Arc<ConnHandle>,
-) {
+) -> Option<SplitSink<Socket, Message>> {
     loop {
-        let message = tokio::select! {
+        let next = tokio::select! {
             biased;
             _ = handle.closer().cancelled() => break,
-            message = outbound.recv() => match message {
-                Some(message) => message,
+            next = outbound.recv() => match next {
+                Some(next) => next,
                 None => break,
             },
         };
         // Everything already queued goes out with this frame in one flush:
         // under load, one write syscall carries many frames.
         let write_batch = async {
-            sink.feed(message).await?;
+            if let Some(message) = message_of(next) {
+                sink.feed(message).await?;
+            }
             for _ in 1..WRITE_BATCH {
-                match outbound.try_recv() {
-                    Ok(next) => sink.feed(next).await?,
-                    Err(_) => break,
+                match outbound.try_recv().and_then(message_of) {
+                    Some(message) => sink.feed(message).await?,
+                    None => break,
                 }
             }
             sink.flush().await
@@ -391,28 +451,35 @@ async fn write_loop(
             sent = write_batch => sent,
         };
         if sent.is_err() {
-            return;
+            return None;
         }
     }
     let Some(reason) = handle.close_reason() else {
-        // The client left first; nothing more to say.
+        // The client left first (or closed): answer its Close, nothing more to say.
         let _ = tokio::time::timeout(CLOSE_GRACE, sink.close()).await;
-        return;
+        return None;
     };
-    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+    let sent = tokio::time::timeout(CLOSE_GRACE, async {
         if reason != CloseReason::SlowConsumer {
             // Deliver what was already accepted for this client (replies to
             // requests the server did handle, messages routed to it) before
             // the close frame. A slow consumer would not read them anyway.
-            while let Ok(message) = outbound.try_recv() {
-                if sink.feed(message).await.is_err() {
-                    return;
+            while let Some(next) = outbound.try_recv() {
+                if let Some(message) = message_of(next) {
+                    sink.feed(message).await?;
                 }
             }
         }
         let (code, text) = reason.code_and_reason();
-        let _ = sink.send(Message::close_with(code, text)).await;
-        let _ = sink.close().await;
+        sink.send(Message::Close(Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: Utf8Bytes::from_static(text),
+        })))
+        .await
     })
     .await;
+    match sent {
+        Ok(Ok(())) => Some(sink),
+        _ => None,
+    }
 }

@@ -3,25 +3,64 @@
 //! for backend services, health and readiness probes, and metrics.
 //!
 //! Routes translate HTTP into calls on the rest of the server; they hold no
-//! state of their own and make no routing decisions.
+//! state of their own and make no routing decisions. The WebSocket upgrade
+//! is done here rather than by warp's `ws()` filter, so the WebSocket layer's
+//! configuration (frame and message limits, buffers) is ours to set.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 use serde_json::json;
 use subtle::ConstantTimeEq;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
 use tokio_util::task::TaskTracker;
-use warp::http::StatusCode;
+use warp::http::{HeaderMap, HeaderValue, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
+use switchboard_core::protocol::{self, PublishTarget};
+use switchboard_core::router::{RouteError, RoutingMode};
+
+use crate::admission::{Limits, Refusal};
 use crate::auth::{Authenticator, Credentials};
-use crate::config::RoutingMode;
-use crate::connection::{self, SessionContext};
-use crate::protocol::{self, DirectStatus, PublishTarget};
+use crate::connection::{self, route_error_code, SessionContext};
+
+/// What the accept loop hands to the routes of one HTTP connection: the
+/// upgrade future hyper left in the request, and the connection's socket
+/// permit, both taken by the WebSocket route when it upgrades (the session
+/// then holds the permit for its lifetime).
+#[derive(Debug, Default)]
+pub struct UpgradeSlot {
+    on_upgrade: Mutex<Option<OnUpgrade>>,
+    permit: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+}
+
+impl UpgradeSlot {
+    /// The slot for one request of a connection holding `permit`.
+    pub fn new(
+        on_upgrade: Option<OnUpgrade>,
+        permit: Arc<Mutex<Option<OwnedSemaphorePermit>>>,
+    ) -> Self {
+        UpgradeSlot {
+            on_upgrade: Mutex::new(on_upgrade),
+            permit,
+        }
+    }
+
+    fn take(&self) -> (Option<OnUpgrade>, Option<OwnedSemaphorePermit>) {
+        let on_upgrade = self.on_upgrade.lock().ok().and_then(|mut u| u.take());
+        let permit = self.permit.lock().ok().and_then(|mut p| p.take());
+        (on_upgrade, permit)
+    }
+}
 
 /// Settings of the server-side API.
 #[derive(Clone)]
@@ -49,10 +88,8 @@ pub struct HttpContext {
     pub tracker: TaskTracker,
     /// Largest WebSocket frame/message accepted.
     pub max_frame_bytes: usize,
-    /// Most connections on this instance.
-    pub max_connections: usize,
-    /// Most connections of one user on this instance.
-    pub max_connections_per_user: usize,
+    /// Connection limits (shared with the accept loop).
+    pub limits: Arc<Limits>,
     /// Browser origins allowed to connect; empty allows any.
     pub allowed_origins: Arc<Vec<String>>,
     /// The server-side API.
@@ -159,40 +196,108 @@ fn page() -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
 }
 
 /// `GET /ws`: origin, credentials and limits are checked before the upgrade.
-fn websocket(ctx: HttpContext) -> impl Filter<Extract = (impl Reply,), Error = Rejection> + Clone {
-    let check = ctx.clone();
+fn websocket(ctx: HttpContext) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     warp::path!("ws")
         .and(warp::get())
         .and(warp::query::<HashMap<String, String>>())
-        .and(warp::header::optional::<String>("authorization"))
-        .and(warp::header::optional::<String>("origin"))
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<Arc<UpgradeSlot>>())
         .and_then(
             move |query: HashMap<String, String>,
-                  authorization: Option<String>,
-                  origin: Option<String>| {
-                let ctx = check.clone();
-                async move { admit(&ctx, &query, authorization.as_deref(), origin.as_deref()) }
+                  headers: HeaderMap,
+                  slot: Option<Arc<UpgradeSlot>>| {
+                let ctx = ctx.clone();
+                async move { upgrade(&ctx, &query, &headers, slot.as_deref()) }
             },
         )
-        .and(warp::ws())
-        .map(move |user: Arc<str>, ws: warp::ws::Ws| {
-            let session = ctx.session.clone();
-            let tracker = ctx.tracker.clone();
-            ws.max_frame_size(ctx.max_frame_bytes)
-                .max_message_size(ctx.max_frame_bytes)
-                .on_upgrade(move |socket| {
-                    tracker.track_future(connection::serve(socket, user, session))
-                })
-        })
 }
 
-/// Decides whether a WebSocket upgrade may proceed, and as whom.
+fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Admits the client, then answers 101 and starts its session on the
+/// upgraded connection. Admission (and its reservations) happens before the
+/// 101, so a refused client never becomes a session.
+fn upgrade(
+    ctx: &HttpContext,
+    query: &HashMap<String, String>,
+    headers: &HeaderMap,
+    slot: Option<&UpgradeSlot>,
+) -> Result<Response, Rejection> {
+    let (user, admission) = admit(
+        ctx,
+        query,
+        header(headers, "authorization"),
+        header(headers, "origin"),
+    )?;
+    let connection_upgrade = header(headers, "connection").is_some_and(|v| {
+        v.split(',')
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+    });
+    let websocket = header(headers, "upgrade").is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let (Some(key), true, true) = (
+        header(headers, "sec-websocket-key"),
+        connection_upgrade,
+        websocket,
+    ) else {
+        // Valid credentials on a plain GET of /ws: the client must upgrade.
+        return Err(refuse(
+            StatusCode::UPGRADE_REQUIRED,
+            "websocket upgrade required",
+        ));
+    };
+    if header(headers, "sec-websocket-version") != Some("13") {
+        return Err(refuse(
+            StatusCode::UPGRADE_REQUIRED,
+            "websocket version 13 required",
+        ));
+    }
+    let (Some(on_upgrade), permit) = slot.map(UpgradeSlot::take).unwrap_or_default() else {
+        tracing::debug!("upgrade requested on a connection that cannot be upgraded");
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "this connection cannot be upgraded",
+        ));
+    };
+    let config = WebSocketConfig::default()
+        .max_frame_size(Some(ctx.max_frame_bytes))
+        .max_message_size(Some(ctx.max_frame_bytes));
+    let session = ctx.session.clone();
+    ctx.tracker.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!(error = %e, "websocket upgrade did not complete");
+                return;
+            }
+        };
+        let socket =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        connection::serve(socket, user, session, admission).await;
+        drop(permit);
+    });
+    let mut response = Response::new(Default::default());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert("connection", HeaderValue::from_static("upgrade"));
+    headers.insert("upgrade", HeaderValue::from_static("websocket"));
+    let accept = derive_accept_key(key.as_bytes());
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        headers.insert("sec-websocket-accept", accept);
+    }
+    Ok(response)
+}
+
+/// Decides whether a WebSocket upgrade may proceed, and as whom; reserves
+/// the session's slots.
 fn admit(
     ctx: &HttpContext,
     query: &HashMap<String, String>,
     authorization: Option<&str>,
     origin: Option<&str>,
-) -> Result<Arc<str>, Rejection> {
+) -> Result<(Arc<str>, crate::admission::Admission), Rejection> {
     let metrics = &ctx.session.metrics;
     if let Some(origin) = origin {
         if !ctx.allowed_origins.is_empty() && !ctx.allowed_origins.iter().any(|o| o == origin) {
@@ -211,19 +316,20 @@ fn admit(
         tracing::info!(reason = %e, "websocket upgrade refused");
         refuse(StatusCode::UNAUTHORIZED, "invalid or missing credentials")
     })?;
-    if metrics.connections.get() >= ctx.max_connections as i64 {
-        metrics.refused_limit.inc();
-        return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "instance is full"));
+    match ctx.limits.admit(&user) {
+        Ok(admission) => Ok((user, admission)),
+        Err(Refusal::InstanceFull) => {
+            metrics.refused_limit.inc();
+            Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "instance is full"))
+        }
+        Err(Refusal::UserFull) => {
+            metrics.refused_limit.inc();
+            Err(refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many connections for this user",
+            ))
+        }
     }
-    let registry = ctx.session.router.registry();
-    if registry.user_connection_count(&user) >= ctx.max_connections_per_user {
-        metrics.refused_limit.inc();
-        return Err(refuse(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too many connections for this user",
-        ));
-    }
-    Ok(user)
 }
 
 /// `/api/v1/*`: the server-side API for backend services.
@@ -322,28 +428,32 @@ async fn publish(ctx: &HttpContext, body: &[u8]) -> Response {
         PublishTarget::User(user) => router
             .send_direct(&request.from, user, request.body)
             .await
-            .map(|(status, msg_id)| {
-                let status = match status {
-                    DirectStatus::Routed => "routed",
-                    DirectStatus::Offline => "offline",
-                };
-                json!({"status": status, "msg_id": msg_id})
-            }),
+            .map(|o| json!({"status": o.status.as_str(), "msg_id": o.msg_id})),
         PublishTarget::Room(room) => router
             .send_room(&request.from, None, room, request.body)
             .await
-            .map(|msg_id| json!({"status": "ok", "msg_id": msg_id})),
+            .map(|o| json!({"status": o.status.as_str(), "msg_id": o.msg_id})),
     };
     match result {
         Ok(reply) => {
             ctx.session.metrics.api_publishes.inc();
             json_reply(StatusCode::ACCEPTED, reply)
         }
-        Err(e) => json_reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"error": e.to_string(), "code": "unavailable"}),
-        ),
+        Err(e) => route_failure(e),
     }
+}
+
+/// A routing failure as an HTTP answer: 503 `unavailable` (nothing was
+/// delivered; retry), 504 `timeout` (it may have been delivered).
+fn route_failure(error: RouteError) -> Response {
+    let status = match error {
+        RouteError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        RouteError::Unavailable | RouteError::NotMember => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    json_reply(
+        status,
+        json!({"error": error.to_string(), "code": route_error_code(error)}),
+    )
 }
 
 async fn presence(ctx: &HttpContext, segment: &str) -> Response {
@@ -373,10 +483,7 @@ async fn presence(ctx: &HttpContext, segment: &str) -> Response {
                 }),
             )
         }
-        Err(e) => json_reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"error": e.to_string(), "code": "unavailable"}),
-        ),
+        Err(e) => route_failure(e),
     }
 }
 
@@ -385,15 +492,6 @@ async fn handle_rejection(rejection: Rejection) -> Result<Response, Infallible> 
         (refused.status, refused.message.clone())
     } else if rejection.is_not_found() {
         (StatusCode::NOT_FOUND, "not found".to_owned())
-    } else if rejection
-        .find::<warp::reject::MissingHeader>()
-        .is_some_and(|h| matches!(h.name(), "connection" | "upgrade" | "sec-websocket-key"))
-    {
-        // Valid credentials on a plain GET of /ws: the client must upgrade.
-        (
-            StatusCode::UPGRADE_REQUIRED,
-            "websocket upgrade required".to_owned(),
-        )
     } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
         (
             StatusCode::PAYLOAD_TOO_LARGE,

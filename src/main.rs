@@ -1,6 +1,7 @@
 //! The `switchboard` binary: parse configuration, set up logging, bind the
 //! listener and run one instance until SIGINT or SIGTERM.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -40,6 +41,7 @@ async fn serve(config: Config) -> ExitCode {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Json => builder.json().init(),
@@ -50,6 +52,9 @@ async fn serve(config: Config) -> ExitCode {
             "AUTH IS DISABLED (--auth none): anyone can connect as any user with ?user=NAME. \
              Development only; never expose this instance."
         );
+    }
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
     }
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(listener) => listener,

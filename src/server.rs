@@ -9,36 +9,37 @@
 //! this instance still holds; stop the background tasks.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use switchboard_core::bus::Bus;
+use switchboard_core::bus::Inbound;
+use switchboard_core::error::BackendError;
+use switchboard_core::local::{LocalBackend, LocalHub};
+use switchboard_core::metrics::Metrics;
+use switchboard_core::presence::Presence;
+use switchboard_core::queue::{bounded, BoundedReceiver};
+use switchboard_core::registry::{QueueLimits, Registry};
+use switchboard_core::router::Router;
+use switchboard_redis::{RedisBackend, RedisSettings, RedisSetupError, INBOX_BYTES, INBOX_ITEMS};
+
+use crate::admission::{refuse_full, Limits};
 use crate::auth::Authenticator;
-use crate::bus::local::{LocalBus, LocalHub};
-use crate::bus::{Bus, Inbound};
 use crate::config::Config;
 use crate::connection::{SessionContext, SessionLimits};
-use crate::http::{self, ApiSettings, HttpContext};
-use crate::metrics::Metrics;
-use crate::presence::local::{LocalPresence, LocalPresenceHub};
-use crate::presence::Presence;
-use crate::redis::{RedisBackend, RedisSettings, RedisSetupError};
-use crate::registry::Registry;
-use crate::router::Router;
+use crate::http::{self, ApiSettings, HttpContext, UpgradeSlot};
 
-/// Bus messages buffered between the subscriber and the dispatcher.
-const INBOX_CAPACITY: usize = 65_536;
 /// Longest wait for sessions to finish at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Whether the shared backend can serve cross-instance traffic right now.
 pub type ReadinessProbe = Arc<dyn Fn() -> bool + Send + Sync>;
 
-/// Why the server could not start.
+/// Why the server could not start, or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// Redis could not be reached or configured.
@@ -46,7 +47,11 @@ pub enum ServerError {
     Redis(#[from] RedisSetupError),
     /// The bus refused the instance's own subscriptions.
     #[error("subscribing the instance's channels failed: {0}")]
-    Subscribe(#[from] crate::bus::BusError),
+    Subscribe(#[source] BackendError),
+    /// The backend asked the server to stop (another process took this
+    /// instance id over while this one was paused past its lease).
+    #[error("stopped: another process took over this instance id")]
+    TakenOver,
 }
 
 /// The shared state an instance runs on: presence store, bus, readiness,
@@ -59,29 +64,32 @@ pub struct Backend {
     /// Whether cross-instance traffic can be served right now.
     pub ready: ReadinessProbe,
     /// The bus's received messages, for the dispatcher.
-    pub inbox: mpsc::Receiver<Inbound>,
+    pub inbox: BoundedReceiver<Inbound>,
     /// The instance's counters (the bus and presence count into them too).
     pub metrics: Arc<Metrics>,
+    /// Cancelled when the backend can no longer serve this instance and the
+    /// server must stop (see [`ServerError::TakenOver`]).
+    pub stop: CancellationToken,
 }
 
 impl Backend {
     /// The embedded single-node backend: in-process bus and presence.
     pub fn embedded(instance: &str) -> Backend {
         let metrics = Metrics::new();
-        let (inbox_tx, inbox) = mpsc::channel::<Inbound>(INBOX_CAPACITY);
-        let presence = LocalPresence::new(Arc::new(LocalPresenceHub::default()), instance);
-        let bus = LocalBus::new(
+        let (inbox_tx, inbox) = bounded::<Inbound>(INBOX_ITEMS, INBOX_BYTES);
+        let local = Arc::new(LocalBackend::new(
             Arc::new(LocalHub::default()),
             instance,
             inbox_tx,
             metrics.clone(),
-        );
+        ));
         Backend {
-            presence: Arc::new(presence),
-            bus: Arc::new(bus),
+            presence: local.clone(),
+            bus: local,
             ready: Arc::new(|| true),
             inbox,
             metrics,
+            stop: CancellationToken::new(),
         }
     }
 }
@@ -99,13 +107,15 @@ pub async fn run(
         None => Backend::embedded(&instance),
         Some(url) => {
             let metrics = Metrics::new();
-            let (inbox_tx, inbox) = mpsc::channel::<Inbound>(INBOX_CAPACITY);
+            let (inbox_tx, inbox) = bounded::<Inbound>(INBOX_ITEMS, INBOX_BYTES);
             let redis = RedisBackend::connect(
                 RedisSettings {
                     url: url.clone(),
                     prefix: config.redis_prefix.clone(),
                     instance: instance.clone(),
                     lease: config.lease(),
+                    connect_timeout: Duration::from_millis(config.redis_connect_timeout_ms),
+                    response_timeout: Duration::from_millis(config.redis_response_timeout_ms),
                 },
                 inbox_tx,
                 metrics.clone(),
@@ -115,10 +125,11 @@ pub async fn run(
             let probe = redis.clone();
             Backend {
                 presence: redis.clone(),
-                bus: redis,
+                bus: redis.clone(),
                 ready: Arc::new(move || probe.is_ready()),
                 inbox,
                 metrics,
+                stop: redis.taken_over().clone(),
             }
         }
     };
@@ -141,6 +152,7 @@ pub async fn run_with_backend(
         ready,
         inbox,
         metrics,
+        stop: backend_stop,
     } = backend;
     let instance = config.instance().to_owned();
 
@@ -153,7 +165,7 @@ pub async fn run_with_backend(
         Arc::new(Registry::default()),
         metrics.clone(),
     ));
-    router.start().await?;
+    router.start().await.map_err(ServerError::Subscribe)?;
     let stop_dispatcher = CancellationToken::new();
     let dispatcher = tokio::spawn(dispatch(router.clone(), inbox, stop_dispatcher.clone()));
 
@@ -162,12 +174,19 @@ pub async fn run_with_backend(
     if let Some(audience) = &config.jwt_audience {
         auth = auth.with_audience(audience);
     }
+    let limits = Arc::new(Limits::new(
+        config.max_connections,
+        config.max_connections_per_user,
+    ));
     let ctx = HttpContext {
         session: SessionContext {
             router: router.clone(),
             metrics: metrics.clone(),
             limits: SessionLimits {
-                outbound_queue: config.outbound_queue,
+                outbound: QueueLimits {
+                    frames: config.outbound_queue,
+                    bytes: config.outbound_queue_bytes,
+                },
                 max_body_bytes: config.max_body_bytes,
                 rate_limit: config.rate_limit,
                 rate_burst: config.rate_burst,
@@ -181,8 +200,7 @@ pub async fn run_with_backend(
         ready,
         tracker: tracker.clone(),
         max_frame_bytes: config.max_frame_bytes,
-        max_connections: config.max_connections,
-        max_connections_per_user: config.max_connections_per_user,
+        limits: limits.clone(),
         allowed_origins: Arc::new(config.allowed_origins.clone()),
         api: ApiSettings {
             key: config.api_key.clone().map(Arc::from),
@@ -193,17 +211,29 @@ pub async fn run_with_backend(
     };
 
     let stop = sessions.clone();
+    let stopped_by_backend = backend_stop.clone();
     tokio::spawn(async move {
-        shutdown.await;
+        tokio::select! {
+            _ = shutdown => {}
+            _ = stopped_by_backend.cancelled() => {}
+        }
         stop.cancel();
     });
-    let addr = listener.local_addr().ok();
-    tracing::info!(instance = %instance, addr = ?addr, routing = ?config.routing,
-        redis = config.redis_url.is_some(), "listening");
+    match listener.local_addr() {
+        Ok(addr) => tracing::info!(
+            instance = %instance,
+            %addr,
+            routing = %config.routing,
+            redis = config.redis_url.is_some(),
+            "listening; open http://{addr}/ for the chat page"
+        ),
+        Err(e) => tracing::warn!(error = %e, "listening (address unknown)"),
+    }
     let handshake_timeout = Duration::from_millis(config.handshake_timeout_ms);
     accept_loop(
         listener,
         http::routes(ctx),
+        &limits,
         handshake_timeout,
         sessions.clone(),
     )
@@ -228,18 +258,24 @@ pub async fn run_with_backend(
     stop_dispatcher.cancel();
     let _ = dispatcher.await;
     tracing::info!("stopped");
+    if backend_stop.is_cancelled() {
+        return Err(ServerError::TakenOver);
+    }
     Ok(())
 }
 
 /// Accepts connections until `stop`, serving each with the warp routes over
 /// hyper. Owning this loop (rather than `warp::serve`) is what lets each
 /// socket get TCP_NODELAY (small frames must not wait for Nagle's algorithm
-/// and the peer's delayed ACK, ~40 ms) and lets a client that does not send
-/// its request headers within `handshake_timeout` be dropped (slowloris).
-/// Accept errors (e.g. out of file descriptors) back off instead of spinning.
+/// and the peer's delayed ACK, ~40 ms), bounds admission at accept (a socket
+/// beyond the limit gets a fixed 503 and no task), lets a client that does
+/// not send its request headers within `handshake_timeout` be dropped
+/// (slowloris), and hands the upgrade to our own WebSocket route. Accept
+/// errors (e.g. out of file descriptors) back off instead of spinning.
 async fn accept_loop<F>(
     listener: TcpListener,
     routes: F,
+    limits: &Limits,
     handshake_timeout: Duration,
     stop: CancellationToken,
 ) where
@@ -265,10 +301,31 @@ async fn accept_loop<F>(
                 continue;
             }
         };
+        let Some(permit) = limits.accept() else {
+            // Full: a bounded number of refusals are answered; beyond them
+            // the socket is closed at once.
+            if let Some(refusal) = limits.refusal() {
+                connections.spawn(refuse_full(stream, refusal));
+            }
+            continue;
+        };
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let service = hyper_util::service::TowerToHyperService::new(warp::service(routes.clone()));
+        let permit = Arc::new(Mutex::new(Some(permit)));
+        let warp_service =
+            hyper_util::service::TowerToHyperService::new(warp::service(routes.clone()));
+        let service = hyper::service::service_fn(
+            move |mut request: hyper::Request<hyper::body::Incoming>| {
+                let on_upgrade = request
+                    .extensions_mut()
+                    .remove::<hyper::upgrade::OnUpgrade>();
+                request
+                    .extensions_mut()
+                    .insert(Arc::new(UpgradeSlot::new(on_upgrade, permit.clone())));
+                hyper::service::Service::call(&warp_service, request)
+            },
+        );
         let stop = stop.clone();
         connections.spawn(async move {
             // HTTP/1.1 (WebSocket upgrades need it); the header timer starts
@@ -302,10 +359,11 @@ async fn accept_loop<F>(
     }
 }
 
-/// Hands every bus message to the router, in arrival order.
+/// Hands every bus message to the router, in arrival order. The router's
+/// handling never awaits, so one slow message cannot hold up the next.
 async fn dispatch(
     router: Arc<Router>,
-    mut inbox: mpsc::Receiver<Inbound>,
+    mut inbox: BoundedReceiver<Inbound>,
     stop: CancellationToken,
 ) {
     loop {
@@ -316,6 +374,6 @@ async fn dispatch(
                 None => return,
             },
         };
-        router.handle_inbound(inbound).await;
+        router.handle_inbound(inbound);
     }
 }

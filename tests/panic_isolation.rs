@@ -1,6 +1,6 @@
 //! A panic in one connection's handling closes that connection only: the real
-//! server runs in-process over the embedded backend, whose presence store is
-//! wrapped in a decorator that panics when asked to locate the user `boom`.
+//! server runs in-process over the embedded backend, whose bus is wrapped in a
+//! decorator that panics when asked to route a DM to the user `boom`.
 
 mod support;
 
@@ -8,52 +8,46 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use serde_json::json;
 use support::{http_request, metric_value, ws_request_at, Client, Incoming, RECV_TIMEOUT};
+use switchboard::bus::{Bus, Channel, DirectRoute, Reached};
 use switchboard::config::Config;
-use switchboard::presence::{Holder, Presence, PresenceError};
+use switchboard::error::BackendError;
 use switchboard::server::{run_with_backend, Backend};
 
-/// Delegates everything to the real store, except that `locate("boom")` panics.
+/// Delegates everything to the real bus, except that routing to `boom` panics.
 struct PanicsOnBoom {
-    inner: Arc<dyn Presence>,
+    inner: Arc<dyn Bus>,
 }
 
 #[async_trait]
-impl Presence for PanicsOnBoom {
-    async fn connect(&self, user: &str) -> Result<(), PresenceError> {
-        self.inner.connect(user).await
+impl Bus for PanicsOnBoom {
+    async fn publish(&self, channel: Channel<'_>, payload: Bytes) -> Result<usize, BackendError> {
+        self.inner.publish(channel, payload).await
     }
 
-    async fn disconnect(&self, user: &str) -> Result<(), PresenceError> {
-        self.inner.disconnect(user).await
+    async fn subscribe(&self, channel: Channel<'_>) -> Result<(), BackendError> {
+        self.inner.subscribe(channel).await
     }
 
-    async fn locate(&self, user: &str) -> Result<Vec<Holder>, PresenceError> {
-        if user == "boom" {
-            panic!("injected panic: locate(\"boom\")");
+    async fn unsubscribe(&self, channel: Channel<'_>) -> Result<(), BackendError> {
+        self.inner.unsubscribe(channel).await
+    }
+
+    async fn route_direct(&self, route: &DirectRoute<'_>) -> Result<Vec<Reached>, BackendError> {
+        if route.to == "boom" {
+            panic!("injected panic: route_direct to \"boom\"");
         }
-        self.inner.locate(user).await
-    }
-
-    async fn locate_many(&self, users: &[String]) -> Result<Vec<Vec<Holder>>, PresenceError> {
-        self.inner.locate_many(users).await
-    }
-
-    fn report_stale(&self, instance: &str) {
-        self.inner.report_stale(instance)
-    }
-
-    async fn withdraw(&self) -> Result<(), PresenceError> {
-        self.inner.withdraw().await
+        self.inner.route_direct(route).await
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_session_closes_only_its_own_connection() {
     let mut backend = Backend::embedded("p1");
-    backend.presence = Arc::new(PanicsOnBoom {
-        inner: backend.presence.clone(),
+    backend.bus = Arc::new(PanicsOnBoom {
+        inner: backend.bus.clone(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

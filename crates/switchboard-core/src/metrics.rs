@@ -30,6 +30,22 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+/// Counters of the outcomes of one kind of send (DM or room message).
+#[derive(Clone, Debug, Default)]
+pub struct SendOutcomes {
+    /// Local recipients got it; other instances could not be reached.
+    pub partial: Counter,
+    /// Reached nobody: the backend was unavailable (answered `unavailable`).
+    pub unavailable: Counter,
+    /// The backend did not answer in time (answered `timeout`).
+    pub timeout: Counter,
+}
+
 /// Counters for one bus channel kind.
 #[derive(Clone, Debug, Default)]
 pub struct BusCounters {
@@ -55,6 +71,17 @@ pub struct Metrics {
     pub dm_routed: Counter,
     /// Direct messages whose recipient was nowhere.
     pub dm_offline: Counter,
+    /// Direct messages that could not be routed (or only locally), by outcome.
+    pub dm_failed: SendOutcomes,
+    /// Room messages published to the room's channel.
+    pub room_ok: Counter,
+    /// Room messages that could not be published (or only delivered locally).
+    pub room_failed: SendOutcomes,
+    /// DMs re-routed (hop 1) to an instance that now holds the recipient.
+    pub rerouted: Counter,
+    /// DMs that reached an instance no longer holding the recipient, whose
+    /// every other holder already had them (no re-route needed).
+    pub reroute_covered: Counter,
     /// Bus messages this instance published, by channel kind.
     pub bus_published: BusCounters,
     /// Bus messages this instance received, by channel kind.
@@ -68,6 +95,8 @@ pub struct Metrics {
     pub dropped_slow_consumer: Counter,
     /// Bus messages dropped because the inbound bus queue was full.
     pub dropped_bus_inbox_full: Counter,
+    /// DMs not re-routed because the re-route queue was full.
+    pub dropped_reroute_queue_full: Counter,
     /// Presence entries found pointing at an instance that did not listen.
     pub stale_presence: Counter,
     /// Presence writes that failed and wait for the next resync.
@@ -114,8 +143,20 @@ impl Metrics {
         let dm = Family::<PathLabel, Counter>::default();
         registry.register(
             "switchboard_dm",
-            "Direct messages sent from this instance, by path (local, routed, offline)",
+            "Direct messages sent from this instance, by outcome (local, routed, offline, partial, unavailable, timeout)",
             dm.clone(),
+        );
+        let room = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "switchboard_room_messages",
+            "Room messages sent from this instance, by outcome (ok, partial, unavailable, timeout)",
+            room.clone(),
+        );
+        let reroutes = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "switchboard_reroutes",
+            "DMs that arrived for a recipient no longer here: re-routed to its new instance, or already covered by its other instances",
+            reroutes.clone(),
         );
         let published = Family::<KindLabel, Counter>::default();
         registry.register(
@@ -226,12 +267,32 @@ impl Metrics {
             dm_local: dm.get_or_create_owned(&PathLabel { path: "local" }),
             dm_routed: dm.get_or_create_owned(&PathLabel { path: "routed" }),
             dm_offline: dm.get_or_create_owned(&PathLabel { path: "offline" }),
+            dm_failed: SendOutcomes {
+                partial: dm.get_or_create_owned(&PathLabel { path: "partial" }),
+                unavailable: dm.get_or_create_owned(&PathLabel {
+                    path: "unavailable",
+                }),
+                timeout: dm.get_or_create_owned(&PathLabel { path: "timeout" }),
+            },
+            room_ok: room.get_or_create_owned(&OutcomeLabel { outcome: "ok" }),
+            room_failed: SendOutcomes {
+                partial: room.get_or_create_owned(&OutcomeLabel { outcome: "partial" }),
+                unavailable: room.get_or_create_owned(&OutcomeLabel {
+                    outcome: "unavailable",
+                }),
+                timeout: room.get_or_create_owned(&OutcomeLabel { outcome: "timeout" }),
+            },
+            rerouted: reroutes.get_or_create_owned(&OutcomeLabel {
+                outcome: "rerouted",
+            }),
+            reroute_covered: reroutes.get_or_create_owned(&OutcomeLabel { outcome: "covered" }),
             bus_published: bus(&published),
             bus_received: bus(&received),
             delivered,
             dropped_not_here: reason("recipient_not_here"),
             dropped_slow_consumer: reason("slow_consumer"),
             dropped_bus_inbox_full: reason("bus_inbox_full"),
+            dropped_reroute_queue_full: reason("reroute_queue_full"),
             stale_presence,
             presence_write_failures,
             auth_failures,

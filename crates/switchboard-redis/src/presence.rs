@@ -1,19 +1,16 @@
-//! [`Presence`] over Redis: `sb:presence:{USER}` hashes written only by their
-//! own instance, read through the live view so dead instances are ignored.
+//! [`Presence`] over Redis: `sb:presence:{USER}` hashes, each field written
+//! only by its own instance (and deleted by the reaper once that instance is
+//! dead), read through the live view so dead instances are ignored.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use async_trait::async_trait;
-use deadpool_redis::redis::{self, RedisError};
 
-use super::RedisBackend;
-use crate::presence::{Holder, Presence, PresenceError};
+use switchboard_core::error::BackendError;
+use switchboard_core::presence::{Holder, Presence};
 
-fn unavailable(e: RedisError) -> PresenceError {
-    PresenceError::Unavailable(e.to_string())
-}
+use crate::{maintenance_error, RedisBackend};
 
 impl RedisBackend {
     fn holders(&self, fields: Vec<(String, i64)>) -> Vec<Holder> {
@@ -30,30 +27,22 @@ impl RedisBackend {
 
     /// Adds `delta` to this instance's field for `user`, keeping the users
     /// set in step. Callers hold the user's lock.
-    async fn adjust(&self, user: &str, delta: i64, local_count: u32) -> redis::RedisResult<()> {
-        let mut conn = self.conn().await?;
+    async fn adjust(&self, user: &str, delta: i64, local_count: u32) -> Result<(), BackendError> {
+        let mut conn = self.message_path()?;
         let users_key = self.keys.instance_users(&self.instance);
         if delta > 0 {
             // Listed before the field exists, so a reaper always finds it.
-            redis::cmd("SADD")
-                .arg(&users_key)
-                .arg(user)
-                .query_async::<()>(&mut conn)
-                .await?;
+            let mut sadd = redis::cmd("SADD");
+            sadd.arg(&users_key).arg(user);
+            self.timed(sadd.query_async::<()>(&mut conn)).await?;
         }
-        let now: i64 = self
-            .adjust_presence
-            .key(self.keys.presence(user))
-            .arg(&*self.instance)
-            .arg(delta)
-            .invoke_async(&mut conn)
-            .await?;
+        let mut adjust = self.adjust_presence.key(self.keys.presence(user));
+        adjust.arg(&*self.instance).arg(delta);
+        let now: i64 = self.timed(adjust.invoke_async(&mut conn)).await?;
         if now == 0 {
-            redis::cmd("SREM")
-                .arg(&users_key)
-                .arg(user)
-                .query_async::<()>(&mut conn)
-                .await?;
+            let mut srem = redis::cmd("SREM");
+            srem.arg(&users_key).arg(user);
+            self.timed(srem.query_async::<()>(&mut conn)).await?;
         }
         if now != i64::from(local_count) {
             // Redis lost or doubled a write (restart, failed earlier write):
@@ -69,7 +58,7 @@ impl RedisBackend {
         Ok(())
     }
 
-    async fn change(&self, user: &str, delta: i64) -> Result<(), PresenceError> {
+    async fn change(&self, user: &str, delta: i64) -> Result<(), BackendError> {
         let _guard = self.user_locks.lock(user).await;
         let local_count = {
             let mut entry = self.desired.entry(user.to_owned()).or_insert(0);
@@ -83,66 +72,61 @@ impl RedisBackend {
         if local_count == 0 {
             self.desired.remove_if(user, |_, n| *n == 0);
         }
-        self.adjust(user, delta, local_count).await.map_err(|e| {
-            self.resync_needed.store(true, Ordering::Relaxed);
-            unavailable(e)
-        })
+        self.adjust(user, delta, local_count)
+            .await
+            .inspect_err(|_| {
+                self.resync_needed.store(true, Ordering::Relaxed);
+            })
     }
 }
 
 #[async_trait]
 impl Presence for RedisBackend {
-    async fn connect(&self, user: &str) -> Result<(), PresenceError> {
+    async fn connect(&self, user: &str) -> Result<(), BackendError> {
         self.change(user, 1).await
     }
 
-    async fn disconnect(&self, user: &str) -> Result<(), PresenceError> {
+    async fn disconnect(&self, user: &str) -> Result<(), BackendError> {
         self.change(user, -1).await
     }
 
-    async fn locate(&self, user: &str) -> Result<Vec<Holder>, PresenceError> {
-        let started = Instant::now();
-        let mut conn = self.conn().await.map_err(unavailable)?;
-        let fields: Vec<(String, i64)> = redis::cmd("HGETALL")
-            .arg(self.keys.presence(user))
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        self.observe(started);
+    async fn locate(&self, user: &str) -> Result<Vec<Holder>, BackendError> {
+        let mut conn = self.message_path()?;
+        let mut hgetall = redis::cmd("HGETALL");
+        hgetall.arg(self.keys.presence(user));
+        let fields: Vec<(String, i64)> = self.timed(hgetall.query_async(&mut conn)).await?;
         Ok(self.holders(fields))
     }
 
-    async fn locate_many(&self, users: &[String]) -> Result<Vec<Vec<Holder>>, PresenceError> {
+    async fn locate_many(&self, users: &[String]) -> Result<Vec<Vec<Holder>>, BackendError> {
         if users.is_empty() {
             return Ok(Vec::new());
         }
-        let started = Instant::now();
         let mut pipe = redis::pipe();
         for user in users {
             pipe.cmd("HGETALL").arg(self.keys.presence(user));
         }
-        let mut conn = self.conn().await.map_err(unavailable)?;
-        let all: Vec<Vec<(String, i64)>> =
-            pipe.query_async(&mut conn).await.map_err(unavailable)?;
-        self.observe(started);
+        let mut conn = self.message_path()?;
+        let all: Vec<Vec<(String, i64)>> = self.timed(pipe.query_async(&mut conn)).await?;
         Ok(all.into_iter().map(|fields| self.holders(fields)).collect())
     }
 
-    fn report_stale(&self, instance: &str) {
-        tracing::debug!(
-            instance,
-            "presence entry points at an instance with no listener"
-        );
-    }
-
-    async fn withdraw(&self) -> Result<(), PresenceError> {
+    /// Deletes this instance's fields, users set, lease and index entry — but
+    /// only while this process still holds the lease: if another process took
+    /// the id over, its entries are not this process's to delete.
+    async fn withdraw(&self) -> Result<(), BackendError> {
+        let mut conn = self.maintenance().await?;
+        if !self.release_lease(&mut conn).await? {
+            tracing::warn!("not withdrawing presence: another process holds this instance id");
+            self.desired.clear();
+            return Ok(());
+        }
         let users_key = self.keys.instance_users(&self.instance);
-        let mut conn = self.conn().await.map_err(unavailable)?;
         let mut users: Vec<String> = redis::cmd("SMEMBERS")
             .arg(&users_key)
             .query_async(&mut conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(maintenance_error)?;
         users.extend(self.desired.iter().map(|e| e.key().clone()));
         users.sort_unstable();
         users.dedup();
@@ -156,14 +140,11 @@ impl Presence for RedisBackend {
             }
             pipe.query_async::<()>(&mut conn)
                 .await
-                .map_err(unavailable)?;
+                .map_err(maintenance_error)?;
         }
         redis::pipe()
             .cmd("DEL")
             .arg(&users_key)
-            .ignore()
-            .cmd("DEL")
-            .arg(self.keys.lease(&self.instance))
             .ignore()
             .cmd("ZREM")
             .arg(self.keys.instances())
@@ -171,7 +152,7 @@ impl Presence for RedisBackend {
             .ignore()
             .query_async::<()>(&mut conn)
             .await
-            .map_err(unavailable)?;
+            .map_err(maintenance_error)?;
         self.desired.clear();
         Ok(())
     }

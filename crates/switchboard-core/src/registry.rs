@@ -2,20 +2,48 @@
 //! and by room, and the bounded outbound queue of each.
 //!
 //! The registry hands frames to connections without ever blocking: a full
-//! queue marks that connection as a slow consumer and asks its task to close
-//! it. It knows nothing of Redis, presence or routing decisions; it is the
-//! state that presence and room subscriptions are derived from.
+//! queue (in frames or in bytes) marks that connection as a slow consumer and
+//! asks its task to close it. It knows nothing of Redis, presence, sockets or
+//! routing decisions; it is the state that presence and room subscriptions
+//! are derived from.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use dashmap::DashMap;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use warp::ws::Message;
 
 use crate::metrics::Metrics;
+use crate::protocol::TextFrame;
+use crate::queue::{bounded, BoundedReceiver, BoundedSender, Refused, Weighed};
+
+/// What a connection's writer sends, in queue order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outbound {
+    /// A text frame: a message, a reply, the welcome.
+    Text(TextFrame),
+    /// A WebSocket ping (the server's keepalive).
+    Ping,
+}
+
+impl Weighed for Outbound {
+    fn weight(&self) -> usize {
+        match self {
+            Outbound::Text(frame) => frame.len(),
+            Outbound::Ping => 0,
+        }
+    }
+}
+
+/// The two budgets of a connection's outbound queue.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    /// Most frames queued.
+    pub frames: usize,
+    /// Most bytes queued.
+    pub bytes: usize,
+}
 
 /// WebSocket close codes the server uses, with their reasons.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +85,7 @@ pub struct ConnHandle {
     /// The authenticated user.
     pub user: Arc<str>,
     /// Bounded queue drained by the connection's writer.
-    outbound: mpsc::Sender<Message>,
+    outbound: BoundedSender<Outbound>,
     /// Cancelled when the connection must be closed by the server.
     closer: CancellationToken,
     /// Why the server closed it; the first reason wins.
@@ -71,9 +99,9 @@ impl ConnHandle {
     pub fn new(
         id: Arc<str>,
         user: Arc<str>,
-        capacity: usize,
-    ) -> (Arc<Self>, mpsc::Receiver<Message>) {
-        let (outbound, rx) = mpsc::channel(capacity);
+        limits: QueueLimits,
+    ) -> (Arc<Self>, BoundedReceiver<Outbound>) {
+        let (outbound, rx) = bounded(limits.frames, limits.bytes);
         let handle = ConnHandle {
             id,
             user,
@@ -87,17 +115,22 @@ impl ConnHandle {
 
     /// Queues a frame without waiting. A full queue closes the connection as
     /// a slow consumer; returns whether the frame was queued.
-    pub fn send(&self, frame: Message, metrics: &Metrics) -> bool {
+    pub fn send(&self, frame: Outbound, metrics: &Metrics) -> bool {
         match self.outbound.try_send(frame) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(Refused::Full(_)) => {
                 metrics.dropped_slow_consumer.inc();
                 self.close(CloseReason::SlowConsumer);
                 false
             }
             // The writer is gone: the connection is already closing.
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(Refused::Closed(_)) => false,
         }
+    }
+
+    /// Queues a text frame; see [`ConnHandle::send`].
+    pub fn send_text(&self, frame: TextFrame, metrics: &Metrics) -> bool {
+        self.send(Outbound::Text(frame), metrics)
     }
 
     /// Asks the connection's task to close with this reason.
@@ -201,7 +234,7 @@ impl Registry {
     }
 
     /// Queues `frame` on every local connection of `user`; returns how many.
-    pub fn deliver_to_user(&self, user: &str, frame: &Message, metrics: &Metrics) -> usize {
+    pub fn deliver_to_user(&self, user: &str, frame: &TextFrame, metrics: &Metrics) -> usize {
         // Clone the handles out so no map lock is held while queueing.
         let conns: Vec<Arc<ConnHandle>> = match self.users.get(user) {
             Some(conns) => conns.clone(),
@@ -209,7 +242,7 @@ impl Registry {
         };
         let delivered = conns
             .iter()
-            .filter(|c| c.send(frame.clone(), metrics))
+            .filter(|c| c.send_text(frame.clone(), metrics))
             .count();
         metrics.delivered.inc_by(delivered as u64);
         delivered
@@ -270,7 +303,7 @@ impl Registry {
         &self,
         room: &str,
         except: Option<&str>,
-        frame: &Message,
+        frame: &TextFrame,
         metrics: &Metrics,
     ) -> usize {
         let members: Vec<Arc<ConnHandle>> = match self.rooms.get(room) {
@@ -280,7 +313,7 @@ impl Registry {
         let delivered = members
             .iter()
             .filter(|c| Some(&*c.id) != except)
-            .filter(|c| c.send(frame.clone(), metrics))
+            .filter(|c| c.send_text(frame.clone(), metrics))
             .count();
         metrics.delivered.inc_by(delivered as u64);
         delivered
@@ -306,8 +339,20 @@ impl Registry {
 mod tests {
     use super::*;
 
-    fn conn(reg: &Registry, user: &str, cap: usize) -> (Arc<ConnHandle>, mpsc::Receiver<Message>) {
-        ConnHandle::new(reg.next_conn_id("i1"), Arc::from(user), cap)
+    fn conn(
+        reg: &Registry,
+        user: &str,
+        cap: usize,
+    ) -> (Arc<ConnHandle>, BoundedReceiver<Outbound>) {
+        let limits = QueueLimits {
+            frames: cap,
+            bytes: 1 << 20,
+        };
+        ConnHandle::new(reg.next_conn_id("i1"), Arc::from(user), limits)
+    }
+
+    fn text(s: &'static str) -> TextFrame {
+        TextFrame::from(s)
     }
 
     #[test]
@@ -318,22 +363,22 @@ mod tests {
         let (a2, mut rx2) = conn(&reg, "alice", 4);
         assert_eq!(reg.insert(&a1), 1);
         assert_eq!(reg.insert(&a2), 2);
-        assert_eq!(reg.deliver_to_user("alice", &Message::text("x"), &m), 2);
-        assert!(rx1.try_recv().is_ok() && rx2.try_recv().is_ok());
+        assert_eq!(reg.deliver_to_user("alice", &text("x"), &m), 2);
+        assert!(rx1.try_recv().is_some() && rx2.try_recv().is_some());
         // Replies queued with `send` are not message deliveries.
-        assert!(a1.send(Message::text("ack"), &m));
+        assert!(a1.send(Outbound::Text(text("ack")), &m));
         assert_eq!(m.delivered.get(), 2);
-        assert!(rx1.try_recv().is_ok());
+        assert!(rx1.try_recv().is_some());
 
         assert_eq!(reg.join("lobby", &a1), RoomChange::FirstJoined);
         assert_eq!(reg.join("lobby", &a1), RoomChange::Noop);
         assert_eq!(reg.join("lobby", &a2), RoomChange::Unchanged);
         assert_eq!(
-            reg.deliver_to_room("lobby", Some(&a1.id), &Message::text("y"), &m),
+            reg.deliver_to_room("lobby", Some(&a1.id), &text("y"), &m),
             1
         );
-        assert!(rx1.try_recv().is_err());
-        assert!(rx2.try_recv().is_ok());
+        assert!(rx1.try_recv().is_none());
+        assert!(rx2.try_recv().is_some());
         assert_eq!(m.delivered.get(), 3);
         assert_eq!(reg.leave("lobby", &a1), RoomChange::Unchanged);
         assert_eq!(reg.leave("lobby", &a2), RoomChange::LastLeft);
@@ -350,9 +395,24 @@ mod tests {
         let m = Metrics::new();
         let (a, _rx) = conn(&reg, "alice", 1);
         reg.insert(&a);
-        assert_eq!(reg.deliver_to_user("alice", &Message::text("1"), &m), 1);
-        assert_eq!(reg.deliver_to_user("alice", &Message::text("2"), &m), 0);
+        assert_eq!(reg.deliver_to_user("alice", &text("1"), &m), 1);
+        assert_eq!(reg.deliver_to_user("alice", &text("2"), &m), 0);
         assert!(a.closer().is_cancelled());
+        assert_eq!(a.close_reason(), Some(CloseReason::SlowConsumer));
+    }
+
+    #[test]
+    fn the_byte_budget_closes_a_slow_consumer_too() {
+        let reg = Registry::default();
+        let m = Metrics::new();
+        let limits = QueueLimits {
+            frames: 100,
+            bytes: 10,
+        };
+        let (a, _rx) = ConnHandle::new(reg.next_conn_id("i1"), Arc::from("alice"), limits);
+        reg.insert(&a);
+        assert_eq!(reg.deliver_to_user("alice", &text("123456"), &m), 1);
+        assert_eq!(reg.deliver_to_user("alice", &text("123456"), &m), 0);
         assert_eq!(a.close_reason(), Some(CloseReason::SlowConsumer));
     }
 }

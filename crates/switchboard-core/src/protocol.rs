@@ -9,6 +9,7 @@
 
 use std::fmt;
 
+use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -69,8 +70,12 @@ pub enum ErrorCode {
     NotMember,
     /// A frame over the size limit.
     TooLarge,
-    /// The shared backend (Redis) cannot be reached right now.
+    /// The shared backend (Redis) could not be reached: the request was not
+    /// carried out (nothing was delivered beyond what an ack says). Safe to retry.
     Unavailable,
+    /// The shared backend did not answer in time: the message may or may not
+    /// have been delivered. Retrying may duplicate it.
+    Timeout,
     /// The connection sends faster than its rate limit allows.
     RateLimited,
     /// A per-connection limit (such as rooms joined) is reached.
@@ -195,9 +200,27 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
     <&RawValue as serde::Deserialize>::deserialize(d).map(Some)
 }
 
+/// Whether `text` is (at most whitespace followed by) a JSON object. serde's
+/// derived struct deserializers also accept a JSON array as the struct's
+/// fields in order; frames are objects only.
+fn is_object(text: &str) -> bool {
+    text.trim_start_matches([' ', '\t', '\n', '\r'])
+        .starts_with('{')
+}
+
 /// Parses one text frame. Never panics; any input yields either a request or a
 /// precise error (with the request id when one could be read).
 pub fn parse(text: &str) -> Incoming<'_> {
+    if !is_object(text) {
+        return Incoming {
+            id: None,
+            ack: true,
+            request: Err(ProtocolError::new(
+                ErrorCode::BadRequest,
+                "frame is not a JSON object",
+            )),
+        };
+    }
     let raw: RawFrame<'_> = match serde_json::from_str(text) {
         Ok(raw) => raw,
         Err(e) => {
@@ -400,6 +423,12 @@ struct RawPublish<'a> {
 
 /// Parses and validates a server-side publish request body.
 pub fn parse_publish(text: &str) -> Result<Publish<'_>, ProtocolError> {
+    if !is_object(text) {
+        return Err(ProtocolError::new(
+            ErrorCode::BadRequest,
+            "request is not a JSON object",
+        ));
+    }
     let raw: RawPublish<'_> = serde_json::from_str(text).map_err(|e| {
         ProtocolError::new(
             ErrorCode::BadRequest,
@@ -431,10 +460,94 @@ pub fn parse_publish(text: &str) -> Result<Publish<'_>, ProtocolError> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DirectStatus {
-    /// At least one live instance holding the recipient was sent the message.
+    /// At least one live instance holding the recipient was sent the message
+    /// (or the recipient is on this instance only and it was queued there).
     Routed,
     /// Nobody holds the recipient.
     Offline,
+    /// The recipient's connections on this instance got it; other instances
+    /// could not be reached (they may hold more of the recipient's devices).
+    /// A retry would duplicate it for the local connections.
+    Partial,
+}
+
+impl DirectStatus {
+    /// The `status` of the ack.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DirectStatus::Routed => "routed",
+            DirectStatus::Offline => "offline",
+            DirectStatus::Partial => "partial",
+        }
+    }
+}
+
+/// Outcome of a room message, as told to the sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoomStatus {
+    /// Local members got it and it was published to the other instances.
+    Ok,
+    /// Local members got it; the other instances could not be reached (or
+    /// did not answer in time). A retry would duplicate it for local members.
+    Partial,
+}
+
+impl RoomStatus {
+    /// The `status` of the ack.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoomStatus::Ok => "ok",
+            RoomStatus::Partial => "partial",
+        }
+    }
+}
+
+/// A text frame ready for a socket: UTF-8 by construction, and cheap to
+/// clone (every recipient of a message shares the same bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextFrame(Bytes);
+
+impl TextFrame {
+    /// Takes bytes that must be UTF-8 (a frame read back off the bus);
+    /// `None` if they are not.
+    pub fn from_utf8(bytes: Bytes) -> Option<TextFrame> {
+        std::str::from_utf8(&bytes).ok()?;
+        Some(TextFrame(bytes))
+    }
+
+    /// The frame's text.
+    pub fn as_str(&self) -> &str {
+        // Checked (or built from a `String`) at construction.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    /// The frame's bytes (valid UTF-8).
+    pub fn bytes(&self) -> &Bytes {
+        &self.0
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the frame is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<String> for TextFrame {
+    fn from(text: String) -> Self {
+        TextFrame(Bytes::from(text))
+    }
+}
+
+impl From<&'static str> for TextFrame {
+    fn from(text: &'static str) -> Self {
+        TextFrame(Bytes::from_static(text.as_bytes()))
+    }
 }
 
 /// Frames the server sends. Serialized once per message and shared by every
@@ -456,7 +569,7 @@ pub enum ServerFrame<'a> {
         /// The request id, when the request had one.
         #[serde(skip_serializing_if = "Option::is_none")]
         id: Option<&'a RequestId>,
-        /// `ok`, `routed` or `offline`.
+        /// `ok`, `routed`, `offline` or `partial`.
         status: &'a str,
         /// Id of the message a `dm` created.
         #[serde(skip_serializing_if = "Option::is_none")]
@@ -522,6 +635,11 @@ impl ServerFrame<'_> {
                 .to_owned()
         })
     }
+
+    /// The frame, serialized once, ready to be shared by every recipient.
+    pub fn to_frame(&self) -> TextFrame {
+        TextFrame::from(self.to_text())
+    }
 }
 
 #[cfg(test)]
@@ -564,6 +682,19 @@ mod tests {
     fn errors_are_precise() {
         assert_eq!(code_of("not json"), ErrorCode::BadRequest);
         assert_eq!(code_of("[1,2]"), ErrorCode::BadRequest);
+        // serde would take an array as the struct's fields in order.
+        assert_eq!(code_of(r#"["ping",7]"#), ErrorCode::BadRequest);
+        assert_eq!(
+            code_of(r#"["dm",1,"bob",null,{"text":"x"},null,true]"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(code_of(r#"  "ping""#), ErrorCode::BadRequest);
+        let leak = parse(r#"["ping"]"#)
+            .request
+            .map(|_| ())
+            .map_err(|e| e.message);
+        assert_eq!(leak, Err("frame is not a JSON object".to_owned()));
+        assert!(parse(" \n{\"type\":\"ping\"}").request.is_ok());
         assert_eq!(code_of(r#"{"type":"nope"}"#), ErrorCode::UnknownType);
         assert_eq!(code_of(r#"{"to":"bob"}"#), ErrorCode::BadRequest);
         assert_eq!(code_of(r#"{"type":5}"#), ErrorCode::BadRequest);
@@ -621,6 +752,8 @@ mod tests {
             r#"{"user":"b b","body":1}"#,
             r#"{"user":"bob","body":1,"from":5}"#,
             r#"[]"#,
+            r#"[{"user":"bob"},{"t":1},"svc"]"#,
+            r#"["bob",1,null,"svc"]"#,
         ] {
             assert!(parse_publish(bad).is_err(), "{bad}");
         }

@@ -29,6 +29,17 @@ impl KeyedLocks {
         let index = (self.hasher.hash_one(key) as usize) % self.stripes.len();
         self.stripes[index].lock().await
     }
+
+    /// Waits for every lock, always in the same order (so two callers of this
+    /// cannot deadlock, and a holder of one key's lock only makes it wait):
+    /// for bulk writes that must not interleave with any single-key write.
+    pub async fn lock_all(&self) -> Vec<MutexGuard<'_, ()>> {
+        let mut guards = Vec::with_capacity(self.stripes.len());
+        for stripe in self.stripes.iter() {
+            guards.push(stripe.lock().await);
+        }
+        guards
+    }
 }
 
 #[cfg(test)]
@@ -46,5 +57,18 @@ mod tests {
         );
         drop(guard);
         let _again = locks.lock("bob").await;
+    }
+
+    #[tokio::test]
+    async fn lock_all_excludes_every_key() {
+        let locks = KeyedLocks::new(4);
+        let all = locks.lock_all().await;
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(20), locks.lock("x"))
+                .await
+                .is_err()
+        );
+        drop(all);
+        let _x = locks.lock("x").await;
     }
 }

@@ -1,19 +1,21 @@
 //! Presence: which instances hold which users. The [`Presence`] trait is the
-//! router's only view of it.
+//! router's view of it for connects, disconnects and queries (routing a DM
+//! reads presence inside [`crate::bus::Bus::route_direct`], in one step with
+//! the publishes).
 //!
 //! Every instance writes only its own entries (the number of a user's
 //! connections it holds), so its local state is the truth it can always
 //! re-assert. Readers only ever see live instances: filtering out entries of
 //! dead instances is the implementation's job, not the router's.
 //!
-//! Implementations: [`local::LocalPresence`] (in-process) and
-//! `crate::redis::RedisPresence`. This module never talks to Redis itself.
-
-pub mod local;
+//! Implementations: [`crate::local::LocalBackend`] (in-process) and
+//! `switchboard_redis::RedisBackend`. This module never talks to Redis itself.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
+
+use crate::error::BackendError;
 
 /// One instance holding a user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,14 +26,6 @@ pub struct Holder {
     pub connections: u32,
 }
 
-/// Why a presence operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum PresenceError {
-    /// The shared store cannot be reached; the caller answers `unavailable`.
-    #[error("presence store unavailable: {0}")]
-    Unavailable(String),
-}
-
 /// The presence store as the router sees it.
 #[async_trait]
 pub trait Presence: Send + Sync + 'static {
@@ -39,20 +33,17 @@ pub trait Presence: Send + Sync + 'static {
     ///
     /// On failure the store remembers the local truth and re-asserts it when
     /// the backend is back, so a connection is never refused for it.
-    async fn connect(&self, user: &str) -> Result<(), PresenceError>;
+    async fn connect(&self, user: &str) -> Result<(), BackendError>;
 
     /// Records one connection fewer; the entry disappears at zero.
-    async fn disconnect(&self, user: &str) -> Result<(), PresenceError>;
+    async fn disconnect(&self, user: &str) -> Result<(), BackendError>;
 
     /// The live instances holding `user` (this instance included).
-    async fn locate(&self, user: &str) -> Result<Vec<Holder>, PresenceError>;
+    async fn locate(&self, user: &str) -> Result<Vec<Holder>, BackendError>;
 
     /// [`Presence::locate`] for many users in one round trip.
-    async fn locate_many(&self, users: &[String]) -> Result<Vec<Vec<Holder>>, PresenceError>;
-
-    /// A publish to `instance` reached no listener: its entries are stale.
-    fn report_stale(&self, _instance: &str) {}
+    async fn locate_many(&self, users: &[String]) -> Result<Vec<Vec<Holder>>, BackendError>;
 
     /// Removes every entry of this instance (graceful shutdown).
-    async fn withdraw(&self) -> Result<(), PresenceError>;
+    async fn withdraw(&self) -> Result<(), BackendError>;
 }

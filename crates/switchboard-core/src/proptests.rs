@@ -6,16 +6,14 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
 
-use crate::bus::local::{LocalBus, LocalHub};
 use crate::bus::{Envelope, Inbound};
-use crate::config::RoutingMode;
+use crate::local::{LocalBackend, LocalHub};
 use crate::metrics::Metrics;
-use crate::presence::local::{LocalPresence, LocalPresenceHub};
 use crate::protocol::{self, ErrorCode, Request};
-use crate::registry::ConnHandle;
-use crate::router::Router;
+use crate::queue::{bounded, BoundedReceiver};
+use crate::registry::{ConnHandle, Outbound, QueueLimits};
+use crate::router::{Router, RoutingMode};
 
 /// JSON-ish text: valid frames, near-misses and garbage.
 fn frame_text() -> impl Strategy<Value = String> {
@@ -128,33 +126,32 @@ proptest! {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
         let Ok(runtime) = runtime else { return Err(TestCaseError::fail("runtime")) };
         runtime.block_on(async move {
-            let bus_hub = Arc::new(LocalHub::default());
-            let presence_hub = Arc::new(LocalPresenceHub::default());
+            let hub = Arc::new(LocalHub::default());
             let mut routers = Vec::new();
             for i in 0..3 {
                 let id = format!("i{i}");
                 let metrics = Metrics::new();
-                let (tx, mut rx) = mpsc::channel::<Inbound>(4096);
-                let bus = Arc::new(LocalBus::new(bus_hub.clone(), &id, tx, metrics.clone()));
-                let presence = Arc::new(LocalPresence::new(presence_hub.clone(), &id));
-                let router = Arc::new(Router::new(&id, RoutingMode::Routed, presence, bus, Arc::default(), metrics));
+                let (tx, mut rx) = bounded::<Inbound>(4096, 16 << 20);
+                let backend = Arc::new(LocalBackend::new(hub.clone(), &id, tx, metrics.clone()));
+                let router = Arc::new(Router::new(&id, RoutingMode::Routed, backend.clone(), backend, Arc::default(), metrics));
                 router.start().await.map_err(|e| TestCaseError::fail(e.to_string()))?;
                 let r = router.clone();
                 tokio::spawn(async move {
                     while let Some(inbound) = rx.recv().await {
-                        r.handle_inbound(inbound).await;
+                        r.handle_inbound(inbound);
                     }
                 });
                 routers.push(router);
             }
             let body = RawValue::from_string("{}".to_owned()).map_err(|e| TestCaseError::fail(e.to_string()))?;
             // (instance, handle, receiver): receivers are kept so queues stay open.
-            let mut conns: Vec<(usize, Arc<ConnHandle>, mpsc::Receiver<warp::ws::Message>)> = Vec::new();
+            let mut conns: Vec<(usize, Arc<ConnHandle>, BoundedReceiver<Outbound>)> = Vec::new();
+            let limits = QueueLimits { frames: 4096, bytes: 16 << 20 };
             for op in ops {
                 match op {
                     Op::Connect { instance, user } => {
                         let r = &routers[instance];
-                        let (h, rx) = ConnHandle::new(r.registry().next_conn_id(r.instance()), Arc::from(format!("u{user}")), 4096);
+                        let (h, rx) = ConnHandle::new(r.registry().next_conn_id(r.instance()), Arc::from(format!("u{user}")), limits);
                         r.connect(&h).await;
                         conns.push((instance, h, rx));
                     }
@@ -175,9 +172,9 @@ proptest! {
                         let (instance, h, _) = &conns[pick % conns.len()];
                         let to = format!("u{to}");
                         let online = conns.iter().any(|(_, c, _)| *c.user == *to);
-                        let (status, _) = routers[*instance].send_direct(&h.user, &to, &body).await
+                        let outcome = routers[*instance].send_direct(&h.user, &to, &body).await
                             .map_err(|e| TestCaseError::fail(e.to_string()))?;
-                        prop_assert_eq!(status == protocol::DirectStatus::Routed, online);
+                        prop_assert_eq!(outcome.status == protocol::DirectStatus::Routed, online);
                     }
                     Op::Room { pick, room } if !conns.is_empty() => {
                         let (instance, h, _) = &conns[pick % conns.len()];

@@ -1,0 +1,312 @@
+//! The message bus between instances: the [`Bus`] trait the router publishes,
+//! subscribes and routes through, the channels it names abstractly, and the
+//! [`Envelope`] every bus message carries.
+//!
+//! An envelope is a one-line text header followed by the client frame, already
+//! serialized by the sending instance. The receiver routes on the header alone
+//! (no JSON parsing) and forwards the frame bytes unchanged to its sockets, so
+//! a message is serialized once in the whole cluster, and an instance can drop
+//! a message not addressed to it at the cost of reading one line.
+//!
+//! Implementations: [`crate::local::LocalBackend`] (in-process: the embedded
+//! mode, and the second backend of every router test) and
+//! `switchboard_redis::RedisBackend`. This module never talks to Redis and
+//! never touches sockets.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::error::BackendError;
+use crate::queue::Weighed;
+
+/// A channel, named abstractly: each bus maps it to its own naming scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Channel<'a> {
+    /// The personal channel of one instance (DMs routed to it).
+    Instance(&'a str),
+    /// A room's channel, subscribed while the instance has a local member.
+    Room(&'a str),
+    /// The single broadcast channel of `--routing broadcast`.
+    All,
+    /// A user's channel (`--routing user-channel`), subscribed while the
+    /// instance holds the user.
+    User(&'a str),
+}
+
+/// Which kind of channel a received message came from (for counters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelKind {
+    /// This instance's personal channel.
+    Personal,
+    /// A room channel.
+    Room,
+    /// The broadcast channel.
+    Broadcast,
+    /// A user's channel.
+    User,
+}
+
+/// A message received from the bus, queued for the dispatcher.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    /// The kind of channel it came from.
+    pub kind: ChannelKind,
+    /// The encoded [`Envelope`] and frame.
+    pub payload: Bytes,
+}
+
+impl Weighed for Inbound {
+    fn weight(&self) -> usize {
+        self.payload.len()
+    }
+}
+
+/// A direct message to route to the instances holding its recipient.
+#[derive(Debug, Clone, Copy)]
+pub struct DirectRoute<'a> {
+    /// The recipient user.
+    pub to: &'a str,
+    /// 0 when first routed by the instance that accepted it, 1 when re-routed
+    /// by an instance that no longer held the recipient.
+    pub hop: u8,
+    /// The instance that accepted the message from its sender.
+    pub origin: &'a str,
+    /// The instance asking (never published to: it has done its local part).
+    pub caller: &'a str,
+    /// Instances that already have the message: they delivered it to their
+    /// local connections, or were published it. Never published to again —
+    /// this is what makes a re-route unable to duplicate.
+    pub covered: &'a [&'a str],
+    /// The client frame, serialized once by `origin`.
+    pub frame: &'a [u8],
+}
+
+/// One instance a [`Bus::route_direct`] published to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reached {
+    /// The instance.
+    pub instance: String,
+    /// How many of its subscriber connections received the message: 0 means
+    /// it is not listening (crashed, or its presence entry is stale).
+    pub receivers: usize,
+}
+
+/// Publish/subscribe between instances. Received messages are pushed into the
+/// bounded inbox the implementation was built with.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Publishes a payload; returns how many instances received it.
+    async fn publish(&self, channel: Channel<'_>, payload: Bytes) -> Result<usize, BackendError>;
+
+    /// Starts receiving a channel's messages.
+    async fn subscribe(&self, channel: Channel<'_>) -> Result<(), BackendError>;
+
+    /// Stops receiving a channel's messages.
+    async fn unsubscribe(&self, channel: Channel<'_>) -> Result<(), BackendError>;
+
+    /// The routing operation: publishes the DM on the personal channel of
+    /// every live instance holding `route.to`, except `route.caller` and the
+    /// instances in `route.covered`, as one envelope whose covered list is
+    /// `route.covered` plus every instance published to (see
+    /// [`Envelope::Direct`]). Presence is read and the publishes are made in
+    /// one step (Redis: one script, one round trip), so the instances
+    /// published to are exactly the holders at one moment.
+    async fn route_direct(&self, route: &DirectRoute<'_>) -> Result<Vec<Reached>, BackendError>;
+}
+
+/// The covered list of a direct message's header: comma-separated instance
+/// ids (instance ids never contain a comma or a space), `-` when empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Covered<'a>(&'a str);
+
+impl<'a> Covered<'a> {
+    /// The empty list.
+    pub const NONE: Covered<'static> = Covered("-");
+
+    /// Wraps the header field as written (`-` or `a,b`).
+    pub fn from_field(field: &'a str) -> Covered<'a> {
+        Covered(field)
+    }
+
+    /// The instances in the list.
+    pub fn iter(&self) -> impl Iterator<Item = &'a str> {
+        let list = if self.0 == "-" { "" } else { self.0 };
+        list.split(',').filter(|id| !id.is_empty())
+    }
+
+    /// Whether `instance` already has the message.
+    pub fn contains(&self, instance: &str) -> bool {
+        self.iter().any(|id| id == instance)
+    }
+
+    /// The header field.
+    pub fn as_field(&self) -> &'a str {
+        self.0
+    }
+}
+
+/// The routing header of a bus message. The frame after it is opaque here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Envelope<'a> {
+    /// A direct message for `to`: `D <to> <hop> <origin> <covered>`.
+    Direct {
+        /// Recipient user.
+        to: &'a str,
+        /// 0 when first routed, 1 when re-routed after the recipient moved;
+        /// a re-routed message is never re-routed again (no ping-pong).
+        hop: u8,
+        /// Instance that accepted the message from its sender.
+        origin: &'a str,
+        /// Every instance that has the message: the origin if it delivered it
+        /// locally, and every instance it was published to, in this routing
+        /// step and the ones before.
+        covered: Covered<'a>,
+    },
+    /// A room message: `R <room> <origin> <conn>`.
+    Room {
+        /// The room.
+        room: &'a str,
+        /// Instance that accepted the message (it delivered locally already).
+        origin: &'a str,
+        /// Sending connection, which must not receive its own message.
+        conn: &'a str,
+    },
+}
+
+impl Envelope<'_> {
+    /// The header of a direct message up to (not including) its covered
+    /// list: `D <to> <hop> <origin> `. The Redis routing script appends the
+    /// covered list, a newline and the frame to exactly this.
+    pub fn direct_head(to: &str, hop: u8, origin: &str) -> String {
+        format!("D {to} {hop} {origin} ")
+    }
+
+    /// Joins instance ids into a covered-list header field.
+    pub fn covered_field<'i>(instances: impl IntoIterator<Item = &'i str>) -> String {
+        let mut field = String::new();
+        for id in instances {
+            if !field.is_empty() {
+                field.push(',');
+            }
+            field.push_str(id);
+        }
+        if field.is_empty() {
+            field.push('-');
+        }
+        field
+    }
+
+    /// Header line plus frame, as published on the bus.
+    pub fn encode(&self, frame: &[u8]) -> Bytes {
+        let header = match self {
+            Envelope::Direct {
+                to,
+                hop,
+                origin,
+                covered,
+            } => format!("D {to} {hop} {origin} {}\n", covered.as_field()),
+            Envelope::Room { room, origin, conn } => format!("R {room} {origin} {conn}\n"),
+        };
+        let mut out = Vec::with_capacity(header.len() + frame.len());
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(frame);
+        Bytes::from(out)
+    }
+
+    /// Splits a payload into its header and the byte offset of the frame.
+    /// Returns `None` for anything that is not a well-formed envelope.
+    pub fn decode(payload: &[u8]) -> Option<(Envelope<'_>, usize)> {
+        let newline = payload.iter().position(|&b| b == b'\n')?;
+        let header = std::str::from_utf8(&payload[..newline]).ok()?;
+        let mut parts = header.split(' ');
+        let envelope = match parts.next()? {
+            "D" => {
+                let (to, hop, origin, covered) =
+                    (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+                if to.is_empty() || origin.is_empty() || covered.is_empty() {
+                    return None;
+                }
+                Envelope::Direct {
+                    to,
+                    hop: hop.parse().ok()?,
+                    origin,
+                    covered: Covered::from_field(covered),
+                }
+            }
+            "R" => {
+                let (room, origin, conn) = (parts.next()?, parts.next()?, parts.next()?);
+                Envelope::Room { room, origin, conn }
+            }
+            _ => return None,
+        };
+        if parts.next().is_some() {
+            return None;
+        }
+        Some((envelope, newline + 1))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelopes_round_trip() {
+        let e = Envelope::Direct {
+            to: "bob",
+            hop: 1,
+            origin: "i1",
+            covered: Covered::from_field("i1,i2"),
+        };
+        let bytes = e.encode(b"{\"x\":1}");
+        let (decoded, at) = Envelope::decode(&bytes).expect("decodes");
+        assert_eq!(decoded, e);
+        assert_eq!(&bytes[at..], b"{\"x\":1}");
+        assert!(matches!(decoded, Envelope::Direct { covered, .. }
+            if covered.contains("i2") && !covered.contains("i3")));
+
+        let r = Envelope::Room {
+            room: "lobby",
+            origin: "i2",
+            conn: "i2/7",
+        };
+        let bytes = r.encode(b"{}");
+        assert_eq!(Envelope::decode(&bytes).map(|(e, _)| e), Some(r));
+    }
+
+    #[test]
+    fn the_head_and_covered_field_build_the_same_header_as_encode() {
+        let field = Envelope::covered_field(["i1", "i3"]);
+        let built = format!("{}{field}\n{{}}", Envelope::direct_head("bob", 0, "i1"));
+        let encoded = Envelope::Direct {
+            to: "bob",
+            hop: 0,
+            origin: "i1",
+            covered: Covered::from_field(&field),
+        }
+        .encode(b"{}");
+        assert_eq!(built.as_bytes(), &encoded[..]);
+        assert_eq!(Envelope::covered_field([]), "-");
+        assert_eq!(Covered::NONE.iter().count(), 0);
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        for bad in [
+            &b""[..],
+            b"no newline",
+            b"X a b c\n{}",
+            b"D bob x i1 -\n{}",
+            b"D bob 0 i1\n{}",
+            b"D a 0 b c d\n{}",
+            b"D bob 0 i1 \n{}",
+            b"R lobby i1\n{}",
+        ] {
+            assert!(
+                Envelope::decode(bad).is_none(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}

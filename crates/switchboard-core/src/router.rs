@@ -1,0 +1,687 @@
+//! The router: where a direct message or a room message goes. The heart of
+//! Switchboard.
+//!
+//! It decides, it does not do I/O of its own: it reads and writes presence
+//! through the [`Presence`] trait, publishes, subscribes and routes through
+//! the [`Bus`] trait, and hands frames to local connections through the
+//! [`Registry`]. It never sees a socket or a Redis command (this crate cannot
+//! name either), which is why the same code runs over Redis and over the
+//! in-process backend, and is tested against both.
+//!
+//! A message is serialized once, by the instance that accepted it; every
+//! recipient connection, local or remote, receives those same bytes.
+//!
+//! Delivery of what arrives from the bus ([`Router::handle_inbound`]) never
+//! awaits anything: a DM that must be re-routed is handed to a bounded queue
+//! drained by a separate worker, so a slow backend cannot hold up delivery of
+//! unrelated messages.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use tokio::sync::Semaphore;
+
+use crate::bus::{Bus, Channel, ChannelKind, Covered, DirectRoute, Envelope, Inbound, Reached};
+use crate::error::BackendError;
+use crate::keyed_lock::KeyedLocks;
+use crate::metrics::{Metrics, SendOutcomes};
+use crate::presence::{Holder, Presence};
+use crate::protocol::{DirectStatus, RoomStatus, ServerFrame, TextFrame};
+use crate::queue::{bounded, BoundedReceiver, BoundedSender, Refused, Weighed};
+use crate::registry::{ConnHandle, Registry, RoomChange};
+
+/// DMs waiting to be re-routed, at most (and [`REROUTE_QUEUE_BYTES`]).
+const REROUTE_QUEUE_ITEMS: usize = 4096;
+/// Bytes of DMs waiting to be re-routed, at most.
+const REROUTE_QUEUE_BYTES: usize = 16 << 20;
+/// Re-routes in flight at once (each is one backend round trip).
+const REROUTE_CONCURRENCY: usize = 32;
+
+/// How a direct message reaches the instance that holds its recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoutingMode {
+    /// Read the recipient's presence, publish only to the instances holding it.
+    Routed,
+    /// Baseline: publish every DM on one channel every instance subscribes to.
+    Broadcast,
+    /// The Centrifugo / SignalR design: an instance subscribes to a channel per
+    /// user it holds; a DM is one publish to the recipient's channel.
+    UserChannel,
+}
+
+impl RoutingMode {
+    /// Every mode, by its configuration name.
+    pub const ALL: [RoutingMode; 3] = [
+        RoutingMode::Routed,
+        RoutingMode::Broadcast,
+        RoutingMode::UserChannel,
+    ];
+
+    /// The configuration name (`routed`, `broadcast`, `user-channel`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoutingMode::Routed => "routed",
+            RoutingMode::Broadcast => "broadcast",
+            RoutingMode::UserChannel => "user-channel",
+        }
+    }
+}
+
+impl std::fmt::Display for RoutingMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for RoutingMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RoutingMode::ALL
+            .into_iter()
+            .find(|mode| mode.as_str() == s)
+            .ok_or_else(|| format!("unknown routing mode {s:?}"))
+    }
+}
+
+/// Why a request could not be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// The shared backend could not be reached: the message reached nobody.
+    #[error("the message bus or presence store is unavailable; nothing was delivered")]
+    Unavailable,
+    /// The shared backend did not answer in time: the message may have been
+    /// delivered.
+    #[error("the message bus did not answer in time; the message may have been delivered")]
+    Timeout,
+    /// A room message from a connection that has not joined the room.
+    #[error("not a member of this room")]
+    NotMember,
+}
+
+impl From<&BackendError> for RouteError {
+    fn from(e: &BackendError) -> Self {
+        match e {
+            BackendError::Unavailable(_) => RouteError::Unavailable,
+            BackendError::Timeout(_) => RouteError::Timeout,
+        }
+    }
+}
+
+/// What happened to a direct message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectOutcome {
+    /// `routed`, `offline` or `partial`.
+    pub status: DirectStatus,
+    /// The message's id, as its recipients see it.
+    pub msg_id: String,
+}
+
+/// What happened to a room message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomOutcome {
+    /// `ok` or `partial`.
+    pub status: RoomStatus,
+    /// The message's id, as its recipients see it.
+    pub msg_id: String,
+}
+
+/// A DM that reached an instance no longer holding its recipient, waiting
+/// for the worker that routes it once more.
+#[derive(Debug)]
+struct RerouteJob {
+    to: String,
+    origin: String,
+    covered: String,
+    frame: Bytes,
+}
+
+impl Weighed for RerouteJob {
+    fn weight(&self) -> usize {
+        self.frame.len() + self.to.len() + self.origin.len() + self.covered.len()
+    }
+}
+
+/// Routes messages for one instance.
+pub struct Router {
+    /// This instance's id: its presence field and personal channel.
+    instance: Arc<str>,
+    /// Routed (presence) or one of the baselines.
+    mode: RoutingMode,
+    presence: Arc<dyn Presence>,
+    bus: Arc<dyn Bus>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    /// Serializes join/leave of one room with its (un)subscription, so the
+    /// subscription always matches "has a local member".
+    room_locks: KeyedLocks,
+    /// Same for a user's first connect / last disconnect in user-channel mode.
+    user_locks: KeyedLocks,
+    /// Source of unique message ids (with the instance id as prefix).
+    next_msg: AtomicU64,
+    /// Where [`Router::handle_inbound`] leaves DMs to re-route.
+    reroutes: BoundedSender<RerouteJob>,
+    /// The other end, taken by [`Router::start`] for the worker.
+    reroute_queue: Mutex<Option<BoundedReceiver<RerouteJob>>>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("instance", &self.instance)
+            .field("mode", &self.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Router {
+    /// A router for `instance` over the given presence store and bus.
+    pub fn new(
+        instance: &str,
+        mode: RoutingMode,
+        presence: Arc<dyn Presence>,
+        bus: Arc<dyn Bus>,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let (reroutes, reroute_queue) = bounded(REROUTE_QUEUE_ITEMS, REROUTE_QUEUE_BYTES);
+        Router {
+            instance: Arc::from(instance),
+            mode,
+            presence,
+            bus,
+            registry,
+            metrics,
+            room_locks: KeyedLocks::new(256),
+            user_locks: KeyedLocks::new(256),
+            next_msg: AtomicU64::new(0),
+            reroutes,
+            reroute_queue: Mutex::new(Some(reroute_queue)),
+        }
+    }
+
+    /// This instance's id.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The routing mode.
+    pub fn mode(&self) -> RoutingMode {
+        self.mode
+    }
+
+    /// The local connections.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The presence store (the server withdraws it at shutdown).
+    pub fn presence(&self) -> &Arc<dyn Presence> {
+        &self.presence
+    }
+
+    /// Subscribes the channels every instance needs before it serves clients,
+    /// and starts the re-route worker (it runs until the router is dropped).
+    /// The personal channel is subscribed in every mode: re-routed DMs and
+    /// server-side publishes use it.
+    pub async fn start(&self) -> Result<(), BackendError> {
+        self.bus
+            .subscribe(Channel::Instance(&self.instance))
+            .await?;
+        if self.mode == RoutingMode::Broadcast {
+            self.bus.subscribe(Channel::All).await?;
+        }
+        let queue = self.reroute_queue.lock().ok().and_then(|mut q| q.take());
+        if let Some(queue) = queue {
+            tokio::spawn(reroute_worker(
+                self.bus.clone(),
+                self.metrics.clone(),
+                self.instance.clone(),
+                queue,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Registers a new local connection and its user's presence.
+    pub async fn connect(&self, conn: &Arc<ConnHandle>) {
+        if self.mode == RoutingMode::UserChannel {
+            let _guard = self.user_locks.lock(&conn.user).await;
+            if self.registry.insert(conn) == 1 {
+                if let Err(e) = self.bus.subscribe(Channel::User(&conn.user)).await {
+                    tracing::warn!(error = %e, "user channel subscribe failed");
+                }
+            }
+        } else {
+            self.registry.insert(conn);
+        }
+        self.metrics.connections.inc();
+        if let Err(e) = self.presence.connect(&conn.user).await {
+            self.metrics.presence_write_failures.inc();
+            tracing::warn!(error = %e, "presence write failed on connect; will re-assert when the store is back");
+        }
+    }
+
+    /// Removes a local connection: leaves its rooms, drops its presence.
+    pub async fn disconnect(&self, conn: &Arc<ConnHandle>) {
+        for room in conn.rooms() {
+            self.leave(conn, &room).await;
+        }
+        if self.mode == RoutingMode::UserChannel {
+            let _guard = self.user_locks.lock(&conn.user).await;
+            if self.registry.remove(conn) == 0 {
+                if let Err(e) = self.bus.unsubscribe(Channel::User(&conn.user)).await {
+                    tracing::warn!(error = %e, "user channel unsubscribe failed");
+                }
+            }
+        } else {
+            self.registry.remove(conn);
+        }
+        self.metrics.connections.dec();
+        if let Err(e) = self.presence.disconnect(&conn.user).await {
+            self.metrics.presence_write_failures.inc();
+            tracing::warn!(error = %e, "presence write failed on disconnect; will re-assert when the store is back");
+        }
+    }
+
+    fn new_msg_id(&self) -> String {
+        let n = self.next_msg.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n:x}", self.instance)
+    }
+
+    /// Sends a direct message from `from` to every connection of `to`.
+    ///
+    /// Local connections get it at once, whatever the mode. Routed mode: one
+    /// routing operation publishes it to the other instances holding `to`
+    /// (presence read and publishes in one step). Broadcast mode: one publish
+    /// on the shared channel. User-channel mode: one publish on `to`'s
+    /// channel. `from` is the authenticated user, or a backend service's label.
+    pub async fn send_direct(
+        &self,
+        from: &str,
+        to: &str,
+        body: &RawValue,
+    ) -> Result<DirectOutcome, RouteError> {
+        let msg_id = self.new_msg_id();
+        let frame = ServerFrame::Dm {
+            from,
+            body,
+            msg_id: &msg_id,
+            ts: now_ms(),
+        }
+        .to_frame();
+        let local = self.registry.deliver_to_user(to, &frame, &self.metrics) > 0;
+        let remote = match self.mode {
+            RoutingMode::Routed => self.route_direct(to, &frame, local).await,
+            // This instance itself subscribes to the broadcast channel.
+            RoutingMode::Broadcast => {
+                let published = &self.metrics.bus_published.broadcast;
+                self.publish_direct(Channel::All, to, &frame, local, 1, published)
+                    .await
+            }
+            // One publish on the recipient's channel: Redis fans it out to
+            // the instances holding the user (this one too, when local).
+            RoutingMode::UserChannel => {
+                let published = &self.metrics.bus_published.user;
+                let own = usize::from(local);
+                self.publish_direct(Channel::User(to), to, &frame, local, own, published)
+                    .await
+            }
+        };
+        let status = self.direct_status(local, remote)?;
+        Ok(DirectOutcome { status, msg_id })
+    }
+
+    /// Routed mode: the routing operation, covering this instance when it
+    /// delivered locally. `Ok(true)`: some other instance was reached.
+    async fn route_direct(
+        &self,
+        to: &str,
+        frame: &TextFrame,
+        local: bool,
+    ) -> Result<bool, BackendError> {
+        let me: &str = &self.instance;
+        let covered: &[&str] = if local { &[me] } else { &[] };
+        let reached = self
+            .bus
+            .route_direct(&DirectRoute {
+                to,
+                hop: 0,
+                origin: me,
+                caller: me,
+                covered,
+                frame: frame.bytes(),
+            })
+            .await?;
+        Ok(self.count_reached(&reached))
+    }
+
+    /// Counts what a routing operation reached; whether it reached anyone.
+    fn count_reached(&self, reached: &[Reached]) -> bool {
+        let mut any = false;
+        for r in reached {
+            if r.receivers == 0 {
+                self.metrics.stale_presence.inc();
+                tracing::debug!(
+                    instance = %r.instance,
+                    "presence entry points at an instance with no listener"
+                );
+            } else {
+                self.metrics.bus_published.personal.inc();
+                any = true;
+            }
+        }
+        any
+    }
+
+    /// Broadcast and user-channel modes: one publish on one channel.
+    /// `own_receivers` is how many of the receivers are this instance (its
+    /// echo is skipped on arrival); any other receiver means "routed".
+    async fn publish_direct(
+        &self,
+        channel: Channel<'_>,
+        to: &str,
+        frame: &TextFrame,
+        local: bool,
+        own_receivers: usize,
+        published: &prometheus_client::metrics::counter::Counter,
+    ) -> Result<bool, BackendError> {
+        let me: &str = &self.instance;
+        let covered = if local { me } else { "-" };
+        let payload = Envelope::Direct {
+            to,
+            hop: 0,
+            origin: me,
+            covered: Covered::from_field(covered),
+        }
+        .encode(frame.bytes());
+        let receivers = self.bus.publish(channel, payload).await?;
+        if receivers > own_receivers {
+            published.inc();
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    }
+
+    /// The ack for a DM that was (or was not) delivered locally and whose
+    /// remote routing ended as `remote`.
+    fn direct_status(
+        &self,
+        local: bool,
+        remote: Result<bool, BackendError>,
+    ) -> Result<DirectStatus, RouteError> {
+        match remote {
+            Ok(true) => {
+                self.metrics.dm_routed.inc();
+                Ok(DirectStatus::Routed)
+            }
+            Ok(false) if local => {
+                self.metrics.dm_local.inc();
+                Ok(DirectStatus::Routed)
+            }
+            Ok(false) => {
+                self.metrics.dm_offline.inc();
+                Ok(DirectStatus::Offline)
+            }
+            Err(e) => failure(&self.metrics.dm_failed, local, &e).map(|()| DirectStatus::Partial),
+        }
+    }
+
+    /// Sends a room message to every member connection except the sender's.
+    /// Only members may send to a room.
+    pub async fn send_room_as_member(
+        &self,
+        from: &ConnHandle,
+        room: &str,
+        body: &RawValue,
+    ) -> Result<RoomOutcome, RouteError> {
+        if !from.is_member(room) {
+            return Err(RouteError::NotMember);
+        }
+        self.send_room(&from.user, Some(&from.id), room, body).await
+    }
+
+    /// Sends a room message from `from` (a user or a service label) to every
+    /// member connection except `except_conn` (the sending connection).
+    pub async fn send_room(
+        &self,
+        from: &str,
+        except_conn: Option<&str>,
+        room: &str,
+        body: &RawValue,
+    ) -> Result<RoomOutcome, RouteError> {
+        let msg_id = self.new_msg_id();
+        let frame = ServerFrame::Room {
+            room,
+            from,
+            body,
+            msg_id: &msg_id,
+            ts: now_ms(),
+        }
+        .to_frame();
+        let payload = Envelope::Room {
+            room,
+            origin: &self.instance,
+            // Connection ids contain a '/', so "-" never names one.
+            conn: except_conn.unwrap_or("-"),
+        }
+        .encode(frame.bytes());
+        let local = self
+            .registry
+            .deliver_to_room(room, except_conn, &frame, &self.metrics)
+            > 0;
+        match self.bus.publish(Channel::Room(room), payload).await {
+            Ok(_) => {
+                self.metrics.bus_published.room.inc();
+                self.metrics.room_ok.inc();
+                Ok(RoomOutcome {
+                    status: RoomStatus::Ok,
+                    msg_id,
+                })
+            }
+            Err(e) => failure(&self.metrics.room_failed, local, &e).map(|()| RoomOutcome {
+                status: RoomStatus::Partial,
+                msg_id,
+            }),
+        }
+    }
+
+    /// Adds `conn` to `room`, subscribing the room channel for its first local member.
+    pub async fn join(&self, conn: &Arc<ConnHandle>, room: &str) -> Result<(), RouteError> {
+        let _guard = self.room_locks.lock(room).await;
+        if self.registry.join(room, conn) == RoomChange::FirstJoined {
+            if let Err(e) = self.bus.subscribe(Channel::Room(room)).await {
+                tracing::warn!(error = %e, room, "room subscribe failed");
+                self.registry.leave(room, conn);
+                return Err(RouteError::from(&e));
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes `conn` from `room`, unsubscribing when its last local member leaves.
+    pub async fn leave(&self, conn: &ConnHandle, room: &str) {
+        let _guard = self.room_locks.lock(room).await;
+        if self.registry.leave(room, conn) == RoomChange::LastLeft {
+            // A failed unsubscribe leaves a subscription with no local member:
+            // its messages are dropped on arrival; the next join reuses it.
+            if let Err(e) = self.bus.unsubscribe(Channel::Room(room)).await {
+                tracing::warn!(error = %e, room, "room unsubscribe failed");
+            }
+        }
+    }
+
+    /// The live instances holding `user`, with connection counts.
+    pub async fn presence_of(&self, user: &str) -> Result<Vec<Holder>, RouteError> {
+        self.presence
+            .locate(user)
+            .await
+            .map_err(|e| RouteError::from(&e))
+    }
+
+    /// Whether each user is online on any live instance.
+    pub async fn online(&self, users: &[String]) -> Result<Vec<bool>, RouteError> {
+        match self.presence.locate_many(users).await {
+            Ok(holders) => Ok(holders
+                .iter()
+                .zip(users)
+                .map(|(h, user)| !h.is_empty() || self.registry.holds(user))
+                .collect()),
+            Err(e) => Err(RouteError::from(&e)),
+        }
+    }
+
+    /// Handles one message received from the bus: queues its frame on the
+    /// local connections it is for. Never awaits: a DM whose recipient left
+    /// this instance is handed to the re-route worker.
+    pub fn handle_inbound(&self, inbound: Inbound) {
+        match inbound.kind {
+            ChannelKind::Personal => self.metrics.bus_received.personal.inc(),
+            ChannelKind::Room => self.metrics.bus_received.room.inc(),
+            ChannelKind::Broadcast => self.metrics.bus_received.broadcast.inc(),
+            ChannelKind::User => self.metrics.bus_received.user.inc(),
+        };
+        let Some((envelope, at)) = Envelope::decode(&inbound.payload) else {
+            tracing::warn!("dropping a malformed bus message");
+            return;
+        };
+        match envelope {
+            Envelope::Direct {
+                to,
+                hop,
+                origin,
+                covered,
+            } => {
+                if matches!(inbound.kind, ChannelKind::Broadcast | ChannelKind::User) {
+                    // Delivered locally when sent; and the broadcast baseline's
+                    // cheapest possible drop: one header line read.
+                    if origin == &*self.instance || !self.registry.holds(to) {
+                        return;
+                    }
+                }
+                let Some(frame) = frame_of(inbound.payload.slice(at..)) else {
+                    return;
+                };
+                if self.registry.deliver_to_user(to, &frame, &self.metrics) > 0
+                    || inbound.kind != ChannelKind::Personal
+                {
+                    return;
+                }
+                if hop > 0 {
+                    // Re-routed once already: no ping-pong.
+                    self.metrics.dropped_not_here.inc();
+                    return;
+                }
+                let job = RerouteJob {
+                    to: to.to_owned(),
+                    origin: origin.to_owned(),
+                    covered: covered.as_field().to_owned(),
+                    frame: frame.bytes().clone(),
+                };
+                if let Err(Refused::Full(_) | Refused::Closed(_)) = self.reroutes.try_send(job) {
+                    self.metrics.dropped_reroute_queue_full.inc();
+                }
+            }
+            Envelope::Room { room, origin, conn } => {
+                if origin == &*self.instance {
+                    return; // delivered locally when it was sent
+                }
+                let Some(frame) = frame_of(inbound.payload.slice(at..)) else {
+                    return;
+                };
+                self.registry
+                    .deliver_to_room(room, Some(conn), &frame, &self.metrics);
+            }
+        }
+    }
+}
+
+/// Counts a failed send; `Ok` when local recipients got it anyway (the
+/// caller answers `partial`), else the error to answer with.
+fn failure(outcomes: &SendOutcomes, local: bool, error: &BackendError) -> Result<(), RouteError> {
+    tracing::debug!(error = %error, local, "send failed beyond this instance");
+    if local {
+        outcomes.partial.inc();
+        return Ok(());
+    }
+    match error {
+        BackendError::Unavailable(_) => outcomes.unavailable.inc(),
+        BackendError::Timeout(_) => outcomes.timeout.inc(),
+    };
+    Err(RouteError::from(error))
+}
+
+fn frame_of(bytes: Bytes) -> Option<TextFrame> {
+    let frame = TextFrame::from_utf8(bytes);
+    if frame.is_none() {
+        tracing::warn!("dropping a bus message whose frame is not UTF-8");
+    }
+    frame
+}
+
+/// Drains the re-route queue, a bounded number of re-routes at a time.
+async fn reroute_worker(
+    bus: Arc<dyn Bus>,
+    metrics: Arc<Metrics>,
+    instance: Arc<str>,
+    mut queue: BoundedReceiver<RerouteJob>,
+) {
+    let permits = Arc::new(Semaphore::new(REROUTE_CONCURRENCY));
+    while let Some(job) = queue.recv().await {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        let (bus, metrics, instance) = (bus.clone(), metrics.clone(), instance.clone());
+        tokio::spawn(async move {
+            reroute(&*bus, &metrics, &instance, &job).await;
+            drop(permit);
+        });
+    }
+}
+
+/// A DM reached this instance after its recipient left (it may have moved to
+/// another instance): route it once more, to holders that do not have it yet.
+/// The envelope's covered list names every instance that does, so a device
+/// that stayed connected elsewhere never gets a second copy.
+async fn reroute(bus: &dyn Bus, metrics: &Metrics, instance: &str, job: &RerouteJob) {
+    let covered: Vec<&str> = Covered::from_field(&job.covered).iter().collect();
+    let route = DirectRoute {
+        to: &job.to,
+        hop: 1,
+        origin: &job.origin,
+        caller: instance,
+        covered: &covered,
+        frame: &job.frame,
+    };
+    match bus.route_direct(&route).await {
+        Ok(reached) if reached.iter().any(|r| r.receivers > 0) => {
+            metrics
+                .bus_published
+                .personal
+                .inc_by(reached.iter().filter(|r| r.receivers > 0).count() as u64);
+            metrics.rerouted.inc();
+        }
+        Ok(_) if covered.iter().any(|id| *id != instance) => {
+            metrics.reroute_covered.inc();
+        }
+        Ok(_) => {
+            metrics.dropped_not_here.inc();
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "re-route failed");
+            metrics.dropped_not_here.inc();
+        }
+    }
+}

@@ -1,0 +1,427 @@
+//! The Redis implementation of Switchboard's
+//! [`Presence`](switchboard_core::presence::Presence) and
+//! [`Bus`](switchboard_core::bus::Bus): the only crate that knows Redis
+//! commands, key names and scripts.
+//!
+//! Three kinds of connection, never mixed:
+//! - the **message path** (presence writes, the routing script, PUBLISH,
+//!   presence reads) goes over one multiplexed connection kept by the redis
+//!   crate's `ConnectionManager`, which reconnects by itself. Commands from
+//!   every task are pipelined on it (one connection measured cheapest for
+//!   Redis and the instance). Each command has an explicit response timeout,
+//!   and its failures are classified as "not carried out" or "may have been
+//!   carried out" ([`BackendError`]);
+//! - **maintenance** (the lease, the instance index, resync, reaping, the
+//!   subscription probe, withdrawal) goes through a small deadpool pool, so a
+//!   20,000-user resync pipeline never queues in front of a DM;
+//! - **subscriptions** live on one dedicated RESP3 connection (another
+//!   `ConnectionManager`, with a push sender and automatic resubscription),
+//!   which reconnects with capped, jittered backoff and re-issues every
+//!   SUBSCRIBE. Pushed messages go into the bounded bus inbox without
+//!   blocking; a full inbox drops and counts. (The redis crate forwards pushes
+//!   through an internal unbounded channel that cannot be configured; the
+//!   push sender drains it without blocking.)
+//!
+//! An instance id is claimed with a lease holding a per-process token: a
+//! second process started with the same id waits for a crashed holder's
+//! lease to expire, and refuses to start while a live one refreshes it.
+
+mod bus;
+pub mod keys;
+mod maintenance;
+mod presence;
+mod scripts;
+mod subscriber;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ErrorKind, IntoConnectionInfo, RedisError};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use switchboard_core::bus::Inbound;
+use switchboard_core::error::BackendError;
+use switchboard_core::keyed_lock::KeyedLocks;
+use switchboard_core::metrics::Metrics;
+use switchboard_core::queue::BoundedSender;
+
+use keys::Keys;
+
+/// Why the Redis backend could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisSetupError {
+    /// The URL does not parse or names an unsupported scheme.
+    #[error("invalid redis url: {0}")]
+    Url(#[source] RedisError),
+    /// Redis could not be reached or refused the connection.
+    #[error("cannot connect to redis ({what}): {source}")]
+    Connect {
+        /// Which connection failed.
+        what: &'static str,
+        /// What the client reported (refused, timed out, auth failed…).
+        #[source]
+        source: RedisError,
+    },
+    /// The maintenance pool could not be built.
+    #[error("cannot build the redis connection pool: {0}")]
+    Pool(#[source] deadpool_redis::BuildError),
+    /// A maintenance command failed during start-up.
+    #[error("redis failed during start-up ({what}): {source}")]
+    Startup {
+        /// Which step failed.
+        what: &'static str,
+        /// The failure.
+        #[source]
+        source: BackendError,
+    },
+    /// Another live process holds this instance id.
+    #[error(
+        "instance id {instance:?} is held by another live instance (its lease keeps being \
+         refreshed); refusing to start. Give each process its own --instance-id, or omit it \
+         for a generated one"
+    )]
+    InstanceIdTaken {
+        /// The contested id.
+        instance: String,
+    },
+}
+
+/// Settings of the Redis backend, taken from the instance's configuration.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `redis://`, `rediss://` or `redis+unix://` URL.
+    pub url: String,
+    /// Key and channel prefix.
+    pub prefix: String,
+    /// This instance's id.
+    pub instance: String,
+    /// Lease TTL.
+    pub lease: Duration,
+    /// Longest wait for a connection to Redis to be established.
+    pub connect_timeout: Duration,
+    /// Longest wait for the answer to a command once sent.
+    pub response_timeout: Duration,
+}
+
+/// Bus messages buffered between the subscriber and the dispatcher, at most.
+pub const INBOX_ITEMS: usize = 65_536;
+/// Bytes of bus messages buffered between the subscriber and the dispatcher.
+pub const INBOX_BYTES: usize = 64 << 20;
+
+/// What the subscriber's push callback tells the rest of the backend.
+#[derive(Debug, Default)]
+struct SubscriberSignals {
+    /// The subscriber connection is up (cleared on a disconnection push).
+    up: AtomicBool,
+    /// Highest probe nonce that came back on the personal channel.
+    probe_seen: AtomicU64,
+    /// Woken when a probe comes back.
+    probe_arrived: Notify,
+    /// Woken when the subscriber reconnected: re-assert presence at once.
+    restored: Notify,
+}
+
+/// What this instance believes about other instances, from the last heartbeat.
+#[derive(Debug, Default)]
+struct LiveView {
+    /// instance id -> alive (lease not expired at the last refresh).
+    instances: HashMap<String, bool>,
+    /// The instances known dead, passed to the routing script.
+    dead: Vec<String>,
+}
+
+impl LiveView {
+    /// Entries of instances known dead are ignored; unknown instances (for
+    /// example one that started after the last refresh) are taken as alive.
+    fn may_be_alive(&self, instance: &str) -> bool {
+        self.instances.get(instance).copied().unwrap_or(true)
+    }
+}
+
+/// Presence store and message bus over one Redis deployment.
+pub struct RedisBackend {
+    /// The message-path connection (see the module documentation).
+    commands: ConnectionManager,
+    /// Maintenance connections.
+    pool: deadpool_redis::Pool,
+    /// The subscription connection.
+    subscriber: ConnectionManager,
+    keys: Keys,
+    instance: Arc<str>,
+    /// Random per process: whose lease `sb:instance:{ID}` is.
+    token: String,
+    lease: Duration,
+    response_timeout: Duration,
+    metrics: Arc<Metrics>,
+    live: RwLock<Arc<LiveView>>,
+    /// The local truth this instance re-asserts: user -> its connections here.
+    desired: DashMap<String, u32>,
+    /// Serializes this instance's presence writes for one user.
+    user_locks: KeyedLocks,
+    /// Set when a presence write failed or the lease was lost.
+    resync_needed: AtomicBool,
+    /// The last heartbeat succeeded. While it is false Redis is known to be
+    /// unreachable and message-path commands fail at once as `unavailable`
+    /// (never sent), instead of each waiting for its own failure.
+    lease_ok: AtomicBool,
+    /// Cancelled when another process took this instance id over (this one
+    /// was paused past its lease): it must stop writing and shut down.
+    taken_over: CancellationToken,
+    /// Shared with the subscriber's push callback.
+    signals: Arc<SubscriberSignals>,
+    /// The last probe published on the personal channel came back.
+    probe_ok: AtomicBool,
+    /// Nonce of the last probe sent.
+    probe_sent: AtomicU64,
+    /// Every channel this instance subscribed, to re-issue SUBSCRIBE when a
+    /// probe shows the subscriptions were lost without a disconnection.
+    subscriptions: DashMap<String, ()>,
+    adjust_presence: redis::Script,
+    route_direct: redis::Script,
+    claim_lease: redis::Script,
+    refresh_lease: redis::Script,
+    release_lease: redis::Script,
+    heartbeat_script: redis::Script,
+    claim_dead: redis::Script,
+    /// `PREFIX:inst:`, the personal channel prefix the routing script appends ids to.
+    personal_prefix: String,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Classifies a failed command: `Unavailable` only when it surely was not
+/// carried out (no connection could be made — the message path has no
+/// client-side response timeout, so a timed-out I/O error is a connect
+/// timeout — or Redis answered with an error); anything else (a connection
+/// lost while the command was outstanding, an unreadable answer) may have
+/// taken effect.
+fn classify(error: RedisError) -> BackendError {
+    let not_carried_out = error.is_connection_refusal()
+        || error.is_timeout()
+        || matches!(
+            error.kind(),
+            ErrorKind::Server(_)
+                | ErrorKind::AuthenticationFailed
+                | ErrorKind::InvalidClientConfig
+                | ErrorKind::RESP3NotSupported
+        );
+    if not_carried_out {
+        BackendError::Unavailable(Box::new(error))
+    } else {
+        BackendError::Timeout(Box::new(error))
+    }
+}
+
+/// A failed maintenance command: its connection has a response timeout of
+/// its own; maintenance retries by itself, so the distinction only serves logs.
+fn maintenance_error(error: RedisError) -> BackendError {
+    BackendError::Unavailable(Box::new(error))
+}
+
+fn pool_error(error: deadpool_redis::PoolError) -> BackendError {
+    BackendError::Unavailable(Box::new(error))
+}
+
+impl RedisBackend {
+    /// Connects the command connection, the maintenance pool and the
+    /// subscriber; claims the instance id (waiting for a crashed previous
+    /// holder's lease to expire); clears what a previous process with this id
+    /// left behind; registers in the instance index.
+    pub async fn connect(
+        settings: RedisSettings,
+        inbox: BoundedSender<Inbound>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Self>, RedisSetupError> {
+        let keys = Keys::new(&settings.prefix);
+        let info = settings
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(RedisSetupError::Url)?;
+        // RESP3, so the connection manager learns of a lost connection from
+        // its disconnection push and reconnects at once: a command sent after
+        // a crash then fails as refused (surely not carried out) rather than
+        // on the dead connection (which cannot tell whether it was sent).
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let client = redis::Client::open(info.clone().set_redis_settings(resp3))
+            .map_err(RedisSetupError::Url)?;
+
+        // No retries: a command during an outage fails at once (refused) and
+        // the next one tries again. No client-side response timeout: each
+        // command is timed by the backend, which tells the two apart.
+        let commands_config = ConnectionManagerConfig::new()
+            .set_number_of_retries(0)
+            .set_connection_timeout(Some(settings.connect_timeout))
+            .set_response_timeout(None);
+        let commands = ConnectionManager::new_with_config(client.clone(), commands_config)
+            .await
+            .map_err(|source| RedisSetupError::Connect {
+                what: "command connection",
+                source,
+            })?;
+
+        let pool_connection = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(settings.connect_timeout))
+            .set_response_timeout(Some(settings.response_timeout));
+        let manager = deadpool_redis::Manager::new_with_config(info.clone(), pool_connection)
+            .map_err(RedisSetupError::Url)?;
+        let pool = deadpool_redis::Pool::builder(manager)
+            .max_size(2)
+            .runtime(deadpool_redis::Runtime::Tokio1)
+            .wait_timeout(Some(settings.connect_timeout))
+            .create_timeout(Some(settings.connect_timeout))
+            .recycle_timeout(Some(settings.response_timeout))
+            .build()
+            .map_err(RedisSetupError::Pool)?;
+
+        let signals = Arc::new(SubscriberSignals::default());
+        let subscriber =
+            subscriber::connect(&info, &keys, &settings, signals.clone(), inbox, &metrics).await?;
+
+        let backend = Arc::new(RedisBackend {
+            commands,
+            pool,
+            subscriber,
+            personal_prefix: keys.personal_channel(""),
+            keys,
+            instance: Arc::from(settings.instance.as_str()),
+            token: format!("{:016x}.{}", rand::random::<u64>(), std::process::id()),
+            lease: settings.lease,
+            response_timeout: settings.response_timeout,
+            metrics,
+            live: RwLock::new(Arc::default()),
+            desired: DashMap::new(),
+            user_locks: KeyedLocks::new(256),
+            resync_needed: AtomicBool::new(false),
+            lease_ok: AtomicBool::new(false),
+            taken_over: CancellationToken::new(),
+            signals,
+            probe_ok: AtomicBool::new(true),
+            probe_sent: AtomicU64::new(0),
+            subscriptions: DashMap::new(),
+            adjust_presence: redis::Script::new(scripts::ADJUST_PRESENCE),
+            route_direct: redis::Script::new(scripts::ROUTE_DIRECT),
+            claim_lease: redis::Script::new(scripts::CLAIM_LEASE),
+            refresh_lease: redis::Script::new(scripts::REFRESH_LEASE),
+            release_lease: redis::Script::new(scripts::RELEASE_LEASE),
+            heartbeat_script: redis::Script::new(scripts::HEARTBEAT),
+            claim_dead: redis::Script::new(scripts::CLAIM_DEAD),
+        });
+        backend.claim_instance_id().await?;
+        backend
+            .write_local_truth()
+            .await
+            .map_err(|source| RedisSetupError::Startup {
+                what: "clearing what a previous process with this id left",
+                source,
+            })?;
+        backend
+            .heartbeat()
+            .await
+            .map_err(|source| RedisSetupError::Startup {
+                what: "first heartbeat",
+                source,
+            })?;
+        Ok(backend)
+    }
+
+    /// Whether the instance can serve cross-instance traffic right now.
+    pub fn is_ready(&self) -> bool {
+        self.lease_ok.load(Ordering::Relaxed)
+            && self.signals.up.load(Ordering::Relaxed)
+            && self.probe_ok.load(Ordering::Relaxed)
+            && !self.taken_over.is_cancelled()
+    }
+
+    /// Cancelled when another process took this instance id over: the
+    /// server must shut down (this process's presence is no longer its own).
+    pub fn taken_over(&self) -> &CancellationToken {
+        &self.taken_over
+    }
+
+    /// A handle on the message-path connection, if Redis is not known to be
+    /// unreachable: while the heartbeat is failing, a command would only fail
+    /// too, so it is not sent and the caller learns `unavailable` at once.
+    fn message_path(&self) -> Result<ConnectionManager, BackendError> {
+        if self.taken_over.is_cancelled() {
+            return Err(BackendError::unavailable(
+                "this instance id was taken over by another process",
+            ));
+        }
+        if !self.lease_ok.load(Ordering::Relaxed) {
+            return Err(BackendError::unavailable(
+                "redis is unreachable (the last heartbeat failed)",
+            ));
+        }
+        Ok(self.commands.clone())
+    }
+
+    /// Runs one message-path command under the response timeout, timing it.
+    async fn timed<T>(
+        &self,
+        command: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, BackendError> {
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.response_timeout, command).await;
+        self.metrics
+            .redis_latency
+            .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(classify(e)),
+            Err(elapsed) => Err(BackendError::Timeout(Box::new(elapsed))),
+        }
+    }
+
+    /// A maintenance connection from the pool.
+    async fn maintenance(&self) -> Result<deadpool_redis::Connection, BackendError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+
+    fn live_view(&self) -> Arc<LiveView> {
+        self.live.read().map(|v| v.clone()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_and_error_replies_are_unavailable_lost_connections_are_not() {
+        let refused = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(!classify(refused).is_timeout());
+        let connect_timeout = RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        assert!(!classify(connect_timeout).is_timeout());
+        let reply = RedisError::from((
+            ErrorKind::Server(redis::ServerErrorKind::BusyLoading),
+            "loading",
+        ));
+        assert!(!classify(reply).is_timeout());
+        let dropped = RedisError::from(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+        assert!(classify(dropped).is_timeout());
+        let reset = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(classify(reset).is_timeout());
+    }
+
+    #[test]
+    fn probes_are_not_envelopes() {
+        assert!(switchboard_core::bus::Envelope::decode(b"P 12").is_none());
+        assert!(switchboard_core::bus::Envelope::decode(b"P 12\n{}").is_none());
+    }
+}

@@ -1,0 +1,412 @@
+//! The instance's upkeep in Redis, on the maintenance pool: claiming the
+//! instance id, the heartbeat (lease and instance index, Redis's clock),
+//! re-asserting presence after an outage or a lost lease, reaping dead
+//! instances (each exactly once), and the subscription probe.
+//!
+//! Who writes what: an instance writes its own lease, index entry, users set
+//! and presence fields. The one exception is the reaper, which deletes the
+//! presence fields and users set of an instance whose lease expired, after
+//! winning an atomic claim on it; it never writes a live instance's entries
+//! (a paused instance that resumes after being reaped finds its lease absent
+//! and writes them all back).
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use redis::aio::ConnectionLike;
+use tokio_util::sync::CancellationToken;
+
+use switchboard_core::error::BackendError;
+
+use crate::subscriber::PROBE_PREFIX;
+use crate::{maintenance_error, LiveView, RedisBackend, RedisSetupError};
+
+/// Users per resync or reap pipeline: big enough that 20,000 users take a
+/// few round trips, small enough that each takes milliseconds.
+const USERS_PER_PIPELINE: usize = 1000;
+
+/// What a lease refresh found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LeaseState {
+    /// This process held it and refreshed it.
+    Held,
+    /// It had vanished (expired during a pause, or Redis restarted empty);
+    /// it is held again, and presence must be re-asserted.
+    Retaken,
+    /// Another process holds this instance id now.
+    Taken,
+}
+
+impl RedisBackend {
+    /// Takes the lease on this instance id. A lease held by someone else is
+    /// watched: if it runs out (a crashed process with the same id) it is
+    /// taken; if its holder refreshes it, the id is in use and start-up fails.
+    pub(crate) async fn claim_instance_id(&self) -> Result<(), RedisSetupError> {
+        let startup = |source| RedisSetupError::Startup {
+            what: "claiming the instance id",
+            source,
+        };
+        let lease_ms = self.lease.as_millis() as u64;
+        let poll = (self.lease / 10).max(Duration::from_millis(50));
+        let mut last_ttl: Option<i64> = None;
+        let mut said = false;
+        loop {
+            let mut conn = self.maintenance().await.map_err(startup)?;
+            let answer: Vec<i64> = self
+                .claim_lease
+                .key(self.keys.lease(&self.instance))
+                .arg(&self.token)
+                .arg(lease_ms)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(|e| startup(maintenance_error(e)))?;
+            drop(conn);
+            match answer.as_slice() {
+                [1] => return Ok(()),
+                [0, ttl] => {
+                    // A refresh pushes the TTL up; an abandoned lease only runs down.
+                    if last_ttl.is_some_and(|last| *ttl > last) || *ttl < 0 {
+                        return Err(RedisSetupError::InstanceIdTaken {
+                            instance: self.instance.to_string(),
+                        });
+                    }
+                    if !said {
+                        tracing::warn!(
+                            instance = %self.instance,
+                            remaining_ms = ttl,
+                            "instance id still leased (a previous process with this id?); \
+                             waiting for the lease to expire"
+                        );
+                        said = true;
+                    }
+                    last_ttl = Some(*ttl);
+                }
+                _ => {
+                    return Err(startup(BackendError::unavailable(
+                        "unexpected answer to the lease claim",
+                    )))
+                }
+            }
+            tokio::time::sleep(poll).await;
+        }
+    }
+
+    async fn refresh_lease(&self) -> Result<LeaseState, BackendError> {
+        let mut conn = self.maintenance().await?;
+        let state: String = self
+            .refresh_lease
+            .key(self.keys.lease(&self.instance))
+            .arg(&self.token)
+            .arg(self.lease.as_millis() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(maintenance_error)?;
+        Ok(match state.as_str() {
+            "ok" => LeaseState::Held,
+            "absent" => LeaseState::Retaken,
+            _ => LeaseState::Taken,
+        })
+    }
+
+    /// Refreshes the lease and the live view; re-asserts presence when the
+    /// lease had been lost or a write failed meanwhile. Returns the instances
+    /// whose lease expired.
+    pub(crate) async fn heartbeat(&self) -> Result<Vec<String>, BackendError> {
+        match self.refresh_lease().await? {
+            LeaseState::Taken => {
+                self.lease_ok.store(false, Ordering::Relaxed);
+                if !self.taken_over.is_cancelled() {
+                    tracing::error!(
+                        instance = %self.instance,
+                        "another process holds this instance id now (this one was paused past \
+                         its lease); this process stops serving and exits"
+                    );
+                    self.taken_over.cancel();
+                }
+                return Err(BackendError::unavailable("instance id taken over"));
+            }
+            LeaseState::Retaken => {
+                tracing::info!("lease was absent; re-asserting this instance's presence");
+                self.resync_needed.store(true, Ordering::Relaxed);
+            }
+            LeaseState::Held => {}
+        }
+        let lease_ms = self.lease.as_millis() as u64;
+        let mut conn = self.maintenance().await?;
+        let (now, index): (i64, Vec<(String, i64)>) = self
+            .heartbeat_script
+            .key(self.keys.instances())
+            .arg(&*self.instance)
+            .arg(lease_ms)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(maintenance_error)?;
+        drop(conn);
+        let mut view = LiveView::default();
+        for (instance, expiry) in index {
+            let alive = expiry >= now;
+            if !alive {
+                view.dead.push(instance.clone());
+            }
+            view.instances.insert(instance, alive);
+        }
+        let dead = view.dead.clone();
+        if let Ok(mut live) = self.live.write() {
+            *live = std::sync::Arc::new(view);
+        }
+        if self.resync_needed.swap(false, Ordering::Relaxed) {
+            if let Err(e) = self.resync().await {
+                self.resync_needed.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
+        }
+        self.lease_ok.store(true, Ordering::Relaxed);
+        Ok(dead)
+    }
+
+    /// Writes the local truth over this instance's presence fields and users
+    /// set: absolute counts for every local user, and removal of users the set
+    /// still lists but that have no connection here any more. Pipelined,
+    /// [`USERS_PER_PIPELINE`] users per round trip. Each pipeline is written
+    /// while every user lock is held, so no connect or disconnect of those
+    /// users can interleave with it (they wait a few milliseconds).
+    pub(crate) async fn resync(&self) -> Result<(), BackendError> {
+        self.metrics.presence_resyncs.inc();
+        self.write_local_truth().await
+    }
+
+    /// [`RedisBackend::resync`] without counting it: at start-up it clears
+    /// what a previous process with this instance id left behind.
+    pub(crate) async fn write_local_truth(&self) -> Result<(), BackendError> {
+        let users_key = self.keys.instance_users(&self.instance);
+        let mut conn = self.maintenance().await?;
+        let listed: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(&users_key)
+            .query_async(&mut conn)
+            .await
+            .map_err(maintenance_error)?;
+        let mut users: Vec<String> = self.desired.iter().map(|e| e.key().clone()).collect();
+        users.extend(listed);
+        users.sort_unstable();
+        users.dedup();
+        for chunk in users.chunks(USERS_PER_PIPELINE) {
+            let _all = self.user_locks.lock_all().await;
+            let mut pipe = redis::pipe();
+            for user in chunk {
+                let count = self.desired.get(user).map(|c| *c).unwrap_or(0);
+                if count > 0 {
+                    pipe.cmd("SADD").arg(&users_key).arg(user).ignore();
+                    pipe.cmd("HSET")
+                        .arg(self.keys.presence(user))
+                        .arg(&*self.instance)
+                        .arg(count)
+                        .ignore();
+                } else {
+                    pipe.cmd("HDEL")
+                        .arg(self.keys.presence(user))
+                        .arg(&*self.instance)
+                        .ignore();
+                    pipe.cmd("SREM").arg(&users_key).arg(user).ignore();
+                }
+            }
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(maintenance_error)?;
+        }
+        Ok(())
+    }
+
+    /// Removes the presence entries of an instance whose lease expired, if
+    /// this instance wins the claim on it. Its lease key is left to expire by
+    /// itself (it already has): deleting it could delete the lease of a new
+    /// process that just claimed the same id.
+    async fn reap(&self, dead: &str) -> Result<bool, BackendError> {
+        let mut conn = self.maintenance().await?;
+        let claimed: i64 = self
+            .claim_dead
+            .key(self.keys.instances())
+            .arg(dead)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(maintenance_error)?;
+        if claimed != 1 {
+            return Ok(false);
+        }
+        let users_key = self.keys.instance_users(dead);
+        let users: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(&users_key)
+            .query_async(&mut conn)
+            .await
+            .map_err(maintenance_error)?;
+        for chunk in users.chunks(USERS_PER_PIPELINE) {
+            let mut pipe = redis::pipe();
+            for user in chunk {
+                pipe.cmd("HDEL")
+                    .arg(self.keys.presence(user))
+                    .arg(dead)
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(maintenance_error)?;
+        }
+        redis::cmd("DEL")
+            .arg(&users_key)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(maintenance_error)?;
+        self.metrics.reaped_instances.inc();
+        tracing::info!(
+            instance = dead,
+            users = users.len(),
+            "reaped a dead instance"
+        );
+        Ok(true)
+    }
+
+    /// Runs until `shutdown` (or until another process takes this instance
+    /// id over): lease refresh, live view, resync, reaping and the
+    /// subscription probe, every third of the lease. After a failure it
+    /// retries sooner (capped exponential backoff with jitter), and the moment
+    /// the subscriber reconnects it runs at once, so presence is re-asserted
+    /// within a second or so of Redis coming back.
+    pub async fn run_maintenance(self: std::sync::Arc<Self>, shutdown: CancellationToken) {
+        let period = self.lease / 3;
+        let mut failures: u32 = 0;
+        let mut wait = period;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = self.taken_over.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.signals.restored.notified() => {}
+            }
+            match self.heartbeat().await {
+                Ok(dead) => {
+                    if failures > 0 {
+                        tracing::info!("redis heartbeat restored; ready");
+                    }
+                    failures = 0;
+                    wait = period;
+                    for instance in dead {
+                        if let Err(e) = self.reap(&instance).await {
+                            tracing::warn!(error = %e, instance, "reaping failed; will retry");
+                        }
+                    }
+                    self.probe(period).await;
+                }
+                Err(e) => {
+                    if self.lease_ok.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(error = %e, "redis heartbeat failed; not ready");
+                    }
+                    self.resync_needed.store(true, Ordering::Relaxed);
+                    failures = failures.saturating_add(1);
+                    wait = retry_delay(failures, period);
+                }
+            }
+        }
+    }
+
+    /// Publishes a probe on this instance's own personal channel and waits
+    /// for it to come back through the subscriber. Subscriptions can be lost
+    /// while every health check stays green (a failover, a proxy); a probe
+    /// that does not come back marks the instance not ready and re-issues
+    /// every SUBSCRIBE.
+    async fn probe(&self, period: Duration) {
+        let nonce = self.probe_sent.fetch_add(1, Ordering::Relaxed) + 1;
+        let arrived = self.signals.probe_arrived.notified();
+        let published: Result<usize, BackendError> = async {
+            let mut conn = self.maintenance().await?;
+            let mut probe = PROBE_PREFIX.to_vec();
+            probe.extend_from_slice(nonce.to_string().as_bytes());
+            redis::cmd("PUBLISH")
+                .arg(self.keys.personal_channel(&self.instance))
+                .arg(probe)
+                .query_async(&mut conn)
+                .await
+                .map_err(maintenance_error)
+        }
+        .await;
+        let returned = match published {
+            Err(_) => return, // Redis itself is failing: the heartbeat reports it.
+            Ok(0) => false,   // Nobody listens on our personal channel.
+            Ok(_) => {
+                let deadline = period.min(Duration::from_secs(1));
+                let seen = || self.signals.probe_seen.load(Ordering::Relaxed) >= nonce;
+                tokio::pin!(arrived);
+                let _ = tokio::time::timeout(deadline, async {
+                    while !seen() {
+                        arrived.as_mut().await;
+                        arrived.set(self.signals.probe_arrived.notified());
+                    }
+                })
+                .await;
+                seen()
+            }
+        };
+        if returned {
+            if !self.probe_ok.swap(true, Ordering::Relaxed) {
+                tracing::info!("subscription probe returned; ready");
+            }
+            return;
+        }
+        self.probe_ok.store(false, Ordering::Relaxed);
+        self.metrics.probe_failures.inc();
+        tracing::warn!("subscription probe did not return; not ready, resubscribing");
+        self.resubscribe_all().await;
+    }
+
+    /// Re-issues SUBSCRIBE for every channel this instance should hold.
+    async fn resubscribe_all(&self) {
+        let channels: Vec<String> = self.subscriptions.iter().map(|e| e.key().clone()).collect();
+        let mut subscriber = self.subscriber.clone();
+        for channel in channels {
+            if let Err(e) = subscriber.subscribe(&channel).await {
+                tracing::warn!(error = %e, channel, "resubscribe failed");
+                return;
+            }
+        }
+    }
+
+    /// Gives this process's lease back if it still holds it; `false` when
+    /// another process holds the id (then nothing of the id may be deleted).
+    pub(crate) async fn release_lease(
+        &self,
+        conn: &mut impl ConnectionLike,
+    ) -> Result<bool, BackendError> {
+        let released: i64 = self
+            .release_lease
+            .key(self.keys.lease(&self.instance))
+            .arg(&self.token)
+            .invoke_async(conn)
+            .await
+            .map_err(maintenance_error)?;
+        Ok(released == 1)
+    }
+}
+
+/// Delay before the next heartbeat after `failures` failures in a row: 100 ms
+/// doubling, capped at one second (and at the normal period), with full jitter
+/// so instances do not reconnect in lockstep.
+fn retry_delay(failures: u32, period: Duration) -> Duration {
+    let cap = period.min(Duration::from_secs(1));
+    let exp = Duration::from_millis(100).saturating_mul(1 << failures.min(10));
+    let ceiling = exp.min(cap).as_millis() as u64;
+    Duration::from_millis(rand::random_range(ceiling / 2..=ceiling.max(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delay_is_capped_and_jittered() {
+        let period = Duration::from_secs(3);
+        for failures in 1..40 {
+            let d = retry_delay(failures, period);
+            assert!(d <= Duration::from_secs(1), "{d:?}");
+            assert!(d >= Duration::from_millis(50), "{d:?}");
+        }
+        assert!(retry_delay(1, Duration::from_millis(100)) <= Duration::from_millis(100));
+    }
+}

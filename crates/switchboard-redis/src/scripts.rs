@@ -1,0 +1,142 @@
+//! The Lua scripts Switchboard runs inside Redis. Each touches the keys named
+//! in its `KEYS` only, and no two of those keys live in different hash slots,
+//! so every script is also valid on Redis Cluster.
+
+/// Add `delta` to this instance's field of a presence hash, deleting the
+/// field when it reaches zero. Atomic, so a late disconnect on one instance
+/// never touches another instance's field.
+/// KEYS[1] = presence key; ARGV = instance id, delta.
+pub const ADJUST_PRESENCE: &str = r"
+local n = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
+if n <= 0 then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  return 0
+end
+return n
+";
+
+/// The routing operation, in one round trip. Reads the recipient's presence
+/// hash; publishes the DM on the personal channel of every holder that is
+/// not the caller, not already covered and not known dead; the payload's
+/// header carries the covered list extended by every instance published to
+/// (the same header `Envelope::encode` writes). Returns `[instance,
+/// receivers, ...]`.
+///
+/// A receiver count of 0 means "not listening". PUBLISH also counts pattern
+/// subscribers (a `PSUBSCRIBE sb:*` monitor would make a crashed instance
+/// look alive), so when any pattern subscription exists the channel's own
+/// subscribers are counted with `PUBSUB NUMSUB` instead, and an instance with
+/// none is not published to.
+///
+/// KEYS[1] = presence key; ARGV = caller, personal-channel prefix, header head
+/// (`D to hop origin `), covered list so far (comma-separated, may be empty),
+/// frame, dead instance ids...
+pub const ROUTE_DIRECT: &str = r"
+local fields = redis.call('HGETALL', KEYS[1])
+local skip = {}
+skip[ARGV[1]] = true
+for id in string.gmatch(ARGV[4], '[^,]+') do
+  skip[id] = true
+end
+for j = 6, #ARGV do
+  skip[ARGV[j]] = true
+end
+local targets = {}
+for i = 1, #fields, 2 do
+  local id = fields[i]
+  if not skip[id] and (tonumber(fields[i + 1]) or 0) > 0 then
+    targets[#targets + 1] = id
+  end
+end
+if #targets == 0 then
+  return {}
+end
+local covered = table.concat(targets, ',')
+if ARGV[4] ~= '' then
+  covered = ARGV[4] .. ',' .. covered
+end
+local payload = ARGV[3] .. covered .. '\n' .. ARGV[5]
+local patterns = redis.call('PUBSUB', 'NUMPAT')
+local out = {}
+for _, id in ipairs(targets) do
+  local channel = ARGV[2] .. id
+  local n
+  if patterns > 0 then
+    n = redis.call('PUBSUB', 'NUMSUB', channel)[2]
+    if n > 0 then
+      redis.call('PUBLISH', channel, payload)
+    end
+  else
+    n = redis.call('PUBLISH', channel, payload)
+  end
+  out[#out + 1] = id
+  out[#out + 1] = n
+end
+return out
+";
+
+/// Claim an instance id at start-up: take the lease if nobody holds it.
+/// Returns `{1}` when claimed, else `{0, remaining TTL in ms}`.
+/// KEYS[1] = lease key; ARGV = this process's token, lease ms.
+pub const CLAIM_LEASE: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX') then
+  return {1}
+end
+return {0, redis.call('PTTL', KEYS[1])}
+";
+
+/// Refresh this process's lease. Returns `ok` (refreshed), `absent` (it had
+/// expired or Redis lost it: taken back, presence must be re-asserted) or
+/// `taken` (another process holds this instance id now).
+/// KEYS[1] = lease key; ARGV = token, lease ms.
+pub const REFRESH_LEASE: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 'ok'
+end
+if not holder then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 'absent'
+end
+return 'taken'
+";
+
+/// Give the lease back at shutdown, only if this process still holds it.
+/// Returns 1 when this process held it (or nobody did), 0 when another
+/// process holds the id (then nothing of this id may be deleted).
+/// KEYS[1] = lease key; ARGV = token.
+pub const RELEASE_LEASE: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+if not holder then
+  return 1
+end
+return 0
+";
+
+/// Record this instance's lease expiry in the instance index using Redis's
+/// own clock, and return that clock and the whole index.
+/// KEYS[1] = index; ARGV = instance id, lease ms.
+pub const HEARTBEAT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return {now, redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')}
+";
+
+/// Claim a dead instance for reaping. Only the caller that removes it from
+/// the index gets 1, so each dead instance is reaped exactly once.
+/// KEYS[1] = index; ARGV = instance id.
+pub const CLAIM_DEAD: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local expiry = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if expiry and tonumber(expiry) < now then
+  return redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 0
+";
