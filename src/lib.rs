@@ -17,4 +17,6 @@ pub mod connection;
 pub mod http;
 pub mod server;
 
-pub use switchboard_core::{bus, error, local, metrics, presence, protocol, registry, router};
+pub use switchboard_core::{
+    bus, error, local, metrics, presence, protocol, queue, registry, router,
+};

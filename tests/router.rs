@@ -1,0 +1,601 @@
+//! The router's tests, each run twice: over the in-process backend and over
+//! the Redis backend against a real `redis-server`, so the routing operation
+//! production runs (the Redis script) is the one tested.
+//!
+//! The harness dispatches bus messages by hand (no dispatcher task): a test
+//! decides when an instance handles what it received, which is how races
+//! ("bob's connection closes while the DM is in flight") become deterministic.
+//! Absence is proven with a sentinel: every instance publishes one to the
+//! instance under test after the messages under test; bus messages from one
+//! instance to another arrive in order, so once every sentinel is in, nothing
+//! else is on its way.
+
+mod support;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde_json::value::RawValue;
+use serde_json::Value;
+use support::RedisServer;
+use switchboard::bus::{
+    Bus, Channel, ChannelKind, Covered, DirectRoute, Envelope, Inbound, Reached,
+};
+use switchboard::error::BackendError;
+use switchboard::metrics::Metrics;
+use switchboard::protocol::{DirectStatus, RoomStatus};
+use switchboard::queue::{bounded, BoundedReceiver};
+use switchboard::registry::{ConnHandle, Outbound, QueueLimits};
+use switchboard::router::{RouteError, Router, RoutingMode};
+use switchboard_core::local::{LocalBackend, LocalHub};
+use switchboard_redis::{RedisBackend, RedisSettings};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(5);
+const SENTINEL: &[u8] = b"SENTINEL ";
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Local,
+    Redis,
+}
+
+/// Makes the bus fail on demand (0: never, 1: unavailable, 2: timeout), over
+/// either backend.
+struct Faulty {
+    inner: Arc<dyn Bus>,
+    fail: Arc<AtomicU8>,
+}
+
+impl Faulty {
+    fn check(&self) -> Result<(), BackendError> {
+        match self.fail.load(Ordering::Relaxed) {
+            1 => Err(BackendError::unavailable("injected")),
+            2 => Err(BackendError::Timeout("injected".into())),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for Faulty {
+    async fn publish(&self, channel: Channel<'_>, payload: Bytes) -> Result<usize, BackendError> {
+        self.check()?;
+        self.inner.publish(channel, payload).await
+    }
+    async fn subscribe(&self, channel: Channel<'_>) -> Result<(), BackendError> {
+        self.inner.subscribe(channel).await
+    }
+    async fn unsubscribe(&self, channel: Channel<'_>) -> Result<(), BackendError> {
+        self.inner.unsubscribe(channel).await
+    }
+    async fn route_direct(&self, route: &DirectRoute<'_>) -> Result<Vec<Reached>, BackendError> {
+        self.check()?;
+        self.inner.route_direct(route).await
+    }
+}
+
+/// Several instances on one backend, dispatched by hand.
+struct Cluster {
+    routers: Vec<Arc<Router>>,
+    buses: Vec<Arc<dyn Bus>>,
+    inboxes: Vec<BoundedReceiver<Inbound>>,
+    metrics: Vec<Arc<Metrics>>,
+    /// Set to make every instance's bus fail (see [`Faulty`]).
+    fail: Arc<AtomicU8>,
+    _maintenance: CancellationToken,
+    _redis: Option<RedisServer>,
+    nonce: u64,
+}
+
+async fn cluster(kind: Kind, n: usize, mode: RoutingMode) -> Cluster {
+    let hub = Arc::new(LocalHub::default());
+    let redis = match kind {
+        Kind::Local => None,
+        Kind::Redis => Some(RedisServer::start().await),
+    };
+    let maintenance = CancellationToken::new();
+    let fail = Arc::new(AtomicU8::new(0));
+    let mut c = Cluster {
+        routers: Vec::new(),
+        buses: Vec::new(),
+        inboxes: Vec::new(),
+        metrics: Vec::new(),
+        fail: fail.clone(),
+        _maintenance: maintenance.clone(),
+        _redis: None,
+        nonce: 0,
+    };
+    for i in 1..=n {
+        let id = format!("i{i}");
+        let metrics = Metrics::new();
+        let (tx, rx) = bounded::<Inbound>(4096, 16 << 20);
+        let (presence, bus): (Arc<dyn switchboard::presence::Presence>, Arc<dyn Bus>) = match &redis
+        {
+            None => {
+                let local = Arc::new(LocalBackend::new(hub.clone(), &id, tx, metrics.clone()));
+                (local.clone(), local)
+            }
+            Some(server) => {
+                let settings = RedisSettings {
+                    url: server.url(),
+                    prefix: "sb".to_owned(),
+                    instance: id.clone(),
+                    lease: Duration::from_secs(10),
+                    connect_timeout: Duration::from_secs(1),
+                    response_timeout: Duration::from_secs(2),
+                };
+                let backend = RedisBackend::connect(settings, tx, metrics.clone())
+                    .await
+                    .expect("connect the redis backend");
+                tokio::spawn(backend.clone().run_maintenance(maintenance.clone()));
+                (backend.clone(), backend)
+            }
+        };
+        let bus: Arc<dyn Bus> = Arc::new(Faulty {
+            inner: bus,
+            fail: fail.clone(),
+        });
+        let router = Arc::new(Router::new(
+            &id,
+            mode,
+            presence,
+            bus.clone(),
+            Arc::default(),
+            metrics.clone(),
+        ));
+        router.start().await.expect("start the router");
+        c.routers.push(router);
+        c.buses.push(bus);
+        c.inboxes.push(rx);
+        c.metrics.push(metrics);
+    }
+    c._redis = redis;
+    c
+}
+
+impl Cluster {
+    /// Waits for the next bus message of instance `i` and has it handled.
+    async fn dispatch(&mut self, i: usize) -> Inbound {
+        loop {
+            let inbound = tokio::time::timeout(WAIT, self.inboxes[i].recv())
+                .await
+                .unwrap_or_else(|_| panic!("a bus message for instance {i} within {WAIT:?}"))
+                .expect("inbox open");
+            if inbound.payload.starts_with(SENTINEL) {
+                panic!("instance {i} got a stray sentinel");
+            }
+            self.routers[i].handle_inbound(inbound.clone());
+            return inbound;
+        }
+    }
+
+    /// Sends a sentinel to instance `i` from every instance and handles
+    /// everything before them; returns how many real messages that was.
+    async fn settle(&mut self, i: usize) -> usize {
+        self.nonce += 1;
+        let target = self.routers[i].instance().to_owned();
+        let sentinel = Bytes::from(format!("SENTINEL {}", self.nonce));
+        let fail = self.fail.swap(0, Ordering::Relaxed);
+        for bus in &self.buses {
+            bus.publish(Channel::Instance(&target), sentinel.clone())
+                .await
+                .expect("publish a sentinel");
+        }
+        self.fail.store(fail, Ordering::Relaxed);
+        let (mut sentinels, mut others) = (0, 0);
+        while sentinels < self.buses.len() {
+            let inbound = tokio::time::timeout(WAIT, self.inboxes[i].recv())
+                .await
+                .unwrap_or_else(|_| panic!("sentinels for instance {i} within {WAIT:?}"))
+                .expect("inbox open");
+            if inbound.payload == sentinel {
+                sentinels += 1;
+            } else {
+                others += 1;
+                self.routers[i].handle_inbound(inbound);
+            }
+        }
+        others
+    }
+}
+
+async fn user(router: &Router, name: &str) -> (Arc<ConnHandle>, BoundedReceiver<Outbound>) {
+    let limits = QueueLimits {
+        frames: 64,
+        bytes: 1 << 20,
+    };
+    let (conn, rx) = ConnHandle::new(
+        router.registry().next_conn_id(router.instance()),
+        Arc::from(name),
+        limits,
+    );
+    router.connect(&conn).await;
+    (conn, rx)
+}
+
+/// The frames queued for a connection right now (routing is synchronous up
+/// to the queue, so after a dispatch they are there).
+fn frames(rx: &mut BoundedReceiver<Outbound>) -> Vec<Value> {
+    let mut out = Vec::new();
+    while let Some(next) = rx.try_recv() {
+        if let Outbound::Text(frame) = next {
+            out.push(serde_json::from_str(frame.as_str()).expect("json frame"));
+        }
+    }
+    out
+}
+
+fn one_frame(rx: &mut BoundedReceiver<Outbound>) -> Value {
+    let mut got = frames(rx);
+    assert_eq!(got.len(), 1, "exactly one frame: {got:?}");
+    got.remove(0)
+}
+
+fn body(json: &str) -> Box<RawValue> {
+    RawValue::from_string(json.to_owned()).expect("raw json")
+}
+
+/// Waits until `condition` holds (the re-route worker runs on its own task).
+async fn until(what: &str, condition: impl Fn() -> bool) {
+    tokio::time::timeout(WAIT, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what} within {WAIT:?}"));
+}
+
+/// Runs one test over both backends.
+macro_rules! over_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn in_process() {
+                super::$name(super::Kind::Local).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                super::$name(super::Kind::Redis).await
+            }
+        }
+    )*};
+}
+
+over_both_backends!(
+    dm_goes_to_the_holding_instance_only,
+    offline_and_local,
+    multi_device_gets_every_copy,
+    broadcast_mode_reaches_every_instance_and_delivers_once,
+    user_channel_mode_publishes_to_the_users_channel_only,
+    rooms_reach_members_only_and_subscriptions_follow_membership,
+    a_dm_for_a_user_who_moved_is_rerouted_once,
+    a_rerouted_dm_skips_a_device_that_already_has_it,
+    a_rerouted_dm_skips_the_origin_that_delivered_it_locally,
+    failures_answer_partial_when_local_recipients_got_it,
+    presence_follows_connections,
+);
+
+async fn dm_goes_to_the_holding_instance_only(kind: Kind) {
+    let mut c = cluster(kind, 3, RoutingMode::Routed).await;
+    let (alice, _a) = user(&c.routers[0], "alice").await;
+    let (_bob, mut b) = user(&c.routers[1], "bob").await;
+    let outcome = c.routers[0]
+        .send_direct(&alice.user, "bob", &body("{\"hi\":1}"))
+        .await
+        .expect("sent");
+    assert_eq!(outcome.status, DirectStatus::Routed);
+    c.dispatch(1).await;
+    let got = one_frame(&mut b);
+    assert_eq!(
+        (got["from"].as_str(), got["body"]["hi"].as_i64()),
+        (Some("alice"), Some(1))
+    );
+    assert_eq!(got["msg_id"], outcome.msg_id.as_str());
+    assert_eq!(c.settle(2).await, 0, "i3 holds no bob and receives nothing");
+    assert_eq!(c.metrics[1].bus_received.personal.get(), 1);
+    assert_eq!(c.metrics[0].dm_routed.get(), 1);
+}
+
+async fn offline_and_local(kind: Kind) {
+    let mut c = cluster(kind, 2, RoutingMode::Routed).await;
+    let (alice, _a) = user(&c.routers[0], "alice").await;
+    let outcome = c.routers[0]
+        .send_direct(&alice.user, "nobody", &body("1"))
+        .await
+        .expect("sent");
+    assert_eq!(outcome.status, DirectStatus::Offline);
+    let (_carol, mut carol_rx) = user(&c.routers[0], "carol").await;
+    let outcome = c.routers[0]
+        .send_direct(&alice.user, "carol", &body("2"))
+        .await
+        .expect("sent");
+    assert_eq!(outcome.status, DirectStatus::Routed);
+    assert_eq!(one_frame(&mut carol_rx)["body"], 2);
+    assert_eq!(c.metrics[0].dm_local.get(), 1);
+    assert_eq!(c.metrics[0].dm_offline.get(), 1);
+    assert_eq!(c.settle(1).await, 0, "nothing was published to i2");
+    assert_eq!(c.settle(0).await, 0, "nor back to i1");
+}
+
+async fn multi_device_gets_every_copy(kind: Kind) {
+    let mut c = cluster(kind, 3, RoutingMode::Routed).await;
+    let (alice, _a) = user(&c.routers[0], "alice").await;
+    let (_b2, mut rx2) = user(&c.routers[1], "bob").await;
+    let (_b3, mut rx3) = user(&c.routers[2], "bob").await;
+    let (_b1, mut rx1) = user(&c.routers[0], "bob").await;
+    c.routers[0]
+        .send_direct(&alice.user, "bob", &body("\"x\""))
+        .await
+        .expect("sent");
+    assert_eq!(one_frame(&mut rx1)["body"], "x", "the local device");
+    c.dispatch(1).await;
+    c.dispatch(2).await;
+    assert_eq!(one_frame(&mut rx2)["body"], "x");
+    assert_eq!(one_frame(&mut rx3)["body"], "x");
+    for i in 0..3 {
+        assert_eq!(c.settle(i).await, 0, "one copy per device, no more");
+    }
+    assert!(
+        frames(&mut rx1).is_empty() && frames(&mut rx2).is_empty() && frames(&mut rx3).is_empty()
+    );
+}
+
+async fn broadcast_mode_reaches_every_instance_and_delivers_once(kind: Kind) {
+    let mut c = cluster(kind, 3, RoutingMode::Broadcast).await;
+    let (alice, _a) = user(&c.routers[0], "alice").await;
+    let (_bob, mut b) = user(&c.routers[1], "bob").await;
+    c.routers[0]
+        .send_direct(&alice.user, "bob", &body("1"))
+        .await
+        .expect("sent");
+    // Every instance, the sender included, receives the broadcast.
+    for i in 0..3 {
+        c.dispatch(i).await;
+        assert_eq!(c.metrics[i].bus_received.broadcast.get(), 1);
+    }
+    assert_eq!(one_frame(&mut b)["body"], 1, "delivered exactly once");
+}
+
+async fn user_channel_mode_publishes_to_the_users_channel_only(kind: Kind) {
+    let mut c = cluster(kind, 3, RoutingMode::UserChannel).await;
+    let (alice, _a) = user(&c.routers[0], "alice").await;
+    let (bob, mut b) = user(&c.routers[1], "bob").await;
+    let outcome = c.routers[0]
+        .send_direct(&alice.user, "bob", &body("1"))
+        .await
+        .expect("sent");
+    assert_eq!(outcome.status, DirectStatus::Routed);
+    c.dispatch(1).await;
+    assert_eq!(one_frame(&mut b)["body"], 1);
+    assert_eq!(c.metrics[1].bus_received.user.get(), 1);
+    assert_eq!(c.settle(2).await, 0);
+    assert_eq!(c.metrics[1].bus_received.personal.get(), 0);
+    // Local recipient: delivered directly, the echo from the bus is skipped.
+    let (_carol, mut carol_rx) = user(&c.routers[0], "carol").await;
+    c.routers[0]
+        .send_direct(&alice.user, "carol", &body("2"))
+        .await
+        .expect("sent");
+    assert_eq!(one_frame(&mut carol_rx)["body"], 2);
+    c.dispatch(0).await;
+    assert_eq!(
+        c.metrics[0].bus_received.user.get(),
+        1,
+        "the echo reached i1"
+    );
+    assert!(frames(&mut carol_rx).is_empty(), "and was skipped");
+    // Last connection gone: the channel is unsubscribed and bob is offline.
+    c.routers[1].disconnect(&bob).await;
+    let outcome = c.routers[0]
+        .send_direct(&alice.user, "bob", &body("3"))
+        .await
+        .expect("sent");
+    assert_eq!(outcome.status, DirectStatus::Offline);
+}
+
+async fn rooms_reach_members_only_and_subscriptions_follow_membership(kind: Kind) {
+    let mut c = cluster(kind, 3, RoutingMode::Routed).await;
+    let (alice, mut a) = user(&c.routers[0], "alice").await;
+    let (bob, mut b) = user(&c.routers[1], "bob").await;
+    let (carol, mut carol_rx) = user(&c.routers[2], "carol").await;
+    c.routers[0].join(&alice, "lobby").await.expect("join");
+    c.routers[1].join(&bob, "lobby").await.expect("join");
+    assert_eq!(
+        c.routers[2]
+            .send_room_as_member(&carol, "lobby", &body("0"))
+            .await,
+        Err(RouteError::NotMember)
+    );
+    let outcome = c.routers[0]
+        .send_room_as_member(&alice, "lobby", &body("1"))
+        .await
+        .expect("sent");
+    assert_eq!(outcome.status, RoomStatus::Ok);
+    c.dispatch(1).await;
+    let got = one_frame(&mut b);
+    assert_eq!(
+        (got["room"].as_str(), got["body"].as_i64()),
+        (Some("lobby"), Some(1))
+    );
+    c.dispatch(0).await; // i1's own echo, skipped
+    assert!(
+        frames(&mut a).is_empty(),
+        "the sender does not get its own message"
+    );
+    assert_eq!(c.settle(2).await, 0, "no member, no subscription");
+    assert!(frames(&mut carol_rx).is_empty());
+
+    c.routers[1].leave(&bob, "lobby").await;
+    c.routers[0]
+        .send_room_as_member(&alice, "lobby", &body("2"))
+        .await
+        .expect("sent");
+    c.dispatch(0).await;
+    assert_eq!(
+        c.settle(1).await,
+        0,
+        "unsubscribed after the last member left"
+    );
+    assert!(frames(&mut b).is_empty());
+}
+
+fn stale_dm(to: &str, hop: u8, origin: &str, covered: &str) -> Inbound {
+    let frame = r#"{"type":"dm","from":"alice","body":1,"msg_id":"m","ts":0}"#;
+    Inbound {
+        kind: ChannelKind::Personal,
+        payload: Envelope::Direct {
+            to,
+            hop,
+            origin,
+            covered: Covered::from_field(covered),
+        }
+        .encode(frame.as_bytes()),
+    }
+}
+
+async fn a_dm_for_a_user_who_moved_is_rerouted_once(kind: Kind) {
+    let mut c = cluster(kind, 3, RoutingMode::Routed).await;
+    // Bob is on i3 now; a stale message for him arrives at i2.
+    let (_bob, mut b) = user(&c.routers[2], "bob").await;
+    c.routers[1].handle_inbound(stale_dm("bob", 0, "i1", "i2"));
+    c.dispatch(2).await;
+    assert_eq!(one_frame(&mut b)["body"], 1);
+    until("the re-route is counted", || {
+        c.metrics[1].rerouted.get() == 1
+    })
+    .await;
+    // A second hop is never taken.
+    c.routers[1].handle_inbound(stale_dm("bob", 1, "i1", "i2"));
+    assert_eq!(c.metrics[1].dropped_not_here.get(), 1);
+    assert_eq!(c.settle(2).await, 0);
+}
+
+/// Bob holds connections on i2 and i3; his i2 connection closes while a DM
+/// to him is in flight. i2 must not re-route it to i3, which has it already.
+async fn a_rerouted_dm_skips_a_device_that_already_has_it(kind: Kind) {
+    let mut c = cluster(kind, 3, RoutingMode::Routed).await;
+    let (alice, _a) = user(&c.routers[0], "alice").await;
+    let (bob_on_i2, _b2) = user(&c.routers[1], "bob").await;
+    let (_bob_on_i3, mut b3) = user(&c.routers[2], "bob").await;
+    let outcome = c.routers[0]
+        .send_direct(&alice.user, "bob", &body("\"once\""))
+        .await
+        .expect("sent");
+    assert_eq!(outcome.status, DirectStatus::Routed);
+    c.routers[1].disconnect(&bob_on_i2).await;
+    c.dispatch(1).await; // i2: bob is gone
+    until("i2 decides about the re-route", || {
+        c.metrics[1].reroute_covered.get() + c.metrics[1].rerouted.get() > 0
+    })
+    .await;
+    c.dispatch(2).await;
+    c.settle(2).await;
+    assert_eq!(
+        one_frame(&mut b3)["body"],
+        "once",
+        "one copy on i3, no second"
+    );
+    assert_eq!(c.metrics[1].rerouted.get(), 0, "nothing re-routed");
+    assert_eq!(c.metrics[1].reroute_covered.get(), 1);
+}
+
+/// Bob moves from i2 to the sender's instance i1 before i2's presence
+/// decrement lands: i1 delivers locally and the routing script still
+/// publishes to i2, which must not re-route the DM back to i1.
+async fn a_rerouted_dm_skips_the_origin_that_delivered_it_locally(kind: Kind) {
+    let mut c = cluster(kind, 2, RoutingMode::Routed).await;
+    let (alice, _a) = user(&c.routers[0], "alice").await;
+    let (bob_on_i2, _b2) = user(&c.routers[1], "bob").await;
+    let (_bob_on_i1, mut b1) = user(&c.routers[0], "bob").await;
+    // Bob's i2 socket is gone, its presence decrement not yet written.
+    c.routers[1].registry().remove(&bob_on_i2);
+    let outcome = c.routers[0]
+        .send_direct(&alice.user, "bob", &body("\"once\""))
+        .await
+        .expect("sent");
+    assert_eq!(outcome.status, DirectStatus::Routed);
+    assert_eq!(
+        one_frame(&mut b1)["body"],
+        "once",
+        "delivered locally on i1"
+    );
+    c.routers[1]
+        .presence()
+        .disconnect("bob")
+        .await
+        .expect("the late decrement");
+    c.dispatch(1).await;
+    until("i2 decides about the re-route", || {
+        c.metrics[1].reroute_covered.get() + c.metrics[1].rerouted.get() > 0
+    })
+    .await;
+    c.settle(0).await;
+    assert_eq!(frames(&mut b1), Vec::<Value>::new(), "no second copy on i1");
+    assert_eq!(c.metrics[1].rerouted.get(), 0, "not re-routed to i1");
+}
+
+async fn failures_answer_partial_when_local_recipients_got_it(kind: Kind) {
+    let mut c = cluster(kind, 2, RoutingMode::Routed).await;
+    let (alice, _a) = user(&c.routers[0], "alice").await;
+    let (dave, mut d) = user(&c.routers[0], "dave").await;
+    let (bob, _b) = user(&c.routers[1], "bob").await;
+    for (conn, router) in [(&alice, 0), (&dave, 0), (&bob, 1)] {
+        c.routers[router].join(conn, "lobby").await.expect("join");
+    }
+    c.routers[0].join(&alice, "solo").await.expect("join");
+    c.routers[1].join(&bob, "solo").await.expect("join");
+
+    for (fail, error) in [(1, RouteError::Unavailable), (2, RouteError::Timeout)] {
+        c.fail.store(fail, Ordering::Relaxed);
+        // dave (local) got it; i2 could not be reached.
+        let room = c.routers[0]
+            .send_room_as_member(&alice, "lobby", &body("1"))
+            .await
+            .expect("local members got it");
+        assert_eq!(room.status, RoomStatus::Partial);
+        assert_eq!(one_frame(&mut d)["msg_id"], room.msg_id.as_str());
+        // Nobody local but the sender: the error says what happened.
+        let solo = c.routers[0]
+            .send_room_as_member(&alice, "solo", &body("2"))
+            .await;
+        assert_eq!(solo, Err(error));
+        let dm = c.routers[0]
+            .send_direct(&alice.user, "dave", &body("3"))
+            .await
+            .expect("dave's local connection got it");
+        assert_eq!(dm.status, DirectStatus::Partial);
+        assert_eq!(one_frame(&mut d)["body"], 3);
+        let dm = c.routers[0]
+            .send_direct(&alice.user, "bob", &body("4"))
+            .await;
+        assert_eq!(dm, Err(error));
+    }
+    assert_eq!(c.metrics[0].room_failed.partial.get(), 2);
+    assert_eq!(c.metrics[0].room_failed.unavailable.get(), 1);
+    assert_eq!(c.metrics[0].room_failed.timeout.get(), 1);
+    assert_eq!(c.metrics[0].dm_failed.partial.get(), 2);
+    assert_eq!(c.metrics[0].dm_failed.unavailable.get(), 1);
+    assert_eq!(c.metrics[0].dm_failed.timeout.get(), 1);
+    c.fail.store(0, Ordering::Relaxed);
+    assert_eq!(c.settle(1).await, 0, "nothing reached i2 while failing");
+}
+
+async fn presence_follows_connections(kind: Kind) {
+    let c = cluster(kind, 2, RoutingMode::Routed).await;
+    let (bob, _b) = user(&c.routers[1], "bob").await;
+    let users = vec!["bob".to_owned(), "carol".to_owned()];
+    assert_eq!(
+        c.routers[0].online(&users).await.expect("ok"),
+        vec![true, false]
+    );
+    c.routers[1].disconnect(&bob).await;
+    assert_eq!(
+        c.routers[0].online(&users).await.expect("ok"),
+        vec![false, false]
+    );
+}
