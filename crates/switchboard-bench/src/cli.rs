@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
+use switchboard_bench_schema::{PassRule, Workload};
 
 /// How the instances of one run route direct messages (`switchboard --routing`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize)]
@@ -28,32 +29,6 @@ impl RoutingMode {
             RoutingMode::Routed => "routed",
             RoutingMode::Broadcast => "broadcast",
             RoutingMode::UserChannel => "user-channel",
-        }
-    }
-}
-
-/// What the load generator sends (`switchboard-load --workload`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Workload {
-    /// One-to-one direct messages between uniformly chosen users.
-    Dm,
-    /// Room messages fanned out to the room's members.
-    Room,
-    /// DMs and room messages.
-    Mixed,
-    /// DMs while users keep disconnecting and reconnecting.
-    Churn,
-}
-
-impl Workload {
-    /// The value `switchboard-load --workload` takes.
-    pub fn as_flag(self) -> &'static str {
-        match self {
-            Workload::Dm => "dm",
-            Workload::Room => "room",
-            Workload::Mixed => "mixed",
-            Workload::Churn => "churn",
         }
     }
 }
@@ -136,7 +111,7 @@ pub struct Cli {
     #[arg(long, default_value_t = 1)]
     pub retries: u32,
 
-    /// Pass rule (as the Socket.IO peer): p99 latency must stay below this, ms.
+    /// Pass rule (as the Socket.IO peer): p99 latency at most this, ms.
     /// Also handed to the loader (--max-p99-ms).
     #[arg(long, default_value_t = 100.0)]
     pub max_p99_ms: f64,
@@ -283,6 +258,14 @@ impl Cli {
         Ok(())
     }
 
+    /// The pass rule of `--min-delivery` and `--max-p99-ms` (the loader gets the same).
+    pub fn pass_rule(&self) -> PassRule {
+        PassRule {
+            min_delivery: self.min_delivery,
+            max_p99_ms: self.max_p99_ms,
+        }
+    }
+
     /// The upper bound of one loader run.
     pub fn loader_timeout_s(&self) -> f64 {
         match self.run_timeout {
@@ -315,7 +298,7 @@ impl Cli {
     pub fn loader_workload_args(&self) -> Vec<String> {
         let mut pairs: Vec<(&str, Option<String>)> = vec![
             ("--users", Some(self.users.to_string())),
-            ("--workload", Some(self.workload.as_flag().to_owned())),
+            ("--workload", Some(self.workload.as_str().to_owned())),
             ("--rate", Some(self.rate.to_string())),
             ("--duration", Some(self.duration.to_string())),
             ("--body-bytes", Some(self.body_bytes.to_string())),

@@ -149,7 +149,7 @@ async fn run_matrix(cli: &Cli) -> Result<ExitCode, BenchError> {
     let name = cli
         .name
         .clone()
-        .unwrap_or_else(|| format!("{}-{stamp}", cli.workload.as_flag()));
+        .unwrap_or_else(|| format!("{}-{stamp}", cli.workload.as_str()));
     let work_dir = cli.work_dir.clone().unwrap_or_else(|| {
         std::env::temp_dir().join(format!("switchboard-bench-{name}-{}", std::process::id()))
     });
@@ -197,12 +197,7 @@ async fn run_matrix(cli: &Cli) -> Result<ExitCode, BenchError> {
         config: serde_json::to_value(cli)
             .map_err(|e| BenchError::Report(format!("serialize config: {e}")))?,
         window: WINDOW_NOTE.to_owned(),
-        pass_rule: format!(
-            "as the Socket.IO peer: delivered/expected and sent/offered >= {:.0}%, p99 < {} ms, \
-             nothing misrouted or duplicated, no disconnects",
-            cli.min_delivery * 100.0,
-            cli.max_p99_ms
-        ),
+        pass_rule: cli.pass_rule().describe(),
         interrupted,
         runs,
     };
