@@ -14,7 +14,8 @@
 //! - `cli`: flags and the loader's command line;
 //! - `procs`: starting and stopping processes by pid, port reservation;
 //! - `cluster`: redis-server + N instances, readiness;
-//! - `probe`, `openmetrics`, `redis_info`: reading `/proc`, `/metrics`, INFO;
+//! - `probe`, `http`, `openmetrics`, `redis_info`: reading `/proc`, fetching
+//!   and parsing `/metrics`, Redis INFO;
 //! - `snapshot`: one reading of everything; `run`: one measured run;
 //! - `derive`: the per-message figures and the pass rule;
 //! - `report`, `plot`: the result files.
@@ -23,6 +24,7 @@ mod cli;
 mod cluster;
 mod derive;
 mod error;
+mod http;
 mod openmetrics;
 mod plot;
 mod probe;

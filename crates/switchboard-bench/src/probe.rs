@@ -1,16 +1,9 @@
 //! Reading the system without disturbing it: CPU time of a process from
-//! `/proc/PID/stat`, machine-wide CPU time from `/proc/stat`, and a minimal
-//! HTTP/1.0 GET for `/readyz` and `/metrics` on 127.0.0.1.
-//!
-//! Nothing here parses what the server says beyond the status line: the
-//! metrics text is the `openmetrics` module's business.
+//! `/proc/PID/stat`, machine-wide CPU time from `/proc/stat`.
 
 use std::sync::OnceLock;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// Clock ticks per second of `/proc` times (`getconf CLK_TCK`, 100 if unknown).
 pub fn clk_tck() -> f64 {
@@ -88,85 +81,6 @@ pub fn machine_cpu() -> MachineCpu {
     }
 }
 
-/// An HTTP response: status code and body.
-#[derive(Debug)]
-pub struct HttpResponse {
-    /// Status code of the status line.
-    pub status: u16,
-    /// The body (de-chunked if needed).
-    pub body: String,
-}
-
-/// `GET path` on 127.0.0.1:port with HTTP/1.0 (the server closes the
-/// connection after the body), bounded by `timeout`.
-pub async fn http_get(port: u16, path: &str, timeout: Duration) -> Result<HttpResponse, String> {
-    let exchange = async {
-        let mut stream = TcpStream::connect(("127.0.0.1", port))
-            .await
-            .map_err(|e| format!("connect 127.0.0.1:{port}: {e}"))?;
-        let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\n\r\n");
-        stream
-            .write_all(request.as_bytes())
-            .await
-            .map_err(|e| format!("write: {e}"))?;
-        let mut raw = Vec::with_capacity(8192);
-        stream
-            .read_to_end(&mut raw)
-            .await
-            .map_err(|e| format!("read: {e}"))?;
-        parse_response(&raw)
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| format!("GET 127.0.0.1:{port}{path} timed out after {timeout:?}"))?
-}
-
-fn parse_response(raw: &[u8]) -> Result<HttpResponse, String> {
-    let text = String::from_utf8_lossy(raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| "response without header end".to_owned())?;
-    let status_line = head.lines().next().unwrap_or_default();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse::<u16>().ok())
-        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let body = if chunked {
-        dechunk(body)?
-    } else {
-        body.to_owned()
-    };
-    Ok(HttpResponse { status, body })
-}
-
-fn dechunk(mut body: &str) -> Result<String, String> {
-    let mut out = String::with_capacity(body.len());
-    loop {
-        let (size_line, rest) = body
-            .split_once("\r\n")
-            .ok_or_else(|| "truncated chunk header".to_owned())?;
-        let size_hex = size_line.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_hex, 16)
-            .map_err(|_| format!("bad chunk size {size_hex:?}"))?;
-        if size == 0 {
-            return Ok(out);
-        }
-        let chunk = rest
-            .get(..size)
-            .ok_or_else(|| "truncated chunk".to_owned())?;
-        out.push_str(chunk);
-        body = rest
-            .get(size..)
-            .unwrap_or_default()
-            .trim_start_matches("\r\n");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,17 +90,5 @@ mod tests {
         let line = "1234 (my (odd) proc) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 4 0 1000 0 0";
         assert_eq!(parse_stat_cpu_ticks(line), Some(325));
         assert_eq!(parse_stat_cpu_ticks("garbage"), None);
-    }
-
-    #[test]
-    fn responses_plain_and_chunked() {
-        let r = parse_response(b"HTTP/1.0 200 OK\r\ncontent-length: 5\r\n\r\nready").expect("ok");
-        assert_eq!((r.status, r.body.as_str()), (200, "ready"));
-        let r = parse_response(
-            b"HTTP/1.1 503 Service Unavailable\r\ntransfer-encoding: chunked\r\n\r\n3\r\nnot\r\n6\r\n ready\r\n0\r\n\r\n",
-        )
-        .expect("ok");
-        assert_eq!((r.status, r.body.as_str()), (503, "not ready"));
-        assert!(parse_response(b"nonsense").is_err());
     }
 }

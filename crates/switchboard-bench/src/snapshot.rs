@@ -87,8 +87,12 @@ pub async fn scrape_all(cluster: &Cluster) -> Vec<Result<Scrape, String>> {
         .iter()
         .map(|i| {
             let port = i.port;
+            let http = cluster.http.clone();
             tokio::spawn(async move {
-                let response = probe::http_get(port, "/metrics", SCRAPE_TIMEOUT).await?;
+                let response = http
+                    .get(port, "/metrics", SCRAPE_TIMEOUT)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 if response.status != 200 {
                     return Err(format!("/metrics answered {}", response.status));
                 }
