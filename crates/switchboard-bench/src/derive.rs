@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use switchboard_bench_schema::{LoaderOutput, PassRule};
 
-use crate::openmetrics;
+use crate::openmetrics::Scrape;
 use crate::snapshot::Snapshot;
 
 /// What one instance did during the window.
@@ -316,9 +316,7 @@ pub fn derive(
         if let Some(e) = a.scrape_error.as_ref().or(b.scrape_error.as_ref()) {
             warnings.push(format!("{}: /metrics scrape failed: {e}", b.id));
         }
-        let by = |s: &openmetrics::Scrape, name: &str, label: &str| {
-            openmetrics::by_label(s, name, label)
-        };
+        let by = |s: &Scrape, name: &str, label: &str| s.by_label(name, label);
         let received = diff_map(
             &by(&a.metrics, "switchboard_bus_received_total", "kind"),
             &by(&b.metrics, "switchboard_bus_received_total", "kind"),
@@ -339,9 +337,9 @@ pub fn derive(
             id: b.id.clone(),
             cpu_s: *cpu_s,
             bus_received: received.values().sum(),
-            frames_queued: openmetrics::sum(&b.metrics, "switchboard_delivered_total", None)
-                - openmetrics::sum(&a.metrics, "switchboard_delivered_total", None),
-            connections_after: openmetrics::sum(&b.metrics, "switchboard_connections", None),
+            frames_queued: b.metrics.sum("switchboard_delivered_total", None)
+                - a.metrics.sum("switchboard_delivered_total", None),
+            connections_after: b.metrics.sum("switchboard_connections", None),
             bus_received_by_kind: received,
             bus_published_by_kind: published,
             dm_by_path: dm,
@@ -418,7 +416,12 @@ mod tests {
         InstanceReading {
             id: id.into(),
             cpu_s: Some(cpu),
-            metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            metrics: Scrape::parse(
+                &metrics
+                    .iter()
+                    .map(|(series, value)| format!("{series} {value}\n"))
+                    .collect::<String>(),
+            ),
             scrape_error: None,
         }
     }
