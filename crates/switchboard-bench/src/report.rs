@@ -63,13 +63,6 @@ pub struct ResultsFile {
 
 /// Reads the machine facts (best effort: unknown values stay empty).
 pub fn machine(redis_bin: &Path) -> Machine {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu_model = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, v)| v.trim().to_owned())
-        .unwrap_or_default();
     let command_output = |program: &Path, args: &[&str]| -> Option<String> {
         std::process::Command::new(program)
             .args(args)
@@ -81,7 +74,7 @@ pub fn machine(redis_bin: &Path) -> Machine {
     };
     Machine {
         nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        cpu_model,
+        cpu_model: crate::probe::cpu_model(),
         kernel: std::fs::read_to_string("/proc/version")
             .unwrap_or_default()
             .trim()
