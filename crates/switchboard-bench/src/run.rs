@@ -119,8 +119,8 @@ pub struct RunContext<'a> {
     pub server_bin: PathBuf,
     /// The `switchboard-load` binary.
     pub loader_bin: PathBuf,
-    /// Work directory of the whole benchmark.
-    pub work_dir: PathBuf,
+    /// Where each run's logs go, one directory per run.
+    pub logs_dir: PathBuf,
 }
 
 /// What a run measured before the processes were stopped.
@@ -149,7 +149,7 @@ pub async fn run_one(
     cancel: &CancellationToken,
 ) -> RunRecord {
     let started = Instant::now();
-    let dir = ctx.work_dir.join(format!("{}-n{nodes}", mode.as_flag()));
+    let dir = ctx.logs_dir.join(format!("{}-n{nodes}", mode.as_flag()));
     let mut supervisor = Supervisor::new(Duration::from_secs_f64(ctx.cli.stop_timeout));
     let mut measured = Measured::default();
     let result = match std::fs::create_dir_all(&dir) {
