@@ -173,11 +173,23 @@ fn f(x: Option<f64>, decimals: usize) -> String {
     }
 }
 
-fn config_str(results: &ResultsFile, key: &str) -> String {
+/// A setting of the run as text (`-` when absent or null).
+pub fn config_str(results: &ResultsFile, key: &str) -> String {
     match results.config.get(key) {
         Some(serde_json::Value::String(s)) => s.clone(),
         Some(serde_json::Value::Null) | None => "-".to_owned(),
         Some(v) => v.to_string(),
+    }
+}
+
+/// The offered rate, or with `--find-max` the first rate of the ladder
+/// (`--start-rate` when given, else `--rate`).
+pub fn first_rate(results: &ResultsFile) -> String {
+    let start = config_str(results, "start_rate");
+    if is_find_max(results) && start != "-" {
+        start
+    } else {
+        config_str(results, "rate")
     }
 }
 
@@ -224,7 +236,7 @@ pub fn markdown(results: &ResultsFile) -> String {
         "- workload: {}, {} users, offered {}/s{}, {} s{}, body {} B",
         config_str(results, "workload"),
         config_str(results, "users"),
-        config_str(results, "rate"),
+        first_rate(results),
         if find_max { " (find-max start)" } else { "" },
         config_str(results, "duration"),
         if find_max { " per step" } else { "" },
