@@ -3,11 +3,13 @@
 //! Connects `--users` users (`--conns-per-user` WebSocket connections each)
 //! to the `--targets` instances, offers an open-loop message rate
 //! (`--workload dm|room|mixed|churn`) for `--duration` seconds, waits at most
-//! `--drain` seconds for outstanding deliveries, and prints one JSON summary:
-//! counts (sent, acked, expected, delivered, lost, duplicated, out of order),
-//! end-to-end and ack latency quantiles, and its own CPU use. `--find-max`
-//! raises the rate step by step until a step fails the pass rule (the
-//! Socket.IO peer benchmark's rule: delivered >= 99% and p99 <= 100 ms).
+//! `--drain` seconds for outstanding deliveries, and prints one JSON summary
+//! (the `switchboard-bench-schema` document): counts (sent, acked, expected,
+//! delivered, lost, duplicated, out of order), end-to-end and ack latency
+//! quantiles, and its own CPU use. `--find-max` raises the rate step by step
+//! until a step fails the shared pass rule (by default the Socket.IO peer
+//! benchmark's: delivered >= 99% and p99 <= 100 ms, plus no duplicates,
+//! misroutes or lost connections).
 //!
 //! This module owns the run's sequence: validate, connect, run the step(s),
 //! close, print. The modules own: `cli` the flags, `plan` placement and
