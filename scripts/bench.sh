@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Benchmark matrix: for each routing mode and instance count, a fresh
 # redis-server and N switchboard instances on loopback ports, driven by
-# switchboard-load; writes bench/results/<name>.{json,md,svg}.
+# switchboard-load; writes target/bench-results/<name>/<name>.{json,md,svg}
+# (untracked) and keeps every process's log in target/bench-results/<name>/logs/.
+# --publish also writes the result files into bench/results/ (tracked, cited by
+# docs/BENCHMARKS.md).
 #
 #   scripts/bench.sh                                   # routed,broadcast x N=1,2,4,8, DM 20k/s, 10 s
 #   scripts/bench.sh --nodes 1,2 --rate 5000 --duration 3 --name smoke
@@ -9,6 +12,7 @@
 #   scripts/bench.sh --find-max --nodes 2,4            # highest sustained rate per cell
 #   scripts/bench.sh --workload room --rooms 20 --room-members 10 --room-spread 2
 #   scripts/bench.sh --workload churn --churn-rate 20
+#   scripts/bench.sh --nodes 2,4 --name dm-2-4 --publish  # results into bench/results/ too
 #   scripts/bench.sh --help                            # every flag
 #
 # Every argument goes to target/release/switchboard-bench unchanged.
@@ -28,7 +32,8 @@ fi
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   echo "bench.sh: building release binaries..." >&2
-  CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2} cargo build --release --bins --quiet
+  CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-2} cargo build --release --quiet \
+    -p switchboard -p switchboard-load -p switchboard-bench
 fi
 
 bin_dir=${CARGO_TARGET_DIR:-$root/target}/release

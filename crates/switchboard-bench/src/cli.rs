@@ -8,6 +8,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
 use serde::Serialize;
+use switchboard_bench_schema::{PassRule, Workload};
 
 /// How the instances of one run route direct messages (`switchboard --routing`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize)]
@@ -32,37 +33,18 @@ impl RoutingMode {
     }
 }
 
-/// What the load generator sends (`switchboard-load --workload`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Workload {
-    /// One-to-one direct messages between uniformly chosen users.
-    Dm,
-    /// Room messages fanned out to the room's members.
-    Room,
-    /// DMs and room messages.
-    Mixed,
-    /// DMs while users keep disconnecting and reconnecting.
-    Churn,
-}
-
-impl Workload {
-    /// The value `switchboard-load --workload` takes.
-    pub fn as_flag(self) -> &'static str {
-        match self {
-            Workload::Dm => "dm",
-            Workload::Room => "room",
-            Workload::Mixed => "mixed",
-            Workload::Churn => "churn",
-        }
-    }
-}
-
-/// Runs a matrix of Switchboard clusters (routing mode x instance count)
-/// against a fresh redis-server each, drives each with `switchboard-load`, and
-/// writes `<name>.json`, `<name>.md` and `<name>.svg`.
+/// Benchmark orchestrator for Switchboard: for each routing mode and instance
+/// count, starts a fresh redis-server and N instances on 127.0.0.1, drives them
+/// with switchboard-load, and measures CPU, bus and Redis traffic per message.
+/// Writes <name>.json, .md and .svg to target/bench-results/<name>/ (or
+/// --out-dir), with the logs of every process it started.
 #[derive(Debug, Clone, Parser, Serialize)]
-#[command(name = "switchboard-bench", version, args_override_self = true)]
+#[command(
+    name = "switchboard-bench",
+    version,
+    long_about = None,
+    args_override_self = true
+)]
 pub struct Cli {
     /// Routing modes to measure, comma-separated.
     #[arg(
@@ -136,7 +118,7 @@ pub struct Cli {
     #[arg(long, default_value_t = 1)]
     pub retries: u32,
 
-    /// Pass rule (as the Socket.IO peer): p99 latency must stay below this, ms.
+    /// Pass rule (as the Socket.IO peer): p99 latency at most this, ms.
     /// Also handed to the loader (--max-p99-ms).
     #[arg(long, default_value_t = 100.0)]
     pub max_p99_ms: f64,
@@ -165,17 +147,17 @@ pub struct Cli {
     #[arg(long)]
     pub name: Option<String>,
 
-    /// Where the result files go.
-    #[arg(long, default_value = "bench/results")]
-    pub out_dir: PathBuf,
+    /// Where this benchmark's result files and the logs of every process it
+    /// starts go (logs under <out-dir>/logs/<mode>-n<N>/). Default:
+    /// target/bench-results/<name> in the current directory (git ignores it).
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: Option<PathBuf>,
 
-    /// Directory for logs and redis' working directory. Default: a new one under the system temp dir.
+    /// Also write <name>.{json,md,svg} into bench/results/, the tracked
+    /// results docs/BENCHMARKS.md cites. Run from the repository root
+    /// (scripts/bench.sh does); the logs stay in --out-dir.
     #[arg(long)]
-    pub work_dir: Option<PathBuf>,
-
-    /// Keep the work directory (process logs, loader JSON) even when every run succeeded.
-    #[arg(long)]
-    pub keep_logs: bool,
+    pub publish: bool,
 
     /// The switchboard server binary. Default: next to this binary.
     #[arg(long)]
@@ -222,6 +204,9 @@ pub struct Cli {
     #[arg(long, value_name = "RESULTS_JSON")]
     pub render_only: Option<PathBuf>,
 }
+
+/// Where `--publish` writes, relative to the repository root.
+pub const PUBLISH_DIR: &str = "bench/results";
 
 impl Cli {
     /// Checks what clap cannot: non-empty lists, positive numbers.
@@ -275,12 +260,33 @@ impl Cli {
         {
             return Err("--server-rate-limit takes a number >= 0 or `server-default`".into());
         }
+        if self.publish && !std::path::Path::new(PUBLISH_DIR).is_dir() {
+            return Err(format!(
+                "--publish writes into {PUBLISH_DIR}/, which is not here: run from the \
+                 repository root (scripts/bench.sh does)"
+            ));
+        }
         if let Some(name) = &self.name {
             if name.is_empty() || name.contains('/') || name.starts_with('.') {
                 return Err("--name must be a plain file name".into());
             }
         }
         Ok(())
+    }
+
+    /// The pass rule of `--min-delivery` and `--max-p99-ms` (the loader gets the same).
+    pub fn pass_rule(&self) -> PassRule {
+        PassRule {
+            min_delivery: self.min_delivery,
+            max_p99_ms: self.max_p99_ms,
+        }
+    }
+
+    /// The directory of this benchmark's results and logs.
+    pub fn out_dir(&self, name: &str) -> PathBuf {
+        self.out_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("target/bench-results").join(name))
     }
 
     /// The upper bound of one loader run.
@@ -315,7 +321,7 @@ impl Cli {
     pub fn loader_workload_args(&self) -> Vec<String> {
         let mut pairs: Vec<(&str, Option<String>)> = vec![
             ("--users", Some(self.users.to_string())),
-            ("--workload", Some(self.workload.as_flag().to_owned())),
+            ("--workload", Some(self.workload.as_str().to_owned())),
             ("--rate", Some(self.rate.to_string())),
             ("--duration", Some(self.duration.to_string())),
             ("--body-bytes", Some(self.body_bytes.to_string())),

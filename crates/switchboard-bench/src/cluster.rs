@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::RoutingMode;
 use crate::error::BenchError;
-use crate::probe;
+use crate::http::HttpProbe;
 use crate::procs::{reserve_ports, Supervisor};
 use crate::redis_info::RedisProbe;
 
@@ -53,6 +53,8 @@ pub struct Cluster {
     pub redis_pid: u32,
     /// A connection for INFO readings.
     pub redis: RedisProbe,
+    /// The client for the instances' `/readyz` and `/metrics`.
+    pub http: HttpProbe,
     /// The instances, in id order.
     pub instances: Vec<Instance>,
     /// The first instance's command line (the others differ in port and id).
@@ -108,6 +110,7 @@ pub async fn start(
     )?;
     let redis = wait_for_redis(redis_port, redis_pid, spec, supervisor, cancel).await?;
 
+    let http = HttpProbe::new();
     let mut instances = Vec::with_capacity(spec.nodes);
     let mut instance_command = Vec::new();
     for (k, &port) in ports[1..].iter().enumerate() {
@@ -139,12 +142,13 @@ pub async fn start(
         instances.push(Instance { id, port, pid });
     }
     for instance in &instances {
-        wait_for_ready(instance, spec.ready_timeout, supervisor, cancel).await?;
+        wait_for_ready(instance, &http, spec.ready_timeout, supervisor, cancel).await?;
     }
     Ok(Cluster {
         redis_port,
         redis_pid,
         redis,
+        http,
         instances,
         instance_command,
     })
@@ -189,6 +193,7 @@ async fn wait_for_redis(
 
 async fn wait_for_ready(
     instance: &Instance,
+    http: &HttpProbe,
     timeout: Duration,
     supervisor: &mut Supervisor,
     cancel: &CancellationToken,
@@ -205,8 +210,9 @@ async fn wait_for_ready(
                 log_tail: supervisor.log_tail(instance.pid, 20),
             });
         }
-        if let Ok(response) =
-            probe::http_get(instance.port, "/readyz", Duration::from_secs(1)).await
+        if let Ok(response) = http
+            .get(instance.port, "/readyz", Duration::from_secs(1))
+            .await
         {
             if response.status == 200 {
                 return Ok(());

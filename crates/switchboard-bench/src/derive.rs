@@ -1,262 +1,18 @@
-//! Turning raw readings into the numbers the benchmark reports: the loader's
-//! JSON read leniently into steps, and the per-message costs computed from a
-//! before/after pair of snapshots (CPU per delivered message, Redis bytes and
-//! commands per message, bus messages received per instance per message),
-//! plus the pass verdict under the Socket.IO peer's rule.
+//! Turning raw readings into the numbers the benchmark reports: the
+//! per-message costs computed from a before/after pair of snapshots and the
+//! loader's result (CPU per delivered message, Redis bytes and commands per
+//! message, bus messages received per instance per message), plus the verdict
+//! of the shared [`PassRule`] on the loader's headline step.
 //!
 //! Pure functions over data: no I/O here, so every formula is unit-tested.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use switchboard_bench_schema::{LoaderOutput, PassRule};
 
-use crate::openmetrics;
+use crate::openmetrics::Scrape;
 use crate::snapshot::Snapshot;
-
-/// The fields of one loader run (or one find-max step) that the benchmark uses.
-/// Absent numbers read as 0 (latencies as `None`) and are listed in `missing`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct LoadStep {
-    /// Offered rate, messages/s.
-    pub rate_offered: f64,
-    /// Messages sent.
-    pub sent: f64,
-    /// Messages acknowledged by the server.
-    pub acked: f64,
-    /// Acks that reported an error.
-    pub ack_errors: f64,
-    /// Deliveries expected (one per DM; the fan-out for rooms).
-    pub expected: f64,
-    /// Deliveries received.
-    pub delivered: f64,
-    /// Expected deliveries never received.
-    pub lost: f64,
-    /// Deliveries received more than once.
-    pub duplicated: f64,
-    /// Deliveries received out of order.
-    pub out_of_order: f64,
-    /// Deliveries per second over the step.
-    pub delivered_per_sec: f64,
-    /// Achieved send rate.
-    pub send_rate: f64,
-    /// Send-to-receive latency percentiles, ms.
-    pub p50_ms: Option<f64>,
-    /// 90th percentile, ms.
-    pub p90_ms: Option<f64>,
-    /// 99th percentile, ms.
-    pub p99_ms: Option<f64>,
-    /// 99.9th percentile, ms.
-    pub p999_ms: Option<f64>,
-    /// Largest latency, ms.
-    pub max_ms: Option<f64>,
-    /// Wall time of the step as the loader measured it, s.
-    pub elapsed_s: f64,
-    /// The loader's own CPU time, s.
-    pub loader_cpu_s: Option<f64>,
-    /// The loader's own pass verdict.
-    pub pass: Option<bool>,
-    /// Beyond the contract (read when present): messages scheduled.
-    pub offered: Option<f64>,
-    /// Beyond the contract: deliveries to the wrong connection.
-    pub misrouted: Option<f64>,
-    /// Beyond the contract: connections lost during the step.
-    pub disconnects: Option<f64>,
-    /// Beyond the contract: the loader's delivered / expected (it discounts churn-offline users).
-    pub loader_delivery_ratio: Option<f64>,
-    /// Beyond the contract: why the loader failed the step.
-    pub fail_reasons: Vec<String>,
-    /// Fields of the contract the loader did not write.
-    pub missing: Vec<String>,
-}
-
-/// The loader's whole output.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct LoadResult {
-    /// Whether it was a `--find-max` ladder.
-    pub find_max: bool,
-    /// One step for a plain run; the ladder for find-max.
-    pub steps: Vec<LoadStep>,
-    /// find-max: the highest rate the loader judged sustained.
-    pub max_sustained_rate: Option<f64>,
-}
-
-fn num(v: &Value, path: &[&str], missing: &mut Vec<String>) -> Option<f64> {
-    let mut cur = v;
-    for key in path {
-        match cur.get(key) {
-            Some(next) => cur = next,
-            None => {
-                missing.push(path.join("."));
-                return None;
-            }
-        }
-    }
-    match cur {
-        Value::Number(n) => n.as_f64(),
-        Value::Null => None,
-        _ => {
-            missing.push(format!("{} (not a number)", path.join(".")));
-            None
-        }
-    }
-}
-
-/// Reads one run object of the loader's JSON contract.
-pub fn parse_step(v: &Value) -> LoadStep {
-    let mut missing = Vec::new();
-    let mut n = |path: &[&str]| num(v, path, &mut missing);
-    let step = LoadStep {
-        rate_offered: n(&["rate_offered"]).unwrap_or(0.0),
-        sent: n(&["sent"]).unwrap_or(0.0),
-        acked: n(&["acked"]).unwrap_or(0.0),
-        ack_errors: n(&["acks", "error"]).unwrap_or(0.0),
-        expected: n(&["expected"]).unwrap_or(0.0),
-        delivered: n(&["delivered"]).unwrap_or(0.0),
-        lost: n(&["lost"]).unwrap_or(0.0),
-        duplicated: n(&["duplicated"]).unwrap_or(0.0),
-        out_of_order: n(&["out_of_order"]).unwrap_or(0.0),
-        delivered_per_sec: n(&["delivered_per_sec"]).unwrap_or(0.0),
-        send_rate: n(&["send_rate"]).unwrap_or(0.0),
-        p50_ms: n(&["latency_ms", "p50"]),
-        p90_ms: n(&["latency_ms", "p90"]),
-        p99_ms: n(&["latency_ms", "p99"]),
-        p999_ms: n(&["latency_ms", "p999"]),
-        max_ms: n(&["latency_ms", "max"]),
-        elapsed_s: n(&["elapsed_s"]).unwrap_or(0.0),
-        loader_cpu_s: n(&["loader_cpu_s"]),
-        pass: None,
-        offered: v.get("offered").and_then(Value::as_f64),
-        misrouted: v.get("misrouted").and_then(Value::as_f64),
-        disconnects: v.get("disconnects").and_then(Value::as_f64),
-        loader_delivery_ratio: v.get("delivery_ratio").and_then(Value::as_f64),
-        fail_reasons: v
-            .get("fail_reasons")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .map(|r| r.as_str().map_or_else(|| r.to_string(), str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default(),
-        missing: Vec::new(),
-    };
-    let pass = match v.get("pass") {
-        Some(Value::Bool(b)) => Some(*b),
-        _ => {
-            missing.push("pass".into());
-            None
-        }
-    };
-    LoadStep {
-        pass,
-        missing,
-        ..step
-    }
-}
-
-/// Reads the loader's output: a plain run, or `{"mode":"find-max","steps":[..],"max_sustained_rate"}`.
-pub fn parse_loader(v: &Value) -> Result<LoadResult, String> {
-    if !v.is_object() {
-        return Err("loader output is not a JSON object".into());
-    }
-    if let Some(steps) = v.get("steps") {
-        let steps = steps
-            .as_array()
-            .ok_or_else(|| "\"steps\" is not an array".to_owned())?;
-        return Ok(LoadResult {
-            find_max: true,
-            steps: steps.iter().map(parse_step).collect(),
-            max_sustained_rate: v.get("max_sustained_rate").and_then(Value::as_f64),
-        });
-    }
-    Ok(LoadResult {
-        find_max: false,
-        steps: vec![parse_step(v)],
-        max_sustained_rate: None,
-    })
-}
-
-impl LoadResult {
-    /// The step the table reports: the only one of a plain run; for find-max the
-    /// passing step at the max sustained rate (else the last passing, else the last).
-    pub fn headline(&self) -> Option<&LoadStep> {
-        if !self.find_max {
-            return self.steps.first();
-        }
-        let passing = |s: &&LoadStep| s.pass.unwrap_or(false);
-        self.max_sustained_rate
-            .and_then(|r| {
-                self.steps
-                    .iter()
-                    .filter(passing)
-                    .rfind(|s| (s.rate_offered - r).abs() < 0.5)
-            })
-            .or_else(|| self.steps.iter().rfind(passing))
-            .or_else(|| self.steps.last())
-    }
-}
-
-/// The pass rule of the Socket.IO peer benchmark, applied to one step:
-/// delivered/expected and sent/offered (the peer divides deliveries by
-/// scheduled sends) >= `min_delivery`, p99 < `max_p99_ms`, nothing misrouted
-/// or duplicated, no disconnects. The last three are checked when the loader
-/// reports them. Returns the failed conditions (empty: pass).
-pub fn peer_rule_failures(step: &LoadStep, min_delivery: f64, max_p99_ms: f64) -> Vec<String> {
-    let mut failures = Vec::new();
-    let ratio = delivery_ratio(step);
-    if ratio < min_delivery {
-        failures.push(format!(
-            "delivery {:.2}% < {:.2}%",
-            ratio * 100.0,
-            min_delivery * 100.0
-        ));
-    }
-    if let Some(offered) = step.offered.filter(|o| *o > 0.0) {
-        let sent_ratio = step.sent / offered;
-        if sent_ratio < min_delivery {
-            failures.push(format!(
-                "sent {:.2}% of offered < {:.2}%",
-                sent_ratio * 100.0,
-                min_delivery * 100.0
-            ));
-        }
-    }
-    match step.p99_ms {
-        Some(p99) if p99 < max_p99_ms => {}
-        Some(p99) => failures.push(format!("p99 {p99:.1} ms >= {max_p99_ms} ms")),
-        None => failures.push("no p99".into()),
-    }
-    if step.duplicated > 0.0 {
-        failures.push(format!("{} duplicated", step.duplicated));
-    }
-    if let Some(m) = step.misrouted.filter(|m| *m > 0.0) {
-        failures.push(format!("{m} misrouted"));
-    }
-    if let Some(d) = step.disconnects.filter(|d| *d > 0.0) {
-        failures.push(format!("{d} disconnects"));
-    }
-    failures
-}
-
-/// The loader's delivery ratio when it reports one (it discounts users that
-/// churn took offline), else delivered / expected (expected falls back to
-/// sent; 0 if nothing was sent).
-pub fn delivery_ratio(step: &LoadStep) -> f64 {
-    if let Some(r) = step.loader_delivery_ratio {
-        return r;
-    }
-    let expected = if step.expected > 0.0 {
-        step.expected
-    } else {
-        step.sent
-    };
-    if expected > 0.0 {
-        step.delivered / expected
-    } else {
-        0.0
-    }
-}
 
 /// What one instance did during the window.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -309,13 +65,14 @@ pub struct Derived {
     pub out_of_order: f64,
     /// Headline step: acks reporting an error.
     pub ack_errors: f64,
-    /// Headline step passes the peer's rule.
+    /// Headline step passes the pass rule with the benchmark's thresholds.
     pub pass: bool,
     /// Why it does not, if it does not.
     pub pass_failures: Vec<String>,
     /// The loader's own verdict on the headline step.
     pub loader_pass: Option<bool>,
-    /// find-max steps where the loader's verdict differs from the peer rule, by offered rate.
+    /// find-max steps where the loader's verdict differs from the benchmark's
+    /// (only possible when their thresholds differ), by offered rate.
     pub verdict_disagreements: Vec<f64>,
 
     /// Length of the measured window, s.
@@ -423,9 +180,8 @@ fn add_into(total: &mut BTreeMap<String, f64>, part: &BTreeMap<String, f64>) {
 pub fn derive(
     before: &Snapshot,
     after: &Snapshot,
-    load: &LoadResult,
-    min_delivery: f64,
-    max_p99_ms: f64,
+    load: &LoaderOutput,
+    rule: &PassRule,
 ) -> Derived {
     let mut d = Derived::default();
     let mut warnings = Vec::new();
@@ -434,48 +190,37 @@ pub fn derive(
     if let Some(h) = load.headline() {
         d.offered_rate = h.rate_offered;
         d.delivered_per_sec = h.delivered_per_sec;
-        d.p50_ms = h.p50_ms;
-        d.p99_ms = h.p99_ms;
-        d.p999_ms = h.p999_ms;
-        d.max_ms = h.max_ms;
-        d.delivery_ratio = delivery_ratio(h);
-        d.lost = h.lost;
-        d.duplicated = h.duplicated;
-        d.out_of_order = h.out_of_order;
-        d.ack_errors = h.ack_errors;
-        d.pass_failures = peer_rule_failures(h, min_delivery, max_p99_ms);
+        d.p50_ms = h.latency_ms.p50;
+        d.p99_ms = h.latency_ms.p99;
+        d.p999_ms = h.latency_ms.p999;
+        d.max_ms = h.latency_ms.max;
+        d.delivery_ratio = h.delivery_ratio.unwrap_or(0.0);
+        d.lost = h.lost as f64;
+        d.duplicated = h.duplicated as f64;
+        d.out_of_order = h.out_of_order as f64;
+        d.ack_errors = h.acks.error as f64;
+        d.pass_failures = rule.failures(h);
         d.pass = d.pass_failures.is_empty();
-        d.loader_pass = h.pass;
-        if !h.missing.is_empty() {
-            warnings.push(format!("loader JSON lacks: {}", h.missing.join(", ")));
-        }
+        d.loader_pass = Some(h.pass);
     } else {
         warnings.push("loader reported no run".into());
         d.pass_failures.push("no loader result".into());
     }
-    d.max_sustained_rate = load.max_sustained_rate;
-    if load.find_max {
-        if let Some(r) = load.max_sustained_rate {
+    d.max_sustained_rate = load.max_sustained_rate();
+    if load.is_find_max() {
+        if let Some(r) = load.max_sustained_rate() {
             d.offered_rate = r;
         }
         d.verdict_disagreements = load
-            .steps
+            .steps()
             .iter()
-            .filter(|s| {
-                s.pass.is_some_and(|p| {
-                    p != peer_rule_failures(s, min_delivery, max_p99_ms).is_empty()
-                })
-            })
+            .filter(|s| s.pass != rule.passes(s))
             .map(|s| s.rate_offered)
             .collect();
     }
-    d.window_sent = load.steps.iter().map(|s| s.sent).sum();
-    d.window_delivered = load.steps.iter().map(|s| s.delivered).sum();
-    d.loader_cpu_s = load
-        .steps
-        .iter()
-        .map(|s| s.loader_cpu_s)
-        .sum::<Option<f64>>();
+    d.window_sent = load.steps().iter().map(|s| s.sent as f64).sum();
+    d.window_delivered = load.steps().iter().map(|s| s.delivered as f64).sum();
+    d.loader_cpu_s = Some(load.steps().iter().map(|s| s.loader_cpu_s).sum());
     let msgs = d.window_delivered;
 
     // Time and CPU.
@@ -571,9 +316,7 @@ pub fn derive(
         if let Some(e) = a.scrape_error.as_ref().or(b.scrape_error.as_ref()) {
             warnings.push(format!("{}: /metrics scrape failed: {e}", b.id));
         }
-        let by = |s: &openmetrics::Scrape, name: &str, label: &str| {
-            openmetrics::by_label(s, name, label)
-        };
+        let by = |s: &Scrape, name: &str, label: &str| s.by_label(name, label);
         let received = diff_map(
             &by(&a.metrics, "switchboard_bus_received_total", "kind"),
             &by(&b.metrics, "switchboard_bus_received_total", "kind"),
@@ -594,9 +337,9 @@ pub fn derive(
             id: b.id.clone(),
             cpu_s: *cpu_s,
             bus_received: received.values().sum(),
-            frames_queued: openmetrics::sum(&b.metrics, "switchboard_delivered_total", None)
-                - openmetrics::sum(&a.metrics, "switchboard_delivered_total", None),
-            connections_after: openmetrics::sum(&b.metrics, "switchboard_connections", None),
+            frames_queued: b.metrics.sum("switchboard_delivered_total", None)
+                - a.metrics.sum("switchboard_delivered_total", None),
+            connections_after: b.metrics.sum("switchboard_connections", None),
             bus_received_by_kind: received,
             bus_published_by_kind: published,
             dm_by_path: dm,
@@ -636,25 +379,49 @@ mod tests {
     use crate::probe::MachineCpu;
     use crate::redis_info::{CommandStat, RedisSnapshot};
     use crate::snapshot::InstanceReading;
+    use switchboard_bench_schema::{FindMaxRun, FindMaxTag, Quantiles, SingleRun, StepResult};
 
-    fn step_json(rate: f64, delivered: f64, p99: f64, pass: bool) -> Value {
-        serde_json::json!({
-            "workload": "dm", "users": 200, "rate_offered": rate, "duration_s": 10,
-            "body_bytes": 64, "sent": 1000, "acked": 1000,
-            "acks": {"routed": 500, "offline": 0, "ok": 500, "error": 0},
-            "expected": 1000, "delivered": delivered, "lost": 1000.0 - delivered,
-            "duplicated": 0, "out_of_order": 0, "send_rate": rate,
-            "delivered_per_sec": delivered / 10.0,
-            "latency_ms": {"p50": 1.0, "p90": 2.0, "p99": p99, "p999": 9.0, "max": 12.0, "mean": 1.5},
-            "ack_latency_ms": {}, "elapsed_s": 10.0, "loader_cpu_s": 0.5, "pass": pass
-        })
+    /// A loader step of 1000 DMs at `rate`/s: `delivered` of them arrived,
+    /// p99 `p99` ms, the loader's own verdict `pass`.
+    fn loader_step(rate: f64, delivered: u64, p99: f64, pass: bool) -> StepResult {
+        let fixture: LoaderOutput = serde_json::from_str(include_str!(
+            "../../switchboard-bench-schema/tests/fixtures/single-run.json"
+        ))
+        .expect("the schema crate's fixture reads");
+        let mut step = fixture.headline().expect("one step").clone();
+        step.rate_offered = rate;
+        (step.offered, step.sent, step.expected) = (1000, 1000, 1000);
+        step.delivered = delivered;
+        step.lost = 1000 - delivered;
+        step.delivery_ratio = Some(delivered as f64 / 1000.0);
+        step.delivered_per_sec = delivered as f64 / 10.0;
+        step.latency_ms.p99 = Some(p99);
+        step.loader_cpu_s = 0.5;
+        step.pass = pass;
+        step
+    }
+
+    fn single(step: StepResult) -> LoaderOutput {
+        LoaderOutput::Single(Box::new(SingleRun {
+            step,
+            run_elapsed_s: 12.0,
+            loader_cpu_total_s: 1.0,
+            initial_connect_ms: Quantiles::default(),
+            connect_failures: 0,
+            no_ack: false,
+        }))
     }
 
     fn reading(id: &str, cpu: f64, metrics: &[(&str, f64)]) -> InstanceReading {
         InstanceReading {
             id: id.into(),
             cpu_s: Some(cpu),
-            metrics: metrics.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            metrics: Scrape::parse(
+                &metrics
+                    .iter()
+                    .map(|(series, value)| format!("{series} {value}\n"))
+                    .collect::<String>(),
+            ),
             scrape_error: None,
         }
     }
@@ -699,10 +466,10 @@ mod tests {
 
     #[test]
     fn per_message_figures() {
-        let load = parse_loader(&step_json(100.0, 1000.0, 5.0, true)).expect("parses");
+        let load = single(loader_step(100.0, 1000, 5.0, true));
         let before = snapshot(1.0, [1.0, 2.0], [0.0, 0.0], 0.5, 0);
         let after = snapshot(11.0, [1.5, 2.5], [200.0, 600.0], 0.6, 1000);
-        let d = derive(&before, &after, &load, 0.99, 100.0);
+        let d = derive(&before, &after, &load, &PassRule::PEER);
         assert!((d.window_s - 10.0).abs() < 1e-9);
         // 1 s of instance CPU over 1000 messages = 1000 µs/msg.
         assert!((d.instance_cpu_us_per_msg.expect("some") - 1000.0).abs() < 1e-6);
@@ -711,6 +478,7 @@ mod tests {
         assert!((d.redis_out_bytes_per_msg.expect("some") - 100.0).abs() < 1e-9);
         assert!((d.bus_rx_per_instance_per_msg_mean.expect("some") - 0.4).abs() < 1e-9);
         assert!((d.bus_rx_per_instance_per_msg_max.expect("some") - 0.6).abs() < 1e-9);
+        assert!((d.loader_cpu_us_per_msg.expect("some") - 500.0).abs() < 1e-6);
         assert!(d.pass, "{:?}", d.pass_failures);
         assert!(d.loader_pass == Some(true));
         // Absent metric (`user` kind, n1's delivered counter) reads as zero.
@@ -718,38 +486,59 @@ mod tests {
     }
 
     #[test]
-    fn peer_rule() {
-        let ok = parse_step(&step_json(100.0, 995.0, 99.0, true));
-        assert!(peer_rule_failures(&ok, 0.99, 100.0).is_empty());
-        let slow = parse_step(&step_json(100.0, 1000.0, 100.0, true));
-        assert_eq!(peer_rule_failures(&slow, 0.99, 100.0).len(), 1);
-        let lossy = parse_step(&step_json(100.0, 980.0, 5.0, true));
-        assert_eq!(peer_rule_failures(&lossy, 0.99, 100.0).len(), 1);
-        let mut extra = step_json(100.0, 1000.0, 5.0, true);
-        extra["misrouted"] = 2.into();
-        extra["disconnects"] = 1.into();
-        extra["offered"] = 2000.into();
-        let extra = parse_step(&extra);
-        assert_eq!(peer_rule_failures(&extra, 0.99, 100.0).len(), 3);
+    fn verdict_is_the_shared_rule_with_the_benchmarks_thresholds() {
+        let before = snapshot(1.0, [1.0, 2.0], [0.0, 0.0], 0.5, 0);
+        let after = snapshot(11.0, [1.5, 2.5], [200.0, 600.0], 0.6, 1000);
+        // p99 exactly at the maximum passes, on both sides.
+        let d = derive(
+            &before,
+            &after,
+            &single(loader_step(100.0, 995, 100.0, true)),
+            &PassRule::PEER,
+        );
+        assert!(d.pass, "{:?}", d.pass_failures);
+        let lossy = derive(
+            &before,
+            &after,
+            &single(loader_step(100.0, 980, 5.0, false)),
+            &PassRule::PEER,
+        );
+        assert_eq!(lossy.pass_failures.len(), 1, "{:?}", lossy.pass_failures);
+        assert!((lossy.delivery_ratio - 0.98).abs() < 1e-9);
     }
 
     #[test]
-    fn find_max_headline_and_missing_fields() {
-        let v = serde_json::json!({
-            "mode": "find-max",
-            "steps": [
-                step_json(1000.0, 1000.0, 5.0, true),
-                step_json(2000.0, 1000.0, 50.0, true),
-                step_json(4000.0, 500.0, 500.0, false)
+    fn find_max_reports_the_headline_and_counts_every_step() {
+        let load = LoaderOutput::FindMax(FindMaxRun {
+            mode: FindMaxTag::FindMax,
+            rule: PassRule::PEER.describe(),
+            steps: vec![
+                loader_step(1000.0, 1000, 5.0, true),
+                loader_step(2000.0, 1000, 50.0, true),
+                loader_step(4000.0, 500, 500.0, false),
             ],
-            "max_sustained_rate": 2000
+            max_sustained_rate: Some(2000.0),
+            elapsed_s: 40.0,
+            loader_cpu_s: 2.0,
+            initial_connect_ms: Quantiles::default(),
+            connect_failures: 0,
+            no_ack: false,
         });
-        let load = parse_loader(&v).expect("parses");
-        assert!(load.find_max);
-        assert_eq!(load.headline().expect("some").rate_offered, 2000.0);
-        let partial = parse_step(&serde_json::json!({"delivered": 3}));
-        assert_eq!(partial.delivered, 3.0);
-        assert!(partial.missing.iter().any(|m| m == "latency_ms.p50"));
-        assert!(parse_loader(&serde_json::json!([1])).is_err());
+        let before = snapshot(1.0, [1.0, 2.0], [0.0, 0.0], 0.5, 0);
+        let after = snapshot(41.0, [2.0, 3.0], [0.0, 0.0], 0.6, 0);
+        let d = derive(&before, &after, &load, &PassRule::PEER);
+        assert_eq!(d.offered_rate, 2000.0);
+        assert_eq!(d.p99_ms, Some(50.0));
+        assert!(d.pass);
+        assert_eq!(d.window_delivered, 2500.0);
+        assert!(d.verdict_disagreements.is_empty());
+        // A stricter benchmark disagrees with the loader's verdict at 2000/s.
+        let strict = PassRule {
+            max_p99_ms: 10.0,
+            ..PassRule::PEER
+        };
+        let d = derive(&before, &after, &load, &strict);
+        assert!(!d.pass);
+        assert_eq!(d.verdict_disagreements, vec![2000.0]);
     }
 }

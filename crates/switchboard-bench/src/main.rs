@@ -2,7 +2,9 @@
 //! instance count it starts a fresh redis-server and N `switchboard`
 //! instances on loopback ports, drives them with `switchboard-load`, reads
 //! CPU (`/proc`), each instance's `/metrics` and Redis' INFO before and after
-//! the measured window, and writes `<out-dir>/<name>.{json,md,svg}`.
+//! the measured window, and writes `<out-dir>/<name>.{json,md,svg}` (by
+//! default `target/bench-results/<name>/`, untracked; with `--publish` also
+//! into `bench/results/`), keeping every process's log under `<out-dir>/logs/`.
 //!
 //! The figures mirror the Socket.IO peer benchmark in
 //! `../shared/peers/socketio` (delivered/s, p50/p99, CPU per process per
@@ -14,7 +16,8 @@
 //! - `cli`: flags and the loader's command line;
 //! - `procs`: starting and stopping processes by pid, port reservation;
 //! - `cluster`: redis-server + N instances, readiness;
-//! - `probe`, `openmetrics`, `redis_info`: reading `/proc`, `/metrics`, INFO;
+//! - `probe`, `http`, `openmetrics`, `redis_info`: reading `/proc`, fetching
+//!   and parsing `/metrics`, Redis INFO;
 //! - `snapshot`: one reading of everything; `run`: one measured run;
 //! - `derive`: the per-message figures and the pass rule;
 //! - `report`, `plot`: the result files.
@@ -23,6 +26,7 @@ mod cli;
 mod cluster;
 mod derive;
 mod error;
+mod http;
 mod openmetrics;
 mod plot;
 mod probe;
@@ -132,8 +136,9 @@ async fn run_matrix(cli: &Cli) -> Result<ExitCode, BenchError> {
     for (what, path) in [("server", &server_bin), ("loader", &loader_bin)] {
         if !path.is_file() {
             return Err(BenchError::Report(format!(
-                "{what} binary {} not found: build with `cargo build --release --bins` \
-                 (scripts/bench.sh does) or pass --{what}-bin",
+                "{what} binary {} not found: build with `cargo build --release -p switchboard \
+                 -p switchboard-load -p switchboard-bench` (scripts/bench.sh does) or pass \
+                 --{what}-bin",
                 path.display()
             )));
         }
@@ -149,17 +154,22 @@ async fn run_matrix(cli: &Cli) -> Result<ExitCode, BenchError> {
     let name = cli
         .name
         .clone()
-        .unwrap_or_else(|| format!("{}-{stamp}", cli.workload.as_flag()));
-    let work_dir = cli.work_dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("switchboard-bench-{name}-{}", std::process::id()))
-    });
-    std::fs::create_dir_all(&work_dir)
-        .map_err(|e| BenchError::io("create work dir", &work_dir, e))?;
-    std::fs::create_dir_all(&cli.out_dir)
-        .map_err(|e| BenchError::io("create out dir", &cli.out_dir, e))?;
+        .unwrap_or_else(|| format!("{}-{stamp}", cli.workload.as_str()));
+    let out_dir = cli.out_dir(&name);
+    // Absolute, so the JSON says where the logs are whatever the reader's directory.
+    let out_dir = std::path::absolute(&out_dir).unwrap_or(out_dir);
+    let logs_dir = out_dir.join("logs");
+    if logs_dir.is_dir() {
+        eprintln!(
+            "[bench] note: {} exists (an earlier run of `{name}`?): its files are replaced run by run",
+            logs_dir.display()
+        );
+    }
+    std::fs::create_dir_all(&logs_dir)
+        .map_err(|e| BenchError::io("create logs dir", &logs_dir, e))?;
     let args: Vec<String> = std::env::args().collect();
     let command = report::shell_command_line(&args);
-    eprintln!("[bench] {name}: logs in {}", work_dir.display());
+    eprintln!("[bench] {name}: results and logs in {}", out_dir.display());
 
     let cancel = CancellationToken::new();
     watch_signals(cancel.clone());
@@ -167,7 +177,7 @@ async fn run_matrix(cli: &Cli) -> Result<ExitCode, BenchError> {
         cli,
         server_bin,
         loader_bin,
-        work_dir: work_dir.clone(),
+        logs_dir: logs_dir.clone(),
     };
     let mut runs: Vec<RunRecord> = Vec::new();
     'matrix: for &mode in &cli.modes {
@@ -197,28 +207,23 @@ async fn run_matrix(cli: &Cli) -> Result<ExitCode, BenchError> {
         config: serde_json::to_value(cli)
             .map_err(|e| BenchError::Report(format!("serialize config: {e}")))?,
         window: WINDOW_NOTE.to_owned(),
-        pass_rule: format!(
-            "as the Socket.IO peer: delivered/expected and sent/offered >= {:.0}%, p99 < {} ms, \
-             nothing misrouted or duplicated, no disconnects",
-            cli.min_delivery * 100.0,
-            cli.max_p99_ms
-        ),
+        pass_rule: cli.pass_rule().describe(),
         interrupted,
         runs,
     };
-    let paths = report::write_all(&results, &cli.out_dir)?;
+    let mut paths = report::write_all(&results, &out_dir)?;
+    if cli.publish {
+        paths.extend(report::write_all(&results, Path::new(cli::PUBLISH_DIR))?);
+    }
     println!("{}", report::markdown(&results));
     for p in &paths {
         eprintln!("[bench] wrote {}", p.display());
     }
+    eprintln!(
+        "[bench] logs of every process it started (redis-server, instances, loader and its JSON): {}",
+        logs_dir.display()
+    );
     let all_ok = results.runs.iter().all(|r| r.status == "ok");
-    if all_ok && !cli.keep_logs && cli.work_dir.is_none() {
-        if let Err(e) = std::fs::remove_dir_all(&work_dir) {
-            eprintln!("[bench] cannot remove {}: {e}", work_dir.display());
-        }
-    } else {
-        eprintln!("[bench] logs kept in {}", work_dir.display());
-    }
     Ok(if interrupted {
         ExitCode::from(130)
     } else if all_ok {

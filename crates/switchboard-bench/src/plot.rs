@@ -1,8 +1,10 @@
-//! The chart `<name>.svg` (plotters, SVG backend): two panels side by side,
-//! x = number of instances, one line per routing mode. Left: total CPU µs per
-//! delivered message (instances + Redis). Right: delivered messages/s, or the
-//! max sustained rate with `--find-max`. Runs without derived figures are
-//! left out of the lines.
+//! The chart `<name>.svg` (plotters, SVG backend): four panels, x = number
+//! of instances, one line per routing mode. They answer "what does routing
+//! save": total CPU µs per delivered message (instances + Redis), bus
+//! messages received per instance per delivered message, Redis output bytes
+//! per delivered message; the fourth shows what was carried (delivered
+//! messages/s, or the max sustained rate with `--find-max`). Runs without
+//! derived figures are left out of the lines.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,7 +12,7 @@ use std::path::Path;
 use plotters::prelude::*;
 
 use crate::error::BenchError;
-use crate::report::{is_find_max, ResultsFile};
+use crate::report::{config_str, first_rate, is_find_max, ResultsFile};
 
 const PALETTE: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
@@ -53,7 +55,7 @@ fn series(
         .collect()
 }
 
-/// Writes the two-panel chart.
+/// Writes the four-panel chart.
 pub fn write_svg(results: &ResultsFile, path: &Path) -> Result<(), BenchError> {
     let find_max = is_find_max(results);
     let cpu = series(results, |d| d.total_cpu_us_per_msg);
@@ -66,12 +68,10 @@ pub fn write_svg(results: &ResultsFile, path: &Path) -> Result<(), BenchError> {
     });
     let max_n = results.runs.iter().map(|r| r.nodes).max().unwrap_or(1);
     let max_n = u32::try_from(max_n).unwrap_or(64);
-    let config = |key: &str| match results.config.get(key) {
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(v) => v.to_string(),
-        None => "?".to_owned(),
-    };
-    let root = SVGBackend::new(path, (1200, 520)).into_drawing_area();
+    let config = |key: &str| config_str(results, key);
+    let bus = series(results, |d| d.bus_rx_per_instance_per_msg_mean);
+    let redis_out = series(results, |d| d.redis_out_bytes_per_msg);
+    let root = SVGBackend::new(path, (1200, 960)).into_drawing_area();
     let draw = || -> Result<(), Box<dyn std::error::Error>> {
         root.fill(&WHITE)?;
         let (title_area, body) = root.split_vertically(40);
@@ -82,22 +82,39 @@ pub fn write_svg(results: &ResultsFile, path: &Path) -> Result<(), BenchError> {
                 config("workload"),
                 config("users"),
                 if find_max { "ladder from" } else { "offered" },
-                config("rate"),
+                first_rate(results),
                 config("duration"),
                 if find_max { " per step" } else { "" },
             ),
             ("sans-serif", 20),
         )?;
-        let (left, right) = body.split_horizontally(600);
+        let panels = body.split_evenly((2, 2));
+        let [cpu_area, bus_area, redis_area, rate_area] = panels.as_slice() else {
+            return Err("a 2 x 2 split did not give four panels".into());
+        };
         panel(
-            &left,
+            cpu_area,
             "CPU per delivered message (instances + Redis)",
             "µs per message",
             &cpu,
             max_n,
         )?;
         panel(
-            &right,
+            bus_area,
+            "Bus messages received per instance per delivered message",
+            "messages (mean over instances)",
+            &bus,
+            max_n,
+        )?;
+        panel(
+            redis_area,
+            "Redis output per delivered message",
+            "bytes per message",
+            &redis_out,
+            max_n,
+        )?;
+        panel(
+            rate_area,
             if find_max {
                 "Max sustained rate"
             } else {
@@ -111,6 +128,48 @@ pub fn write_svg(results: &ResultsFile, path: &Path) -> Result<(), BenchError> {
         Ok(())
     };
     draw().map_err(|e| BenchError::Report(format!("plot {}: {e}", path.display())))
+}
+
+/// The corner of a panel the lines cross least, for the legend: each line is
+/// sampled along its segments and the samples in each corner region counted.
+fn legend_corner(lines: &[Series], max_n: u32, y_top: f64) -> SeriesLabelPosition {
+    let x_span = f64::from(max_n + 1);
+    let mut samples = Vec::new();
+    for (_, points) in lines {
+        for pair in points.windows(2) {
+            let ((n0, v0), (n1, v1)) = (pair[0], pair[1]);
+            for k in 0..=10 {
+                let t = f64::from(k) / 10.0;
+                let x = f64::from(n0) + t * (f64::from(n1) - f64::from(n0));
+                samples.push((x / x_span, (v0 + t * (v1 - v0)) / y_top));
+            }
+        }
+        samples.extend(
+            points
+                .iter()
+                .map(|&(n, v)| (f64::from(n) / x_span, v / y_top)),
+        );
+    }
+    let corners = [
+        (SeriesLabelPosition::UpperLeft, false, true),
+        (SeriesLabelPosition::UpperRight, true, true),
+        (SeriesLabelPosition::LowerRight, true, false),
+        (SeriesLabelPosition::LowerLeft, false, false),
+    ];
+    let crossings = |right: bool, upper: bool| {
+        samples
+            .iter()
+            .filter(|&&(x, y)| {
+                let in_x = if right { x > 0.55 } else { x < 0.45 };
+                let in_y = if upper { y > 0.6 } else { y < 0.4 };
+                in_x && in_y
+            })
+            .count()
+    };
+    corners
+        .into_iter()
+        .min_by_key(|&(_, right, upper)| crossings(right, upper))
+        .map_or(SeriesLabelPosition::UpperLeft, |(corner, _, _)| corner)
 }
 
 fn panel(
@@ -141,6 +200,8 @@ fn panel(
                 format!("{:.0}k", v / 1000.0)
             } else if y_top >= 100.0 {
                 format!("{v:.0}")
+            } else if y_top < 2.0 {
+                format!("{v:.2}")
             } else {
                 format!("{v:.1}")
             }
@@ -180,10 +241,108 @@ fn panel(
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(legend_corner(lines, max_n, y_top))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 14))
         .draw()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::derive::Derived;
+    use crate::report::Machine;
+    use crate::run::RunRecord;
+
+    fn run(mode: &str, nodes: usize, cpu: f64, bus: f64, redis_out: f64) -> RunRecord {
+        RunRecord {
+            mode: mode.to_owned(),
+            nodes,
+            status: "ok".to_owned(),
+            error: None,
+            wall_s: 1.0,
+            redis_port: None,
+            instance_ports: Vec::new(),
+            instance_command: Vec::new(),
+            loader_command: Vec::new(),
+            loader_exit: None,
+            window_start: None,
+            connections_at_start: None,
+            window_end: None,
+            before: None,
+            after: None,
+            loader: None,
+            derived: Some(Derived {
+                total_cpu_us_per_msg: Some(cpu),
+                bus_rx_per_instance_per_msg_mean: Some(bus),
+                redis_out_bytes_per_msg: Some(redis_out),
+                delivered_per_sec: 1000.0,
+                ..Derived::default()
+            }),
+            timeline: Vec::new(),
+            processes: Vec::new(),
+            logs_dir: PathBuf::new(),
+        }
+    }
+
+    #[test]
+    fn chart_shows_what_routing_saves_per_mode_against_n() {
+        let results = ResultsFile {
+            schema: crate::report::SCHEMA.to_owned(),
+            name: "chart-test".to_owned(),
+            command: String::new(),
+            started_utc: String::new(),
+            finished_utc: String::new(),
+            machine: Machine::default(),
+            config: serde_json::json!({
+                "workload": "dm", "users": 200, "rate": 1000, "duration": 3.0, "find_max": false
+            }),
+            window: String::new(),
+            pass_rule: String::new(),
+            interrupted: false,
+            runs: vec![
+                run("routed", 1, 50.0, 0.0, 4.0),
+                run("routed", 2, 60.0, 0.25, 105.0),
+                run("broadcast", 1, 49.0, 1.0, 190.0),
+                run("broadcast", 2, 61.0, 1.0, 375.0),
+            ],
+        };
+        let path = std::env::temp_dir().join(format!(
+            "switchboard-bench-chart-test-{}.svg",
+            std::process::id()
+        ));
+        write_svg(&results, &path).expect("chart written");
+        let svg = std::fs::read_to_string(&path).expect("chart readable");
+        let _ = std::fs::remove_file(&path);
+        for caption in [
+            "CPU per delivered message",
+            "Bus messages received per instance per delivered message",
+            "Redis output per delivered message",
+            "Delivered messages per second",
+            "routed",
+            "broadcast",
+        ] {
+            assert!(svg.contains(caption), "no {caption:?} in the chart");
+        }
+    }
+
+    #[test]
+    fn legend_goes_where_the_lines_are_not() {
+        // High on the left, low on the right: the upper right is empty.
+        let falling = vec![("a".to_owned(), vec![(1, 10.0), (8, 1.0)])];
+        assert!(matches!(
+            legend_corner(&falling, 8, 11.0),
+            SeriesLabelPosition::UpperRight
+        ));
+        // Rising: the upper left is empty.
+        let rising = vec![("a".to_owned(), vec![(1, 1.0), (8, 10.0)])];
+        assert!(matches!(
+            legend_corner(&rising, 8, 11.0),
+            SeriesLabelPosition::UpperLeft
+        ));
+    }
 }

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use tokio::process::{Child, Command};
 
@@ -222,17 +223,18 @@ async fn stop_group(group: &mut [Managed], grace: Duration) -> Vec<Stopped> {
     out
 }
 
-/// SIGTERM by pid, through `kill(1)`: the crate has no libc dependency of its own.
+/// SIGTERM by pid. Only called for a child that is not reaped yet, so the
+/// pid is still ours.
 fn send_sigterm(pid: u32) {
-    let result = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if let Err(e) = result {
-        eprintln!("[bench] cannot run kill -TERM {pid}: {e}");
+    let Ok(raw) = i32::try_from(pid) else {
+        eprintln!("[bench] pid {pid} does not fit a pid_t; not signalled");
+        return;
+    };
+    if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), Signal::SIGTERM) {
+        // ESRCH: it exited between the last check and now; reaped below.
+        if e != nix::errno::Errno::ESRCH {
+            eprintln!("[bench] cannot send SIGTERM to pid {pid}: {e}");
+        }
     }
 }
 
@@ -265,4 +267,36 @@ pub fn reserve_ports(count: usize) -> Result<Vec<u16>, BenchError> {
                 .map_err(|e| BenchError::io("read a reserved port", "127.0.0.1:0", e))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stops_what_it_started_with_sigterm() {
+        let dir = std::env::temp_dir().join(format!(
+            "switchboard-bench-procs-test-{}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut supervisor = Supervisor::new(Duration::from_secs(5));
+        let pid = supervisor
+            .spawn(
+                "sleeper",
+                Path::new("sleep"),
+                &["30".to_owned()],
+                &dir.join("sleeper.log"),
+                false,
+            )
+            .expect("sleep starts");
+        assert!(supervisor.try_exited(pid).is_none());
+        let stopped = supervisor.stop_all().await;
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(stopped.len(), 1);
+        let sleeper = &stopped[0];
+        assert_eq!(sleeper.pid, pid);
+        assert!(!sleeper.killed && !sleeper.exited_by_itself, "{sleeper:?}");
+        assert!(sleeper.status.contains("SIGTERM"), "{sleeper:?}");
+    }
 }

@@ -63,13 +63,6 @@ pub struct ResultsFile {
 
 /// Reads the machine facts (best effort: unknown values stay empty).
 pub fn machine(redis_bin: &Path) -> Machine {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu_model = cpuinfo
-        .lines()
-        .find(|l| l.starts_with("model name"))
-        .and_then(|l| l.split_once(':'))
-        .map(|(_, v)| v.trim().to_owned())
-        .unwrap_or_default();
     let command_output = |program: &Path, args: &[&str]| -> Option<String> {
         std::process::Command::new(program)
             .args(args)
@@ -81,7 +74,7 @@ pub fn machine(redis_bin: &Path) -> Machine {
     };
     Machine {
         nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
-        cpu_model,
+        cpu_model: crate::probe::cpu_model(),
         kernel: std::fs::read_to_string("/proc/version")
             .unwrap_or_default()
             .trim()
@@ -180,11 +173,23 @@ fn f(x: Option<f64>, decimals: usize) -> String {
     }
 }
 
-fn config_str(results: &ResultsFile, key: &str) -> String {
+/// A setting of the run as text (`-` when absent or null).
+pub fn config_str(results: &ResultsFile, key: &str) -> String {
     match results.config.get(key) {
         Some(serde_json::Value::String(s)) => s.clone(),
         Some(serde_json::Value::Null) | None => "-".to_owned(),
         Some(v) => v.to_string(),
+    }
+}
+
+/// The offered rate, or with `--find-max` the first rate of the ladder
+/// (`--start-rate` when given, else `--rate`).
+pub fn first_rate(results: &ResultsFile) -> String {
+    let start = config_str(results, "start_rate");
+    if is_find_max(results) && start != "-" {
+        start
+    } else {
+        config_str(results, "rate")
     }
 }
 
@@ -231,7 +236,7 @@ pub fn markdown(results: &ResultsFile) -> String {
         "- workload: {}, {} users, offered {}/s{}, {} s{}, body {} B",
         config_str(results, "workload"),
         config_str(results, "users"),
-        config_str(results, "rate"),
+        first_rate(results),
         if find_max { " (find-max start)" } else { "" },
         config_str(results, "duration"),
         if find_max { " per step" } else { "" },

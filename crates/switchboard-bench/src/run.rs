@@ -24,9 +24,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use switchboard_bench_schema::{LoaderOutput, Workload};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{Cli, RoutingMode, Workload};
+use crate::cli::{Cli, RoutingMode};
 use crate::cluster::{self, Cluster, ClusterSpec};
 use crate::derive::{self, Derived};
 use crate::error::BenchError;
@@ -98,8 +99,8 @@ pub struct RunRecord {
     pub before: Option<Snapshot>,
     /// Readings when the window ended.
     pub after: Option<Snapshot>,
-    /// The loader's JSON, verbatim.
-    pub loader: Option<serde_json::Value>,
+    /// The loader's result document.
+    pub loader: Option<LoaderOutput>,
     /// Figures derived from the above.
     pub derived: Option<Derived>,
     /// CPU / connections / delivered sampled every --sample-ms.
@@ -118,8 +119,8 @@ pub struct RunContext<'a> {
     pub server_bin: PathBuf,
     /// The `switchboard-load` binary.
     pub loader_bin: PathBuf,
-    /// Work directory of the whole benchmark.
-    pub work_dir: PathBuf,
+    /// Where each run's logs go, one directory per run.
+    pub logs_dir: PathBuf,
 }
 
 /// What a run measured before the processes were stopped.
@@ -135,7 +136,7 @@ struct Measured {
     window_end: Option<WindowEnd>,
     before: Option<Snapshot>,
     after: Option<Snapshot>,
-    loader: Option<serde_json::Value>,
+    loader: Option<LoaderOutput>,
     timeline: Vec<TimelinePoint>,
 }
 
@@ -148,7 +149,7 @@ pub async fn run_one(
     cancel: &CancellationToken,
 ) -> RunRecord {
     let started = Instant::now();
-    let dir = ctx.work_dir.join(format!("{}-n{nodes}", mode.as_flag()));
+    let dir = ctx.logs_dir.join(format!("{}-n{nodes}", mode.as_flag()));
     let mut supervisor = Supervisor::new(Duration::from_secs_f64(ctx.cli.stop_timeout));
     let mut measured = Measured::default();
     let result = match std::fs::create_dir_all(&dir) {
@@ -176,57 +177,44 @@ pub async fn run_one(
     if let (Some(before), Some(after), Some(loader)) =
         (&measured.before, &measured.after, &measured.loader)
     {
-        match derive::parse_loader(loader) {
-            Ok(load) => {
-                let mut d = derive::derive(
-                    before,
-                    after,
-                    &load,
-                    ctx.cli.min_delivery,
-                    ctx.cli.max_p99_ms,
-                );
-                match measured.window_start {
-                    Some(WindowStart::AllConnected) => {}
-                    Some(WindowStart::ConnectTimeout) => d.warnings.push(
-                        "not every user connected within --connect-timeout; the window \
-                         started anyway"
-                            .into(),
-                    ),
-                    Some(WindowStart::LoaderExited) | None => d
-                        .warnings
-                        .push("the loader exited before every user was connected".into()),
-                }
-                if let Some(status) = measured
-                    .loader_exit
-                    .as_ref()
-                    .filter(|s| s.as_str() != "exit status: 0")
-                {
-                    d.warnings.push(format!("loader exited with {status}"));
-                }
-                if ctx
-                    .cli
-                    .loader_args
-                    .iter()
-                    .any(|a| a.starts_with("--warmup"))
-                {
-                    d.warnings.push(
-                        "--warmup: the loader's warmup falls inside the window but its \
-                         deliveries are not counted, so per-message costs read high"
-                            .into(),
-                    );
-                }
-                for p in &processes {
-                    if p.exited_by_itself && p.name != "loader" {
-                        d.warnings
-                            .push(format!("{} exited during the run: {}", p.name, p.status));
-                    }
-                }
-                derived = Some(d);
-            }
-            Err(e) => {
-                eprintln!("[bench] cannot read the loader's JSON: {e}");
+        let mut d = derive::derive(before, after, loader, &ctx.cli.pass_rule());
+        match measured.window_start {
+            Some(WindowStart::AllConnected) => {}
+            Some(WindowStart::ConnectTimeout) => d.warnings.push(
+                "not every user connected within --connect-timeout; the window \
+                 started anyway"
+                    .into(),
+            ),
+            Some(WindowStart::LoaderExited) | None => d
+                .warnings
+                .push("the loader exited before every user was connected".into()),
+        }
+        if let Some(status) = measured
+            .loader_exit
+            .as_ref()
+            .filter(|s| s.as_str() != "exit status: 0")
+        {
+            d.warnings.push(format!("loader exited with {status}"));
+        }
+        if ctx
+            .cli
+            .loader_args
+            .iter()
+            .any(|a| a.starts_with("--warmup"))
+        {
+            d.warnings.push(
+                "--warmup: the loader's warmup falls inside the window but its \
+                 deliveries are not counted, so per-message costs read high"
+                    .into(),
+            );
+        }
+        for p in &processes {
+            if p.exited_by_itself && p.name != "loader" {
+                d.warnings
+                    .push(format!("{} exited during the run: {}", p.name, p.status));
             }
         }
+        derived = Some(d);
     }
     RunRecord {
         mode: mode.as_flag().to_owned(),
@@ -431,9 +419,13 @@ async fn measure(
             supervisor.log_tail(loader_pid, 20)
         ))
     })?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| BenchError::Loader(format!("{} is not JSON: {e}", loader_out.display())))?;
-    m.loader = Some(json);
+    let output: LoaderOutput = serde_json::from_str(&text).map_err(|e| {
+        BenchError::Loader(format!(
+            "{} is not a loader result document: {e}",
+            loader_out.display()
+        ))
+    })?;
+    m.loader = Some(output);
     if !exit_status.contains("exit status: 0") {
         // The JSON is kept (a failed pass rule may exit non-zero), but flagged.
         eprintln!("[bench] loader exited with {exit_status}");

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::Cluster;
 use crate::error::BenchError;
-use crate::openmetrics::{self, Scrape};
+use crate::openmetrics::Scrape;
 use crate::probe::{self, MachineCpu};
 use crate::redis_info::RedisSnapshot;
 
@@ -49,7 +49,7 @@ impl Snapshot {
     pub fn connections(&self) -> f64 {
         self.instances
             .iter()
-            .map(|i| openmetrics::sum(&i.metrics, "switchboard_connections", None))
+            .map(|i| i.metrics.sum("switchboard_connections", None))
             .sum()
     }
 
@@ -57,7 +57,7 @@ impl Snapshot {
     pub fn frames_queued(&self) -> f64 {
         self.instances
             .iter()
-            .map(|i| openmetrics::sum(&i.metrics, "switchboard_delivered_total", None))
+            .map(|i| i.metrics.sum("switchboard_delivered_total", None))
             .sum()
     }
 }
@@ -87,12 +87,16 @@ pub async fn scrape_all(cluster: &Cluster) -> Vec<Result<Scrape, String>> {
         .iter()
         .map(|i| {
             let port = i.port;
+            let http = cluster.http.clone();
             tokio::spawn(async move {
-                let response = probe::http_get(port, "/metrics", SCRAPE_TIMEOUT).await?;
+                let response = http
+                    .get(port, "/metrics", SCRAPE_TIMEOUT)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 if response.status != 200 {
                     return Err(format!("/metrics answered {}", response.status));
                 }
-                Ok(openmetrics::parse(&response.body))
+                Ok(Scrape::parse(&response.body))
             })
         })
         .collect();
@@ -111,7 +115,7 @@ pub fn connections(scrapes: &[Result<Scrape, String>]) -> f64 {
     scrapes
         .iter()
         .filter_map(|s| s.as_ref().ok())
-        .map(|s| openmetrics::sum(s, "switchboard_connections", None))
+        .map(|s| s.sum("switchboard_connections", None))
         .sum()
 }
 
@@ -121,7 +125,7 @@ pub fn frames_queued(scrapes: &[Result<Scrape, String>]) -> f64 {
     scrapes
         .iter()
         .filter_map(|s| s.as_ref().ok())
-        .map(|s| openmetrics::sum(s, "switchboard_delivered_total", None))
+        .map(|s| s.sum("switchboard_delivered_total", None))
         .sum()
 }
 
@@ -147,7 +151,7 @@ pub async fn take(cluster: &mut Cluster, run_start: Instant) -> Result<Snapshot,
         .map(|((i, cpu_s), scrape)| {
             let (metrics, scrape_error) = match scrape {
                 Ok(m) => (m, None),
-                Err(e) => (Scrape::new(), Some(e)),
+                Err(e) => (Scrape::default(), Some(e)),
             };
             InstanceReading {
                 id: i.id.clone(),

@@ -8,36 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
-
-/// What the loader sends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Workload {
-    /// Direct messages from a random connected user to a uniformly random other user.
-    Dm,
-    /// Room messages from a random member of a random room to that room.
-    Room,
-    /// `--room-share` room messages, the rest DMs.
-    Mixed,
-    /// DMs as in `dm`, while `--churn-rate` users per second disconnect and reconnect.
-    Churn,
-}
-
-impl Workload {
-    /// The name used on the command line and in the JSON output.
-    pub fn name(self) -> &'static str {
-        match self {
-            Workload::Dm => "dm",
-            Workload::Room => "room",
-            Workload::Mixed => "mixed",
-            Workload::Churn => "churn",
-        }
-    }
-
-    /// Whether this workload sends room messages (and so joins rooms).
-    pub fn uses_rooms(self) -> bool {
-        matches!(self, Workload::Room | Workload::Mixed)
-    }
-}
+use switchboard_bench_schema::{PassRule, Workload};
 
 /// How connections are spread over the targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -70,7 +41,7 @@ pub enum AuthMode {
 /// open-loop message rate and measures delivery and latency. Prints one JSON
 /// summary (stdout or --out).
 #[derive(Debug, Clone, Parser)]
-#[command(name = "switchboard-load", version, about, long_about = None)]
+#[command(name = "switchboard-load", version, long_about = None)]
 pub struct Args {
     /// Instances to connect to, comma-separated (ws://HOST:PORT, path /ws added).
     #[arg(long, value_delimiter = ',', default_value = "ws://127.0.0.1:8081")]
@@ -343,6 +314,14 @@ impl Args {
         }
         self.auth_mode()?;
         Ok(())
+    }
+
+    /// The pass rule of `--min-delivery` and `--max-p99-ms`.
+    pub fn pass_rule(&self) -> PassRule {
+        PassRule {
+            min_delivery: self.min_delivery,
+            max_p99_ms: self.max_p99_ms,
+        }
     }
 
     /// The effective authentication mode.

@@ -3,11 +3,13 @@
 //! Connects `--users` users (`--conns-per-user` WebSocket connections each)
 //! to the `--targets` instances, offers an open-loop message rate
 //! (`--workload dm|room|mixed|churn`) for `--duration` seconds, waits at most
-//! `--drain` seconds for outstanding deliveries, and prints one JSON summary:
-//! counts (sent, acked, expected, delivered, lost, duplicated, out of order),
-//! end-to-end and ack latency quantiles, and its own CPU use. `--find-max`
-//! raises the rate step by step until a step fails the pass rule (the
-//! Socket.IO peer benchmark's rule: delivered >= 99% and p99 <= 100 ms).
+//! `--drain` seconds for outstanding deliveries, and prints one JSON summary
+//! (the `switchboard-bench-schema` document): counts (sent, acked, expected,
+//! delivered, lost, duplicated, out of order), end-to-end and ack latency
+//! quantiles, and its own CPU use. `--find-max` raises the rate step by step
+//! until a step fails the shared pass rule (by default the Socket.IO peer
+//! benchmark's: delivered >= 99% and p99 <= 100 ms, plus no duplicates,
+//! misroutes or lost connections).
 //!
 //! This module owns the run's sequence: validate, connect, run the step(s),
 //! close, print. The modules own: `cli` the flags, `plan` placement and
@@ -32,16 +34,19 @@ use std::time::Duration;
 use clap::Parser;
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
-use serde::Serialize;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::cli::{Args, Target, Workload};
+use switchboard_bench_schema::{
+    FindMaxRun, FindMaxTag, LoaderOutput, Quantiles, SingleRun, StepResult, Workload,
+};
+
+use crate::cli::{Args, Target};
 use crate::conn::Cmd;
 use crate::plan::Plan;
-use crate::report::{FindMax, Quantiles, StepContext, StepResult};
+use crate::report::StepContext;
 use crate::sched::Scheduler;
 use crate::state::{lock, Shared, StepState};
 
@@ -84,19 +89,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Single-run output: the step plus whole-run detail.
-#[derive(Serialize)]
-struct SingleRun {
-    #[serde(flatten)]
-    step: StepResult,
-    run_elapsed_s: f64,
-    loader_cpu_total_s: f64,
-    initial_connect_ms: Quantiles,
-    connect_failures: u64,
-    /// `--no-ack`: messages sent with `"ack":false`.
-    no_ack: bool,
-}
-
 /// Everything a step needs from the run.
 struct Runner {
     shared: Arc<Shared>,
@@ -115,7 +107,7 @@ async fn run(args: Args, targets: Vec<Target>) -> Result<(), String> {
     tokio::spawn(watch_ctrl_c(shared.clone()));
 
     let (senders, tasks, connect_failures) = connect_all(&shared).await?;
-    let initial_connect = Quantiles::of(&lock(&shared.initial_connect));
+    let initial_connect = report::quantiles_of(&lock(&shared.initial_connect));
     let mut runner = Runner {
         sched: Scheduler {
             shared: shared.clone(),
@@ -159,9 +151,9 @@ async fn run(args: Args, targets: Vec<Target>) -> Result<(), String> {
             }
             best = Some(round3(rate));
         }
-        serde_json::to_string_pretty(&FindMax {
-            mode: "find-max",
-            rule: report::rule_text(args.min_delivery, args.max_p99_ms),
+        LoaderOutput::FindMax(FindMaxRun {
+            mode: FindMaxTag::FindMax,
+            rule: args.pass_rule().describe(),
             steps,
             max_sustained_rate: best,
             elapsed_s: round3(run_start.elapsed().as_secs_f64()),
@@ -172,16 +164,17 @@ async fn run(args: Args, targets: Vec<Target>) -> Result<(), String> {
         })
     } else {
         let step = runner.measured(args.rate).await;
-        serde_json::to_string_pretty(&SingleRun {
+        LoaderOutput::Single(Box::new(SingleRun {
             step,
             run_elapsed_s: round3(run_start.elapsed().as_secs_f64()),
             loader_cpu_total_s: round3(report::cpu_seconds()),
             initial_connect_ms: runner.initial_connect.clone(),
             connect_failures,
             no_ack: args.no_ack,
-        })
-    }
-    .map_err(|e| format!("serializing the summary: {e}"))?;
+        }))
+    };
+    let output = serde_json::to_string_pretty(&output)
+        .map_err(|e| format!("serializing the summary: {e}"))?;
 
     close_all(&shared, &runner.senders, tasks).await;
     match &args.out {

@@ -1,257 +1,47 @@
-//! Turning a finished [`StepState`] into the JSON the bench orchestrator
-//! parses: counts, loss accounting (real losses vs. recipients momentarily
-//! offline because of churn), latency quantiles, and the pass rule. Also the
-//! loader's own CPU time from `/proc/self/stat`.
+//! Turning a finished [`StepState`] into the [`StepResult`] the bench
+//! orchestrator reads: counts, loss accounting (real losses vs. recipients
+//! momentarily offline because of churn), latency quantiles, and the verdict
+//! of the shared [`PassRule`]. Also the loader's own CPU time.
 //!
-//! The key names of [`StepResult`] and [`FindMax`] up to `pass` are a
-//! contract; the fields after it are extra detail.
+//! The document's shape belongs to `switchboard-bench-schema`; this module
+//! only fills it in.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
-use hdrhistogram::Histogram;
-use serde::Serialize;
-
-use crate::cli::Workload;
 use crate::sched::SendOutcome;
 use crate::state::{
     lock, Shared, StepState, ST_ABANDONED, ST_ERROR, ST_NONE, ST_OFFLINE, ST_OK, ST_ROUTED,
     ST_UNSENT,
 };
+use hdrhistogram::Histogram;
+use switchboard_bench_schema::{Acks, Churn, Quantiles, RoomInfo, StepResult, Workload};
 
 /// A lost DM counts as "recipient momentarily offline" when the recipient
 /// was taken down by churn between its scheduled send time and this long
 /// after its ack (the routed frame may still sit in the server's queue).
 const CHURN_SLACK_NS: u64 = 100_000_000;
 
-/// Latency quantiles in milliseconds (null when nothing was recorded).
-#[derive(Debug, Clone, Serialize)]
-pub struct Quantiles {
-    /// Median.
-    pub p50: Option<f64>,
-    /// 90th percentile.
-    pub p90: Option<f64>,
-    /// 99th percentile.
-    pub p99: Option<f64>,
-    /// 99.9th percentile.
-    pub p999: Option<f64>,
-    /// Largest value.
-    pub max: Option<f64>,
-    /// Mean.
-    pub mean: Option<f64>,
-    /// Number of values.
-    pub n: u64,
-}
-
 /// µs to ms, rounded to the µs.
 fn ms(us: f64) -> f64 {
     us.round() / 1000.0
 }
 
-impl Quantiles {
-    /// From a histogram of µs values.
-    pub fn of(h: &Histogram<u64>) -> Self {
-        if h.is_empty() {
-            return Quantiles {
-                p50: None,
-                p90: None,
-                p99: None,
-                p999: None,
-                max: None,
-                mean: None,
-                n: 0,
-            };
-        }
-        let q = |x: f64| Some(ms(h.value_at_quantile(x) as f64));
-        Quantiles {
-            p50: q(0.5),
-            p90: q(0.9),
-            p99: q(0.99),
-            p999: q(0.999),
-            max: Some(ms(h.max() as f64)),
-            mean: Some(ms(h.mean())),
-            n: h.len(),
-        }
+/// The quantiles of a histogram of µs values, in ms (all `None` when empty).
+pub fn quantiles_of(h: &Histogram<u64>) -> Quantiles {
+    if h.is_empty() {
+        return Quantiles::default();
     }
-}
-
-/// Acks by status.
-#[derive(Debug, Clone, Serialize)]
-pub struct Acks {
-    /// DM acked `routed`.
-    pub routed: u64,
-    /// DM acked `offline`.
-    pub offline: u64,
-    /// Room message acked `ok`.
-    pub ok: u64,
-    /// Answered with an error frame.
-    pub error: u64,
-}
-
-/// Churn figures.
-#[derive(Debug, Clone, Serialize)]
-pub struct Churn {
-    /// Successful reconnects.
-    pub reconnects: u64,
-    /// Expected deliveries missing because the recipient was churned around
-    /// the send (not counted in `lost`).
-    pub offline_during_churn: u64,
-    /// Disconnects performed.
-    pub disconnects: u64,
-    /// Reconnects that failed.
-    pub reconnect_failures: u64,
-    /// DMs acked `offline` (the recipient was down when routed).
-    pub acked_offline: u64,
-    /// Messages whose sender was disconnected before their ack arrived
-    /// (counted as expected only as far as they were delivered).
-    pub sender_abandoned: u64,
-}
-
-/// One run / one find-max step.
-#[derive(Debug, Clone, Serialize)]
-pub struct StepResult {
-    /// Workload name.
-    pub workload: &'static str,
-    /// Users.
-    pub users: u32,
-    /// Connections per user.
-    pub conns_per_user: u32,
-    /// Targets as given.
-    pub targets: Vec<String>,
-    /// Offered rate, messages/s.
-    pub rate_offered: f64,
-    /// Send-phase length, s.
-    pub duration_s: f64,
-    /// Body size, bytes.
-    pub body_bytes: usize,
-    /// `--locality` (null: uniform recipients).
-    pub locality: Option<f64>,
-    /// Messages sent.
-    pub sent: u64,
-    /// Acks and error answers received.
-    pub acked: u64,
-    /// By status.
-    pub acks: Acks,
-    /// Expected deliveries.
-    pub expected: u64,
-    /// Unique deliveries.
-    pub delivered: u64,
-    /// Expected but not delivered after the drain (churn-offline excluded).
-    pub lost: u64,
-    /// Repeated deliveries of a message to one connection.
-    pub duplicated: u64,
-    /// Deliveries that arrived after a later message of the same stream.
-    pub out_of_order: u64,
-    /// Actual send rate, messages/s.
-    pub send_rate: f64,
-    /// delivered / duration_s.
-    pub delivered_per_sec: f64,
-    /// End-to-end latency from the scheduled send time.
-    pub latency_ms: Quantiles,
-    /// Ack latency from the actual send time.
-    pub ack_latency_ms: Quantiles,
-    /// Churn reconnect latency (churn workload), else the initial connect phase.
-    pub connect_ms: Quantiles,
-    /// Churn figures.
-    pub churn: Churn,
-    /// Wall time of the step (send phase + drain), s.
-    pub elapsed_s: f64,
-    /// Loader CPU time (user + system) during the step, s.
-    pub loader_cpu_s: f64,
-    /// The pass rule.
-    pub pass: bool,
-    // ---- extra detail ----
-    /// Step number.
-    pub step: u32,
-    /// Why the step failed.
-    pub fail_reasons: Vec<String>,
-    /// Messages scheduled (rate x duration).
-    pub offered: u64,
-    /// Scheduled but not sent (no connected sender, or out of time).
-    pub not_sent: u64,
-    /// Sent but never acked (0 with `--no-ack`).
-    pub unacked: u64,
-    /// The pass rule's ratio: delivered / (every sent message's deliveries
-    /// as if routed); churn: delivered / (expected - offline_during_churn).
-    pub delivery_ratio: Option<f64>,
-    /// Error frames without an id (attributed to the oldest unanswered message).
-    pub errors_without_id: u64,
-    /// Deliveries beyond the expected ones (e.g. for an `offline` ack).
-    pub unexpected_deliveries: u64,
-    /// Deliveries to a connection that is not the recipient / a member.
-    pub misrouted: u64,
-    /// Deliveries whose `from` is not the sending user.
-    pub wrong_from: u64,
-    /// Acks / deliveries of an earlier step that arrived late.
-    pub stale: u64,
-    /// Frames the loader could not parse.
-    pub unparsed: u64,
-    /// Connections lost (server close or error) during the step.
-    pub disconnects: u64,
-    /// Actual minus scheduled send time (loader lag).
-    pub send_lag_ms: Quantiles,
-    /// Loader CPU in cores (loader_cpu_s / elapsed_s).
-    pub loader_cpu_cores: f64,
-    /// Connections open at the start of the step.
-    pub connections: u64,
-    /// Error codes answered to our messages.
-    pub errors: BTreeMap<String, u64>,
-    /// The first few odd things seen.
-    pub anomalies: Vec<String>,
-    /// Rooms (room workloads).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rooms: Option<RoomInfo>,
-    /// `--churn-rate` (churn workload).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub churn_rate: Option<f64>,
-}
-
-/// Room parameters of a room workload.
-#[derive(Debug, Clone, Serialize)]
-pub struct RoomInfo {
-    /// Rooms.
-    pub rooms: u32,
-    /// Members per room.
-    pub room_members: u32,
-    /// Instances a room's members are homed on.
-    pub room_spread: u32,
-    /// Share of room messages (mixed).
-    pub room_share: f64,
-}
-
-/// `--find-max` output.
-#[derive(Debug, Clone, Serialize)]
-pub struct FindMax {
-    /// Always "find-max".
-    pub mode: &'static str,
-    /// The pass rule in words.
-    pub rule: String,
-    /// Every step, in order.
-    pub steps: Vec<StepResult>,
-    /// Offered rate of the highest passing step (null: none passed).
-    pub max_sustained_rate: Option<f64>,
-    // ---- extra detail ----
-    /// Whole-run wall time, s.
-    pub elapsed_s: f64,
-    /// Whole-run loader CPU, s.
-    pub loader_cpu_s: f64,
-    /// The initial connect phase.
-    pub initial_connect_ms: Quantiles,
-    /// Connections that failed to open in the connect phase.
-    pub connect_failures: u64,
-    /// `--no-ack`: messages sent with `"ack":false`.
-    pub no_ack: bool,
-}
-
-/// The pass rule in words.
-pub fn rule_text(min_delivery: f64, max_p99_ms: f64) -> String {
-    let pct = round3(min_delivery * 100.0);
-    format!(
-        "delivered>={pct}% of expected and p99<={max_p99_ms}ms (expected: every sent message as if \
-         routed, except under churn; also: sent>={pct}% of offered, errors<={}% of sent, \
-         no lost connections, nothing misrouted)",
-        round3(100.0 - pct)
-    )
+    let q = |x: f64| Some(ms(h.value_at_quantile(x) as f64));
+    Quantiles {
+        p50: q(0.5),
+        p90: q(0.9),
+        p99: q(0.99),
+        p999: q(0.999),
+        max: Some(ms(h.max() as f64)),
+        mean: Some(ms(h.mean())),
+        n: h.len(),
+    }
 }
 
 /// Everything the summary needs besides the step itself.
@@ -344,11 +134,11 @@ pub fn summarize(step: &StepState, ctx: &StepContext<'_>) -> StepResult {
     }
 
     let hists = lock(&step.hists);
-    let latency = Quantiles::of(&hists.latency);
-    let ack_latency = Quantiles::of(&hists.ack);
-    let lag = Quantiles::of(&hists.lag);
+    let latency = quantiles_of(&hists.latency);
+    let ack_latency = quantiles_of(&hists.ack);
+    let lag = quantiles_of(&hists.lag);
     let connect = if churn_mode {
-        Quantiles::of(&hists.connect)
+        quantiles_of(&hists.connect)
     } else {
         ctx.initial_connect.clone()
     };
@@ -378,42 +168,13 @@ pub fn summarize(step: &StepState, ctx: &StepContext<'_>) -> StepResult {
     };
     let delivery_ratio = (denominator > 0).then(|| delivered as f64 / denominator as f64);
 
-    let mut fail_reasons = Vec::new();
-    match delivery_ratio {
-        None => fail_reasons.push("no deliveries were expected".to_owned()),
-        Some(r) if r < args.min_delivery => fail_reasons.push(format!(
-            "delivered {delivered} of {denominator} expected ({:.2}%)",
-            r * 100.0
-        )),
-        Some(_) => {}
-    }
-    match latency.p99 {
-        None => fail_reasons.push("no latency recorded".to_owned()),
-        Some(p) if p > args.max_p99_ms => {
-            fail_reasons.push(format!("p99 {p} ms > {} ms", args.max_p99_ms))
-        }
-        Some(_) => {}
-    }
-    if (sent as f64) < args.min_delivery * offered as f64 {
-        fail_reasons.push(format!("sent only {sent} of {offered} offered messages"));
-    }
-    if acks.error > 0 && acks.error as f64 > (1.0 - args.min_delivery) * sent as f64 {
-        fail_reasons.push(format!("{} messages answered with an error", acks.error));
-    }
-    if disconnects > 0 {
-        fail_reasons.push(format!("{disconnects} connections lost"));
-    }
-    if misrouted > 0 {
-        fail_reasons.push(format!("{misrouted} deliveries misrouted"));
-    }
-
     let duration = step.duration;
     let send_window = duration.max(ctx.outcome.send_elapsed_s);
     let mut anomalies = lock(&step.anomalies).clone();
     anomalies.extend(lock(&shared.anomalies).iter().cloned());
     anomalies.truncate(20);
-    StepResult {
-        workload: args.workload.name(),
+    let mut result = StepResult {
+        workload: args.workload,
         users: args.users,
         conns_per_user: args.conns_per_user,
         targets: shared.targets.iter().map(|t| t.display.clone()).collect(),
@@ -444,9 +205,10 @@ pub fn summarize(step: &StepState, ctx: &StepContext<'_>) -> StepResult {
         },
         elapsed_s: round3(ctx.elapsed_s),
         loader_cpu_s: round3(ctx.cpu_s),
-        pass: fail_reasons.is_empty(),
+        // Set below, from the finished result.
+        pass: false,
         step: step.no,
-        fail_reasons,
+        fail_reasons: Vec::new(),
         offered,
         not_sent: offered - sent,
         unacked,
@@ -478,44 +240,24 @@ pub fn summarize(step: &StepState, ctx: &StepContext<'_>) -> StepResult {
             },
         }),
         churn_rate: churn_mode.then_some(args.churn_rate),
-    }
+    };
+    // The verdict reads the result as written, exactly as the benchmark will.
+    result.fail_reasons = args.pass_rule().failures(&result);
+    result.pass = result.fail_reasons.is_empty();
+    result
 }
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-/// This process's CPU time (user + system), seconds, from /proc/self/stat.
+/// This process's CPU time (user + system, all threads), seconds; 0 if
+/// `/proc/self/stat` cannot be read.
 pub fn cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    // Fields after "(comm)": state is field 3; utime 14, stime 15.
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let tick = |k: usize| {
-        fields
-            .get(k)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (tick(11) + tick(12)) as f64 / clock_ticks() as f64
-}
-
-fn clock_ticks() -> u64 {
-    static TICKS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8(o.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .filter(|&t: &u64| t > 0)
-            .unwrap_or(100)
-    })
+    match procfs::process::Process::myself().and_then(|me| me.stat()) {
+        Ok(stat) => (stat.utime + stat.stime) as f64 / procfs::ticks_per_second() as f64,
+        Err(_) => 0.0,
+    }
 }
 
 #[cfg(test)]
@@ -538,10 +280,10 @@ mod tests {
         for v in 1..=1000u64 {
             h.saturating_record(v * 10);
         }
-        let q = Quantiles::of(&h);
+        let q = quantiles_of(&h);
         assert_eq!(q.n, 1000);
         assert!((q.p50.unwrap_or(0.0) - 5.0).abs() < 0.01);
         assert!((q.max.unwrap_or(0.0) - 10.0).abs() < 0.01);
-        assert!(Quantiles::of(&crate::state::new_hist()).p99.is_none());
+        assert!(quantiles_of(&crate::state::new_hist()).p99.is_none());
     }
 }

@@ -15,9 +15,10 @@ use std::time::Duration;
 
 use rand::rngs::SmallRng;
 use rand::Rng;
+use switchboard_bench_schema::Workload;
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::cli::{SenderPick, Workload};
+use crate::cli::SenderPick;
 use crate::conn::{Cmd, U64Map};
 use crate::state::{Shared, StepState, ST_UNSENT};
 use crate::wire::{BodyFields, Kind};
