@@ -160,17 +160,16 @@ async fn cluster(kind: Kind, n: usize, mode: RoutingMode) -> Cluster {
 impl Cluster {
     /// Waits for the next bus message of instance `i` and has it handled.
     async fn dispatch(&mut self, i: usize) -> Inbound {
-        loop {
-            let inbound = tokio::time::timeout(WAIT, self.inboxes[i].recv())
-                .await
-                .unwrap_or_else(|_| panic!("a bus message for instance {i} within {WAIT:?}"))
-                .expect("inbox open");
-            if inbound.payload.starts_with(SENTINEL) {
-                panic!("instance {i} got a stray sentinel");
-            }
-            self.routers[i].handle_inbound(inbound.clone());
-            return inbound;
-        }
+        let inbound = tokio::time::timeout(WAIT, self.inboxes[i].recv())
+            .await
+            .unwrap_or_else(|_| panic!("a bus message for instance {i} within {WAIT:?}"))
+            .expect("inbox open");
+        assert!(
+            !inbound.payload.starts_with(SENTINEL),
+            "instance {i} got a stray sentinel"
+        );
+        self.routers[i].handle_inbound(inbound.clone());
+        inbound
     }
 
     /// Sends a sentinel to instance `i` from every instance and handles
