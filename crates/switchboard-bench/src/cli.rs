@@ -6,31 +6,17 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use serde::Serialize;
 use switchboard_bench_schema::{PassRule, Workload};
 
-/// How the instances of one run route direct messages (`switchboard --routing`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum RoutingMode {
-    /// Presence lookup, publish only to the instance(s) holding the recipient.
-    Routed,
-    /// Every DM on one channel that every instance subscribes to (the baseline).
-    Broadcast,
-    /// One channel per user, subscribed by the instances holding that user.
-    UserChannel,
-}
+pub use switchboard_core::router::RoutingMode;
 
-impl RoutingMode {
-    /// The value `switchboard --routing` takes.
-    pub fn as_flag(self) -> &'static str {
-        match self {
-            RoutingMode::Routed => "routed",
-            RoutingMode::Broadcast => "broadcast",
-            RoutingMode::UserChannel => "user-channel",
-        }
-    }
+/// Parses a routing mode by the name `switchboard --routing` takes.
+fn routing_mode() -> impl clap::builder::TypedValueParser<Value = RoutingMode> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(RoutingMode::ALL.map(RoutingMode::as_str))
+        .try_map(|name: String| name.parse::<RoutingMode>())
 }
 
 /// Benchmark orchestrator for Switchboard: for each routing mode and instance
@@ -49,7 +35,7 @@ pub struct Cli {
     /// Routing modes to measure, comma-separated.
     #[arg(
         long,
-        value_enum,
+        value_parser = routing_mode(),
         value_delimiter = ',',
         default_value = "routed,broadcast"
     )]

@@ -121,7 +121,7 @@ pub async fn start(
             "--redis-url".into(),
             format!("redis://127.0.0.1:{redis_port}"),
             "--routing".into(),
-            spec.mode.as_flag().into(),
+            spec.mode.as_str().into(),
             "--instance-id".into(),
             id.clone(),
             "--auth".into(),

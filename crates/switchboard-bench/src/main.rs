@@ -185,7 +185,7 @@ async fn run_matrix(cli: &Cli) -> Result<ExitCode, BenchError> {
             if cancel.is_cancelled() {
                 break 'matrix;
             }
-            eprintln!("[bench] === {} N={nodes}", mode.as_flag());
+            eprintln!("[bench] === {} N={nodes}", mode.as_str());
             let record = run::run_one(&ctx, mode, nodes, &cancel).await;
             print_run(&record);
             runs.push(record);

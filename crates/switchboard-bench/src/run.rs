@@ -149,7 +149,7 @@ pub async fn run_one(
     cancel: &CancellationToken,
 ) -> RunRecord {
     let started = Instant::now();
-    let dir = ctx.logs_dir.join(format!("{}-n{nodes}", mode.as_flag()));
+    let dir = ctx.logs_dir.join(format!("{}-n{nodes}", mode.as_str()));
     let mut supervisor = Supervisor::new(Duration::from_secs_f64(ctx.cli.stop_timeout));
     let mut measured = Measured::default();
     let result = match std::fs::create_dir_all(&dir) {
@@ -217,7 +217,7 @@ pub async fn run_one(
         derived = Some(d);
     }
     RunRecord {
-        mode: mode.as_flag().to_owned(),
+        mode: mode.as_str().to_owned(),
         nodes,
         status: status.to_owned(),
         error,

@@ -41,7 +41,10 @@ const REROUTE_QUEUE_BYTES: usize = 16 << 20;
 const REROUTE_CONCURRENCY: usize = 32;
 
 /// How a direct message reaches the instance that holds its recipient.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Also the benchmark's vocabulary (`switchboard-bench --modes`), which
+/// serializes it by its configuration name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum RoutingMode {
     /// Read the recipient's presence, publish only to the instances holding it.
     Routed,
