@@ -2,17 +2,15 @@
 //! server runs in-process over the embedded backend, whose presence store is
 //! wrapped in a decorator that panics when asked to locate the user `boom`.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::json;
-use support::{http_request, metric_value, ws_request_at, Client, Incoming, RECV_TIMEOUT};
 use switchboard::config::Config;
 use switchboard::presence::{Holder, Presence, PresenceError};
 use switchboard::server::{run_with_backend, Backend};
+use switchboard_testkit::{http_request, ws_request_at, Client, Incoming, Metrics, RECV_TIMEOUT};
 
 /// Delegates everything to the real store, except that `locate("boom")` panics.
 struct PanicsOnBoom {
@@ -83,7 +81,7 @@ async fn a_panicking_session_closes_only_its_own_connection() {
     assert_eq!(ack["status"], "routed", "{ack}");
     assert_eq!(alice.recv_type("dm").await["body"], "before");
     assert_eq!(
-        metric_value(&metrics().await, "switchboard_session_panics_total"),
+        Metrics::parse(&metrics().await).value("switchboard_session_panics_total"),
         0.0
     );
 
@@ -123,16 +121,13 @@ async fn a_panicking_session_closes_only_its_own_connection() {
     );
 
     let text = metrics().await;
+    let after = Metrics::parse(&text);
     assert_eq!(
-        metric_value(&text, "switchboard_session_panics_total"),
+        after.value("switchboard_session_panics_total"),
         1.0,
         "{text}"
     );
-    assert_eq!(
-        metric_value(&text, "switchboard_connections"),
-        3.0,
-        "{text}"
-    );
+    assert_eq!(after.value("switchboard_connections"), 3.0, "{text}");
     let health = http_request(addr, "GET", "/healthz", &[], b"").await;
     assert_eq!(health.status, 200);
 
