@@ -39,6 +39,7 @@ pub enum Incoming {
 /// (e.g. pushed dm/room frames while waiting for an ack) are buffered and
 /// returned by later `recv_*` calls, in arrival order.
 pub struct Client {
+    /// The connection (tokio-tungstenite answers pings while it is read).
     ws: Ws,
     /// Frames read while waiting for another one, oldest first.
     pub(crate) buffered: VecDeque<Value>,

@@ -186,9 +186,14 @@ impl Opts {
 /// A running `switchboard` process. Killed (SIGKILL) on drop; if the test is
 /// panicking, the server's log is printed.
 pub struct Instance {
+    /// The process; SIGKILLed if still running when the instance is dropped.
     child: ChildGuard,
+    /// Kept across [`Instance::respawn_same_port`], so clients reconnect
+    /// to the same address.
     addr: SocketAddr,
+    /// The `--instance-id` of the current process.
     id: String,
+    /// Its stdout and stderr.
     log_path: PathBuf,
     /// Holds the log; shared with the processes that later serve this
     /// address ([`Instance::respawn_same_port`]), so one log tells it all.

@@ -33,7 +33,7 @@ mod process;
 
 pub use self::redis::{BusMessage, RedisProxy, RedisServer, Spy};
 pub use client::{assert_error, assert_healthy, ws_request_at, Client, Incoming};
-pub use http::{http_request, try_http_request, HttpResponse};
+pub use http::{http_request, HttpResponse};
 pub use instance::{Auth, Instance, Opts};
 pub use jwt::{mint_jwt, mint_jwt_claims};
 pub use metrics::Metrics;

@@ -25,7 +25,7 @@ impl Metrics {
     }
 
     /// Names the text's origin (e.g. `GET /metrics on i1`) in failure messages.
-    pub fn described_as(mut self, source: String) -> Metrics {
+    pub(crate) fn described_as(mut self, source: String) -> Metrics {
         self.source = source;
         self
     }

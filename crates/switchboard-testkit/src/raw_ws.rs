@@ -16,6 +16,7 @@ use crate::wait::RECV_TIMEOUT;
 /// A WebSocket connection upgraded by hand: nothing reads it or answers
 /// pings unless the test does.
 pub struct RawWs {
+    /// The upgraded socket, read only by [`RawWs::read_until_closed`].
     stream: TcpStream,
     /// Bytes read past the 101 response headers (the first frames).
     pending: Vec<u8>,
