@@ -1,15 +1,23 @@
 //! The server-side HTTP API (`/api/v1/*`, docs/API.md and docs/openapi.yaml):
 //! publish to a user or a room, presence, stats, authentication, validation,
 //! and conformance of every answer to the OpenAPI description.
-
-mod support;
+//!
+//! "Nothing else arrives" checks wait for sentinels published through the
+//! API after the message under test, along the path a stray copy would
+//! take: one instance's bus messages to another travel over one Redis
+//! connection, in order. For a user on the publishing instance itself, a
+//! stray copy could be delivered there at once or come back through that
+//! instance's own subscription; its sentinel is published through another
+//! instance, which reaches it through Redis after anything published before
+//! the 202 (Redis runs one command at a time and hands a PUBLISH to every
+//! subscriber before answering it).
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::{
-    eventually, unique, Client, HttpResponse, Instance, Opts, RawWs, RedisServer, QUIET,
+use switchboard_testkit::{
+    eventually, opts, unique, Client, HttpResponse, Instance, RawWs, RedisServer, Sentinel,
     RECV_TIMEOUT,
 };
 
@@ -20,9 +28,7 @@ async fn cluster(n: usize) -> (RedisServer, Vec<Instance>) {
     let redis = RedisServer::start().await;
     let mut spawns = Vec::new();
     for i in 1..=n {
-        let opts = Opts::new(&format!("i{i}"))
-            .redis(&redis)
-            .flag("--api-key", KEY);
+        let opts = opts!(&format!("i{i}")).redis(&redis).flag("--api-key", KEY);
         spawns.push(Instance::spawn(opts));
     }
     let instances = futures_util::future::join_all(spawns).await;
@@ -33,6 +39,23 @@ async fn cluster(n: usize) -> (RedisServer, Vec<Instance>) {
 async fn publish(inst: &Instance, request: &Value) -> HttpResponse {
     inst.api_post("/api/v1/publish", Some(KEY), request.to_string().as_bytes())
         .await
+}
+
+/// Publishes a sentinel DM to `user` through `inst`'s API (`user` must be
+/// online).
+async fn publish_sentinel(inst: &Instance, user: &str) -> Sentinel {
+    let sentinel = Sentinel::unique();
+    let response = publish(inst, &json!({"user": user, "body": sentinel.body()})).await;
+    assert_accepted(&response, "routed", &format!("sentinel DM to {user}"));
+    sentinel
+}
+
+/// Publishes a sentinel room message to `room` through `inst`'s API.
+async fn publish_room_sentinel(inst: &Instance, room: &str) -> Sentinel {
+    let sentinel = Sentinel::unique();
+    let response = publish(inst, &json!({"room": room, "body": sentinel.body()})).await;
+    assert_accepted(&response, "ok", &format!("sentinel room message to {room}"));
+    sentinel
 }
 
 /// Asserts a 202 `{"status": status, "msg_id": "..."}` answer; returns the msg_id.
@@ -131,9 +154,22 @@ async fn publish_to_a_user_is_routed_like_a_dm() {
         !spy_ref.containing(marker_ref).is_empty()
     })
     .await;
-    alice.expect_no_frame(QUIET).await;
-    carol.expect_no_frame(QUIET).await;
-    bob.expect_no_frame(QUIET).await;
+    // Nothing else for anyone: i1 publishes the sentinels for bob and carol
+    // as it did the DM; alice's (on i1 itself) comes through i2.
+    let to_alice = publish_sentinel(&inst[1], "alice").await;
+    let to_carol = publish_sentinel(&inst[0], "carol").await;
+    let to_bob = publish_sentinel(&inst[0], "bob").await;
+    alice.expect_nothing_before(&to_alice).await;
+    carol.expect_nothing_before(&to_carol).await;
+    bob.expect_nothing_before(&to_bob).await;
+    // i1 publishes in order: once the spy saw its last sentinel, it saw
+    // every publish of the DM.
+    eventually(
+        RECV_TIMEOUT,
+        "the spy sees the sentinel for bob",
+        || async { !spy.containing(to_bob.marker()).is_empty() },
+    )
+    .await;
     let seen = spy.containing(&marker);
     let channels: Vec<&str> = seen.iter().map(|m| m.channel.as_str()).collect();
     assert_eq!(
@@ -189,11 +225,13 @@ async fn publish_to_a_user_reaches_every_device_on_every_instance() {
     )
     .await;
     let msg_id = assert_accepted(&response, "routed", "publish to bob on i2 and i3");
+    // Right behind it, the same way: each device gets the DM exactly once.
+    let sentinel = publish_sentinel(&inst[0], "bob").await;
     for bob in [&mut bob_i2, &mut bob_i3, &mut bob_i3b] {
         let dm = bob.recv_type("dm").await;
         assert_eq!(dm["from"], "svc:x", "{dm}");
         assert_eq!(dm["msg_id"], msg_id.as_str(), "{dm}");
-        bob.expect_no_frame(QUIET).await;
+        bob.expect_nothing_before(&sentinel).await;
     }
 }
 
@@ -232,12 +270,25 @@ async fn publish_to_a_room_reaches_every_member_on_every_instance() {
         assert_eq!(frame["msg_id"], msg_id.as_str(), "{frame}");
         assert!(frame["ts"].is_u64(), "{frame}");
     }
+    // Each member exactly once: a room sentinel through i1 follows the
+    // message to every member; alice (on i1) also waits for a DM through
+    // i2, which reaches her after any copy from i1's own subscription.
+    let to_room = publish_room_sentinel(&inst[0], "lobby").await;
+    let to_alice = publish_sentinel(&inst[1], "alice").await;
     for m in members.iter_mut() {
-        m.expect_no_frame(Duration::from_millis(100)).await;
+        m.expect_nothing_before(&to_room).await;
     }
-    for o in outsiders.iter_mut() {
-        o.expect_no_frame(QUIET).await;
-    }
+    members[0].expect_nothing_before(&to_alice).await;
+    // Outsiders never: DMs through i1 to dave (i2) and bob's second device
+    // (i3) take a stray copy's path; erin is on i1, so hers comes through i2.
+    let to_erin = publish_sentinel(&inst[1], "erin").await;
+    let to_dave = publish_sentinel(&inst[0], "dave").await;
+    let to_bob = publish_sentinel(&inst[0], "bob").await;
+    outsiders[0].expect_nothing_before(&to_erin).await;
+    outsiders[1].expect_nothing_before(&to_dave).await;
+    outsiders[2].expect_nothing_before(&to_bob).await;
+    // bob's member connection on i2 gets that DM too, with nothing before it.
+    members[1].expect_nothing_before(&to_bob).await;
 
     // Through another instance, with a label; a room nobody joined is fine too.
     let response = publish(
@@ -260,7 +311,7 @@ async fn publish_to_a_room_reaches_every_member_on_every_instance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_refuses_invalid_requests_with_400() {
     let inst = Instance::spawn(
-        Opts::new("v1")
+        opts!("v1")
             .flag("--api-key", KEY)
             .flag("--max-body-bytes", 1024),
     )
@@ -356,8 +407,8 @@ async fn publish_refuses_invalid_requests_with_400() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_needs_the_key_and_is_disabled_without_one() {
-    let with_key = Instance::spawn(Opts::new("k1").flag("--api-key", KEY)).await;
-    let without_key = Instance::spawn(Opts::new("k2")).await;
+    let with_key = Instance::spawn(opts!("k1").flag("--api-key", KEY)).await;
+    let without_key = Instance::spawn(opts!("k2")).await;
     let request = br#"{"user":"bob","body":1}"#;
     let wrong_headers: Vec<(&str, Vec<(&str, String)>)> = vec![
         ("no Authorization", vec![]),
@@ -429,7 +480,7 @@ async fn api_needs_the_key_and_is_disabled_without_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_over_max_body_bytes_is_413() {
     let inst = Instance::spawn(
-        Opts::new("s1")
+        opts!("s1")
             .flag("--api-key", KEY)
             .flag("--max-body-bytes", 1024),
     )
@@ -457,7 +508,10 @@ async fn publish_over_max_body_bytes_is_413() {
     let huge = json!({"user": "bob", "body": "z".repeat(20_000)});
     let response = publish(&inst, &huge).await;
     assert_eq!(response.status, 413, "a 20 KB request: {}", response.text());
-    bob.expect_no_frame(QUIET).await;
+    // None of the refused bodies reached bob: one instance delivers while
+    // it answers a publish, so a later one arrives after any of them.
+    let sentinel = publish_sentinel(&inst, "bob").await;
+    bob.expect_nothing_before(&sentinel).await;
     assert_eq!(inst.http_get("/healthz").await.0, 200);
 }
 
@@ -562,7 +616,7 @@ async fn presence_reports_instances_and_connection_counts() {
 /// parameter is the user id, so it must be percent-decoded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_path_parameter_is_percent_decoded() {
-    let inst = Instance::spawn(Opts::new("e1").flag("--api-key", KEY)).await;
+    let inst = Instance::spawn(opts!("e1").flag("--api-key", KEY)).await;
     let _bob = Client::connect_user(&inst, "bob@example.com").await;
     let plain = inst
         .api_get("/api/v1/presence/bob@example.com", Some(KEY))
@@ -660,13 +714,14 @@ async fn stats_report_this_instances_figures() {
     )
     .await;
 
-    // Uptime counts seconds.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
-    let later = stats(0).await["uptime_s"].as_u64().expect("uptime_s");
-    assert!(later >= 1, "uptime after more than a second: {later}");
+    // Uptime counts seconds: it reaches 1 (the instance started before
+    // this point, so within a second; 2 s leaves room for a slow request).
+    eventually(Duration::from_secs(2), "uptime_s reaches 1", || async {
+        stats(0).await["uptime_s"].as_u64().expect("uptime_s") >= 1
+    })
+    .await;
 
-    let broadcast =
-        Instance::spawn(Opts::new("b9").routing("broadcast").flag("--api-key", KEY)).await;
+    let broadcast = Instance::spawn(opts!("b9").routing("broadcast").flag("--api-key", KEY)).await;
     let body = broadcast.api_get("/api/v1/stats", Some(KEY)).await.json();
     assert_eq!(
         (body["instance"].clone(), body["routing"].clone()),
@@ -861,14 +916,14 @@ async fn every_answer_conforms_to_the_openapi_description() {
     let redis = RedisServer::start().await;
     let (api, disabled) = tokio::join!(
         Instance::spawn(
-            Opts::new("o1")
+            opts!("o1")
                 .redis(&redis)
                 .flag("--api-key", KEY)
                 .flag("--max-body-bytes", 1024)
                 .flag("--max-connections-per-user", 1)
                 .flag("--allowed-origins", "https://chat.example.com"),
         ),
-        Instance::spawn(Opts::new("o2").redis(&redis)),
+        Instance::spawn(opts!("o2").redis(&redis)),
     );
     // A real user for `{user}`, online on o2.
     let _bob = Client::connect_user(&disabled, "bob").await;

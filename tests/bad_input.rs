@@ -1,12 +1,10 @@
 //! Malformed and hostile client input (embedded mode, `--max-frame-bytes 1024`).
 
-mod support;
-
 use serde_json::{json, Value};
-use support::{assert_error, assert_healthy, Client, Instance, Opts, RECV_TIMEOUT};
+use switchboard_testkit::{assert_error, assert_healthy, opts, Client, Instance, RECV_TIMEOUT};
 
 async fn small_frames_instance() -> Instance {
-    Instance::spawn(Opts::new("b1").max_frame_bytes(1024)).await
+    Instance::spawn(opts!("b1").max_frame_bytes(1024)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -592,7 +590,7 @@ async fn bodies_at_the_nesting_limit_and_unknown_fields_reach_the_recipient() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_character_names_and_very_deep_bodies() {
     // Default frame limit (64 KiB), so that these frames arrive whole.
-    let inst = Instance::spawn(Opts::new("b2")).await;
+    let inst = Instance::spawn(opts!("b2")).await;
     let mut c = Client::connect_user(&inst, "alice").await;
     let huge = "n".repeat(10_000);
     let cases: Vec<(&str, Value, &str)> = vec![

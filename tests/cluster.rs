@@ -1,12 +1,19 @@
 //! Real Redis + three instances (i1, i2, i3).
-
-mod support;
+//!
+//! "Nothing else arrives" checks wait for a sentinel sent after the message
+//! under test along the path a stray copy would take: one instance's bus
+//! messages to another travel over one Redis connection, in order. A copy
+//! for a user on the sender's own instance could also come back through
+//! that instance's own subscription; there the sentinel comes from another
+//! instance: Redis runs one command at a time and hands a PUBLISH to every
+//! subscriber before answering it, so a publish sent after the sender's ack
+//! reaches the subscriber after the one that was acked.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use serde_json::json;
-use support::{eventually, unique, Client, Instance, Opts, RedisServer, QUIET, RECV_TIMEOUT};
+use switchboard_testkit::{eventually, opts, unique, Client, Instance, RedisServer, RECV_TIMEOUT};
 
 const PERSONAL_RX: &str = r#"switchboard_bus_received_total{kind="personal"}"#;
 const BROADCAST_RX: &str = r#"switchboard_bus_received_total{kind="broadcast"}"#;
@@ -15,9 +22,9 @@ const BROADCAST_RX: &str = r#"switchboard_bus_received_total{kind="broadcast"}"#
 async fn cluster(routing: &str) -> (RedisServer, Vec<Instance>) {
     let redis = RedisServer::start().await;
     let (i1, i2, i3) = tokio::join!(
-        Instance::spawn(Opts::new("i1").redis(&redis).routing(routing)),
-        Instance::spawn(Opts::new("i2").redis(&redis).routing(routing)),
-        Instance::spawn(Opts::new("i3").redis(&redis).routing(routing)),
+        Instance::spawn(opts!("i1").redis(&redis).routing(routing)),
+        Instance::spawn(opts!("i2").redis(&redis).routing(routing)),
+        Instance::spawn(opts!("i3").redis(&redis).routing(routing)),
     );
     (redis, vec![i1, i2, i3])
 }
@@ -60,9 +67,21 @@ async fn routed_dm_goes_only_to_the_recipients_instance() {
         "ts must be unix ms: {dm}"
     );
 
-    carol.expect_no_frame(QUIET).await;
-    bob.expect_no_frame(QUIET).await;
+    // Nothing else reaches bob or carol: alice's sentinel DMs travel from i1
+    // as a stray copy would.
+    let to_bob = alice.send_sentinel_dm("bob").await;
+    let to_carol = alice.send_sentinel_dm("carol").await;
+    bob.expect_nothing_before(&to_bob).await;
+    carol.expect_nothing_before(&to_carol).await;
 
+    // i1 publishes in order: once the spy saw the last sentinel, it saw
+    // every publish of the DM.
+    eventually(
+        RECV_TIMEOUT,
+        "the spy sees the sentinel for carol",
+        || async { !spy.containing(to_carol.marker()).is_empty() },
+    )
+    .await;
     let seen = spy.containing(&marker);
     let channels: Vec<&str> = seen.iter().map(|m| m.channel.as_str()).collect();
     assert_eq!(
@@ -72,8 +91,8 @@ async fn routed_dm_goes_only_to_the_recipients_instance() {
     );
     assert_eq!(
         inst[2].metric(PERSONAL_RX).await,
-        0.0,
-        "i3 must receive no personal bus message"
+        1.0,
+        "i3's only personal bus message is the sentinel for carol: none for the DM to bob"
     );
     assert!(
         inst[1].metric(PERSONAL_RX).await >= 1.0,
@@ -100,9 +119,19 @@ async fn broadcast_mode_publishes_every_dm_on_sb_all() {
     let dm = bob.recv_type("dm").await;
     assert_eq!(dm["from"], "alice");
     assert_eq!(dm["body"], json!({"m": marker}));
-    bob.expect_no_frame(QUIET).await; // exactly once
-    carol.expect_no_frame(QUIET).await;
+    // Exactly once for bob, not at all for carol: alice's sentinel DMs go
+    // the same way, i1 -> sb:all -> every instance.
+    let to_bob = alice.send_sentinel_dm("bob").await;
+    let to_carol = alice.send_sentinel_dm("carol").await;
+    bob.expect_nothing_before(&to_bob).await;
+    carol.expect_nothing_before(&to_carol).await;
 
+    eventually(
+        RECV_TIMEOUT,
+        "the spy sees the sentinel for carol",
+        || async { !spy.containing(to_carol.marker()).is_empty() },
+    )
+    .await;
     let seen = spy.containing(&marker);
     let channels: Vec<&str> = seen.iter().map(|m| m.channel.as_str()).collect();
     assert_eq!(
@@ -157,8 +186,13 @@ async fn rooms_span_instances_and_subscribe_only_with_members() {
     assert_eq!(msg["from"], "alice", "{msg}");
     assert_eq!(msg["body"], json!({"hello": "room"}), "{msg}");
     assert!(msg["msg_id"].is_string(), "{msg}");
-    alice.expect_no_frame(QUIET).await;
-    carol.expect_no_frame(QUIET).await;
+    // Not to carol (i3, not a member): alice's sentinel DM goes i1 -> i3 as
+    // a stray copy would. Not back to alice: bob's sentinel reaches i1
+    // through Redis after i1's own echo of the room message.
+    let to_carol = alice.send_sentinel_dm("carol").await;
+    carol.expect_nothing_before(&to_carol).await;
+    let from_bob = bob.send_sentinel_room("lobby").await;
+    alice.expect_nothing_before(&from_bob).await;
 
     assert_eq!(
         redis.numsub("sb:room:lobby").await,
@@ -179,7 +213,8 @@ async fn rooms_span_instances_and_subscribe_only_with_members() {
         .request(json!({"type": "room", "room": "lobby", "body": "after leave"}))
         .await;
     assert_eq!(ack["status"], "ok", "{ack}");
-    bob.expect_no_frame(QUIET).await;
+    let to_bob = alice.send_sentinel_dm("bob").await;
+    bob.expect_nothing_before(&to_bob).await;
 
     let err = carol
         .request(json!({"type": "room", "room": "lobby", "body": "intruder", "id": 9}))
@@ -187,7 +222,10 @@ async fn rooms_span_instances_and_subscribe_only_with_members() {
     assert_eq!(err["type"], "error", "{err}");
     assert_eq!(err["code"], "not_member", "{err}");
     assert_eq!(err["id"], 9, "{err}");
-    alice.expect_no_frame(QUIET).await;
+    // The refused message did not reach alice: carol's sentinel DM takes
+    // its path, i3 -> i1.
+    let from_carol = carol.send_sentinel_dm("alice").await;
+    alice.expect_nothing_before(&from_carol).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,11 +251,13 @@ async fn multi_device_user_gets_dm_on_every_connection() {
         .request(json!({"type": "dm", "to": "bob", "body": "both"}))
         .await;
     assert_eq!(ack["status"], "routed", "{ack}");
+    // Right behind it, a sentinel: each device gets the DM exactly once.
+    let sentinel = alice.send_sentinel_dm("bob").await;
     for bob in [&mut bob_i2, &mut bob_i3] {
         let dm = bob.recv_type("dm").await;
         assert_eq!(dm["from"], "alice");
         assert_eq!(dm["body"], "both");
-        bob.expect_no_frame(QUIET).await;
+        bob.expect_nothing_before(&sentinel).await;
     }
 
     bob_i3.close().await;
@@ -322,7 +362,7 @@ async fn thousand_dms_arrive_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instance_lease_has_ttl_and_is_renewed() {
     let redis = RedisServer::start().await;
-    let _i1 = Instance::spawn(Opts::new("i1").redis(&redis).lease_ms(1500)).await;
+    let _i1 = Instance::spawn(opts!("i1").redis(&redis).lease_ms(1500)).await;
 
     let first = redis.pttl("sb:instance:{i1}").await;
     assert!(
@@ -351,7 +391,7 @@ async fn instance_lease_has_ttl_and_is_renewed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_lease_is_ten_seconds() {
     let redis = RedisServer::start().await;
-    let _i1 = Instance::spawn(Opts::new("i1").redis(&redis)).await;
+    let _i1 = Instance::spawn(opts!("i1").redis(&redis)).await;
     let pttl = redis.pttl("sb:instance:{i1}").await;
     assert!(
         pttl > 0 && pttl <= 10_000,
@@ -367,7 +407,7 @@ async fn default_lease_is_ten_seconds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_prefix_is_honoured() {
     let redis = RedisServer::start().await;
-    let i1 = Instance::spawn(Opts::new("i1").redis(&redis).redis_prefix("zz")).await;
+    let i1 = Instance::spawn(opts!("i1").redis(&redis).redis_prefix("zz")).await;
     let _bob = Client::connect_user(&i1, "bob").await;
     let expected: HashMap<String, String> = [("i1".to_string(), "1".to_string())].into();
     assert_eq!(redis.hgetall("zz:presence:{bob}").await, expected);
@@ -385,7 +425,7 @@ async fn redis_prefix_is_honoured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_tracks_redis_availability() {
     let redis = RedisServer::start().await;
-    let i1 = Instance::spawn(Opts::new("i1").redis(&redis)).await;
+    let i1 = Instance::spawn(opts!("i1").redis(&redis)).await;
     assert_eq!(
         i1.http_get("/readyz").await.0,
         200,

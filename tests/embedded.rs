@@ -1,13 +1,16 @@
 //! Embedded single-node mode: no Redis, one instance.
-
-mod support;
+//!
+//! "Nothing else arrives" checks wait for a sentinel: with no bus, every
+//! delivery happens while the sender's frame is handled, before its ack (or
+//! the reply to its next frame), so a sentinel sent after that arrives after
+//! anything the frame under test could have caused.
 
 use serde_json::json;
-use support::{eventually, now_unix_ms, Client, Instance, Opts, QUIET, RECV_TIMEOUT};
+use switchboard_testkit::{eventually, now_unix_ms, opts, Client, Instance, Metrics, RECV_TIMEOUT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_endpoints_without_redis() {
-    let inst = Instance::spawn(Opts::new("solo")).await;
+    let inst = Instance::spawn(opts!("solo")).await;
     assert_eq!(inst.http_get("/healthz").await.0, 200);
     assert_eq!(
         inst.http_get("/readyz").await.0,
@@ -16,16 +19,17 @@ async fn http_endpoints_without_redis() {
     );
     let (status, metrics) = inst.http_get("/metrics").await;
     assert_eq!(status, 200);
-    assert!(
-        metrics.contains("switchboard_connections"),
-        "metrics must expose switchboard_connections:\n{metrics}"
+    assert_eq!(
+        Metrics::parse(&metrics).value("switchboard_connections"),
+        0.0,
+        "metrics must expose switchboard_connections, 0 before any client"
     );
     assert_eq!(inst.http_get("/no-such-path").await.0, 404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn welcome_frame_and_connection_gauge() {
-    let inst = Instance::spawn(Opts::new("solo")).await;
+    let inst = Instance::spawn(opts!("solo")).await;
     let a1 = Client::connect_user(&inst, "alice").await;
     let a2 = Client::connect_user(&inst, "alice").await;
     assert_eq!(a1.welcome["type"], "welcome");
@@ -49,7 +53,7 @@ async fn welcome_frame_and_connection_gauge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dm_between_two_local_users() {
-    let inst = Instance::spawn(Opts::new("solo")).await;
+    let inst = Instance::spawn(opts!("solo")).await;
     let mut alice = Client::connect_user(&inst, "alice").await;
     let mut bob = Client::connect_user(&inst, "bob").await;
 
@@ -72,7 +76,9 @@ async fn dm_between_two_local_users() {
         (before - 60_000..=now_unix_ms() + 60_000).contains(&ts),
         "ts {ts} must be unix milliseconds near now ({before})"
     );
-    alice.expect_no_frame(QUIET).await;
+    // No copy of her own DM comes back to alice.
+    let sentinel = alice.send_sentinel_ping().await;
+    alice.expect_nothing_before(&sentinel).await;
 
     let ack = alice
         .request(json!({"type": "dm", "to": "carol", "body": "anyone?"}))
@@ -82,7 +88,7 @@ async fn dm_between_two_local_users() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dm_body_may_be_any_json_value() {
-    let inst = Instance::spawn(Opts::new("solo")).await;
+    let inst = Instance::spawn(opts!("solo")).await;
     let mut alice = Client::connect_user(&inst, "alice").await;
     let mut bob = Client::connect_user(&inst, "bob").await;
     let bodies = [
@@ -111,7 +117,7 @@ async fn dm_body_may_be_any_json_value() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ids_are_echoed_as_sent() {
-    let inst = Instance::spawn(Opts::new("solo")).await;
+    let inst = Instance::spawn(opts!("solo")).await;
     let mut alice = Client::connect_user(&inst, "alice").await;
     let pong = alice.request(json!({"type": "ping", "id": 4})).await;
     assert_eq!(pong, json!({"type": "pong", "id": 4}));
@@ -128,7 +134,7 @@ async fn ids_are_echoed_as_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rooms_on_one_instance() {
-    let inst = Instance::spawn(Opts::new("solo")).await;
+    let inst = Instance::spawn(opts!("solo")).await;
     let mut alice = Client::connect_user(&inst, "alice").await;
     let mut bob = Client::connect_user(&inst, "bob").await;
     let mut bob2 = Client::connect_user(&inst, "bob").await;
@@ -150,8 +156,11 @@ async fn rooms_on_one_instance() {
         assert_eq!(msg["from"], "alice");
         assert_eq!(msg["body"], json!([1, 2, 3]));
     }
-    alice.expect_no_frame(QUIET).await;
-    carol.expect_no_frame(QUIET).await;
+    // Neither the sender nor carol (not a member) gets it.
+    let sentinel = alice.send_sentinel_ping().await;
+    alice.expect_nothing_before(&sentinel).await;
+    let sentinel = alice.send_sentinel_dm("carol").await;
+    carol.expect_nothing_before(&sentinel).await;
 
     // Another connection of the sender's own user does receive it.
     let ack = bob
@@ -160,7 +169,8 @@ async fn rooms_on_one_instance() {
     assert_eq!(ack["status"], "ok", "{ack}");
     assert_eq!(bob2.recv_type("room").await["from"], "bob");
     assert_eq!(alice.recv_type("room").await["body"], "from bob");
-    bob.expect_no_frame(QUIET).await;
+    let sentinel = bob.send_sentinel_ping().await;
+    bob.expect_nothing_before(&sentinel).await;
 
     let err = carol
         .request(json!({"type": "room", "room": "lobby", "body": "x"}))
@@ -175,12 +185,15 @@ async fn rooms_on_one_instance() {
         .request(json!({"type": "room", "room": "lobby", "body": "after"}))
         .await;
     assert_eq!(bob.recv_type("room").await["body"], "after");
-    bob2.expect_no_frame(QUIET).await;
+    // The sentinel DM reaches both of bob's connections; bob2 must have
+    // nothing before it.
+    let sentinel = alice.send_sentinel_dm("bob").await;
+    bob2.expect_nothing_before(&sentinel).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_on_one_instance() {
-    let inst = Instance::spawn(Opts::new("solo")).await;
+    let inst = Instance::spawn(opts!("solo")).await;
     let mut alice = Client::connect_user(&inst, "alice").await;
     let bob = Client::connect_user(&inst, "bob").await;
 
@@ -202,7 +215,7 @@ async fn presence_on_one_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ack_false_sends_no_reply_on_success_but_reports_errors() {
-    let inst = Instance::spawn(Opts::new("solo")).await;
+    let inst = Instance::spawn(opts!("solo")).await;
     let mut alice = Client::connect_user(&inst, "alice").await;
     let mut bob = Client::connect_user(&inst, "bob").await;
 
@@ -214,8 +227,10 @@ async fn ack_false_sends_no_reply_on_success_but_reports_errors() {
         (dm["from"].as_str(), dm["body"].as_str()),
         (Some("alice"), Some("quiet"))
     );
-    // Nothing comes back to alice for a successful fire-and-forget DM.
-    alice.expect_no_frame(QUIET).await;
+    // Nothing comes back to alice for a successful fire-and-forget DM: the
+    // pong to her next frame is the first thing she gets.
+    let sentinel = alice.send_sentinel_ping().await;
+    alice.expect_nothing_before(&sentinel).await;
 
     // Errors are still reported, with the id.
     alice
@@ -235,7 +250,8 @@ async fn ack_false_sends_no_reply_on_success_but_reports_errors() {
     alice
         .send_json(&json!({"type":"room","room":"r","body":1,"ack":false}))
         .await;
-    alice.expect_no_frame(QUIET).await;
+    let sentinel = alice.send_sentinel_ping().await;
+    alice.expect_nothing_before(&sentinel).await;
     let bad = alice
         .request(json!({"type":"dm","to":"bob","body":1,"ack":"no","id":4}))
         .await;

@@ -6,8 +6,6 @@
 //! are short (`LEASE_MS`) so expiry and reaping happen within a second or two;
 //! every wait is bounded and polls for the observable effect.
 
-mod support;
-
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,10 +15,10 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use support::{
-    unique, Client, Incoming, Instance, Opts, RedisProxy, RedisServer, QUIET, RECV_TIMEOUT,
+use switchboard_testkit::{
+    opts, unique, ws_request_at, Client, Incoming, Instance, Opts, RedisProxy, RedisServer,
+    RECV_TIMEOUT,
 };
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// Lease TTL of every instance here: refreshed (and dead peers reaped) every
 /// third of it.
@@ -43,8 +41,9 @@ static SERIAL: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 // Helpers
 // ---------------------------------------------------------------------------
 
-fn opts(id: &str, redis: &RedisServer) -> Opts {
-    Opts::new(id).redis(redis).lease_ms(LEASE_MS)
+/// Instance `id` on `redis` with the short lease of these tests.
+fn short_lease_opts(id: &str, redis: &RedisServer) -> Opts {
+    opts!(id).redis(redis).lease_ms(LEASE_MS)
 }
 
 fn presence_key(user: &str) -> String {
@@ -260,9 +259,9 @@ async fn sigkilled_instance_is_reaped_exactly_once_and_stays_dead() {
     let _shared = SERIAL.read().await;
     let redis = RedisServer::start().await;
     let (i1, mut i2, i3) = tokio::join!(
-        Instance::spawn(opts("i1", &redis)),
-        Instance::spawn(opts("i2", &redis)),
-        Instance::spawn(opts("i3", &redis)),
+        Instance::spawn(short_lease_opts("i1", &redis)),
+        Instance::spawn(short_lease_opts("i2", &redis)),
+        Instance::spawn(short_lease_opts("i3", &redis)),
     );
     let mut alice = Client::connect_user(&i1, "alice").await;
     let bob = Client::connect_user(&i2, "bob").await;
@@ -352,7 +351,7 @@ async fn sigkilled_instance_is_reaped_exactly_once_and_stays_dead() {
     );
 
     // A new process on i2's port, with a new id, does not bring i2 back.
-    i2.respawn_same_port(opts("i2b", &redis)).await;
+    i2.respawn_same_port(short_lease_opts("i2b", &redis)).await;
     let mut bob = Client::connect_user(&i2, "bob").await;
     assert_eq!(bob.welcome["instance"], "i2b", "{}", bob.welcome);
     await_heartbeats(&redis, &["i2b", "i1"], 2).await;
@@ -392,8 +391,8 @@ async fn frozen_instance_is_reaped_then_reasserts_its_presence_on_sigcont() {
     let _shared = SERIAL.read().await;
     let redis = RedisServer::start().await;
     let (i1, i2) = tokio::join!(
-        Instance::spawn(opts("i1", &redis)),
-        Instance::spawn(opts("i2", &redis)),
+        Instance::spawn(short_lease_opts("i1", &redis)),
+        Instance::spawn(short_lease_opts("i2", &redis)),
     );
     let mut alice = Client::connect_user(&i1, "alice").await;
     let mut bob = Client::connect_user(&i2, "bob").await;
@@ -487,8 +486,8 @@ async fn redis_crash_and_empty_restart_recovers_without_client_reconnects() {
     let _exclusive = SERIAL.write().await;
     let mut redis = RedisServer::start().await;
     let (i1, i2) = tokio::join!(
-        Instance::spawn(opts("i1", &redis)),
-        Instance::spawn(opts("i2", &redis)),
+        Instance::spawn(short_lease_opts("i1", &redis)),
+        Instance::spawn(short_lease_opts("i2", &redis)),
     );
     let mut alice = Client::connect_user(&i1, "alice").await;
     let mut dave = Client::connect_user(&i1, "dave").await;
@@ -625,8 +624,8 @@ async fn killed_subscriber_connections_resubscribe() {
     let _shared = SERIAL.read().await;
     let redis = RedisServer::start().await;
     let (i1, i2) = tokio::join!(
-        Instance::spawn(opts("i1", &redis)),
-        Instance::spawn(opts("i2", &redis)),
+        Instance::spawn(short_lease_opts("i1", &redis)),
+        Instance::spawn(short_lease_opts("i2", &redis)),
     );
     let mut alice = Client::connect_user(&i1, "alice").await;
     let mut bob = Client::connect_user(&i2, "bob").await;
@@ -677,8 +676,8 @@ async fn silently_lost_subscriptions_are_detected_by_the_probe() {
     let redis = RedisServer::start().await;
     let proxy = RedisProxy::start(&redis).await;
     let (i1, i2) = tokio::join!(
-        Instance::spawn(opts("i1", &redis)),
-        Instance::spawn(Opts::new("i2").redis_url(&proxy.url()).lease_ms(LEASE_MS)),
+        Instance::spawn(short_lease_opts("i1", &redis)),
+        Instance::spawn(opts!("i2").redis_url(&proxy.url()).lease_ms(LEASE_MS)),
     );
     let mut alice = Client::connect_user(&i1, "alice").await;
     let mut bob = Client::connect_user(&i2, "bob").await;
@@ -752,9 +751,9 @@ async fn welcome_is_the_first_frame_while_dms_race_with_the_connect() {
     let redis = RedisServer::start().await;
     let proxy = RedisProxy::start(&redis).await;
     let (i1, i2) = tokio::join!(
-        Instance::spawn(opts("i1", &redis)),
+        Instance::spawn(short_lease_opts("i1", &redis)),
         // A longer lease: i2's heartbeats are slowed down by the proxy too.
-        Instance::spawn(Opts::new("i2").redis_url(&proxy.url()).lease_ms(5000)),
+        Instance::spawn(opts!("i2").redis_url(&proxy.url()).lease_ms(5000)),
     );
     let mut alice = Client::connect_user(&i1, "alice").await;
     let mut bob = Client::connect_user(&i2, "bob").await;
@@ -842,9 +841,9 @@ async fn randomized_reconnect_races_leave_presence_exact() {
     let redis = RedisServer::start().await;
     let ids = ["i1", "i2", "i3"];
     let (a, b, c) = tokio::join!(
-        Instance::spawn(opts(ids[0], &redis)),
-        Instance::spawn(opts(ids[1], &redis)),
-        Instance::spawn(opts(ids[2], &redis)),
+        Instance::spawn(short_lease_opts(ids[0], &redis)),
+        Instance::spawn(short_lease_opts(ids[1], &redis)),
+        Instance::spawn(short_lease_opts(ids[2], &redis)),
     );
     let instances = [a, b, c];
 
@@ -1037,12 +1036,17 @@ struct LoadLog {
     unexpected: Vec<String>,
     /// Frames received on a new connection before its welcome frame.
     before_welcome: Vec<String>,
+    /// (sender, recipient) -> sentinel DMs received (each user sends every
+    /// peer one once the load has stopped).
+    sentinels: HashMap<(String, String), usize>,
 }
 
 #[derive(Default)]
 struct LoadShared {
     log: Mutex<LoadLog>,
     stop_sending: AtomicBool,
+    /// Tells every load user to send each peer its sentinel DM.
+    send_sentinels: AtomicBool,
     finish: AtomicBool,
     delivered: AtomicU64,
 }
@@ -1054,10 +1058,18 @@ impl LoadShared {
 }
 
 /// Records one frame a load user received: an ack (or error) for one of its
-/// DMs, or a DM from another user.
+/// DMs, or a DM from another user (a sentinel or a load DM).
 fn record_frame(user: &str, frame: Value, shared: &LoadShared) {
     let mut log = shared.log();
+    let sentinel_ack = frame["id"]
+        .as_str()
+        .is_some_and(|id| id.starts_with(SENTINEL_ID));
     match frame["type"].as_str() {
+        Some("ack") if sentinel_ack && frame["status"] == "routed" => {}
+        Some("dm") if frame["body"]["sentinel"].is_string() => {
+            let from = frame["from"].as_str().unwrap_or("?").to_string();
+            *log.sentinels.entry((from, user.to_string())).or_default() += 1;
+        }
         Some("ack") | Some("error") => {
             let id = frame["id"].as_u64();
             match id.and_then(|id| log.sent.get_mut(&(user.to_string(), id))) {
@@ -1079,6 +1091,23 @@ fn record_frame(user: &str, frame: Value, shared: &LoadShared) {
     }
 }
 
+/// The id prefix of the sentinel DMs the load users send at the end.
+const SENTINEL_ID: &str = "sentinel-to-";
+
+/// Sends `user`'s sentinel DM to every peer (their acks are recorded).
+async fn send_sentinels(client: &mut Client, user: &str, peers: &[String]) -> Result<(), String> {
+    for peer in peers {
+        let frame = json!({
+            "type": "dm",
+            "to": peer,
+            "id": format!("{SENTINEL_ID}{peer}"),
+            "body": {"sentinel": user},
+        });
+        client.try_send_json(&frame).await?;
+    }
+    Ok(())
+}
+
 /// Connects `user` to `addr`, retrying (the port is down during a restart).
 /// Frames that arrive before the welcome frame are a protocol violation: they
 /// are recorded as such, and still counted.
@@ -1088,9 +1117,7 @@ async fn connect_retry(addr: SocketAddr, user: &str, shared: &LoadShared) -> Cli
         format!("{user} reconnects to {addr}"),
     );
     loop {
-        let request = format!("ws://{addr}/ws?user={user}")
-            .into_client_request()
-            .expect("websocket request");
+        let request = ws_request_at(addr, &format!("user={user}"));
         let attempt =
             tokio::time::timeout(Duration::from_secs(2), Client::try_connect_raw(request)).await;
         match attempt {
@@ -1136,10 +1163,17 @@ async fn load_user(
     let mut seq = 0u64;
     let jitter = Duration::from_millis(rng.random_range(0..60));
     let mut next_send = tokio::time::Instant::now() + jitter;
+    let mut sentinels_sent = false;
     while !shared.finish.load(Ordering::Relaxed) {
         let sending = !shared.stop_sending.load(Ordering::Relaxed);
         let now = tokio::time::Instant::now();
-        let event = if sending && now >= next_send {
+        let event = if !sentinels_sent && shared.send_sentinels.load(Ordering::Relaxed) {
+            sentinels_sent = true;
+            match send_sentinels(&mut client, &user, &peers).await {
+                Ok(()) => continue,
+                Err(e) => Incoming::Ended(e),
+            }
+        } else if sending && now >= next_send {
             seq += 1;
             let to = peers[rng.random_range(0..peers.len())].clone();
             let frame = json!({"type": "dm", "to": to, "id": seq, "body": {"seq": seq}});
@@ -1188,9 +1222,9 @@ async fn rolling_restart_under_load_loses_no_dm_between_connected_users() {
     let test_started = Instant::now();
     let redis = RedisServer::start().await;
     let (a, b, c) = tokio::join!(
-        Instance::spawn(opts("i1", &redis)),
-        Instance::spawn(opts("i2", &redis)),
-        Instance::spawn(opts("i3", &redis)),
+        Instance::spawn(short_lease_opts("i1", &redis)),
+        Instance::spawn(short_lease_opts("i2", &redis)),
+        Instance::spawn(short_lease_opts("i3", &redis)),
     );
     let mut instances = [a, b, c];
     let users: Vec<(String, usize)> = (0..3)
@@ -1243,7 +1277,9 @@ async fn rolling_restart_under_load_loses_no_dm_between_connected_users() {
             "i{} exit status after SIGTERM: {status}",
             k + 1
         );
-        instance.respawn_same_port(opts(&new_id, &redis)).await;
+        instance
+            .respawn_same_port(short_lease_opts(&new_id, &redis))
+            .await;
         let movers: Vec<&String> = users
             .iter()
             .filter(|(_, i)| *i == k)
@@ -1309,8 +1345,25 @@ async fn rolling_restart_under_load_loses_no_dm_between_connected_users() {
         }
         pause().await;
     }
-    // Late duplicates would arrive about now.
-    tokio::time::sleep(QUIET).await;
+    // No late duplicates either: every user now sends each peer a sentinel
+    // DM. DMs from one connection to one recipient arrive in order, and
+    // what a user sent before reconnecting was published before it
+    // reconnected, so once every sentinel is in, any copy of an earlier DM
+    // still on its way has arrived.
+    shared.send_sentinels.store(true, Ordering::Relaxed);
+    let pairs = users.len() * (users.len() - 1);
+    let deadline = Deadline::after(
+        Duration::from_secs(10),
+        format!("the {pairs} sentinel DMs arrive"),
+    );
+    loop {
+        let got = shared.log().sentinels.len();
+        if got == pairs {
+            break;
+        }
+        deadline.check(format!("{got} of {pairs} arrived"));
+        pause().await;
+    }
     shared.finish.store(true, Ordering::Relaxed);
     for task in tasks {
         task.await.expect("a load user task panicked");
@@ -1347,6 +1400,11 @@ async fn rolling_restart_under_load_loses_no_dm_between_connected_users() {
                 sent.to,
                 sent.at.duration_since(test_started)
             ));
+        }
+    }
+    for ((from, to), copies) in &log.sentinels {
+        if *copies > 1 {
+            duplicated.push(format!("sentinel {from} -> {to} x{copies}"));
         }
     }
     let unexpected_disconnects: Vec<String> = log
@@ -1428,7 +1486,7 @@ const FLOOD_PAD: usize = 15_000;
 async fn slow_consumer_is_closed_without_hurting_others() {
     let _exclusive = SERIAL.write().await;
     let redis = RedisServer::start().await;
-    let inst = Instance::spawn(opts("i1", &redis).outbound_queue(16)).await;
+    let inst = Instance::spawn(short_lease_opts("i1", &redis).outbound_queue(16)).await;
     // Never read until the very end.
     let mut sloth = Client::connect_user(&inst, "sloth").await;
     let mut alice = Client::connect_user(&inst, "alice").await;

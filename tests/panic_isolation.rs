@@ -2,19 +2,17 @@
 //! server runs in-process over the embedded backend, whose bus is wrapped in a
 //! decorator that panics when asked to route a DM to the user `boom`.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use serde_json::json;
-use support::{http_request, metric_value, ws_request_at, Client, Incoming, RECV_TIMEOUT};
 use switchboard::bus::{Bus, Channel, DirectRoute, Reached};
 use switchboard::config::Config;
 use switchboard::error::BackendError;
 use switchboard::server::{run_with_backend, Backend};
+use switchboard_testkit::{http_request, ws_request_at, Client, Incoming, Metrics, RECV_TIMEOUT};
 
 /// Delegates everything to the real bus, except that routing to `boom` panics.
 struct PanicsOnBoom {
@@ -77,7 +75,7 @@ async fn a_panicking_session_closes_only_its_own_connection() {
     assert_eq!(ack["status"], "routed", "{ack}");
     assert_eq!(alice.recv_type("dm").await["body"], "before");
     assert_eq!(
-        metric_value(&metrics().await, "switchboard_session_panics_total"),
+        Metrics::parse(&metrics().await).value("switchboard_session_panics_total"),
         0.0
     );
 
@@ -117,16 +115,13 @@ async fn a_panicking_session_closes_only_its_own_connection() {
     );
 
     let text = metrics().await;
+    let after = Metrics::parse(&text);
     assert_eq!(
-        metric_value(&text, "switchboard_session_panics_total"),
+        after.value("switchboard_session_panics_total"),
         1.0,
         "{text}"
     );
-    assert_eq!(
-        metric_value(&text, "switchboard_connections"),
-        3.0,
-        "{text}"
-    );
+    assert_eq!(after.value("switchboard_connections"), 3.0, "{text}");
     let health = http_request(addr, "GET", "/healthz", &[], b"").await;
     assert_eq!(health.status, 200);
 

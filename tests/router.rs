@@ -10,8 +10,6 @@
 //! instance to another arrive in order, so once every sentinel is in, nothing
 //! else is on its way.
 
-mod support;
-
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +18,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde_json::value::RawValue;
 use serde_json::Value;
-use support::RedisServer;
 use switchboard::bus::{
     Bus, Channel, ChannelKind, Covered, DirectRoute, Envelope, Inbound, Reached,
 };
@@ -32,6 +29,7 @@ use switchboard::registry::{ConnHandle, Outbound, QueueLimits};
 use switchboard::router::{RouteError, Router, RoutingMode};
 use switchboard_core::local::{LocalBackend, LocalHub};
 use switchboard_redis::{RedisBackend, RedisSettings};
+use switchboard_testkit::RedisServer;
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(5);

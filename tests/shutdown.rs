@@ -1,19 +1,17 @@
 //! Graceful shutdown on SIGTERM.
 
-mod support;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use support::{Client, Instance, Opts, RedisServer};
+use switchboard_testkit::{opts, Client, Instance, RedisServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_clients_and_cleans_redis() {
     let redis = RedisServer::start().await;
     // A second instance shares the cluster; its state must survive i1's exit.
     let (mut i1, i2) = tokio::join!(
-        Instance::spawn(Opts::new("i1").redis(&redis)),
-        Instance::spawn(Opts::new("i2").redis(&redis)),
+        Instance::spawn(opts!("i1").redis(&redis)),
+        Instance::spawn(opts!("i2").redis(&redis)),
     );
     let mut clients = vec![
         Client::connect_user(&i1, "alice").await,
@@ -64,7 +62,7 @@ async fn sigterm_closes_clients_and_cleans_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_in_embedded_mode_exits_cleanly() {
-    let mut inst = Instance::spawn(Opts::new("solo")).await;
+    let mut inst = Instance::spawn(opts!("solo")).await;
     let mut alice = Client::connect_user(&inst, "alice").await;
     inst.send_sigterm();
     assert_eq!(alice.expect_close(Duration::from_secs(5)).await, Some(1001));
@@ -75,7 +73,7 @@ async fn sigterm_in_embedded_mode_exits_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_no_clients_exits_quickly() {
     let redis = RedisServer::start().await;
-    let mut inst = Instance::spawn(Opts::new("i1").redis(&redis)).await;
+    let mut inst = Instance::spawn(opts!("i1").redis(&redis)).await;
     let status = inst.terminate(Duration::from_secs(5)).await;
     assert!(status.success(), "exit status {status}");
     assert!(!redis.exists("sb:instance:{i1}").await, "lease key removed");

@@ -4,7 +4,10 @@
 // once the server is built: `node --test tests/e2e/chat.test.mjs`.
 //
 // Environment: SWITCHBOARD_BIN (default target/debug/switchboard),
-// CHROMIUM_PATH (default /usr/bin/chromium), SCREENSHOT_DIR (default docs/img).
+// CHROMIUM_PATH (default /usr/bin/chromium), SCREENSHOT_DIR (where the
+// screenshots go, default target/e2e/screenshots: untracked), and
+// SB_E2E_UPDATE_SCREENSHOTS=1 to write them to docs/img instead, replacing
+// the README's pictures.
 
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
@@ -19,7 +22,10 @@ import { chromium } from "playwright-core";
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 const BIN = process.env.SWITCHBOARD_BIN || path.join(ROOT, "target/debug/switchboard");
 const CHROMIUM = process.env.CHROMIUM_PATH || "/usr/bin/chromium";
-const SHOTS = process.env.SCREENSHOT_DIR || path.join(ROOT, "docs/img");
+const SHOTS =
+  process.env.SB_E2E_UPDATE_SCREENSHOTS === "1"
+    ? path.join(ROOT, "docs/img")
+    : process.env.SCREENSHOT_DIR || path.join(ROOT, "target/e2e/screenshots");
 const CHROMIUM_ARGS = [
   "--headless",
   "--no-sandbox",

@@ -4,6 +4,11 @@
 # playwright-core from package-lock.json), builds the server, then runs
 # tests/e2e/chat.test.mjs under node's test runner. Never skips: a browser
 # that cannot start is a failure.
+#
+# Screenshots: written to target/e2e/screenshots (untracked), so a run never
+# modifies the committed docs/img/*.png. To refresh the README's pictures,
+# run with SB_E2E_UPDATE_SCREENSHOTS=1: they then replace docs/img/*.png.
+# (SCREENSHOT_DIR=DIR sends them elsewhere instead.)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
