@@ -59,10 +59,15 @@ pub struct Opts {
 
 impl Opts {
     /// Options for `binary` as instance `instance_id`; tests use
-    /// [`opts!`](crate::opts!) instead.
+    /// [`opts!`](crate::opts!) instead. `SWITCHBOARD_TEST_BIN`, when set,
+    /// replaces the binary: that is how a new test is run against an older
+    /// build to show that it fails there.
     pub fn new(binary: impl Into<PathBuf>, instance_id: &str) -> Opts {
+        let binary = std::env::var_os("SWITCHBOARD_TEST_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| binary.into());
         Opts {
-            binary: binary.into(),
+            binary,
             instance_id: instance_id.to_string(),
             redis_url: None,
             routing: None,
@@ -224,6 +229,37 @@ impl Instance {
             "switchboard instance {} failed to start: {last}",
             opts.instance_id
         );
+    }
+
+    /// Runs the binary with `opts` expecting it to stop by itself (a refused
+    /// start-up): returns its exit status and everything it wrote, or panics
+    /// if it is still running (or became healthy) after `timeout`.
+    pub async fn run_until_exit(opts: Opts, timeout: Duration) -> (ExitStatus, String) {
+        let addr = free_port();
+        let mut child = tokio::process::Command::new(&opts.binary);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("SWITCHBOARD_") {
+                child.env_remove(key);
+            }
+        }
+        let run = child
+            .args(opts.args(addr))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        match tokio::time::timeout(timeout, run).await {
+            Ok(Ok(output)) => {
+                let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
+                text.push_str(&String::from_utf8_lossy(&output.stderr));
+                (output.status, text)
+            }
+            Ok(Err(e)) => panic!("spawn {}: {e}", opts.binary.display()),
+            Err(_) => panic!(
+                "instance {} was still running after {timeout:?}; it was expected to stop",
+                opts.instance_id
+            ),
+        }
     }
 
     /// Spawns on `addr`; a respawn passes the previous log dir so one log

@@ -108,4 +108,21 @@ impl Client {
             self.buffered
         );
     }
+
+    /// Every frame that arrives before `sentinel` (which is consumed), in
+    /// order: for tests that count what arrived, duplicates included.
+    pub async fn frames_until(&mut self, sentinel: &Sentinel) -> Vec<Value> {
+        let mut frames = Vec::new();
+        let waiting_for = format!("sentinel {}", sentinel.marker);
+        loop {
+            let frame = match self.buffered.pop_front() {
+                Some(frame) => frame,
+                None => self.read_json(RECV_TIMEOUT, &waiting_for).await,
+            };
+            if sentinel.is(&frame) {
+                return frames;
+            }
+            frames.push(frame);
+        }
+    }
 }

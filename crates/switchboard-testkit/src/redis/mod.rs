@@ -126,6 +126,22 @@ impl RedisServer {
         self.child.0.wait().expect("reap the redis-server process");
     }
 
+    /// Freezes the redis-server (SIGSTOP): connections stay open, commands
+    /// are read by nobody and answered by nobody, until [`RedisServer::resume`].
+    pub fn freeze(&self) {
+        self.signal(rustix::process::Signal::STOP, "SIGSTOP");
+    }
+
+    /// SIGCONT after [`RedisServer::freeze`]: Redis runs what it was sent meanwhile.
+    pub fn resume(&self) {
+        self.signal(rustix::process::Signal::CONT, "SIGCONT");
+    }
+
+    fn signal(&self, signal: rustix::process::Signal, name: &str) {
+        rustix::process::kill_process(rustix::process::Pid::from_child(&self.child.0), signal)
+            .unwrap_or_else(|e| panic!("{name} to redis-server: {e}"));
+    }
+
     /// Starts a fresh, empty redis-server on the same unix socket path (after
     /// [`RedisServer::kill`]); returns the moment it first answered PING.
     pub async fn restart(&mut self) -> Instant {
