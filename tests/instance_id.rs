@@ -1,0 +1,111 @@
+//! An instance id names one process at a time. A second process started with
+//! the id of a live one refuses to start (it would steal its DMs and, on
+//! exit, delete its presence); a process restarted with the id of a crashed
+//! one waits for the crashed one's lease to run out and clears what it left.
+
+use std::time::Duration;
+
+use serde_json::json;
+use switchboard_testkit::{eventually, opts, Client, Instance, RedisServer, RECV_TIMEOUT};
+
+const LEASE_MS: u64 = 1000;
+
+fn presence_key(user: &str) -> String {
+    format!("sb:presence:{{{user}}}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_with_a_live_instance_id_refuses_to_start() {
+    let redis = RedisServer::start().await;
+    let (node1, node2) = tokio::join!(
+        Instance::spawn(opts!("node1").redis(&redis).lease_ms(LEASE_MS)),
+        Instance::spawn(opts!("node2").redis(&redis).lease_ms(LEASE_MS)),
+    );
+    let mut alice = Client::connect_user(&node1, "alice").await;
+    let mut bob = Client::connect_user(&node2, "bob").await;
+    eventually(RECV_TIMEOUT, "alice's presence on node1", || async {
+        redis.hgetall(&presence_key("alice")).await.get("node1") == Some(&"1".to_owned())
+    })
+    .await;
+
+    let bound = Duration::from_millis(LEASE_MS * 5);
+    let (status, output) =
+        Instance::run_until_exit(opts!("node1").redis(&redis).lease_ms(LEASE_MS), bound).await;
+    assert!(
+        !status.success(),
+        "the duplicate must fail: {status}\n{output}"
+    );
+    assert!(
+        output.contains("\"node1\" is held by another live instance"),
+        "it must say why:\n{output}"
+    );
+
+    // The first node1 lost nothing: its presence and its DMs.
+    assert_eq!(
+        redis.hgetall(&presence_key("alice")).await.get("node1"),
+        Some(&"1".to_owned()),
+        "alice's presence survives the refused duplicate"
+    );
+    let ack = bob
+        .request(json!({"type": "dm", "to": "alice", "body": "still here"}))
+        .await;
+    assert_eq!(ack["status"], "routed", "{ack}");
+    assert_eq!(alice.recv_type("dm").await["body"], "still here");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_the_id_of_a_crashed_process_clears_what_it_left() {
+    let redis = RedisServer::start().await;
+    let (mut node1, node2) = tokio::join!(
+        Instance::spawn(opts!("node1").redis(&redis).lease_ms(LEASE_MS)),
+        Instance::spawn(opts!("node2").redis(&redis).lease_ms(LEASE_MS)),
+    );
+    let _carol = Client::connect_user(&node1, "carol").await;
+    let mut bob = Client::connect_user(&node2, "bob").await;
+    eventually(RECV_TIMEOUT, "carol's presence on node1", || async {
+        redis.hgetall(&presence_key("carol")).await.get("node1") == Some(&"1".to_owned())
+    })
+    .await;
+
+    node1.sigkill();
+    // At once, with the same id (a supervisor restarting a crashed process).
+    node1
+        .respawn_same_port(opts!("node1").redis(&redis).lease_ms(LEASE_MS))
+        .await;
+    assert!(
+        redis.hgetall(&presence_key("carol")).await.is_empty(),
+        "carol was only on the crashed node1: the new node1 must not claim her"
+    );
+    let ack = bob
+        .request(json!({"type": "dm", "to": "carol", "body": 1}))
+        .await;
+    assert_eq!(ack["status"], "offline", "{ack}");
+    let mut carol = Client::connect_user(&node1, "carol").await;
+    eventually(
+        RECV_TIMEOUT,
+        "carol's presence on the new node1",
+        || async {
+            redis.hgetall(&presence_key("carol")).await.get("node1") == Some(&"1".to_owned())
+        },
+    )
+    .await;
+    // node2 saw node1's lease expire; it sees the new process alive at its
+    // next refresh of the live instances (every third of the lease).
+    let deadline = tokio::time::Instant::now() + RECV_TIMEOUT;
+    let mut n = 1;
+    loop {
+        n += 1;
+        let ack = bob
+            .request(json!({"type": "dm", "to": "carol", "body": n}))
+            .await;
+        if ack["status"] == "routed" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a DM to carol routed to the new node1 within {RECV_TIMEOUT:?}: {ack}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(carol.recv_type("dm").await["body"], n);
+}
