@@ -493,6 +493,17 @@ async fn redis_crash_and_empty_restart_recovers_without_client_reconnects() {
     let mut dave = Client::connect_user(&i1, "dave").await;
     let mut bob = Client::connect_user(&i2, "bob").await;
     let conns = [alice.conn_id(), dave.conn_id(), bob.conn_id()];
+    // "lobby": alice and dave on i1, bob on i2. "pair": alice on i1, bob on i2.
+    for (client, rooms) in [
+        (&mut alice, &["lobby", "pair"][..]),
+        (&mut dave, &["lobby"]),
+        (&mut bob, &["lobby", "pair"]),
+    ] {
+        for room in rooms {
+            let ack = client.request(json!({"type": "join", "room": room})).await;
+            assert_eq!(outcome(&ack), "ack:ok", "join {room}: {ack}");
+        }
+    }
     let deadline = Deadline::after(Duration::from_secs(5), "both instances ready");
     await_status(&i1, "/readyz", 200, &deadline).await;
     await_status(&i2, "/readyz", 200, &deadline).await;
@@ -533,6 +544,32 @@ async fn redis_crash_and_empty_restart_recovers_without_client_reconnects() {
             "dave receives alice's local DM during the outage"
         );
     }
+    // A room with a local member: dave gets it, bob (on i2) cannot; the ack
+    // says `partial` — not `unavailable`, which would invite a retry that
+    // duplicates it for dave.
+    let marker = unique("room-local");
+    let reply = alice.request(room_frame("lobby", &marker)).await;
+    assert_eq!(
+        outcome(&reply),
+        "ack:partial",
+        "a room message that reached local members only: {reply}"
+    );
+    assert!(reply["msg_id"].is_string(), "{reply}");
+    assert!(
+        wait_marker(&mut dave, &[marker], Duration::from_secs(2))
+            .await
+            .is_some(),
+        "dave, on alice's instance, receives the room message during the outage"
+    );
+    // A room whose other members are all elsewhere: it reached nobody.
+    let reply = alice
+        .request(room_frame("pair", &unique("room-remote")))
+        .await;
+    assert_eq!(
+        outcome(&reply),
+        "error:unavailable",
+        "a room message that reached nobody: {reply}"
+    );
     // Across instances: a prompt `unavailable` error, in both directions.
     for (sender, to) in [(&mut alice, "bob"), (&mut bob, "alice")] {
         for _ in 0..3 {
@@ -603,6 +640,15 @@ async fn redis_crash_and_empty_restart_recovers_without_client_reconnects() {
         &Deadline::after(Duration::from_secs(2), "bob -> alice after recovery"),
         |m| dm_frame("alice", m),
         "routed",
+    )
+    .await;
+    // Rooms too: the subscriptions came back with the subscriber.
+    until_delivered(
+        &mut alice,
+        &mut bob,
+        &Deadline::after(Duration::from_secs(2), "a room message across instances"),
+        |m| room_frame("pair", m),
+        "ok",
     )
     .await;
     assert_eq!(
