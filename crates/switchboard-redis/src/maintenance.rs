@@ -131,6 +131,7 @@ impl RedisBackend {
             }
             LeaseState::Held => {}
         }
+        self.check_message_path().await?;
         let lease_ms = self.lease.as_millis() as u64;
         let mut conn = self.maintenance().await?;
         let (now, index): (i64, Vec<(String, i64)>) = self
@@ -164,6 +165,28 @@ impl RedisBackend {
         Ok(dead)
     }
 
+    /// PINGs the message-path connection, twice if need be: a connection the
+    /// manager has not yet seen die fails the first PING and is replaced, so
+    /// the second goes over a fresh one. After a Redis restart, the messages
+    /// that follow then find a working connection instead of the dead one.
+    async fn check_message_path(&self) -> Result<(), BackendError> {
+        let mut last = None;
+        for _ in 0..2 {
+            let mut conn = self.commands.clone();
+            let ping = tokio::time::timeout(
+                self.response_timeout,
+                redis::cmd("PING").query_async::<String>(&mut conn),
+            )
+            .await;
+            match ping {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) => last = Some(maintenance_error(e)),
+                Err(elapsed) => last = Some(BackendError::Timeout(Box::new(elapsed))),
+            }
+        }
+        Err(last.unwrap_or_else(|| BackendError::unavailable("message path did not answer")))
+    }
+
     /// Writes the local truth over this instance's presence fields and users
     /// set: absolute counts for every local user, and removal of users the set
     /// still lists but that have no connection here any more. Pipelined,
@@ -172,7 +195,14 @@ impl RedisBackend {
     /// users can interleave with it (they wait a few milliseconds).
     pub(crate) async fn resync(&self) -> Result<(), BackendError> {
         self.metrics.presence_resyncs.inc();
-        self.write_local_truth().await
+        let started = std::time::Instant::now();
+        self.write_local_truth().await?;
+        tracing::info!(
+            users = self.desired.len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "presence re-asserted"
+        );
+        Ok(())
     }
 
     /// [`RedisBackend::resync`] without counting it: at start-up it clears
