@@ -6,12 +6,16 @@
 #   BASE_PORT=9000 scripts/cluster.sh 2
 #   AUTH=jwt JWT_SECRET=s3cret scripts/cluster.sh 2
 #   ROUTING=broadcast scripts/cluster.sh 4
+#   API_KEY=mykey scripts/cluster.sh 2  # server-side API key (default: a fresh development key, printed)
 set -euo pipefail
 
 n=${1:-3}
 base_port=${BASE_PORT:-8081}
 routing=${ROUTING:-routed}
 auth=${AUTH:-none}
+# The server-side API (POST /api/v1/publish: a backend pushing "your ticket
+# was rejected" to a user) needs a key; a development cluster gets one.
+api_key=${API_KEY:-dev-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')}
 root=$(cd "$(dirname "$0")/.." && pwd)
 
 command -v redis-server >/dev/null || {
@@ -44,7 +48,7 @@ for _ in $(seq 1 50); do
 done
 redis_url="redis+unix://$work/redis.sock"
 
-extra=()
+extra=(--api-key "$api_key")
 if [ "$auth" = jwt ]; then
   extra+=(--auth jwt --jwt-secret "${JWT_SECRET:?set JWT_SECRET for AUTH=jwt}")
 else
@@ -76,6 +80,10 @@ for i in $(seq 1 "$n"); do
     echo "node$i:     ws://127.0.0.1:$port/ws?user=NAME   (page http://127.0.0.1:$port/, metrics http://127.0.0.1:$port/metrics)"
   fi
 done
+echo "api key:   $api_key   (development key for /api/v1/*)"
+echo "publish:   curl -sS -H 'Authorization: Bearer $api_key' -H 'Content-Type: application/json' \\"
+echo "             -d '{\"user\":\"bob\",\"from\":\"tickets\",\"body\":{\"text\":\"your ticket was rejected\"}}' \\"
+echo "             http://127.0.0.1:$base_port/api/v1/publish"
 echo "logs:      $work/node*.log"
 echo "Ctrl-C stops everything."
 wait -n "${pids[@]}" || true
