@@ -422,13 +422,14 @@ async fn write_loop(
     mut outbound: BoundedReceiver<Outbound>,
     handle: Arc<ConnHandle>,
 ) -> Option<SplitSink<Socket, Message>> {
-    loop {
+    // When the closing handshake must be done by (flushing included).
+    let grace_ends = loop {
         let next = tokio::select! {
             biased;
-            _ = handle.closer().cancelled() => break,
+            _ = handle.closer().cancelled() => break tokio::time::Instant::now() + CLOSE_GRACE,
             next = outbound.recv() => match next {
                 Some(next) => next,
-                None => break,
+                None => break tokio::time::Instant::now() + CLOSE_GRACE,
             },
         };
         // Everything already queued goes out with this frame in one flush:
@@ -445,21 +446,36 @@ async fn write_loop(
             }
             sink.flush().await
         };
+        tokio::pin!(write_batch);
         let sent = tokio::select! {
             biased;
-            _ = handle.closer().cancelled() => break,
-            sent = write_batch => sent,
+            _ = handle.closer().cancelled() => {
+                let grace_ends = tokio::time::Instant::now() + CLOSE_GRACE;
+                match handle.close_reason() {
+                    // The batch's frames are off the queue already: dropping
+                    // the batch would lose them. A clean close still delivers
+                    // them; a slow consumer would not read them anyway.
+                    Some(reason) if reason != CloseReason::SlowConsumer => {
+                        match tokio::time::timeout_at(grace_ends, write_batch).await {
+                            Ok(Ok(())) => break grace_ends,
+                            _ => return None,
+                        }
+                    }
+                    _ => break grace_ends,
+                }
+            }
+            sent = &mut write_batch => sent,
         };
         if sent.is_err() {
             return None;
         }
-    }
+    };
     let Some(reason) = handle.close_reason() else {
         // The client left first (or closed): answer its Close, nothing more to say.
-        let _ = tokio::time::timeout(CLOSE_GRACE, sink.close()).await;
+        let _ = tokio::time::timeout_at(grace_ends, sink.close()).await;
         return None;
     };
-    let sent = tokio::time::timeout(CLOSE_GRACE, async {
+    let sent = tokio::time::timeout_at(grace_ends, async {
         if reason != CloseReason::SlowConsumer {
             // Deliver what was already accepted for this client (replies to
             // requests the server did handle, messages routed to it) before

@@ -659,3 +659,75 @@ async fn ten_thousand_character_names_and_very_deep_bodies() {
     );
     assert_eq!(inst.http_get("/healthz").await.0, 200);
 }
+
+/// A JSON array is not a frame, even one whose elements would fill a
+/// frame's fields in order (serde reads a struct from a sequence): it is
+/// refused as `bad_request`, never handled, and the error names no internal
+/// type. The same holds for a server-side publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_arrays_are_bad_requests_not_frames() {
+    const KEY: &str = "test-api-key-0123456789";
+    let inst = Instance::spawn(opts!("b3").max_frame_bytes(1024).flag("--api-key", KEY)).await;
+    let mut alice = Client::connect_user(&inst, "alice").await;
+    let mut bob = Client::connect_user(&inst, "bob").await;
+    let leaks = |message: &str| {
+        ["RawFrame", "RawPublish", "elements", "struct"]
+            .into_iter()
+            .filter(|word| message.contains(word))
+            .collect::<Vec<_>>()
+    };
+
+    let mut failures = Vec::new();
+    for (what, text) in [
+        ("a ping as an array", r#"["ping",7]"#),
+        (
+            "a dm to bob as an array",
+            r#"["dm",1,"bob",null,{"text":"x"},null,true]"#,
+        ),
+        ("an array too short for a frame", r#"["ping"]"#),
+        ("an array after whitespace", " \n\t[\"ping\",8]"),
+    ] {
+        let reply = reply_to(&mut alice, text).await;
+        check_reply(&reply, Some("bad_request"), None, what, &mut failures);
+        let message = reply["message"].as_str().unwrap_or_default();
+        if !leaks(message).is_empty() {
+            failures.push(format!("{what}: the error leaks internals: {reply}"));
+        }
+        assert_healthy(&mut alice, what).await;
+    }
+
+    for (what, body) in [
+        (
+            "a publish to bob as an array",
+            r#"["bob",null,{"text":"x"},null]"#,
+        ),
+        ("an array too short for a publish", r#"["bob"]"#),
+    ] {
+        let response = inst
+            .api_post("/api/v1/publish", Some(KEY), body.as_bytes())
+            .await;
+        let reply = response.json();
+        let message = reply["error"].as_str().unwrap_or_default();
+        if response.status != 400 || reply["code"] != "bad_request" {
+            failures.push(format!(
+                "{what}: expected 400 bad_request, got {} {reply}",
+                response.status
+            ));
+        } else if !leaks(message).is_empty() {
+            failures.push(format!("{what}: the error leaks internals: {reply}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} array(s) got the wrong answer:\n  {}",
+        failures.len(),
+        failures.join("\n  ")
+    );
+
+    // Nothing reached bob. Embedded mode delivers while the sender's frame
+    // (or the publish request) is handled, before its reply, so a DM sent
+    // after the arrays is queued to bob after anything they could have
+    // sent him.
+    let sentinel = alice.send_sentinel_dm("bob").await;
+    bob.expect_nothing_before(&sentinel).await;
+}
