@@ -3,12 +3,8 @@
 //! counted after it), and beyond the caps plus the HTTP headroom a socket
 //! is answered 503 without being read.
 
-use std::time::Duration;
-
 use switchboard::admission::HTTP_HEADROOM;
-use switchboard_testkit::{opts, Client, Instance, Opts, RECV_TIMEOUT};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use switchboard_testkit::{opts, Client, Instance, Opts, RawHttp, RawWs, RECV_TIMEOUT};
 use tokio::task::JoinSet;
 
 /// Rounds per check, each on a fresh instance: the first with one runtime
@@ -37,34 +33,15 @@ async fn concurrent_upgrades(opts: Opts, queries: Vec<String>) -> (usize, Vec<u1
     let inst = Instance::spawn(opts).await;
     let mut sockets = Vec::new();
     for _ in &queries {
-        sockets.push(TcpStream::connect(inst.addr()).await.expect("connect"));
+        sockets.push(RawHttp::connect(inst.addr()).await);
     }
     for (socket, query) in sockets.iter_mut().zip(&queries) {
-        let request = format!(
-            "GET /ws?{query} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\n\
-             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-             Sec-WebSocket-Version: 13\r\n\r\n",
-            inst.addr()
-        );
-        socket
-            .write_all(request.as_bytes())
-            .await
-            .expect("send the upgrade request");
+        let request = RawWs::upgrade_request(inst.addr(), query, &[]);
+        socket.send(request.as_bytes()).await;
     }
     let mut answers = JoinSet::new();
     for mut socket in sockets {
-        answers.spawn(async move {
-            let head = read_for(&mut socket, RECV_TIMEOUT, |got| {
-                got.windows(4).any(|w| w == b"\r\n\r\n")
-            })
-            .await;
-            let status = head
-                .strip_prefix("HTTP/1.1 ")
-                .and_then(|rest| rest.get(..3))
-                .and_then(|code| code.parse::<u16>().ok())
-                .unwrap_or_else(|| panic!("not an HTTP answer: {head:?}"));
-            (status, socket)
-        });
+        answers.spawn(async move { (socket.read_answer().await.status, socket) });
     }
     let mut open = Vec::new();
     let mut refused = Vec::new();
@@ -128,27 +105,24 @@ async fn beyond_the_http_headroom_a_socket_is_answered_503_unread() {
     let _websocket = Client::connect_user(&inst, "alice").await;
     let mut idle = Vec::new();
     for _ in 0..HTTP_HEADROOM - 1 {
-        idle.push(TcpStream::connect(inst.addr()).await.expect("connect"));
+        idle.push(RawHttp::connect(inst.addr()).await);
     }
     // The last socket of the headroom: a health check on a connection kept
     // open (HTTP/1.1 keep-alive), so that it still holds its place.
-    let mut health = TcpStream::connect(inst.addr()).await.expect("connect");
+    let mut health = RawHttp::connect(inst.addr()).await;
     health
-        .write_all(b"GET /healthz HTTP/1.1\r\nHost: switchboard\r\n\r\n")
-        .await
-        .expect("send GET /healthz");
-    let answer = read_for(&mut health, RECV_TIMEOUT, |got| {
-        got.windows(4).any(|w| w == b"\r\n\r\n")
-    })
-    .await;
-    assert!(
-        answer.starts_with("HTTP/1.1 200"),
+        .send(b"GET /healthz HTTP/1.1\r\nHost: switchboard\r\n\r\n")
+        .await;
+    let answer = health.read_answer().await;
+    assert_eq!(
+        answer.status, 200,
         "/healthz answers within the headroom: {answer:?}"
     );
 
     // Beyond it: the answer comes though nothing was sent, then the end.
-    let mut beyond = TcpStream::connect(inst.addr()).await.expect("connect");
-    let (answer, ended) = read_to_end_for(&mut beyond, RECV_TIMEOUT).await;
+    let mut beyond = RawHttp::connect(inst.addr()).await;
+    let (answer, ended) = beyond.read_to_end(RECV_TIMEOUT).await;
+    let answer = String::from_utf8_lossy(&answer);
     assert!(
         answer.starts_with("HTTP/1.1 503"),
         "a socket beyond 1 + {HTTP_HEADROOM} is answered 503 unread: {answer:?}"
@@ -159,39 +133,4 @@ async fn beyond_the_http_headroom_a_socket_is_answered_503_unread() {
     );
     assert!(ended, "the refused socket is closed after its 503");
     drop(idle);
-}
-
-/// Reads from `stream` until `done` says the bytes so far are enough, the
-/// peer closes, or `timeout` passes (which fails the test).
-async fn read_for(
-    stream: &mut TcpStream,
-    timeout: Duration,
-    done: impl Fn(&[u8]) -> bool,
-) -> String {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 1024];
-    let finished = tokio::time::timeout(timeout, async {
-        while !done(&got) {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    let text = String::from_utf8_lossy(&got).into_owned();
-    assert!(
-        finished.is_ok(),
-        "no answer within {timeout:?} (got {text:?})"
-    );
-    text
-}
-
-/// Reads until the peer closes (`true`) or `timeout` passes (`false`).
-async fn read_to_end_for(stream: &mut TcpStream, timeout: Duration) -> (String, bool) {
-    let mut got = Vec::new();
-    let ended = tokio::time::timeout(timeout, stream.read_to_end(&mut got))
-        .await
-        .is_ok();
-    (String::from_utf8_lossy(&got).into_owned(), ended)
 }

@@ -2,96 +2,27 @@
 //! fast and says why, a weak JWT secret is warned about, the "listening"
 //! line reads plainly, and a log that is not a terminal has no colour codes.
 //!
-//! A refused start-up runs through the kit's `Instance::run_until_exit`.
-//! The others run the binary by hand, since a kit `Instance` logs at `warn`
-//! only (the "listening" line is `info`); the binary is the kit's, so
-//! `SWITCHBOARD_TEST_BIN` applies.
+//! Every run goes through the kit: a refused start-up through
+//! `Instance::run_until_exit`, the others as an `Instance` logging at
+//! `info` (the "listening" line is `info`), so `SWITCHBOARD_TEST_BIN`
+//! applies. The log is a file (not a terminal) holding stdout and stderr
+//! (the server logs to stderr only); the kit passes on none of the test's
+//! `SWITCHBOARD_*` or `NO_COLOR`.
 
-use std::io::Read;
-use std::net::{SocketAddr, TcpListener};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use switchboard_testkit::{opts, Instance, RECV_TIMEOUT};
+use switchboard_testkit::{eventually, free_port, opts, Auth, Instance, Opts, RECV_TIMEOUT};
 
-/// A `switchboard` process whose stderr is collected as it is written.
-/// Killed on drop.
-struct Process {
-    child: Child,
-    /// Everything written to stderr so far, byte for byte (a thread copies
-    /// the pipe into it until the process ends).
-    stderr: Arc<Mutex<Vec<u8>>>,
-}
-
-/// Reserves a free loopback port by binding port 0 and releasing it.
-fn free_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    listener.local_addr().expect("local_addr of reserved port")
-}
-
-impl Process {
-    /// Runs the binary as `--instance-id s1` on a free port with `args`,
-    /// logging at `info`, with stderr a pipe (not a terminal) and nothing of
-    /// the test's `SWITCHBOARD_*` or `NO_COLOR`; waits (up to 5 s) for its
-    /// "listening" line. Returns the process and its address.
-    async fn listening(args: &[&str]) -> (Process, SocketAddr) {
-        let addr = free_port();
-        let binary = opts!("s1").binary;
-        let mut cmd = Command::new(&binary);
-        for (key, _) in std::env::vars_os() {
-            let name = key.to_string_lossy();
-            if name.starts_with("SWITCHBOARD_") || name == "NO_COLOR" {
-                cmd.env_remove(&key);
-            }
-        }
-        let mut child = cmd
-            .args(["--instance-id", "s1", "--listen", &addr.to_string()])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", binary.display()));
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let mut pipe = child.stderr.take().expect("piped stderr");
-        let collected = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = pipe.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                collected
-                    .lock()
-                    .expect("stderr buffer")
-                    .extend_from_slice(&buf[..n]);
-            }
-        });
-        let mut process = Process { child, stderr };
-        let deadline = Instant::now() + RECV_TIMEOUT;
-        while !process.stderr().contains("listening") {
-            if let Ok(Some(status)) = process.child.try_wait() {
-                panic!(
-                    "exited ({status}) before its \"listening\" line; stderr:\n{}",
-                    process.stderr()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no \"listening\" line within {RECV_TIMEOUT:?}; stderr:\n{}",
-                process.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        (process, addr)
-    }
-
-    /// Stderr so far, as (lossy) text.
-    fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.lock().expect("stderr buffer")).into_owned()
-    }
+/// Starts `opts` logging at `info` and waits (up to 5 s) for its
+/// "listening" line.
+async fn listening(opts: Opts) -> Instance {
+    let inst = Instance::spawn(opts.log_level("info")).await;
+    let inst_ref = &inst;
+    eventually(RECV_TIMEOUT, "a \"listening\" line", || async move {
+        inst_ref.full_log().contains("listening")
+    })
+    .await;
+    inst
 }
 
 /// `text` without ANSI colour codes (`ESC [ … m`), for checks about the
@@ -107,13 +38,6 @@ fn without_colour(text: &str) -> String {
     }
     plain.push_str(rest);
     plain
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,8 +70,8 @@ async fn a_short_jwt_secret_is_warned_about_and_a_32_byte_one_is_not() {
             .map(str::to_owned)
             .collect::<Vec<_>>()
     };
-    let (short, _) = Process::listening(&["--auth", "jwt", "--jwt-secret", "s3cret"]).await;
-    let log = without_colour(&short.stderr());
+    let short = listening(opts!("s1").jwt("s3cret")).await;
+    let log = without_colour(&short.full_log());
     let warnings = secret_warnings(&log);
     assert!(
         warnings.iter().any(|line| line.contains("32 ")),
@@ -156,8 +80,8 @@ async fn a_short_jwt_secret_is_warned_about_and_a_32_byte_one_is_not() {
 
     let strong = "0123456789abcdef0123456789abcdef";
     assert_eq!(strong.len(), 32);
-    let (long, _) = Process::listening(&["--auth", "jwt", "--jwt-secret", strong]).await;
-    let log = without_colour(&long.stderr());
+    let long = listening(opts!("s1").jwt(strong)).await;
+    let log = without_colour(&long.full_log());
     assert_eq!(
         secret_warnings(&log),
         Vec::<String>::new(),
@@ -167,8 +91,9 @@ async fn a_short_jwt_secret_is_warned_about_and_a_32_byte_one_is_not() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_listening_line_shows_address_routing_and_the_page_plainly() {
-    let (process, addr) = Process::listening(&["--auth", "none"]).await;
-    let log = without_colour(&process.stderr());
+    let process = listening(opts!("s1").auth(Auth::None)).await;
+    let addr = process.addr();
+    let log = without_colour(&process.full_log());
     let line = log
         .lines()
         .find(|line| line.contains("listening"))
@@ -193,8 +118,8 @@ async fn the_listening_line_shows_address_routing_and_the_page_plainly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_that_is_not_a_terminal_has_no_colour_codes() {
     // `--auth none` logs a warning too: every level is written plainly.
-    let (process, _) = Process::listening(&["--auth", "none"]).await;
-    let log = process.stderr();
+    let process = listening(opts!("s1").auth(Auth::None)).await;
+    let log = process.full_log();
     assert!(log.contains("WARN"), "a warning was logged: {log:?}");
     assert!(
         !log.contains("\x1b["),

@@ -16,7 +16,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 
 use crate::http::{http_request, try_http_request, HttpResponse};
 use crate::metrics::Metrics;
-use crate::process::{log_tail, ChildGuard};
+use crate::process::{log_tail, log_text, ChildGuard};
 use crate::redis::RedisServer;
 
 /// How an instance authenticates WebSocket upgrades.
@@ -53,6 +53,10 @@ pub struct Opts {
     pub redis_prefix: Option<String>,
     /// `--outbound-queue`: frames queued per client before 1008.
     pub outbound_queue: Option<usize>,
+    /// `RUST_LOG` of the process. None: `warn` for [`Instance::spawn`]
+    /// (a log that shows what went wrong, not every connection), `info`
+    /// for [`Instance::run_until_exit`] (all a refused start-up says).
+    pub log_level: Option<String>,
     /// Any other `--flag value` pairs, passed as given.
     pub extra: Vec<(String, String)>,
 }
@@ -76,6 +80,7 @@ impl Opts {
             lease_ms: None,
             redis_prefix: None,
             outbound_queue: None,
+            log_level: None,
             extra: Vec::new(),
         }
     }
@@ -139,6 +144,34 @@ impl Opts {
     pub fn outbound_queue(mut self, n: usize) -> Opts {
         self.outbound_queue = Some(n);
         self
+    }
+
+    /// `RUST_LOG=level`, e.g. `info` for a test that reads start-up lines.
+    pub fn log_level(mut self, level: &str) -> Opts {
+        self.log_level = Some(level.to_string());
+        self
+    }
+
+    /// The command that runs the binary on `listen`, logging at the
+    /// chosen level or `default_level`. Only the command line configures a
+    /// test instance: none of the test's `SWITCHBOARD_*` variables (they
+    /// would configure the server) nor `NO_COLOR` (a test of the log's
+    /// colours must see the server's own choice) reach it.
+    fn command(&self, listen: SocketAddr, default_level: &str) -> Command {
+        let mut cmd = Command::new(&self.binary);
+        for (key, _) in std::env::vars_os() {
+            let name = key.to_string_lossy();
+            if name.starts_with("SWITCHBOARD_") || name == "NO_COLOR" {
+                cmd.env_remove(&key);
+            }
+        }
+        cmd.args(self.args(listen))
+            .env(
+                "RUST_LOG",
+                self.log_level.as_deref().unwrap_or(default_level),
+            )
+            .stdin(Stdio::null());
+        cmd
     }
 
     fn args(&self, listen: SocketAddr) -> Vec<String> {
@@ -205,8 +238,9 @@ pub struct Instance {
     log_dir: Arc<TempDir>,
 }
 
-/// Reserves a free loopback port by binding port 0 and releasing it.
-fn free_port() -> SocketAddr {
+/// Reserves a free loopback port by binding port 0 and releasing it: where
+/// an instance will listen, or an address where nothing listens.
+pub fn free_port() -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.local_addr().expect("local_addr of reserved port")
 }
@@ -235,17 +269,7 @@ impl Instance {
     /// start-up): returns its exit status and everything it wrote, or panics
     /// if it is still running (or became healthy) after `timeout`.
     pub async fn run_until_exit(opts: Opts, timeout: Duration) -> (ExitStatus, String) {
-        let addr = free_port();
-        let mut child = tokio::process::Command::new(&opts.binary);
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("SWITCHBOARD_") {
-                child.env_remove(key);
-            }
-        }
-        let run = child
-            .args(opts.args(addr))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
+        let run = tokio::process::Command::from(opts.command(free_port(), "info"))
             .kill_on_drop(true)
             .output();
         match tokio::time::timeout(timeout, run).await {
@@ -280,17 +304,8 @@ impl Instance {
             .open(&log_path)
             .expect("create server log file");
         let log_err = log.try_clone().expect("clone server log handle");
-        let mut cmd = Command::new(&opts.binary);
-        // Only the command line configures a test instance.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("SWITCHBOARD_") {
-                cmd.env_remove(key);
-            }
-        }
-        let child = cmd
-            .args(opts.args(addr))
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
+        let child = opts
+            .command(addr, "warn")
             .stdout(log)
             .stderr(log_err)
             .spawn()
@@ -352,6 +367,12 @@ impl Instance {
     /// The server's combined stdout/stderr so far (its tail).
     pub fn log(&self) -> String {
         log_tail(&self.log_path)
+    }
+
+    /// All the server has written to stdout/stderr so far, for checks
+    /// about every line (no colour codes anywhere).
+    pub fn full_log(&self) -> String {
+        log_text(&self.log_path)
     }
 
     /// Any HTTP request to this instance.

@@ -9,7 +9,9 @@
 //! - [`Client`]: a WebSocket client speaking the JSON protocol, and the
 //!   [`Sentinel`] that proves a message did *not* arrive: [`client`],
 //!   [`sentinel`].
-//! - [`RawWs`]: a WebSocket upgraded by hand, for malformed traffic: [`raw_ws`].
+//! - [`RawWs`]: a WebSocket upgraded by hand, for malformed traffic, floods
+//!   and resets: [`raw_ws`]; [`RawHttp`], HTTP/1.1 by hand over a socket
+//!   kept open: [`raw_http`].
 //! - [`http_request`] and [`HttpResponse`]: [`http`]; [`Metrics`]: [`metrics`].
 //! - [`mint_jwt`], [`eventually`], [`unique`] and the clocks: [`jwt`],
 //!   [`wait`], [`misc`].
@@ -24,6 +26,7 @@ pub mod instance;
 pub mod jwt;
 pub mod metrics;
 pub mod misc;
+pub mod raw_http;
 pub mod raw_ws;
 pub mod redis;
 pub mod sentinel;
@@ -34,11 +37,12 @@ mod process;
 pub use self::redis::{BusMessage, RedisProxy, RedisServer, Spy};
 pub use client::{assert_error, assert_healthy, ws_request_at, Client, Incoming};
 pub use http::{http_request, HttpResponse};
-pub use instance::{Auth, Instance, Opts};
+pub use instance::{free_port, Auth, Instance, Opts};
 pub use jwt::{mint_jwt, mint_jwt_claims};
 pub use metrics::Metrics;
 pub use misc::{now_unix_ms, now_unix_secs, unique};
-pub use raw_ws::{RawFrame, RawWs};
+pub use raw_http::RawHttp;
+pub use raw_ws::{encode_client_frame, Ending, RawFrame, RawReader, RawWriter, RawWs};
 pub use sentinel::Sentinel;
 pub use wait::{eventually, RECV_TIMEOUT};
 

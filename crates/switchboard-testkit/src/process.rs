@@ -1,6 +1,6 @@
 //! Child processes the kit starts (redis-server, instances): a guard that
-//! never leaves one running, and the tail of a process's log for panic
-//! messages.
+//! never leaves one running, and a process's log: its tail for panic
+//! messages, or all of it.
 
 use std::path::Path;
 use std::process::Child;
@@ -19,9 +19,7 @@ impl Drop for ChildGuard {
 /// The last 8000 bytes of the log at `path` (empty if unreadable): enough
 /// for a panic message to show why a process failed, short enough to read.
 pub(crate) fn log_tail(path: &Path) -> String {
-    let text = std::fs::read(path)
-        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
-        .unwrap_or_default();
+    let text = log_text(path);
     let max = 8000;
     if text.len() <= max {
         return text;
@@ -31,4 +29,11 @@ pub(crate) fn log_tail(path: &Path) -> String {
         cut += 1;
     }
     format!("...{}", &text[cut..])
+}
+
+/// The whole log at `path` as (lossy) text; empty if unreadable.
+pub(crate) fn log_text(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default()
 }
