@@ -234,6 +234,7 @@ pub async fn run_with_backend(
         listener,
         http::routes(ctx),
         &limits,
+        &metrics,
         handshake_timeout,
         sessions.clone(),
     )
@@ -276,6 +277,7 @@ async fn accept_loop<F>(
     listener: TcpListener,
     routes: F,
     limits: &Limits,
+    metrics: &Metrics,
     handshake_timeout: Duration,
     stop: CancellationToken,
 ) where
@@ -304,6 +306,7 @@ async fn accept_loop<F>(
         let Some(permit) = limits.accept() else {
             // Full: a bounded number of refusals are answered; beyond them
             // the socket is closed at once.
+            metrics.refused_sockets.inc();
             if let Some(refusal) = limits.refusal() {
                 connections.spawn(refuse_full(stream, refusal));
             }

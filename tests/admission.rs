@@ -4,7 +4,7 @@
 //! is answered 503 without being read.
 
 use switchboard::admission::HTTP_HEADROOM;
-use switchboard_testkit::{opts, Client, Instance, Opts, RawHttp, RawWs, RECV_TIMEOUT};
+use switchboard_testkit::{eventually, opts, Client, Instance, Opts, RawHttp, RawWs, RECV_TIMEOUT};
 use tokio::task::JoinSet;
 
 /// Rounds per check, each on a fresh instance: the first with one runtime
@@ -133,4 +133,13 @@ async fn beyond_the_http_headroom_a_socket_is_answered_503_unread() {
     );
     assert!(ended, "the refused socket is closed after its 503");
     drop(idle);
+    drop(health);
+    // Once sockets are free again the instance answers, and counted the
+    // refusal (polls that came too early were refused, and counted, too).
+    let inst = &inst;
+    eventually(RECV_TIMEOUT, "/healthz answers again", || async move {
+        inst.http_status("/healthz").await == Some(200)
+    })
+    .await;
+    assert!(inst.metric("switchboard_refused_sockets_total").await >= 1.0);
 }

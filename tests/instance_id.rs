@@ -109,3 +109,68 @@ async fn a_restart_with_the_id_of_a_crashed_process_clears_what_it_left() {
     }
     assert_eq!(carol.recv_type("dm").await["body"], n);
 }
+
+/// A process paused past its lease (SIGSTOP) is replaced by a new process
+/// with the same id. When the paused one resumes it finds its id taken: it
+/// stops serving and exits with an error, deleting nothing of the new one's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_resumes_after_its_id_was_taken_over_exits_and_leaves_it_alone() {
+    let redis = RedisServer::start().await;
+    let (mut paused, node2) = tokio::join!(
+        Instance::spawn(opts!("node1").redis(&redis).lease_ms(LEASE_MS)),
+        Instance::spawn(opts!("node2").redis(&redis).lease_ms(LEASE_MS)),
+    );
+    let _alice = Client::connect_user(&paused, "alice").await;
+    let mut bob = Client::connect_user(&node2, "bob").await;
+
+    paused.sigstop();
+    // The new node1 waits for the paused one's lease to run out, then serves.
+    let replacement = Instance::spawn(opts!("node1").redis(&redis).lease_ms(LEASE_MS)).await;
+    let mut carol = Client::connect_user(&replacement, "carol").await;
+    eventually(
+        RECV_TIMEOUT,
+        "carol's presence on the new node1",
+        || async {
+            redis.hgetall(&presence_key("carol")).await.get("node1") == Some(&"1".to_owned())
+        },
+    )
+    .await;
+
+    paused.sigcont();
+    let status = paused.wait_exit(Duration::from_secs(10)).await;
+    assert!(
+        !status.success(),
+        "the replaced process must fail: {status}"
+    );
+    assert!(
+        paused
+            .log()
+            .contains("another process holds this instance id"),
+        "it says why:\n{}",
+        paused.log()
+    );
+    assert_eq!(
+        redis.hgetall(&presence_key("carol")).await.get("node1"),
+        Some(&"1".to_owned()),
+        "the replaced process deleted nothing of the new node1's"
+    );
+    assert!(
+        redis.exists("sb:instance:{node1}").await,
+        "the new node1's lease is still there"
+    );
+    let deadline = tokio::time::Instant::now() + RECV_TIMEOUT;
+    loop {
+        let ack = bob
+            .request(json!({"type": "dm", "to": "carol", "body": "hi"}))
+            .await;
+        if ack["status"] == "routed" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a DM to carol on the new node1: {ack}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(carol.recv_type("dm").await["body"], "hi");
+}

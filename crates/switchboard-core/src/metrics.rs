@@ -117,6 +117,9 @@ pub struct Metrics {
     pub refused_limit: Counter,
     /// Upgrades refused because the browser's Origin is not allowed.
     pub refused_origin: Counter,
+    /// Sockets refused at accept: beyond `--max-connections` plus the HTTP
+    /// headroom (answered 503 when a refusal slot was free).
+    pub refused_sockets: Counter,
     /// Requests to the server-side HTTP API, accepted.
     pub api_publishes: Counter,
     /// Dead instances this instance won the claim on and cleaned up.
@@ -224,6 +227,12 @@ impl Metrics {
             "WebSocket upgrades refused, by reason (limit, origin)",
             refused.clone(),
         );
+        let refused_sockets = Counter::default();
+        registry.register(
+            "switchboard_refused_sockets",
+            "TCP connections refused at accept because the instance was full",
+            refused_sockets.clone(),
+        );
         let api_publishes = Counter::default();
         registry.register(
             "switchboard_api_publishes",
@@ -305,6 +314,7 @@ impl Metrics {
             session_panics,
             refused_limit: refused.get_or_create_owned(&ReasonLabel { reason: "limit" }),
             refused_origin: refused.get_or_create_owned(&ReasonLabel { reason: "origin" }),
+            refused_sockets,
             api_publishes,
             reaped_instances,
             probe_failures,
