@@ -164,19 +164,12 @@ async fn publish_to_a_user_is_routed_like_a_dm() {
     bob.expect_nothing_before(&to_bob).await;
     // i1 publishes in order: once the spy saw its last sentinel, it saw
     // every publish of the DM.
-    eventually(
-        RECV_TIMEOUT,
-        "the spy sees the sentinel for bob",
-        || async { !spy.containing(to_bob.marker()).is_empty() },
-    )
-    .await;
-    let seen = spy.containing(&marker);
-    let channels: Vec<&str> = seen.iter().map(|m| m.channel.as_str()).collect();
     assert_eq!(
-        channels,
+        spy.channels_of(&marker, &to_bob).await,
         vec!["sb:inst:i2"],
         "published exactly once, on bob's instance channel (not i1's, not i3's)"
     );
+    let seen = spy.containing(&marker);
     assert!(
         seen[0].contains(&body_text),
         "the bus frame carries the body byte for byte: {:?}",

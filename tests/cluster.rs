@@ -76,16 +76,8 @@ async fn routed_dm_goes_only_to_the_recipients_instance() {
 
     // i1 publishes in order: once the spy saw the last sentinel, it saw
     // every publish of the DM.
-    eventually(
-        RECV_TIMEOUT,
-        "the spy sees the sentinel for carol",
-        || async { !spy.containing(to_carol.marker()).is_empty() },
-    )
-    .await;
-    let seen = spy.containing(&marker);
-    let channels: Vec<&str> = seen.iter().map(|m| m.channel.as_str()).collect();
     assert_eq!(
-        channels,
+        spy.channels_of(&marker, &to_carol).await,
         vec!["sb:inst:i2"],
         "the DM must be published exactly once, on bob's instance channel"
     );
@@ -126,16 +118,8 @@ async fn broadcast_mode_publishes_every_dm_on_sb_all() {
     bob.expect_nothing_before(&to_bob).await;
     carol.expect_nothing_before(&to_carol).await;
 
-    eventually(
-        RECV_TIMEOUT,
-        "the spy sees the sentinel for carol",
-        || async { !spy.containing(to_carol.marker()).is_empty() },
-    )
-    .await;
-    let seen = spy.containing(&marker);
-    let channels: Vec<&str> = seen.iter().map(|m| m.channel.as_str()).collect();
     assert_eq!(
-        channels,
+        spy.channels_of(&marker, &to_carol).await,
         vec!["sb:all"],
         "broadcast mode publishes the DM once on sb:all only"
     );

@@ -14,6 +14,38 @@ fn presence_key(user: &str) -> String {
     format!("sb:presence:{{{user}}}")
 }
 
+/// Waits until `user`'s presence lists `instance` with one connection.
+async fn await_field(redis: &RedisServer, user: &str, instance: &str) {
+    let key = presence_key(user);
+    eventually(
+        RECV_TIMEOUT,
+        &format!("{user}'s presence on {instance}"),
+        || async { redis.hgetall(&key).await.get(instance) == Some(&"1".to_owned()) },
+    )
+    .await;
+}
+
+/// Sends DMs from `sender` to `to` until one is acked `routed` (the other
+/// instances see a restarted id alive at their next live-view refresh, every
+/// third of the lease); returns the body of that one.
+async fn dm_until_routed(sender: &mut Client, to: &str) -> i64 {
+    let deadline = tokio::time::Instant::now() + RECV_TIMEOUT;
+    for n in 0.. {
+        let ack = sender
+            .request(json!({"type": "dm", "to": to, "body": n}))
+            .await;
+        if ack["status"] == "routed" {
+            return n;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a DM to {to} routed within {RECV_TIMEOUT:?}: {ack}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    unreachable!("the loop returns or panics")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_with_a_live_instance_id_refuses_to_start() {
     let redis = RedisServer::start().await;
@@ -23,10 +55,7 @@ async fn a_second_process_with_a_live_instance_id_refuses_to_start() {
     );
     let mut alice = Client::connect_user(&node1, "alice").await;
     let mut bob = Client::connect_user(&node2, "bob").await;
-    eventually(RECV_TIMEOUT, "alice's presence on node1", || async {
-        redis.hgetall(&presence_key("alice")).await.get("node1") == Some(&"1".to_owned())
-    })
-    .await;
+    await_field(&redis, "alice", "node1").await;
 
     let bound = Duration::from_millis(LEASE_MS * 5);
     let (status, output) =
@@ -62,10 +91,7 @@ async fn a_restart_with_the_id_of_a_crashed_process_clears_what_it_left() {
     );
     let _carol = Client::connect_user(&node1, "carol").await;
     let mut bob = Client::connect_user(&node2, "bob").await;
-    eventually(RECV_TIMEOUT, "carol's presence on node1", || async {
-        redis.hgetall(&presence_key("carol")).await.get("node1") == Some(&"1".to_owned())
-    })
-    .await;
+    await_field(&redis, "carol", "node1").await;
 
     node1.sigkill();
     // At once, with the same id (a supervisor restarting a crashed process).
@@ -91,22 +117,7 @@ async fn a_restart_with_the_id_of_a_crashed_process_clears_what_it_left() {
     .await;
     // node2 saw node1's lease expire; it sees the new process alive at its
     // next refresh of the live instances (every third of the lease).
-    let deadline = tokio::time::Instant::now() + RECV_TIMEOUT;
-    let mut n = 1;
-    loop {
-        n += 1;
-        let ack = bob
-            .request(json!({"type": "dm", "to": "carol", "body": n}))
-            .await;
-        if ack["status"] == "routed" {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "a DM to carol routed to the new node1 within {RECV_TIMEOUT:?}: {ack}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let n = dm_until_routed(&mut bob, "carol").await;
     assert_eq!(carol.recv_type("dm").await["body"], n);
 }
 
@@ -158,19 +169,6 @@ async fn a_process_that_resumes_after_its_id_was_taken_over_exits_and_leaves_it_
         redis.exists("sb:instance:{node1}").await,
         "the new node1's lease is still there"
     );
-    let deadline = tokio::time::Instant::now() + RECV_TIMEOUT;
-    loop {
-        let ack = bob
-            .request(json!({"type": "dm", "to": "carol", "body": "hi"}))
-            .await;
-        if ack["status"] == "routed" {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "a DM to carol on the new node1: {ack}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(carol.recv_type("dm").await["body"], "hi");
+    let n = dm_until_routed(&mut bob, "carol").await;
+    assert_eq!(carol.recv_type("dm").await["body"], n);
 }

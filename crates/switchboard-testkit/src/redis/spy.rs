@@ -2,6 +2,9 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::sentinel::Sentinel;
+use crate::wait::{eventually, RECV_TIMEOUT};
+
 /// One message seen on the bus.
 #[derive(Clone, Debug)]
 pub struct BusMessage {
@@ -43,6 +46,24 @@ impl Spy {
             .iter()
             .filter(|m| m.contains(needle))
             .cloned()
+            .collect()
+    }
+
+    /// The channels `marker` was published on, in order, once the spy has
+    /// seen `sentinel`. Sound when the sentinel was published after the
+    /// message under test by the same instance: one instance's publishes
+    /// reach Redis, and the spy, in order, so by then every publish of the
+    /// message is in.
+    pub async fn channels_of(&self, marker: &str, sentinel: &Sentinel) -> Vec<String> {
+        eventually(
+            RECV_TIMEOUT,
+            &format!("the spy sees sentinel {}", sentinel.marker()),
+            || async { !self.containing(sentinel.marker()).is_empty() },
+        )
+        .await;
+        self.containing(marker)
+            .into_iter()
+            .map(|m| m.channel)
             .collect()
     }
 }
