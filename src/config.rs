@@ -14,6 +14,14 @@ use clap::{Parser, ValueEnum};
 use switchboard_core::protocol::{validate_name, NameError};
 pub use switchboard_core::router::RoutingMode;
 
+/// `--max-connections` when neither it nor the open-files limit says less.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
+
+/// File descriptors kept beside the WebSocket connections: the 64 sockets of
+/// HTTP headroom and 32 refusals at accept (see `admission`), Redis
+/// connections, the listener, stdio and some slack.
+pub const RESERVED_FILES: usize = 256;
+
 /// HS256 secrets shorter than this are accepted with a warning (RFC 7518
 /// §3.2: the key must be at least as long as the hash output, 256 bits).
 pub const MIN_HS256_SECRET_BYTES: usize = 32;
@@ -158,8 +166,11 @@ pub struct Config {
     pub rate_burst: f64,
 
     /// Most open WebSocket connections on this instance (503 beyond).
-    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS", default_value_t = 100_000)]
-    pub max_connections: usize,
+    /// Default: what the open-files limit allows (after raising the soft
+    /// limit to the hard one), at most 100000. A value the limit cannot
+    /// hold is refused at start-up.
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
 
     /// Most connections of one user on this instance (429 beyond).
     #[arg(
@@ -203,7 +214,7 @@ pub struct Config {
 }
 
 /// Why a configuration cannot be used.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, PartialEq, thiserror::Error)]
 pub enum ConfigError {
     /// `--auth jwt` needs a secret to verify tokens with.
     #[error("--auth jwt needs --jwt-secret (or SWITCHBOARD_JWT_SECRET)")]
@@ -232,6 +243,20 @@ pub enum ConfigError {
     /// A queue must hold at least one maximal frame.
     #[error("--outbound-queue-bytes must be at least --max-frame-bytes")]
     QueueBytes,
+    /// More connections than the open-files limit can hold.
+    #[error(
+        "--max-connections {asked} cannot be held: the open-files limit is {open_files} \
+         (hard limit, after raising the soft one), which leaves room for {room} connections; \
+         lower --max-connections or raise the limit (ulimit -Hn, LimitNOFILE=)"
+    )]
+    TooManyConnections {
+        /// What was asked for.
+        asked: usize,
+        /// The limit.
+        open_files: u64,
+        /// What fits.
+        room: usize,
+    },
     /// Timeouts of zero would fail every command.
     #[error("--redis-connect-timeout-ms and --redis-response-timeout-ms must be at least 10")]
     RedisTimeouts,
@@ -273,6 +298,34 @@ impl Config {
         }
         self.allowed_origins.retain(|o| !o.trim().is_empty());
         Ok(self)
+    }
+
+    /// `--max-connections` as set, or the default of [`DEFAULT_MAX_CONNECTIONS`].
+    pub fn max_connections(&self) -> usize {
+        self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS)
+    }
+
+    /// Fits `--max-connections` to `open_files`, the process's open-files
+    /// limit: each connection is a file descriptor, and
+    /// [`RESERVED_FILES`] more are needed beside them (the listener, Redis,
+    /// plain HTTP requests, refusals, logs). A default is lowered to fit; an
+    /// explicit value that cannot fit is an error. Returns the effective value.
+    pub fn fit_max_connections(&mut self, open_files: u64) -> Result<usize, ConfigError> {
+        let room =
+            usize::try_from(open_files.saturating_sub(RESERVED_FILES as u64)).unwrap_or(usize::MAX);
+        let fitted = match self.max_connections {
+            Some(asked) if asked > room => {
+                return Err(ConfigError::TooManyConnections {
+                    asked,
+                    open_files,
+                    room,
+                })
+            }
+            Some(asked) => asked,
+            None => DEFAULT_MAX_CONNECTIONS.min(room),
+        };
+        self.max_connections = Some(fitted);
+        Ok(fitted)
     }
 
     /// Settings that work but that an operator should hear about.
@@ -323,7 +376,7 @@ impl Config {
             max_body_bytes: 16384,
             rate_limit: 0.0,
             rate_burst: 100.0,
-            max_connections: 100_000,
+            max_connections: None,
             max_connections_per_user: 16,
             max_rooms_per_connection: 100,
             handshake_timeout_ms: 10_000,
@@ -403,6 +456,25 @@ mod tests {
         };
         assert_eq!(parse("s3cret").warnings().len(), 1);
         assert!(parse(&"k".repeat(32)).warnings().is_empty());
+    }
+
+    #[test]
+    fn max_connections_fit_the_open_files_limit() {
+        let mut cfg = Config::for_tests("i1");
+        assert_eq!(cfg.fit_max_connections(20_000), Ok(20_000 - RESERVED_FILES));
+        let mut cfg = Config::for_tests("i1");
+        assert_eq!(
+            cfg.fit_max_connections(1 << 20),
+            Ok(DEFAULT_MAX_CONNECTIONS)
+        );
+        let mut cfg = Config::for_tests("i1");
+        cfg.max_connections = Some(19_000);
+        assert_eq!(cfg.fit_max_connections(20_000), Ok(19_000));
+        cfg.max_connections = Some(19_900);
+        assert!(matches!(
+            cfg.fit_max_connections(20_000),
+            Err(ConfigError::TooManyConnections { room: 19_744, .. })
+        ));
     }
 
     #[test]

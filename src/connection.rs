@@ -142,7 +142,9 @@ pub async fn serve(ws: Socket, user: Arc<str>, ctx: SessionContext, admission: A
             conn: &handle.id,
         };
         handle.send_text(welcome.to_frame(), &ctx.metrics);
-        router.connect(&handle).await;
+        // The rarely taken steps are boxed (see `read_loop`'s frame handling):
+        // what stays inline is what an idle connection must carry.
+        Box::pin(router.connect(&handle)).await;
         tracing::debug!("connected");
 
         let (sink, mut stream) = ws.split();
@@ -154,7 +156,7 @@ pub async fn serve(ws: Socket, user: Arc<str>, ctx: SessionContext, admission: A
             tracing::error!("connection task panicked; closing this connection only");
         }
 
-        router.disconnect(&handle).await;
+        Box::pin(router.disconnect(&handle)).await;
         match handle.close_reason() {
             Some(CloseReason::SlowConsumer) => ctx.metrics.closed_slow_consumer.inc(),
             Some(CloseReason::Flooding) => ctx.metrics.closed_flooding.inc(),
@@ -165,7 +167,7 @@ pub async fn serve(ws: Socket, user: Arc<str>, ctx: SessionContext, admission: A
         handle.closer().cancel();
         let sink = writer.await.ok().flatten();
         if let (Some(sink), Some(_)) = (sink, handle.close_reason()) {
-            drain_until_closed(sink, stream).await;
+            Box::pin(drain_until_closed(sink, stream)).await;
         }
         drop(admission);
         tracing::debug!(reason = ?handle.close_reason(), "disconnected");
@@ -184,7 +186,9 @@ async fn drain_until_closed(sink: SplitSink<Socket, Message>, stream: SplitStrea
     let mut io = ws.into_inner();
     let deadline = tokio::time::Instant::now() + CLOSE_GRACE;
     let _ = tokio::time::timeout_at(deadline, io.shutdown()).await;
-    let mut discard = [0u8; 4096];
+    // On the heap, and only now: a buffer in this future's state would be
+    // carried by every idle connection's task.
+    let mut discard = vec![0u8; 4096];
     while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, io.read(&mut discard)).await {
         if n == 0 {
             break;
@@ -261,7 +265,10 @@ async fn read_loop(
         }
         refused_in_a_row = 0.0;
         let reply = match text {
-            Some(text) => handle_text(text, handle, ctx).await,
+            // Boxed: handling a frame (routing, presence reads) is a large
+            // state machine; inline, every idle connection would carry its
+            // ~7 KB in its task. Boxed, only a frame being handled does.
+            Some(text) => Box::pin(handle_text(text, handle, ctx)).await,
             None => {
                 let error = ProtocolError::new(
                     ErrorCode::BadRequest,

@@ -261,6 +261,7 @@ fn upgrade(
         ));
     };
     let config = WebSocketConfig::default()
+        .read_buffer_size(1024)
         .max_frame_size(Some(ctx.max_frame_bytes))
         .max_message_size(Some(ctx.max_frame_bytes));
     let session = ctx.session.clone();

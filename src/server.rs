@@ -175,7 +175,7 @@ pub async fn run_with_backend(
         auth = auth.with_audience(audience);
     }
     let limits = Arc::new(Limits::new(
-        config.max_connections,
+        config.max_connections(),
         config.max_connections_per_user,
     ));
     let ctx = HttpContext {

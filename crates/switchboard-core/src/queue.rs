@@ -7,10 +7,11 @@
 //! whether that drops a message (and counts it) or closes a slow client — so
 //! no producer ever waits on a consumer.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 /// What an item costs in a queue's byte budget.
 pub trait Weighed {
@@ -27,29 +28,78 @@ pub enum Refused<T> {
     Closed(T),
 }
 
+/// The queue itself. It starts empty and unallocated, grows with what is
+/// queued and gives its memory back once drained: an idle connection's
+/// queue costs a few dozen bytes, not a preallocated block of slots.
+#[derive(Debug)]
+struct Shared<T> {
+    state: Mutex<State<T>>,
+    /// Woken when an item is queued or the last sender is gone.
+    ready: Notify,
+    /// Live senders; at zero the receiver sees the end.
+    senders: AtomicUsize,
+    max_items: usize,
+    max_bytes: usize,
+}
+
+#[derive(Debug)]
+struct State<T> {
+    items: VecDeque<T>,
+    bytes: usize,
+    /// The receiver is gone (or closed the queue): refuse everything.
+    closed: bool,
+}
+
+/// Capacity kept when a drained queue shrinks: small enough that an idle
+/// connection holds almost nothing, big enough not to reallocate for every
+/// frame of a steady trickle.
+const KEEP_WHEN_DRAINED: usize = 4;
+
+impl<T> Shared<T> {
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        // A panic while holding this lock leaves a consistent queue behind.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 /// The sending half; cheap to clone.
 #[derive(Debug)]
 pub struct BoundedSender<T> {
-    sender: mpsc::Sender<T>,
-    bytes: Arc<AtomicUsize>,
-    max_bytes: usize,
+    shared: Arc<Shared<T>>,
 }
 
 impl<T> Clone for BoundedSender<T> {
     fn clone(&self) -> Self {
+        self.shared.senders.fetch_add(1, Ordering::Relaxed);
         BoundedSender {
-            sender: self.sender.clone(),
-            bytes: self.bytes.clone(),
-            max_bytes: self.max_bytes,
+            shared: self.shared.clone(),
         }
     }
 }
 
-/// The receiving half.
+impl<T> Drop for BoundedSender<T> {
+    fn drop(&mut self) {
+        if self.shared.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.shared.ready.notify_one();
+        }
+    }
+}
+
+/// The receiving half (one consumer).
 #[derive(Debug)]
 pub struct BoundedReceiver<T> {
-    receiver: mpsc::Receiver<T>,
-    bytes: Arc<AtomicUsize>,
+    shared: Arc<Shared<T>>,
+}
+
+impl<T> Drop for BoundedReceiver<T> {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        state.closed = true;
+        state.items = VecDeque::new();
+        state.bytes = 0;
+    }
 }
 
 /// A queue of at most `max_items` items holding at most `max_bytes` bytes.
@@ -57,15 +107,22 @@ pub fn bounded<T: Weighed>(
     max_items: usize,
     max_bytes: usize,
 ) -> (BoundedSender<T>, BoundedReceiver<T>) {
-    let (sender, receiver) = mpsc::channel(max_items.max(1));
-    let bytes = Arc::new(AtomicUsize::new(0));
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            items: VecDeque::new(),
+            bytes: 0,
+            closed: false,
+        }),
+        ready: Notify::new(),
+        senders: AtomicUsize::new(1),
+        max_items: max_items.max(1),
+        max_bytes,
+    });
     (
         BoundedSender {
-            sender,
-            bytes: bytes.clone(),
-            max_bytes,
+            shared: shared.clone(),
         },
-        BoundedReceiver { receiver, bytes },
+        BoundedReceiver { shared },
     )
 }
 
@@ -73,47 +130,68 @@ impl<T: Weighed> BoundedSender<T> {
     /// Queues `item` if both budgets allow it; never waits.
     pub fn try_send(&self, item: T) -> Result<(), Refused<T>> {
         let weight = item.weight();
-        let before = self.bytes.fetch_add(weight, Ordering::AcqRel);
-        if before + weight > self.max_bytes {
-            self.bytes.fetch_sub(weight, Ordering::AcqRel);
-            return Err(Refused::Full(item));
-        }
-        match self.sender.try_send(item) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                self.bytes.fetch_sub(weight, Ordering::AcqRel);
-                match e {
-                    mpsc::error::TrySendError::Full(item) => Err(Refused::Full(item)),
-                    mpsc::error::TrySendError::Closed(item) => Err(Refused::Closed(item)),
-                }
+        {
+            let mut state = self.shared.lock();
+            if state.closed {
+                return Err(Refused::Closed(item));
             }
+            if state.items.len() >= self.shared.max_items
+                || state.bytes + weight > self.shared.max_bytes
+            {
+                return Err(Refused::Full(item));
+            }
+            state.bytes += weight;
+            state.items.push_back(item);
         }
+        self.shared.ready.notify_one();
+        Ok(())
     }
 
     /// Bytes queued right now.
     pub fn queued_bytes(&self) -> usize {
-        self.bytes.load(Ordering::Acquire)
+        self.shared.lock().bytes
     }
 }
 
 impl<T: Weighed> BoundedReceiver<T> {
     /// The next item; `None` once every sender is gone and the queue is empty.
     pub async fn recv(&mut self) -> Option<T> {
-        let item = self.receiver.recv().await?;
-        self.bytes.fetch_sub(item.weight(), Ordering::AcqRel);
-        Some(item)
+        let shared = &*self.shared;
+        loop {
+            // Registered before looking, so a send in between is not missed
+            // (and `notify_one` keeps a permit when nobody waits yet).
+            let ready = shared.ready.notified();
+            if let Some(item) = take(shared) {
+                return Some(item);
+            }
+            if shared.senders.load(Ordering::Acquire) == 0 {
+                return take(shared);
+            }
+            ready.await;
+        }
     }
 
     /// The next item if one is queued.
     pub fn try_recv(&mut self) -> Option<T> {
-        let item = self.receiver.try_recv().ok()?;
-        self.bytes.fetch_sub(item.weight(), Ordering::AcqRel);
-        Some(item)
+        take(&self.shared)
     }
 
     /// Refuses further items; what is queued can still be received.
     pub fn close(&mut self) {
-        self.receiver.close();
+        self.shared.lock().closed = true;
+    }
+}
+
+/// Takes the front item, giving memory back when the queue is drained.
+fn take<T: Weighed>(shared: &Shared<T>) -> Option<T> {
+    {
+        let mut state = shared.lock();
+        let item = state.items.pop_front()?;
+        state.bytes = state.bytes.saturating_sub(item.weight());
+        if state.items.is_empty() && state.items.capacity() > KEEP_WHEN_DRAINED {
+            state.items.shrink_to(KEEP_WHEN_DRAINED);
+        }
+        Some(item)
     }
 }
 
@@ -144,5 +222,43 @@ mod tests {
         assert_eq!(rx.try_recv(), Some(vec![2]));
         drop(rx);
         assert_eq!(tx.try_send(vec![5]), Err(Refused::Closed(vec![5])));
+    }
+
+    #[tokio::test]
+    async fn the_end_is_seen_once_every_sender_is_gone_and_the_queue_is_empty() {
+        let (tx, mut rx) = bounded::<Vec<u8>>(8, 100);
+        let other = tx.clone();
+        tx.try_send(vec![1]).expect("queued");
+        drop(tx);
+        other.try_send(vec![2]).expect("queued");
+        let waiter = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while let Some(item) = rx.recv().await {
+                got.push(item);
+            }
+            got
+        });
+        tokio::task::yield_now().await;
+        drop(other);
+        assert_eq!(waiter.await.expect("joined"), vec![vec![1], vec![2]]);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_receiver_wakes_for_a_send() {
+        let (tx, mut rx) = bounded::<Vec<u8>>(8, 100);
+        let waiter = tokio::spawn(async move { rx.recv().await });
+        tokio::task::yield_now().await;
+        tx.try_send(vec![7]).expect("queued");
+        assert_eq!(waiter.await.expect("joined"), Some(vec![7]));
+    }
+
+    #[test]
+    fn a_drained_queue_gives_its_memory_back() {
+        let (tx, mut rx) = bounded::<Vec<u8>>(1000, 1 << 20);
+        for _ in 0..500 {
+            tx.try_send(vec![0]).expect("queued");
+        }
+        while rx.try_recv().is_some() {}
+        assert!(rx.shared.lock().items.capacity() <= KEEP_WHEN_DRAINED);
     }
 }
