@@ -276,3 +276,70 @@ async fn a_pattern_subscriber_does_not_make_a_crashed_instance_look_alive() {
     );
     assert!(i1.metric("switchboard_stale_presence_total").await >= 1.0);
 }
+
+/// Routing reads the recipient's presence from a cache that Redis keeps
+/// true by invalidation pushes. Bob has a device on i2 while alice, on i1,
+/// sends him DMs without pause (so i1's cached view of bob is hot); bob
+/// connects a second device on i3. The first device gets every DM exactly
+/// once; the new one starts getting them shortly after it connected, and
+/// from its first DM on it misses none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_device_gets_every_dm_from_its_first_on_while_dms_flow() {
+    const DMS: u64 = 300;
+    let redis = RedisServer::start().await;
+    let (i1, i2, i3) = tokio::join!(
+        Instance::spawn(opts!("i1").redis(&redis)),
+        Instance::spawn(opts!("i2").redis(&redis)),
+        Instance::spawn(opts!("i3").redis(&redis)),
+    );
+    let mut alice = Client::connect_user(&i1, "alice").await;
+    let mut first = Client::connect_user(&i2, "bob").await;
+    await_holders(&redis, "bob", &[("i2", "1")]).await;
+    let mut second = None;
+    for k in 0..DMS {
+        if k == DMS / 3 {
+            second = Some(Client::connect_user(&i3, "bob").await);
+        }
+        let ack = alice.request(dm("bob", json!({"k": k}))).await;
+        assert_eq!(outcome(&ack), "ack:routed", "dm {k}: {ack}");
+    }
+    let mut second = second.expect("connected");
+    let sentinel = alice.send_sentinel_dm("bob").await;
+    let ks = |frames: Vec<Value>| -> Vec<u64> {
+        frames
+            .iter()
+            .filter(|f| f["type"] == "dm")
+            .filter_map(|f| f["body"]["k"].as_u64())
+            .collect()
+    };
+    let on_first = ks(first.frames_until(&sentinel).await);
+    assert_eq!(
+        on_first,
+        (0..DMS).collect::<Vec<_>>(),
+        "the first device: each once, in order"
+    );
+    let on_second = ks(second.frames_until(&sentinel).await);
+    let start = *on_second.first().unwrap_or_else(|| {
+        panic!(
+            "the new device got none of the {} DMs after it connected",
+            DMS - DMS / 3
+        )
+    });
+    assert!(
+        start >= DMS / 3,
+        "nothing from before it connected: {on_second:?}"
+    );
+    assert_eq!(
+        on_second,
+        (start..DMS).collect::<Vec<_>>(),
+        "from its first DM on, the new device misses none"
+    );
+    assert!(
+        start < DMS / 3 + 20,
+        "the new device is reached within a few DMs of connecting (first: dm {start})"
+    );
+    eprintln!(
+        "new device: first DM {start} (connected before dm {})",
+        DMS / 3
+    );
+}

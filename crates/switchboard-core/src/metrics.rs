@@ -99,6 +99,10 @@ pub struct Metrics {
     pub dropped_reroute_queue_full: Counter,
     /// Presence entries found pointing at an instance that did not listen.
     pub stale_presence: Counter,
+    /// DMs routed from the tracked presence cache without reading Redis.
+    pub presence_cache_hits: Counter,
+    /// DMs whose recipient's presence had to be read (and was then cached).
+    pub presence_cache_misses: Counter,
     /// Presence writes that failed and wait for the next resync.
     pub presence_write_failures: Counter,
     /// Connections refused at the upgrade for bad credentials.
@@ -190,6 +194,12 @@ impl Metrics {
             "switchboard_stale_presence",
             "Presence entries whose instance had no listener (PUBLISH returned 0)",
             stale_presence.clone(),
+        );
+        let presence_cache = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "switchboard_presence_cache",
+            "Recipients' presence looked up in the tracked cache when routing a DM, by outcome (hit, miss)",
+            presence_cache.clone(),
         );
         let presence_write_failures = Counter::default();
         registry.register(
@@ -303,6 +313,10 @@ impl Metrics {
             dropped_bus_inbox_full: reason("bus_inbox_full"),
             dropped_reroute_queue_full: reason("reroute_queue_full"),
             stale_presence,
+            presence_cache_hits: presence_cache
+                .get_or_create_owned(&OutcomeLabel { outcome: "hit" }),
+            presence_cache_misses: presence_cache
+                .get_or_create_owned(&OutcomeLabel { outcome: "miss" }),
             presence_write_failures,
             auth_failures,
             rate_limited,

@@ -1,12 +1,23 @@
-//! [`Bus`] over Redis pub/sub: PUBLISH and the routing script on the
-//! message-path connection, SUBSCRIBE on the dedicated RESP3 subscriber.
+//! [`Bus`] over Redis pub/sub: PUBLISH and routing on the message-path
+//! connection, SUBSCRIBE on the dedicated RESP3 subscriber.
+//!
+//! Routing a DM reads the recipient's presence from the tracked cache (see
+//! `presence_cache`; a miss is one tracked HGETALL) and sends one pipeline:
+//! for each other holder, `PUBSUB NUMSUB` of its personal channel and the
+//! PUBLISH. Redis runs no script and reads no key for a cached recipient.
+//! The receiver count is NUMSUB's, not PUBLISH's: PUBLISH also counts
+//! pattern subscribers (a `PSUBSCRIBE sb:*` monitor would make a crashed
+//! instance look alive).
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use switchboard_core::bus::{Bus, Channel, DirectRoute, Envelope, Reached};
+use switchboard_core::bus::{Bus, Channel, Covered, DirectRoute, Envelope, Reached};
 use switchboard_core::error::BackendError;
 
+use crate::presence_cache::Fields;
 use crate::RedisBackend;
 
 impl RedisBackend {
@@ -26,6 +37,42 @@ fn subscribe_error(e: redis::RedisError) -> BackendError {
     BackendError::Unavailable(Box::new(e))
 }
 
+impl RedisBackend {
+    /// Reads `key`'s presence fields with tracking on (both on one
+    /// connection, in one pipeline), keeping them in the cache unless Redis
+    /// invalidated them meanwhile.
+    async fn read_tracked(&self, key: &str) -> Result<Fields, BackendError> {
+        let fill = self.presence_cache.begin_fill(key);
+        let mut pipe = redis::pipe();
+        pipe.cmd("CLIENT").arg("TRACKING").arg("ON").ignore();
+        pipe.cmd("HGETALL").arg(key);
+        let read = async {
+            let mut conn = self.message_path()?;
+            let (fields,): (Vec<(String, i64)>,) = self.timed(pipe.query_async(&mut conn)).await?;
+            Ok::<_, BackendError>(fields)
+        }
+        .await;
+        match read {
+            Ok(fields) => {
+                let fields: Fields = fields
+                    .into_iter()
+                    .map(|(instance, n)| (Arc::from(instance), n))
+                    .collect();
+                if let Some(fill) = fill {
+                    self.presence_cache.finish_fill(fill, fields.clone());
+                }
+                Ok(fields)
+            }
+            Err(e) => {
+                if let Some(fill) = fill {
+                    self.presence_cache.abandon_fill(fill);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl Bus for RedisBackend {
     async fn publish(&self, channel: Channel<'_>, payload: Bytes) -> Result<usize, BackendError> {
@@ -38,24 +85,58 @@ impl Bus for RedisBackend {
     }
 
     async fn route_direct(&self, route: &DirectRoute<'_>) -> Result<Vec<Reached>, BackendError> {
-        let mut conn = self.message_path()?;
+        let key = self.keys.presence(route.to);
+        let fields = match self.presence_cache.get(&key) {
+            Some(fields) => {
+                self.metrics.presence_cache_hits.inc();
+                fields
+            }
+            None => {
+                self.metrics.presence_cache_misses.inc();
+                self.read_tracked(&key).await?
+            }
+        };
         let live = self.live_view();
-        let covered = route.covered.join(",");
-        let mut invocation = self.route_direct.key(self.keys.presence(route.to));
-        invocation
-            .arg(route.caller)
-            .arg(&self.personal_prefix)
-            .arg(Envelope::direct_head(route.to, route.hop, route.origin))
-            .arg(covered)
-            .arg(route.frame);
-        for dead in &live.dead {
-            invocation.arg(dead);
+        let targets: Vec<&str> = fields
+            .iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|(instance, _)| &**instance)
+            .filter(|id| *id != route.caller && !route.covered.contains(id))
+            .filter(|id| live.may_be_alive(id))
+            .collect();
+        if targets.is_empty() {
+            return Ok(Vec::new());
         }
-        let reached: Vec<(String, usize)> = self.timed(invocation.invoke_async(&mut conn)).await?;
-        Ok(reached
+        let covered =
+            Envelope::covered_field(route.covered.iter().copied().chain(targets.iter().copied()));
+        let payload = Envelope::Direct {
+            to: route.to,
+            hop: route.hop,
+            origin: route.origin,
+            covered: Covered::from_field(&covered),
+        }
+        .encode(route.frame);
+        let mut pipe = redis::pipe();
+        for target in &targets {
+            let channel = self.keys.personal_channel(target);
+            pipe.cmd("PUBSUB").arg("NUMSUB").arg(&channel);
+            pipe.cmd("PUBLISH")
+                .arg(&channel)
+                .arg(payload.as_ref())
+                .ignore();
+        }
+        let mut conn = self.message_path()?;
+        let counts: Vec<(String, usize)> = self.timed(pipe.query_async(&mut conn)).await?;
+        let receivers: Vec<usize> = counts.into_iter().map(|(_, n)| n).collect();
+        if receivers.contains(&0) {
+            // A holder that does not listen: its entry is stale; read again next time.
+            self.presence_cache.invalidate(&key);
+        }
+        Ok(targets
             .into_iter()
+            .zip(receivers)
             .map(|(instance, receivers)| Reached {
-                instance,
+                instance: instance.to_owned(),
                 receivers,
             })
             .collect())

@@ -30,6 +30,7 @@ mod bus;
 pub mod keys;
 mod maintenance;
 mod presence;
+mod presence_cache;
 mod scripts;
 mod subscriber;
 
@@ -52,6 +53,7 @@ use switchboard_core::metrics::Metrics;
 use switchboard_core::queue::BoundedSender;
 
 use keys::Keys;
+use presence_cache::PresenceCache;
 
 /// Why the Redis backend could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -182,15 +184,15 @@ pub struct RedisBackend {
     /// Every channel this instance subscribed, to re-issue SUBSCRIBE when a
     /// probe shows the subscriptions were lost without a disconnection.
     subscriptions: DashMap<String, ()>,
+    /// Recipients' presence as Redis last said, kept true by its
+    /// invalidation pushes: the routing path's source (see `presence_cache`).
+    presence_cache: Arc<PresenceCache>,
     adjust_presence: redis::Script,
-    route_direct: redis::Script,
     claim_lease: redis::Script,
     refresh_lease: redis::Script,
     release_lease: redis::Script,
     heartbeat_script: redis::Script,
     claim_dead: redis::Script,
-    /// `PREFIX:inst:`, the personal channel prefix the routing script appends ids to.
-    personal_prefix: String,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -264,7 +266,33 @@ impl RedisBackend {
         // No retries: a command during an outage fails at once (refused) and
         // the next one tries again. No client-side response timeout: each
         // command is timed by the backend, which tells the two apart.
+        let presence_cache = Arc::new(PresenceCache::default());
+        let invalidations = presence_cache.clone();
+        // Pushes on the command connection: Redis's invalidations of the
+        // presence keys it read (CLIENT TRACKING), and the loss of the
+        // connection (which loses those too).
+        let on_push = move |push: redis::PushInfo| -> Result<(), std::convert::Infallible> {
+            match push.kind {
+                redis::PushKind::Invalidate => match push.data.first() {
+                    Some(redis::Value::Array(keys)) => {
+                        for key in keys {
+                            if let redis::Value::BulkString(key) = key {
+                                if let Ok(key) = std::str::from_utf8(key) {
+                                    invalidations.invalidate(key);
+                                }
+                            }
+                        }
+                    }
+                    // FLUSHALL / FLUSHDB: everything.
+                    _ => invalidations.clear(),
+                },
+                redis::PushKind::Disconnection => invalidations.clear(),
+                _ => {}
+            }
+            Ok(())
+        };
         let commands_config = ConnectionManagerConfig::new()
+            .set_push_sender(on_push)
             .set_number_of_retries(0)
             .set_connection_timeout(Some(settings.connect_timeout))
             .set_response_timeout(None);
@@ -297,7 +325,6 @@ impl RedisBackend {
             commands,
             pool,
             subscriber,
-            personal_prefix: keys.personal_channel(""),
             keys,
             instance: Arc::from(settings.instance.as_str()),
             token: format!("{:016x}.{}", rand::random::<u64>(), std::process::id()),
@@ -314,8 +341,8 @@ impl RedisBackend {
             probe_ok: AtomicBool::new(true),
             probe_sent: AtomicU64::new(0),
             subscriptions: DashMap::new(),
+            presence_cache,
             adjust_presence: redis::Script::new(scripts::ADJUST_PRESENCE),
-            route_direct: redis::Script::new(scripts::ROUTE_DIRECT),
             claim_lease: redis::Script::new(scripts::CLAIM_LEASE),
             refresh_lease: redis::Script::new(scripts::REFRESH_LEASE),
             release_lease: redis::Script::new(scripts::RELEASE_LEASE),

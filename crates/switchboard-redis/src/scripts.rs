@@ -15,66 +15,6 @@ end
 return n
 ";
 
-/// The routing operation, in one round trip. Reads the recipient's presence
-/// hash; publishes the DM on the personal channel of every holder that is
-/// not the caller, not already covered and not known dead; the payload's
-/// header carries the covered list extended by every instance published to
-/// (the same header `Envelope::encode` writes). Returns `[instance,
-/// receivers, ...]`.
-///
-/// A receiver count of 0 means "not listening". PUBLISH also counts pattern
-/// subscribers (a `PSUBSCRIBE sb:*` monitor would make a crashed instance
-/// look alive), so when any pattern subscription exists the channel's own
-/// subscribers are counted with `PUBSUB NUMSUB` instead, and an instance with
-/// none is not published to.
-///
-/// KEYS[1] = presence key; ARGV = caller, personal-channel prefix, header head
-/// (`D to hop origin `), covered list so far (comma-separated, may be empty),
-/// frame, dead instance ids...
-pub const ROUTE_DIRECT: &str = r"
-local fields = redis.call('HGETALL', KEYS[1])
-local skip = {}
-skip[ARGV[1]] = true
-for id in string.gmatch(ARGV[4], '[^,]+') do
-  skip[id] = true
-end
-for j = 6, #ARGV do
-  skip[ARGV[j]] = true
-end
-local targets = {}
-for i = 1, #fields, 2 do
-  local id = fields[i]
-  if not skip[id] and (tonumber(fields[i + 1]) or 0) > 0 then
-    targets[#targets + 1] = id
-  end
-end
-if #targets == 0 then
-  return {}
-end
-local covered = table.concat(targets, ',')
-if ARGV[4] ~= '' then
-  covered = ARGV[4] .. ',' .. covered
-end
-local payload = ARGV[3] .. covered .. '\n' .. ARGV[5]
-local patterns = redis.call('PUBSUB', 'NUMPAT')
-local out = {}
-for _, id in ipairs(targets) do
-  local channel = ARGV[2] .. id
-  local n
-  if patterns > 0 then
-    n = redis.call('PUBSUB', 'NUMSUB', channel)[2]
-    if n > 0 then
-      redis.call('PUBLISH', channel, payload)
-    end
-  else
-    n = redis.call('PUBLISH', channel, payload)
-  end
-  out[#out + 1] = id
-  out[#out + 1] = n
-end
-return out
-";
-
 /// Claim an instance id at start-up: take the lease if nobody holds it.
 /// Returns `{1}` when claimed, else `{0, remaining TTL in ms}`.
 /// KEYS[1] = lease key; ARGV = this process's token, lease ms.
