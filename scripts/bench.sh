@@ -13,6 +13,10 @@
 #   scripts/bench.sh --workload room --rooms 20 --room-members 10 --room-spread 2
 #   scripts/bench.sh --workload churn --churn-rate 20
 #   scripts/bench.sh --nodes 2,4 --name dm-2-4 --publish  # results into bench/results/ too
+#   scripts/bench.sh --workload connections --name conn-19k  # idle connections: RSS per connection
+#                                                      # at 1k/5k/10k/19k, after close, connect rate, drain, storm
+#   scripts/bench.sh --workload connections --steps 1000,5000 --name conn-smoke   # the same, small
+#   scripts/bench.sh --workload connections --phases hold-all --name conn-57k     # 19k on each of 3, held 60 s
 #   scripts/bench.sh --help                            # every flag
 #
 # Every argument goes to target/release/switchboard-bench unchanged.

@@ -17,6 +17,10 @@ pub enum Workload {
     Mixed,
     /// DMs as in `dm`, while `--churn-rate` users per second disconnect and reconnect.
     Churn,
+    /// No messages: open `--users` idle connections as fast as the server
+    /// takes them, hold them, and reconnect the lost ones to
+    /// `--reconnect-targets` (the loader writes a `ConnectionsRun`).
+    Connections,
 }
 
 impl Workload {
@@ -27,6 +31,7 @@ impl Workload {
             Workload::Room => "room",
             Workload::Mixed => "mixed",
             Workload::Churn => "churn",
+            Workload::Connections => "connections",
         }
     }
 
@@ -53,6 +58,7 @@ mod tests {
             Workload::Room,
             Workload::Mixed,
             Workload::Churn,
+            Workload::Connections,
         ] {
             let json = serde_json::to_string(&w).unwrap_or_default();
             assert_eq!(json, format!("\"{}\"", w.as_str()));

@@ -4,10 +4,11 @@
 //!
 //! This module only describes what to run; it starts nothing.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
-use clap::Parser;
-use serde::Serialize;
+use clap::{Parser, ValueEnum};
+use serde::{Deserialize, Serialize};
 use switchboard_bench_schema::{PassRule, Workload};
 
 pub use switchboard_core::router::RoutingMode;
@@ -189,7 +190,124 @@ pub struct Cli {
     /// Do not run anything: re-render <name>.md and <name>.svg from this results JSON.
     #[arg(long, value_name = "RESULTS_JSON")]
     pub render_only: Option<PathBuf>,
+
+    /// --workload connections: the phases to run, in this order. `scale`:
+    /// one instance, RSS per connection at each --steps count, then RSS
+    /// after every client closed; `drain`: SIGTERM an instance holding
+    /// --per-instance connections and time its exit; `storm`: SIGKILL one of
+    /// --storm-instances holding --per-instance, every client reconnects to
+    /// the survivors; `hold-all`: --per-instance on each of --storm-instances
+    /// held --hold-all-s with no disconnect.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "scale,drain,storm"
+    )]
+    pub phases: Vec<ConnectionsPhase>,
+
+    /// --workload connections, scale phase: total connections on the
+    /// instance at which its RSS is read, ascending.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000,19000")]
+    pub steps: Vec<u32>,
+
+    /// --workload connections: connections per instance in the drain, storm
+    /// and hold-all phases (default: the last --steps value).
+    #[arg(long)]
+    pub per_instance: Option<u32>,
+
+    /// --workload connections: loader processes that share each batch of
+    /// connections (more are used when a batch exceeds what one process can
+    /// hold under its open-files hard limit).
+    #[arg(long, default_value_t = 2)]
+    pub loader_procs: usize,
+
+    /// --workload connections: loopback source addresses the loaders bind
+    /// their sockets to, round-robin (bind-before-connect takes an ephemeral
+    /// port of the source address, about 28,000 per address).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5,127.0.0.6,127.0.0.7,127.0.0.8,127.0.0.9"
+    )]
+    pub source_addrs: Vec<Ipv4Addr>,
+
+    /// --workload connections: handshakes in flight per loader process. Keep
+    /// their sum per instance within its listen backlog (128 with tokio's
+    /// default): beyond it the accept queue overflows and a client waits a
+    /// second for its SYN to be retried (the report counts these overflows).
+    #[arg(long, default_value_t = 64)]
+    pub handshake_concurrency: usize,
+
+    /// --workload connections: how clients authenticate (`jwt`: a minted
+    /// HS256 token per connection, the instances verify it).
+    #[arg(long, value_enum, default_value = "jwt")]
+    pub auth: BenchAuth,
+
+    /// --workload connections: pause between a batch being connected and the
+    /// RSS reading, ms.
+    #[arg(long, default_value_t = 2000)]
+    pub rss_settle_ms: u64,
+
+    /// --workload connections, scale phase: how long RSS is followed after
+    /// the instance counts no connection any more, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub after_close_s: f64,
+
+    /// --workload connections, storm phase: every client must be back within
+    /// this many seconds of the kill.
+    #[arg(long, default_value_t = 5.0)]
+    pub storm_within_s: f64,
+
+    /// --workload connections: instances of the storm and hold-all phases.
+    #[arg(long, default_value_t = 3)]
+    pub storm_instances: usize,
+
+    /// --workload connections, hold-all phase: how long every connection is
+    /// held, seconds.
+    #[arg(long, default_value_t = 60.0)]
+    pub hold_all_s: f64,
 }
+
+/// A phase of the connections workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConnectionsPhase {
+    /// RSS per connection at each --steps count, then after every client closed.
+    Scale,
+    /// Time a graceful drain (SIGTERM) of --per-instance connections.
+    Drain,
+    /// SIGKILL an instance; every client reconnects to the survivors.
+    Storm,
+    /// --per-instance connections on each instance, held with no disconnect.
+    HoldAll,
+}
+
+impl ConnectionsPhase {
+    /// The name on the command line and in the report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionsPhase::Scale => "scale",
+            ConnectionsPhase::Drain => "drain",
+            ConnectionsPhase::Storm => "storm",
+            ConnectionsPhase::HoldAll => "hold-all",
+        }
+    }
+}
+
+/// How the connections workload's clients authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BenchAuth {
+    /// HS256 tokens (the instances run `--auth jwt` with a secret made per run).
+    Jwt,
+    /// `?user=` (`--auth none`).
+    None,
+}
+
+/// No source address may carry more connections at once than this: the
+/// ephemeral range (32768-60999 here) holds about 28,000 ports per address.
+pub const MAX_PER_SOURCE_ADDR: u64 = 25_000;
 
 /// Where `--publish` writes, relative to the repository root.
 pub const PUBLISH_DIR: &str = "bench/results";
@@ -257,7 +375,88 @@ impl Cli {
                 return Err("--name must be a plain file name".into());
             }
         }
+        if self.workload == Workload::Connections {
+            self.validate_connections()?;
+        }
         Ok(())
+    }
+
+    /// The checks of the connections workload's flags.
+    fn validate_connections(&self) -> Result<(), String> {
+        if self.phases.is_empty() {
+            return Err("--phases is empty".into());
+        }
+        if self.steps.is_empty() || self.steps.contains(&0) {
+            return Err("--steps needs connection counts of at least 1".into());
+        }
+        if self.steps.windows(2).any(|w| w[0] >= w[1]) {
+            return Err("--steps must be ascending".into());
+        }
+        if self.per_instance() == 0 {
+            return Err("--per-instance must be at least 1".into());
+        }
+        if self.loader_procs == 0 || self.loader_procs > 64 {
+            return Err("--loader-procs must be in 1..=64".into());
+        }
+        if self.handshake_concurrency == 0 {
+            return Err("--handshake-concurrency must be at least 1".into());
+        }
+        if self.source_addrs.is_empty() {
+            return Err("--source-addrs is empty".into());
+        }
+        if let Some(a) = self.source_addrs.iter().find(|a| !a.is_loopback()) {
+            return Err(format!(
+                "--source-addrs: {a} is not in 127.0.0.0/8 (the benchmark stays on loopback)"
+            ));
+        }
+        let multi = self
+            .phases
+            .iter()
+            .any(|p| matches!(p, ConnectionsPhase::Storm | ConnectionsPhase::HoldAll));
+        if multi && !(2..=16).contains(&self.storm_instances) {
+            return Err("--storm-instances must be in 2..=16".into());
+        }
+        // Every connection of the busiest phase at once, spread evenly.
+        let busiest = self.most_connections_at_once();
+        let per_addr = busiest.div_ceil(self.source_addrs.len() as u64);
+        if per_addr > MAX_PER_SOURCE_ADDR {
+            return Err(format!(
+                "{busiest} connections over {} source addresses is {per_addr} per address, more \
+                 than the {MAX_PER_SOURCE_ADDR} its ephemeral ports allow: add --source-addrs",
+                self.source_addrs.len()
+            ));
+        }
+        for (flag, v) in [
+            ("--after-close-s", self.after_close_s),
+            ("--storm-within-s", self.storm_within_s),
+            ("--hold-all-s", self.hold_all_s),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(format!("{flag} must be positive"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Connections per instance in the drain, storm and hold-all phases.
+    pub fn per_instance(&self) -> u32 {
+        self.per_instance
+            .or_else(|| self.steps.last().copied())
+            .unwrap_or(0)
+    }
+
+    /// The most connections any chosen phase holds at once.
+    pub fn most_connections_at_once(&self) -> u64 {
+        let per_instance = u64::from(self.per_instance());
+        self.phases
+            .iter()
+            .map(|p| match p {
+                ConnectionsPhase::Scale => u64::from(self.steps.last().copied().unwrap_or(0)),
+                ConnectionsPhase::Drain | ConnectionsPhase::Storm => per_instance,
+                ConnectionsPhase::HoldAll => per_instance * self.storm_instances as u64,
+            })
+            .max()
+            .unwrap_or(0)
     }
 
     /// The pass rule of `--min-delivery` and `--max-p99-ms` (the loader gets the same).
@@ -349,5 +548,42 @@ impl Cli {
         }
         args.extend(self.server_args.iter().cloned());
         args
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, String> {
+        let cli =
+            Cli::try_parse_from(std::iter::once("switchboard-bench").chain(args.iter().copied()))
+                .map_err(|e| e.to_string())?;
+        cli.validate().map(|()| cli)
+    }
+
+    #[test]
+    fn connections_flags_are_checked() {
+        let cli = parse(&["--workload", "connections"]).expect("the defaults are valid");
+        assert_eq!(cli.per_instance(), 19_000);
+        assert_eq!(cli.most_connections_at_once(), 19_000);
+        let all = parse(&["--workload", "connections", "--phases", "hold-all"]).expect("valid");
+        assert_eq!(all.most_connections_at_once(), 57_000);
+        for bad in [
+            &["--workload", "connections", "--steps", "5000,1000"][..],
+            &["--workload", "connections", "--source-addrs", "10.0.0.2"],
+            // 57,000 over two addresses is more than their ports allow.
+            &[
+                "--workload",
+                "connections",
+                "--phases",
+                "hold-all",
+                "--source-addrs",
+                "127.0.0.2,127.0.0.3",
+            ],
+            &["--workload", "connections", "--loader-procs", "0"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} should be refused");
+        }
     }
 }

@@ -26,6 +26,9 @@ pub struct ClusterSpec<'a> {
     pub redis_bin: &'a Path,
     /// `--lease-ms` for the instances, if set.
     pub lease_ms: Option<u64>,
+    /// `Some(secret)`: the instances take HS256 tokens signed with it
+    /// (`--auth jwt`, the secret in their environment); `None`: `--auth none`.
+    pub jwt_secret: Option<&'a str>,
     /// Further flags for every instance.
     pub extra_args: Vec<String>,
     /// How long Redis and each instance may take to become ready.
@@ -125,7 +128,12 @@ pub async fn start(
             "--instance-id".into(),
             id.clone(),
             "--auth".into(),
-            "none".into(),
+            if spec.jwt_secret.is_some() {
+                "jwt"
+            } else {
+                "none"
+            }
+            .into(),
         ];
         if let Some(lease) = spec.lease_ms {
             args.push("--lease-ms".into());
@@ -138,7 +146,12 @@ pub async fn start(
                 .collect();
         }
         let log = spec.dir.join(format!("{id}.log"));
-        let pid = supervisor.spawn(&id, spec.server_bin, &args, &log, false)?;
+        let env: Vec<(&str, &str)> = spec
+            .jwt_secret
+            .map(|secret| ("SWITCHBOARD_JWT_SECRET", secret))
+            .into_iter()
+            .collect();
+        let pid = supervisor.spawn_with_env(&id, spec.server_bin, &args, &env, &log, false)?;
         instances.push(Instance { id, port, pid });
     }
     for instance in &instances {

@@ -20,10 +20,14 @@
 //!   and parsing `/metrics`, Redis INFO;
 //! - `snapshot`: one reading of everything; `run`: one measured run;
 //! - `derive`: the per-message figures and the pass rule;
-//! - `report`, `plot`: the result files.
+//! - `report`, `plot`: the result files;
+//! - `connections`: `--workload connections`, a benchmark of its own (idle
+//!   connections at scale: RSS per connection, connect rate, graceful drain,
+//!   reconnect storm), with its own results file.
 
 mod cli;
 mod cluster;
+mod connections;
 mod derive;
 mod error;
 mod http;
@@ -41,6 +45,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use switchboard_bench_schema::Workload;
 use tokio_util::sync::CancellationToken;
 
 use cli::Cli;
@@ -81,7 +86,12 @@ async fn main() -> ExitCode {
             }
         };
     }
-    match run_matrix(&cli).await {
+    let outcome = match setup(&cli) {
+        Ok(setup) if cli.workload == Workload::Connections => connections::run(&cli, setup).await,
+        Ok(setup) => run_matrix(&cli, setup).await,
+        Err(e) => Err(e),
+    };
+    match outcome {
         Ok(code) => code,
         Err(e) => {
             eprintln!("switchboard-bench: {e}");
@@ -90,8 +100,16 @@ async fn main() -> ExitCode {
     }
 }
 
-/// Re-renders `<name>.md` and `<name>.svg` next to an existing results JSON.
+/// Re-renders `<name>.md` and `<name>.svg` next to an existing results JSON
+/// (of either kind: the matrix, or `--workload connections`).
 fn render_only(path: &Path) -> Result<Vec<PathBuf>, BenchError> {
+    let text = std::fs::read_to_string(path).map_err(|e| BenchError::io("read", path, e))?;
+    let schema = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v.get("schema")?.as_str().map(str::to_owned));
+    if schema.as_deref() == Some(connections::SCHEMA) {
+        return connections::render_only(&text, path);
+    }
     let results = report::read(path)?;
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let md = dir.join(format!("{}.md", results.name));
@@ -130,7 +148,21 @@ fn watch_signals(cancel: CancellationToken) {
     });
 }
 
-async fn run_matrix(cli: &Cli) -> Result<ExitCode, BenchError> {
+/// What every kind of run settles before it starts anything: the binaries
+/// (checked), the machine, the result name and directories, the command line.
+struct Setup {
+    server_bin: PathBuf,
+    loader_bin: PathBuf,
+    machine: report::Machine,
+    name: String,
+    started_utc: String,
+    /// Absolute, so the JSON says where the logs are whatever the reader's directory.
+    out_dir: PathBuf,
+    logs_dir: PathBuf,
+    command: String,
+}
+
+fn setup(cli: &Cli) -> Result<Setup, BenchError> {
     let server_bin = sibling_binary(&cli.server_bin, "switchboard")?;
     let loader_bin = sibling_binary(&cli.loader_bin, "switchboard-load")?;
     for (what, path) in [("server", &server_bin), ("loader", &loader_bin)] {
@@ -170,7 +202,29 @@ async fn run_matrix(cli: &Cli) -> Result<ExitCode, BenchError> {
     let args: Vec<String> = std::env::args().collect();
     let command = report::shell_command_line(&args);
     eprintln!("[bench] {name}: results and logs in {}", out_dir.display());
+    Ok(Setup {
+        server_bin,
+        loader_bin,
+        machine,
+        name,
+        started_utc,
+        out_dir,
+        logs_dir,
+        command,
+    })
+}
 
+async fn run_matrix(cli: &Cli, setup: Setup) -> Result<ExitCode, BenchError> {
+    let Setup {
+        server_bin,
+        loader_bin,
+        machine,
+        name,
+        started_utc,
+        out_dir,
+        logs_dir,
+        command,
+    } = setup;
     let cancel = CancellationToken::new();
     watch_signals(cancel.clone());
     let ctx = RunContext {

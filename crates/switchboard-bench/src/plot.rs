@@ -14,7 +14,7 @@ use plotters::prelude::*;
 use crate::error::BenchError;
 use crate::report::{config_str, first_rate, is_find_max, ResultsFile};
 
-const PALETTE: [RGBColor; 6] = [
+pub const PALETTE: [RGBColor; 6] = [
     RGBColor(31, 119, 180),
     RGBColor(214, 39, 40),
     RGBColor(44, 160, 44),

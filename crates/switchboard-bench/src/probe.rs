@@ -1,6 +1,6 @@
 //! Reading the system without disturbing it, through `procfs`: CPU time of a
-//! process (`/proc/PID/stat`), machine-wide CPU time (`/proc/stat`), the CPU
-//! model (`/proc/cpuinfo`). Every reading is best effort: a process that is
+//! process (`/proc/PID/stat`), its resident memory (`/proc/PID/status`),
+//! machine-wide CPU time (`/proc/stat`), the CPU model (`/proc/cpuinfo`). Every reading is best effort: a process that is
 //! gone or a file that does not parse reads as `None` (or zeros), and the
 //! report says so where it matters.
 
@@ -24,6 +24,46 @@ fn cpu_seconds_of(process: &Process) -> Option<f64> {
 pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
     let pid = i32::try_from(pid).ok()?;
     cpu_seconds_of(&Process::new(pid).ok()?)
+}
+
+/// Resident memory of a process, from `/proc/PID/status`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Memory {
+    /// VmRSS: everything resident, KiB.
+    pub rss_kib: u64,
+    /// RssAnon: the anonymous part (heap, stacks), KiB.
+    pub anon_kib: Option<u64>,
+}
+
+/// The resident memory of `pid`, or `None` if it is gone.
+pub fn process_memory(pid: u32) -> Option<Memory> {
+    let pid = i32::try_from(pid).ok()?;
+    let status = Process::new(pid).ok()?.status().ok()?;
+    Some(Memory {
+        rss_kib: status.vmrss?,
+        anon_kib: status.rssanon,
+    })
+}
+
+/// `TcpExt: ListenOverflows` of `/proc/net/netstat`: connections dropped,
+/// machine-wide, because a listener's accept queue was full (the client
+/// retries its SYN after a second). `None` if unreadable.
+pub fn listen_overflows() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat").ok()?;
+    netstat_counter(&text, "TcpExt:", "ListenOverflows")
+}
+
+/// A counter of `/proc/net/netstat`'s layout: a line of names, then a line
+/// of values, both starting with `prefix`.
+fn netstat_counter(text: &str, prefix: &str, name: &str) -> Option<u64> {
+    let mut lines = text.lines().filter(|l| l.starts_with(prefix));
+    while let (Some(names), Some(values)) = (lines.next(), lines.next()) {
+        let position = names.split_whitespace().position(|n| n == name);
+        if let Some(i) = position {
+            return values.split_whitespace().nth(i)?.parse().ok();
+        }
+    }
+    None
 }
 
 /// CPU seconds of this benchmark process itself.
@@ -92,6 +132,19 @@ mod tests {
         assert!(process_cpu_seconds(std::process::id()).is_some());
         // Beyond pid_max: no such process.
         assert!(process_cpu_seconds(u32::MAX).is_none());
+        let memory = process_memory(std::process::id()).expect("own status reads");
+        assert!(memory.rss_kib > 0 && memory.anon_kib.is_some_and(|a| a <= memory.rss_kib));
+        assert!(process_memory(u32::MAX).is_none());
+        let netstat = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\n\
+                       TcpExt: 0 515 516\n\
+                       IpExt: InNoRoutes\n\
+                       IpExt: 3\n";
+        assert_eq!(
+            netstat_counter(netstat, "TcpExt:", "ListenOverflows"),
+            Some(515)
+        );
+        assert_eq!(netstat_counter(netstat, "IpExt:", "InNoRoutes"), Some(3));
+        assert_eq!(netstat_counter(netstat, "TcpExt:", "Nothing"), None);
         let machine = machine_cpu();
         assert!(machine.total_s > 0.0 && machine.idle_s <= machine.total_s);
     }

@@ -73,6 +73,20 @@ impl Supervisor {
         log: &Path,
         stop_last: bool,
     ) -> Result<u32, BenchError> {
+        self.spawn_with_env(name, program, args, &[], log, stop_last)
+    }
+
+    /// [`Supervisor::spawn`] with extra environment variables (secrets that
+    /// should not show in a command line or a report).
+    pub fn spawn_with_env(
+        &mut self,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        log: &Path,
+        stop_last: bool,
+    ) -> Result<u32, BenchError> {
         let out = std::fs::File::create(log).map_err(|e| BenchError::io("create log", log, e))?;
         let err = out
             .try_clone()
@@ -84,6 +98,7 @@ impl Supervisor {
         };
         let child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))
@@ -149,6 +164,28 @@ impl Supervisor {
         }
         self.children.retain(|m| m.pid != pid);
         self.stopped.extend(done);
+    }
+
+    /// Sends `signal` to a process it started and has not reaped (so the
+    /// pid is still that process). Returns whether the signal was sent.
+    pub fn signal(&mut self, pid: u32, signal: Signal) -> bool {
+        if self.try_exited(pid).is_some() || self.find(pid).is_none() {
+            return false;
+        }
+        let Ok(raw) = i32::try_from(pid) else {
+            return false;
+        };
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), signal).is_ok()
+    }
+
+    /// Stops these processes together (SIGTERM to all, one grace period,
+    /// SIGKILL to the rest), leaving the others running.
+    pub async fn stop_many(&mut self, pids: &[u32]) {
+        let grace = self.stop_grace;
+        let (mut group, rest): (Vec<Managed>, Vec<Managed>) =
+            self.children.drain(..).partition(|m| pids.contains(&m.pid));
+        self.children = rest;
+        self.stopped.extend(stop_group(&mut group, grace).await);
     }
 
     /// Stops everything still running: all others first, then the `stop_last` ones.

@@ -150,7 +150,7 @@ pub fn write_all(results: &ResultsFile, dir: &Path) -> Result<Vec<PathBuf>, Benc
 }
 
 /// Writes `path` via `path.tmp` and a rename, so a reader never sees half a file.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), BenchError> {
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), BenchError> {
     let tmp = path.with_extension(format!(
         "{}.tmp",
         path.extension().and_then(|e| e.to_str()).unwrap_or("out")
@@ -175,11 +175,21 @@ fn f(x: Option<f64>, decimals: usize) -> String {
 
 /// A setting of the run as text (`-` when absent or null).
 pub fn config_str(results: &ResultsFile, key: &str) -> String {
-    match results.config.get(key) {
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(serde_json::Value::Null) | None => "-".to_owned(),
-        Some(v) => v.to_string(),
+    setting(&results.config, key)
+}
+
+/// A setting of a parsed command line as text (`-` when absent or null; a
+/// list comma-separated).
+pub fn setting(config: &serde_json::Value, key: &str) -> String {
+    fn text(v: &serde_json::Value) -> String {
+        match v {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => "-".to_owned(),
+            serde_json::Value::Array(items) => items.iter().map(text).collect::<Vec<_>>().join(","),
+            v => v.to_string(),
+        }
     }
+    config.get(key).map_or_else(|| "-".to_owned(), text)
 }
 
 /// The offered rate, or with `--find-max` the first rate of the ladder

@@ -257,6 +257,7 @@ async fn measure(
         server_bin: &ctx.server_bin,
         redis_bin: &cli.redis_server,
         lease_ms: cli.lease_ms,
+        jwt_secret: None,
         extra_args: cli.server_extra_args(),
         ready_timeout: Duration::from_secs_f64(cli.ready_timeout),
         dir,

@@ -189,6 +189,35 @@ pub struct Args {
     #[arg(long, default_value_t = 0.99)]
     pub min_delivery: f64,
 
+    /// Connections workload: bind each socket to one of these source
+    /// addresses before connecting (connection i uses the i-th, round-robin),
+    /// so more connections fit than one address's ephemeral ports allow
+    /// (about 28,000 each). Loopback only unless --allow-remote. Default: the
+    /// kernel's choice.
+    #[arg(long, value_delimiter = ',')]
+    pub source_addrs: Vec<IpAddr>,
+
+    /// Connections workload: a connection the server closes (or that fails)
+    /// reconnects to one of these, comma-separated (connection i, attempt k
+    /// goes to the (i + k)-th); without them a lost connection stays closed.
+    #[arg(long, value_delimiter = ',')]
+    pub reconnect_targets: Vec<String>,
+
+    /// Connections workload: a reconnect within this of the loss counts as in time, seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub reconnect_within: f64,
+
+    /// Connections workload: a lost connection stops trying to reconnect this
+    /// long after the loss, seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub reconnect_timeout: f64,
+
+    /// Connections workload: hold this long after the connect phase, then
+    /// close, seconds. Default: until SIGTERM or SIGINT, or until no
+    /// connection is left open.
+    #[arg(long)]
+    pub hold: Option<f64>,
+
     /// Runtime worker threads.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
@@ -312,7 +341,43 @@ impl Args {
                 return Err("--room-spread must be at least 1".into());
             }
         }
+        if self.workload == Workload::Connections {
+            self.validate_connections()?;
+        }
         self.auth_mode()?;
+        Ok(())
+    }
+
+    /// The checks of the connections workload's own flags.
+    fn validate_connections(&self) -> Result<(), String> {
+        let positive = |flag: &str, v: f64| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("{flag} must be a positive number"))
+            }
+        };
+        positive("--reconnect-within", self.reconnect_within)?;
+        positive("--reconnect-timeout", self.reconnect_timeout)?;
+        if let Some(hold) = self.hold {
+            positive("--hold", hold)?;
+        }
+        if self.conns_per_user > 16 {
+            return Err(
+                "--conns-per-user above 16 exceeds the server's default per-user limit".into(),
+            );
+        }
+        for addr in &self.source_addrs {
+            if !self.allow_remote && !addr.is_loopback() {
+                return Err(format!(
+                    "--source-addrs: {addr} is not a loopback address (127.0.0.0/8, ::1); \
+                     pass --allow-remote to use another"
+                ));
+            }
+        }
+        for t in &self.reconnect_targets {
+            parse_target(t.trim(), self.allow_remote)?;
+        }
         Ok(())
     }
 
@@ -431,5 +496,21 @@ mod tests {
         assert!(parse_target("ws://10.0.0.1:8081", true).is_ok());
         assert!(parse_target("wss://127.0.0.1:8081", false).is_err());
         assert!(parse_target("http://127.0.0.1:8081", false).is_err());
+    }
+
+    #[test]
+    fn connections_flags_stay_on_loopback() {
+        let parse = |extra: &[&str]| {
+            let base = ["switchboard-load", "--workload", "connections"];
+            Args::try_parse_from(base.iter().chain(extra))
+                .map_err(|e| e.to_string())
+                .and_then(|a| a.validate())
+        };
+        assert!(parse(&["--source-addrs", "127.0.0.2,127.0.0.3"]).is_ok());
+        assert!(parse(&["--reconnect-targets", "ws://127.0.0.1:1,ws://127.0.0.1:2"]).is_ok());
+        assert!(parse(&["--source-addrs", "10.0.0.2"]).is_err());
+        assert!(parse(&["--reconnect-targets", "ws://10.0.0.1:1"]).is_err());
+        assert!(parse(&["--hold", "0"]).is_err());
+        assert!(parse(&["--reconnect-within", "-1"]).is_err());
     }
 }

@@ -11,14 +11,24 @@
 //! benchmark's: delivered >= 99% and p99 <= 100 ms, plus no duplicates,
 //! misroutes or lost connections).
 //!
+//! `--workload connections` sends no messages: it opens `--users` idle
+//! connections as fast as the server takes them (bounded handshakes in
+//! flight, sockets bound to `--source-addrs`), measures handshakes per
+//! second, holds them until SIGTERM, `--hold` or their loss, reconnects lost
+//! ones to `--reconnect-targets`, and writes a `ConnectionsRun` document
+//! (see the `connections` module).
+//!
 //! This module owns the run's sequence: validate, connect, run the step(s),
 //! close, print. The modules own: `cli` the flags, `plan` placement and
 //! rooms, `conn` a connection's task, `sched` the open-loop sender and churn,
 //! `state` shared counters, `report` the summary, `progress` stderr output,
-//! `wire` frame formats.
+//! `wire` frame formats; `connections` the connections workload and `idle`
+//! one of its connections.
 
 mod cli;
 mod conn;
+mod connections;
+mod idle;
 mod plan;
 mod progress;
 mod report;
@@ -77,7 +87,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run(args, targets));
+    let result = if args.workload == Workload::Connections {
+        runtime.block_on(connections::run(args, targets))
+    } else {
+        runtime.block_on(run(args, targets))
+    };
     // Connection tasks that did not finish their close in time are dropped.
     runtime.shutdown_timeout(Duration::from_millis(500));
     match result {

@@ -130,7 +130,8 @@ impl Scheduler {
         let args = &shared.args;
         let rec = &step.msgs[i as usize];
         let kind = match args.workload {
-            Workload::Dm | Workload::Churn => Kind::Dm,
+            // `connections` sends nothing and never reaches the scheduler.
+            Workload::Dm | Workload::Churn | Workload::Connections => Kind::Dm,
             Workload::Room => Kind::Room,
             Workload::Mixed => {
                 if rng.random::<f64>() < args.room_share {
