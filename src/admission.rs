@@ -77,6 +77,7 @@ impl Drop for UserSlot {
             *n = n.saturating_sub(1);
         }
         self.users.remove_if(&self.user, |_, n| *n == 0);
+        switchboard_core::registry::shrink_if_sparse(&self.users);
     }
 }
 

@@ -131,7 +131,7 @@ async fn serve(config: Config, files: OpenFiles) -> ExitCode {
             "could not raise the open-files limit to the hard limit"
         );
     }
-    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+    let listener = match listen(config.listen) {
         Ok(listener) => listener,
         Err(e) => {
             tracing::error!(addr = %config.listen, error = %e, "cannot listen");
@@ -145,6 +145,24 @@ async fn serve(config: Config, files: OpenFiles) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Connections the kernel queues before the accept loop takes them (capped
+/// by `net.core.somaxconn`). The default of the standard library and mio,
+/// 128, overflows under a reconnect storm: thousands of clients of a killed
+/// instance arrive within a second.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the HTTP/WebSocket listener with [`LISTEN_BACKLOG`].
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Resolves on SIGINT or SIGTERM.

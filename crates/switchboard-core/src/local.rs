@@ -192,6 +192,7 @@ impl Presence for LocalBackend {
             }
         }
         self.hub.presence.remove_if(user, |_, e| e.is_empty());
+        crate::registry::shrink_if_sparse(&self.hub.presence);
         Ok(())
     }
 

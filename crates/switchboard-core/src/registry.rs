@@ -190,6 +190,25 @@ pub struct Registry {
     next_conn: AtomicU64,
 }
 
+/// Maps smaller than this are never shrunk (not worth the rehash).
+const SHRINK_ABOVE: usize = 1024;
+
+/// Gives back a map's table once at most a quarter of it is used: after a
+/// spike of connections closes, the per-user and per-room tables would
+/// otherwise keep their peak size for the life of the process. Each shrink
+/// halves the table at least, so the rehash costs stay amortized O(1) per
+/// removal.
+pub fn shrink_if_sparse<K, V, S>(map: &DashMap<K, V, S>)
+where
+    K: Eq + std::hash::Hash,
+    S: std::hash::BuildHasher + Clone,
+{
+    let capacity = map.capacity();
+    if capacity > SHRINK_ABOVE && map.len() * 4 < capacity {
+        map.shrink_to_fit();
+    }
+}
+
 /// What a membership change did to the instance's set of local rooms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RoomChange {
@@ -229,6 +248,7 @@ impl Registry {
         if left == 0 {
             self.users
                 .remove_if(&conn.user, |_, conns| conns.is_empty());
+            shrink_if_sparse(&self.users);
         }
         left
     }
@@ -287,6 +307,7 @@ impl Registry {
         };
         if left == 0 {
             self.rooms.remove_if(room, |_, members| members.is_empty());
+            shrink_if_sparse(&self.rooms);
             RoomChange::LastLeft
         } else {
             RoomChange::Unchanged
@@ -387,6 +408,27 @@ mod tests {
         assert_eq!(reg.remove(&a1), 1);
         assert_eq!(reg.remove(&a2), 0);
         assert!(!reg.holds("alice"));
+    }
+
+    #[test]
+    fn a_spike_of_connections_leaves_no_big_table_behind() {
+        let reg = Registry::default();
+        let conns: Vec<_> = (0..5000)
+            .map(|n| {
+                let (c, rx) = conn(&reg, &format!("u{n}"), 4);
+                reg.insert(&c);
+                (c, rx)
+            })
+            .collect();
+        let peak = reg.users.capacity();
+        for (c, _) in &conns {
+            reg.remove(c);
+        }
+        assert!(
+            reg.users.capacity() < peak / 4,
+            "{} of {peak}",
+            reg.users.capacity()
+        );
     }
 
     #[test]

@@ -71,6 +71,7 @@ impl RedisBackend {
         };
         if local_count == 0 {
             self.desired.remove_if(user, |_, n| *n == 0);
+            switchboard_core::registry::shrink_if_sparse(&self.desired);
         }
         self.adjust(user, delta, local_count)
             .await
