@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Benchmark matrix: for each routing mode and instance count, a fresh
-# redis-server and N switchboard instances on loopback ports, driven by
+# Benchmark matrix: for each routing mode (and, with --peer socketio, each
+# Redis adapter of the Socket.IO peer in bench/peers/socketio) and instance
+# count, a fresh redis-server and N instances on loopback ports, driven by
 # switchboard-load; writes target/bench-results/<name>/<name>.{json,md,svg}
 # (untracked) and keeps every process's log in target/bench-results/<name>/logs/.
 # --publish also writes the result files into bench/results/ (tracked, cited by
@@ -13,6 +14,13 @@
 #   scripts/bench.sh --workload room --rooms 20 --room-members 10 --room-spread 2
 #   scripts/bench.sh --workload churn --churn-rate 20
 #   scripts/bench.sh --nodes 2,4 --name dm-2-4 --publish  # results into bench/results/ too
+#   scripts/bench.sh --peer socketio --nodes 1,2 --rate 1000 --duration 3 --name smoke-peer
+#                                                      # the Socket.IO peer, classic and sharded
+#                                                      # adapter (needs node and npm; npm ci on first use)
+#   scripts/bench.sh --modes routed,broadcast --peer socketio --nodes 1,2,4 --name both
+#                                                      # Switchboard and the peer in one report
+#   scripts/bench.sh --merge target/bench-results/a/a.json,target/bench-results/b/b.json --name ab
+#                                                      # the rows of two runs in one report
 #   scripts/bench.sh --workload connections --name conn-19k  # idle connections: RSS per connection
 #                                                      # at 1k/5k/10k/19k, after close, connect rate, drain, storm
 #   scripts/bench.sh --workload connections --steps 1000,5000 --name conn-smoke   # the same, small
@@ -33,6 +41,24 @@ if ! command -v redis-server >/dev/null 2>&1; then
   echo "  the system service is not used and can stay stopped)" >&2
   exit 1
 fi
+
+for arg in "$@"; do
+  case "$arg" in
+    --peer | --peer=*)
+      # npm only installs the peer's pinned dependencies (npm ci, on first use).
+      tools=node
+      [ -d bench/peers/socketio/node_modules ] || tools="node npm"
+      for tool in $tools; do
+        if ! command -v "$tool" >/dev/null 2>&1; then
+          echo "bench.sh: --peer socketio needs Node.js 18 or later (and npm for the first" >&2
+          echo "  npm ci in bench/peers/socketio); $tool is not in PATH." >&2
+          echo "  Debian/Ubuntu: apt-get install -y nodejs npm   (or https://nodejs.org)" >&2
+          exit 1
+        fi
+      done
+      ;;
+  esac
+done
 
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   echo "bench.sh: building release binaries..." >&2

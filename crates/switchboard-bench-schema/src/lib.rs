@@ -2,8 +2,10 @@
 //! document `switchboard-load` writes and `switchboard-bench` reads
 //! ([`LoaderOutput`] and the types inside it; [`ConnectionsRun`] for the
 //! `connections` workload), the workload names both take on their command
-//! lines ([`Workload`]), and the pass rules both apply ([`PassRule`] for
-//! messages, [`ReconnectRule`] for a reconnect storm).
+//! lines ([`Workload`]), the protocol the loader speaks to the system under
+//! test ([`Protocol`]: Switchboard's or the Socket.IO peer's), and the pass
+//! rules both apply ([`PassRule`] for messages, [`ReconnectRule`] for a
+//! reconnect storm).
 //!
 //! Types and pure functions only: no I/O, no clock, no process. The JSON
 //! field names are a contract with result files already written (the
@@ -11,6 +13,7 @@
 
 mod connections;
 mod pass_rule;
+mod protocol;
 mod reconnect_rule;
 mod result;
 mod workload;
@@ -20,6 +23,7 @@ pub use connections::{
     ReconnectSummary,
 };
 pub use pass_rule::PassRule;
+pub use protocol::Protocol;
 pub use reconnect_rule::{ReconnectRule, StormTally};
 pub use result::{
     Acks, Churn, FindMaxRun, FindMaxTag, LoaderOutput, Quantiles, RoomInfo, SingleRun, StepResult,

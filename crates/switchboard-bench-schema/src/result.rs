@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use crate::Workload;
+use crate::{Protocol, Workload};
 
 /// Latency quantiles in milliseconds, rounded to the microsecond; `null`
 /// (`None`) when nothing was recorded, so "no data" never reads as 0 ms.
@@ -42,7 +42,9 @@ pub struct Acks {
     pub routed: u64,
     /// DM acked `offline`.
     pub offline: u64,
-    /// Room message acked `ok`.
+    /// Room message acked `ok`; with the Socket.IO peer, every acked
+    /// message (its node hands the emit to the adapter and cannot tell a
+    /// routed DM from one to an offline user).
     pub ok: u64,
     /// Answered with an error frame (the pass rule tolerates a few).
     pub error: u64,
@@ -197,8 +199,13 @@ pub struct SingleRun {
     pub initial_connect_ms: Quantiles,
     /// Connections that failed to open in the connect phase.
     pub connect_failures: u64,
-    /// `--no-ack`: messages were sent with `"ack":false`.
+    /// `--no-ack`: messages were sent with `"ack":false` (Socket.IO: without
+    /// an ack id).
     pub no_ack: bool,
+    /// The protocol spoken to the system under test (absent in documents
+    /// written before the Socket.IO peer: `switchboard`).
+    #[serde(default)]
+    pub protocol: Protocol,
 }
 
 /// The `"mode": "find-max"` marker that tells a ladder from a single run.
@@ -230,8 +237,13 @@ pub struct FindMaxRun {
     pub initial_connect_ms: Quantiles,
     /// Connections that failed to open in the connect phase.
     pub connect_failures: u64,
-    /// `--no-ack`: messages were sent with `"ack":false`.
+    /// `--no-ack`: messages were sent with `"ack":false` (Socket.IO: without
+    /// an ack id).
     pub no_ack: bool,
+    /// The protocol spoken to the system under test (absent in documents
+    /// written before the Socket.IO peer: `switchboard`).
+    #[serde(default)]
+    pub protocol: Protocol,
 }
 
 /// Either document the loader writes. Serializes as the inner document;
@@ -274,6 +286,14 @@ impl LoaderOutput {
     /// Whether this is a `--find-max` ladder.
     pub fn is_find_max(&self) -> bool {
         matches!(self, LoaderOutput::FindMax(_))
+    }
+
+    /// The protocol the loader spoke.
+    pub fn protocol(&self) -> Protocol {
+        match self {
+            LoaderOutput::Single(run) => run.protocol,
+            LoaderOutput::FindMax(run) => run.protocol,
+        }
     }
 
     /// Every step: the one of a single run, or the ladder.
@@ -387,6 +407,7 @@ pub(crate) mod tests {
             initial_connect_ms: Quantiles::default(),
             connect_failures: 0,
             no_ack: true,
+            protocol: Protocol::Switchboard,
         }))
     }
 
@@ -401,6 +422,7 @@ pub(crate) mod tests {
             initial_connect_ms: Quantiles::default(),
             connect_failures: 0,
             no_ack: false,
+            protocol: Protocol::Socketio,
         })
     }
 
@@ -440,6 +462,7 @@ pub(crate) mod tests {
         assert!(back.is_find_max());
         let value = serde_json::to_value(&output).expect("serializes");
         assert_eq!(value["mode"], "find-max");
+        assert_eq!(value["protocol"], "socketio");
     }
 
     #[test]
@@ -471,6 +494,8 @@ pub(crate) mod tests {
             let output: LoaderOutput = serde_json::from_str(text)
                 .unwrap_or_else(|e| panic!("fixture {name} does not read: {e}"));
             assert!(output.headline().is_some(), "{name}");
+            // Written before the field existed: Switchboard's protocol.
+            assert_eq!(output.protocol(), Protocol::Switchboard, "{name}");
         }
     }
 

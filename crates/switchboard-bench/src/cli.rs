@@ -13,6 +13,8 @@ use switchboard_bench_schema::{PassRule, Workload};
 
 pub use switchboard_core::router::RoutingMode;
 
+use crate::system::{Peer, PeerAdapter, System};
+
 /// Parses a routing mode by the name `switchboard --routing` takes.
 fn routing_mode() -> impl clap::builder::TypedValueParser<Value = RoutingMode> {
     use clap::builder::TypedValueParser;
@@ -20,9 +22,10 @@ fn routing_mode() -> impl clap::builder::TypedValueParser<Value = RoutingMode> {
         .try_map(|name: String| name.parse::<RoutingMode>())
 }
 
-/// Benchmark orchestrator for Switchboard: for each routing mode and instance
-/// count, starts a fresh redis-server and N instances on 127.0.0.1, drives them
-/// with switchboard-load, and measures CPU, bus and Redis traffic per message.
+/// Benchmark orchestrator for Switchboard: for each routing mode (and, with
+/// --peer socketio, each adapter of the Socket.IO peer) and instance count,
+/// starts a fresh redis-server and N instances on 127.0.0.1, drives them with
+/// switchboard-load, and measures CPU, bus and Redis traffic per message.
 /// Writes <name>.json, .md and .svg to target/bench-results/<name>/ (or
 /// --out-dir), with the logs of every process it started.
 #[derive(Debug, Clone, Parser, Serialize)]
@@ -33,14 +36,36 @@ fn routing_mode() -> impl clap::builder::TypedValueParser<Value = RoutingMode> {
     args_override_self = true
 )]
 pub struct Cli {
-    /// Routing modes to measure, comma-separated.
-    #[arg(
-        long,
-        value_parser = routing_mode(),
-        value_delimiter = ',',
-        default_value = "routed,broadcast"
-    )]
-    pub modes: Vec<RoutingMode>,
+    /// Switchboard routing modes to measure, comma-separated. Default:
+    /// routed,broadcast; none when --peer is given (name them to measure
+    /// both in one invocation).
+    #[arg(long, value_parser = routing_mode(), value_delimiter = ',')]
+    pub modes: Option<Vec<RoutingMode>>,
+
+    /// Also measure a peer, each of its --peer-adapter as its own row
+    /// (`socketio-classic`, `socketio-sharded`) beside Switchboard's modes:
+    /// `socketio` starts N `node bench/peers/socketio/server.js` (npm ci
+    /// first if its node_modules is missing) and drives them with the same
+    /// switchboard-load (--protocol socketio). --server-arg,
+    /// --server-rate-limit and --lease-ms apply to Switchboard only.
+    #[arg(long, value_enum)]
+    pub peer: Option<Peer>,
+
+    /// --peer socketio: the adapters to measure, comma-separated (default: both).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub peer_adapter: Vec<PeerAdapter>,
+
+    /// --peer socketio: the peer's directory (server.js, package.json, package-lock.json).
+    #[arg(long, default_value = "bench/peers/socketio")]
+    pub peer_dir: PathBuf,
+
+    /// --peer socketio: the Node.js binary (18 or later).
+    #[arg(long, default_value = "node")]
+    pub node_bin: PathBuf,
+
+    /// --peer socketio: the npm binary, for `npm ci` when node_modules is missing.
+    #[arg(long, default_value = "npm")]
+    pub npm_bin: PathBuf,
 
     /// Instance counts to measure, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
@@ -191,6 +216,13 @@ pub struct Cli {
     #[arg(long, value_name = "RESULTS_JSON")]
     pub render_only: Option<PathBuf>,
 
+    /// Do not run anything: merge these results files (comma-separated, e.g.
+    /// one of Switchboard's modes and one of the peer) into one report,
+    /// <out-dir>/<name>.{json,md,svg}. Their workload settings must be the
+    /// same (otherwise the rows do not compare like for like).
+    #[arg(long, value_delimiter = ',', value_name = "RESULTS_JSON,...")]
+    pub merge: Vec<PathBuf>,
+
     /// --workload connections: the phases to run, in this order. `scale`:
     /// one instance, RSS per connection at each --steps count, then RSS
     /// after every client closed; `drain`: SIGTERM an instance holding
@@ -318,8 +350,17 @@ impl Cli {
         if self.render_only.is_some() {
             return Ok(());
         }
-        if self.modes.is_empty() {
+        if !self.merge.is_empty() {
+            return self.validate_name();
+        }
+        if self.modes.as_ref().is_some_and(Vec::is_empty) {
             return Err("--modes is empty".into());
+        }
+        if self.peer.is_none() && !self.peer_adapter.is_empty() {
+            return Err("--peer-adapter needs --peer socketio".into());
+        }
+        if self.peer.is_some() && self.workload == Workload::Connections {
+            return Err("--workload connections measures Switchboard only (no --peer)".into());
         }
         if self.nodes.is_empty() || self.nodes.contains(&0) {
             return Err("--nodes needs instance counts of at least 1".into());
@@ -370,15 +411,43 @@ impl Cli {
                  repository root (scripts/bench.sh does)"
             ));
         }
-        if let Some(name) = &self.name {
-            if name.is_empty() || name.contains('/') || name.starts_with('.') {
-                return Err("--name must be a plain file name".into());
-            }
-        }
+        self.validate_name()?;
         if self.workload == Workload::Connections {
             self.validate_connections()?;
         }
         Ok(())
+    }
+
+    fn validate_name(&self) -> Result<(), String> {
+        match &self.name {
+            Some(name) if name.is_empty() || name.contains('/') || name.starts_with('.') => {
+                Err("--name must be a plain file name".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// What the matrix measures, in order: Switchboard's modes (--modes,
+    /// default routed,broadcast unless --peer is given), then the peer's adapters.
+    pub fn systems(&self) -> Vec<System> {
+        let default_modes = [RoutingMode::Routed, RoutingMode::Broadcast];
+        let modes = match (&self.modes, self.peer) {
+            (Some(modes), _) => modes.clone(),
+            (None, None) => default_modes.to_vec(),
+            (None, Some(_)) => Vec::new(),
+        };
+        let adapters = match self.peer {
+            None => Vec::new(),
+            Some(Peer::Socketio) if self.peer_adapter.is_empty() => {
+                vec![PeerAdapter::Classic, PeerAdapter::Sharded]
+            }
+            Some(Peer::Socketio) => self.peer_adapter.clone(),
+        };
+        modes
+            .into_iter()
+            .map(System::Switchboard)
+            .chain(adapters.into_iter().map(System::Socketio))
+            .collect()
     }
 
     /// The checks of the connections workload's flags.
@@ -560,6 +629,38 @@ mod tests {
             Cli::try_parse_from(std::iter::once("switchboard-bench").chain(args.iter().copied()))
                 .map_err(|e| e.to_string())?;
         cli.validate().map(|()| cli)
+    }
+
+    #[test]
+    fn peer_rows_join_or_replace_the_modes() {
+        let names = |args: &[&str]| -> Vec<String> {
+            parse(args)
+                .expect("valid")
+                .systems()
+                .into_iter()
+                .map(System::name)
+                .collect()
+        };
+        assert_eq!(names(&[]), ["routed", "broadcast"]);
+        assert_eq!(
+            names(&["--peer", "socketio"]),
+            ["socketio-classic", "socketio-sharded"]
+        );
+        assert_eq!(
+            names(&[
+                "--modes",
+                "routed",
+                "--peer",
+                "socketio",
+                "--peer-adapter",
+                "sharded"
+            ]),
+            ["routed", "socketio-sharded"]
+        );
+        assert!(parse(&["--peer-adapter", "classic"]).is_err());
+        assert!(parse(&["--peer", "socketio", "--workload", "connections"]).is_err());
+        assert!(parse(&["--merge", "a.json,b.json", "--name", "x/y"]).is_err());
+        assert!(parse(&["--merge", "a.json,b.json", "--name", "both"]).is_ok());
     }
 
     #[test]

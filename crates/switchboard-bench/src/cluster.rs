@@ -1,35 +1,40 @@
 //! One system under test: a fresh redis-server on a reserved loopback port
-//! and N `switchboard` instances pointed at it, started through the
+//! and N instances pointed at it (`switchboard` in one routing mode, or the
+//! Socket.IO peer's `node server.js` with one adapter), started through the
 //! [`Supervisor`] and waited for until Redis answers PING and every instance
-//! answers `GET /readyz` with 200. Stopping is the supervisor's job.
+//! answers its readiness path (`/readyz`, the peer's `/healthz`) with 200.
+//! Stopping is the supervisor's job.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::RoutingMode;
 use crate::error::BenchError;
 use crate::http::HttpProbe;
+use crate::peer::PeerSetup;
 use crate::procs::{reserve_ports, Supervisor};
 use crate::redis_info::RedisProbe;
+use crate::system::System;
 
 /// What to start.
 pub struct ClusterSpec<'a> {
-    /// `--routing` of every instance.
-    pub mode: RoutingMode,
+    /// What the instances are (Switchboard's routing mode, or the peer's adapter).
+    pub system: System,
     /// How many instances.
     pub nodes: usize,
     /// The `switchboard` binary.
     pub server_bin: &'a Path,
+    /// The Socket.IO peer, prepared (needed for [`System::Socketio`]).
+    pub peer: Option<&'a PeerSetup>,
     /// The `redis-server` binary.
     pub redis_bin: &'a Path,
-    /// `--lease-ms` for the instances, if set.
+    /// Switchboard: `--lease-ms` for the instances, if set.
     pub lease_ms: Option<u64>,
     /// `Some(secret)`: the instances take HS256 tokens signed with it
     /// (`--auth jwt`, the secret in their environment); `None`: `--auth none`.
     pub jwt_secret: Option<&'a str>,
-    /// Further flags for every instance.
+    /// Switchboard: further flags for every instance.
     pub extra_args: Vec<String>,
     /// How long Redis and each instance may take to become ready.
     pub ready_timeout: Duration,
@@ -40,7 +45,7 @@ pub struct ClusterSpec<'a> {
 /// One running instance.
 #[derive(Debug, Clone)]
 pub struct Instance {
-    /// `--instance-id` (`n1`, `n2`, ...).
+    /// `--instance-id` (`n1`, `n2`, ...; the peer's `--name`).
     pub id: String,
     /// The port it listens on (HTTP and WebSocket).
     pub port: u16,
@@ -50,13 +55,15 @@ pub struct Instance {
 
 /// A started, ready cluster.
 pub struct Cluster {
+    /// What the instances are.
+    pub system: System,
     /// Port of the cluster's own redis-server.
     pub redis_port: u16,
     /// Its pid.
     pub redis_pid: u32,
     /// A connection for INFO readings.
     pub redis: RedisProbe,
-    /// The client for the instances' `/readyz` and `/metrics`.
+    /// The client for the instances' readiness and counters.
     pub http: HttpProbe,
     /// The instances, in id order.
     pub instances: Vec<Instance>,
@@ -118,46 +125,49 @@ pub async fn start(
     let mut instance_command = Vec::new();
     for (k, &port) in ports[1..].iter().enumerate() {
         let id = format!("n{}", k + 1);
-        let mut args: Vec<String> = vec![
-            "--listen".into(),
-            format!("127.0.0.1:{port}"),
-            "--redis-url".into(),
-            format!("redis://127.0.0.1:{redis_port}"),
-            "--routing".into(),
-            spec.mode.as_str().into(),
-            "--instance-id".into(),
-            id.clone(),
-            "--auth".into(),
-            if spec.jwt_secret.is_some() {
-                "jwt"
-            } else {
-                "none"
+        let (program, args) = match spec.system {
+            System::Switchboard(mode) => (
+                spec.server_bin.to_owned(),
+                switchboard_args(spec, mode.as_str(), &id, port, redis_port),
+            ),
+            System::Socketio(adapter) => {
+                let peer = spec.peer.ok_or_else(|| {
+                    BenchError::Report("the Socket.IO peer was not prepared".into())
+                })?;
+                (
+                    peer.node_bin.clone(),
+                    peer.node_args(adapter, &id, port, redis_port),
+                )
             }
-            .into(),
-        ];
-        if let Some(lease) = spec.lease_ms {
-            args.push("--lease-ms".into());
-            args.push(lease.to_string());
-        }
-        args.extend(spec.extra_args.iter().cloned());
+        };
         if instance_command.is_empty() {
-            instance_command = std::iter::once(spec.server_bin.to_string_lossy().into_owned())
+            instance_command = std::iter::once(program.to_string_lossy().into_owned())
                 .chain(args.iter().cloned())
                 .collect();
         }
         let log = spec.dir.join(format!("{id}.log"));
         let env: Vec<(&str, &str)> = spec
             .jwt_secret
+            .filter(|_| matches!(spec.system, System::Switchboard(_)))
             .map(|secret| ("SWITCHBOARD_JWT_SECRET", secret))
             .into_iter()
             .collect();
-        let pid = supervisor.spawn_with_env(&id, spec.server_bin, &args, &env, &log, false)?;
+        let pid = supervisor.spawn_with_env(&id, &program, &args, &env, &log, false)?;
         instances.push(Instance { id, port, pid });
     }
     for instance in &instances {
-        wait_for_ready(instance, &http, spec.ready_timeout, supervisor, cancel).await?;
+        wait_for_ready(
+            instance,
+            spec.system.ready_path(),
+            &http,
+            spec.ready_timeout,
+            supervisor,
+            cancel,
+        )
+        .await?;
     }
     Ok(Cluster {
+        system: spec.system,
         redis_port,
         redis_pid,
         redis,
@@ -165,6 +175,39 @@ pub async fn start(
         instances,
         instance_command,
     })
+}
+
+/// The command line of one `switchboard` instance.
+fn switchboard_args(
+    spec: &ClusterSpec<'_>,
+    routing: &str,
+    id: &str,
+    port: u16,
+    redis_port: u16,
+) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--redis-url".into(),
+        format!("redis://127.0.0.1:{redis_port}"),
+        "--routing".into(),
+        routing.into(),
+        "--instance-id".into(),
+        id.into(),
+        "--auth".into(),
+        if spec.jwt_secret.is_some() {
+            "jwt"
+        } else {
+            "none"
+        }
+        .into(),
+    ];
+    if let Some(lease) = spec.lease_ms {
+        args.push("--lease-ms".into());
+        args.push(lease.to_string());
+    }
+    args.extend(spec.extra_args.iter().cloned());
+    args
 }
 
 async fn wait_for_redis(
@@ -206,6 +249,7 @@ async fn wait_for_redis(
 
 async fn wait_for_ready(
     instance: &Instance,
+    path: &str,
     http: &HttpProbe,
     timeout: Duration,
     supervisor: &mut Supervisor,
@@ -223,10 +267,7 @@ async fn wait_for_ready(
                 log_tail: supervisor.log_tail(instance.pid, 20),
             });
         }
-        if let Ok(response) = http
-            .get(instance.port, "/readyz", Duration::from_secs(1))
-            .await
-        {
+        if let Ok(response) = http.get(instance.port, path, Duration::from_secs(1)).await {
             if response.status == 200 {
                 return Ok(());
             }

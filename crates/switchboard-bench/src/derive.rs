@@ -13,6 +13,7 @@ use switchboard_bench_schema::{LoaderOutput, PassRule};
 
 use crate::openmetrics::Scrape;
 use crate::snapshot::Snapshot;
+use crate::system::MetricNames;
 
 /// What one instance did during the window.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -27,14 +28,14 @@ pub struct InstanceDelta {
     pub bus_received_by_kind: BTreeMap<String, f64>,
     /// Bus messages published, by kind.
     pub bus_published_by_kind: BTreeMap<String, f64>,
-    /// `switchboard_delivered_total` delta: every frame queued to local
-    /// sockets (deliveries, acks, welcome frames, pings).
+    /// Frames queued to local sockets: `switchboard_delivered_total`; the
+    /// peer's Engine.IO packets out (deliveries, acks, connects, pings).
     pub frames_queued: f64,
     /// DMs sent from this instance, by path.
     pub dm_by_path: BTreeMap<String, f64>,
     /// Messages dropped, by reason.
     pub dropped_by_reason: BTreeMap<String, f64>,
-    /// `switchboard_connections` at the end of the window.
+    /// Connections at the end of the window.
     pub connections_after: f64,
 }
 
@@ -82,8 +83,9 @@ pub struct Derived {
     /// Deliveries in the window according to the loader (all steps for find-max):
     /// the denominator of every "per message" figure.
     pub window_delivered: f64,
-    /// Frames the instances queued to local sockets (`switchboard_delivered_total`):
-    /// deliveries plus acks, welcome frames and pings, so about 2 per DM.
+    /// Frames the instances queued to local sockets, as each system counts
+    /// them: `switchboard_delivered_total`; the peer's Engine.IO packets out
+    /// (deliveries, acks, connects, pings).
     pub instance_frames_queued: f64,
 
     /// CPU seconds of each instance in the window.
@@ -176,12 +178,14 @@ fn add_into(total: &mut BTreeMap<String, f64>, part: &BTreeMap<String, f64>) {
     }
 }
 
-/// Computes everything from the before/after snapshots and the loader's output.
+/// Computes everything from the before/after snapshots (their counters read
+/// under `names`) and the loader's output.
 pub fn derive(
     before: &Snapshot,
     after: &Snapshot,
     load: &LoaderOutput,
     rule: &PassRule,
+    names: &MetricNames,
 ) -> Derived {
     let mut d = Derived::default();
     let mut warnings = Vec::new();
@@ -318,28 +322,28 @@ pub fn derive(
         }
         let by = |s: &Scrape, name: &str, label: &str| s.by_label(name, label);
         let received = diff_map(
-            &by(&a.metrics, "switchboard_bus_received_total", "kind"),
-            &by(&b.metrics, "switchboard_bus_received_total", "kind"),
+            &by(&a.metrics, names.bus_received, "kind"),
+            &by(&b.metrics, names.bus_received, "kind"),
         );
         let published = diff_map(
-            &by(&a.metrics, "switchboard_bus_published_total", "kind"),
-            &by(&b.metrics, "switchboard_bus_published_total", "kind"),
+            &by(&a.metrics, names.bus_published, "kind"),
+            &by(&b.metrics, names.bus_published, "kind"),
         );
         let dm = diff_map(
-            &by(&a.metrics, "switchboard_dm_total", "path"),
-            &by(&b.metrics, "switchboard_dm_total", "path"),
+            &by(&a.metrics, names.dm_by_path, "path"),
+            &by(&b.metrics, names.dm_by_path, "path"),
         );
         let dropped = diff_map(
-            &by(&a.metrics, "switchboard_dropped_total", "reason"),
-            &by(&b.metrics, "switchboard_dropped_total", "reason"),
+            &by(&a.metrics, names.dropped, "reason"),
+            &by(&b.metrics, names.dropped, "reason"),
         );
         let delta = InstanceDelta {
             id: b.id.clone(),
             cpu_s: *cpu_s,
             bus_received: received.values().sum(),
-            frames_queued: b.metrics.sum("switchboard_delivered_total", None)
-                - a.metrics.sum("switchboard_delivered_total", None),
-            connections_after: b.metrics.sum("switchboard_connections", None),
+            frames_queued: b.metrics.sum(names.frames_queued, None)
+                - a.metrics.sum(names.frames_queued, None),
+            connections_after: b.metrics.sum(names.connections, None),
             bus_received_by_kind: received,
             bus_published_by_kind: published,
             dm_by_path: dm,
@@ -409,6 +413,7 @@ mod tests {
             initial_connect_ms: Quantiles::default(),
             connect_failures: 0,
             no_ack: false,
+            protocol: switchboard_bench_schema::Protocol::Switchboard,
         }))
     }
 
@@ -469,7 +474,13 @@ mod tests {
         let load = single(loader_step(100.0, 1000, 5.0, true));
         let before = snapshot(1.0, [1.0, 2.0], [0.0, 0.0], 0.5, 0);
         let after = snapshot(11.0, [1.5, 2.5], [200.0, 600.0], 0.6, 1000);
-        let d = derive(&before, &after, &load, &PassRule::PEER);
+        let d = derive(
+            &before,
+            &after,
+            &load,
+            &PassRule::PEER,
+            &MetricNames::SWITCHBOARD,
+        );
         assert!((d.window_s - 10.0).abs() < 1e-9);
         // 1 s of instance CPU over 1000 messages = 1000 µs/msg.
         assert!((d.instance_cpu_us_per_msg.expect("some") - 1000.0).abs() < 1e-6);
@@ -495,6 +506,7 @@ mod tests {
             &after,
             &single(loader_step(100.0, 995, 100.0, true)),
             &PassRule::PEER,
+            &MetricNames::SWITCHBOARD,
         );
         assert!(d.pass, "{:?}", d.pass_failures);
         let lossy = derive(
@@ -502,6 +514,7 @@ mod tests {
             &after,
             &single(loader_step(100.0, 980, 5.0, false)),
             &PassRule::PEER,
+            &MetricNames::SWITCHBOARD,
         );
         assert_eq!(lossy.pass_failures.len(), 1, "{:?}", lossy.pass_failures);
         assert!((lossy.delivery_ratio - 0.98).abs() < 1e-9);
@@ -523,10 +536,17 @@ mod tests {
             initial_connect_ms: Quantiles::default(),
             connect_failures: 0,
             no_ack: false,
+            protocol: switchboard_bench_schema::Protocol::Switchboard,
         });
         let before = snapshot(1.0, [1.0, 2.0], [0.0, 0.0], 0.5, 0);
         let after = snapshot(41.0, [2.0, 3.0], [0.0, 0.0], 0.6, 0);
-        let d = derive(&before, &after, &load, &PassRule::PEER);
+        let d = derive(
+            &before,
+            &after,
+            &load,
+            &PassRule::PEER,
+            &MetricNames::SWITCHBOARD,
+        );
         assert_eq!(d.offered_rate, 2000.0);
         assert_eq!(d.p99_ms, Some(50.0));
         assert!(d.pass);
@@ -537,8 +557,50 @@ mod tests {
             max_p99_ms: 10.0,
             ..PassRule::PEER
         };
-        let d = derive(&before, &after, &load, &strict);
+        let d = derive(&before, &after, &load, &strict, &MetricNames::SWITCHBOARD);
         assert!(!d.pass);
         assert_eq!(d.verdict_disagreements, vec![2000.0]);
+    }
+
+    #[test]
+    fn the_peer_is_read_under_its_own_names() {
+        let stats = |rx: f64, packets: f64| {
+            crate::peer::scrape_of_stats(&format!(
+                r#"{{"adapter":"classic","counters":{{"connections":100,"bus_received":{rx},
+                    "bus_published":500,"packets_out":{packets},"dm_in":500,"dm_local":250}}}}"#
+            ))
+            .expect("peer stats")
+        };
+        let at = |t: f64, rx: f64, packets: f64| {
+            let mut snap = snapshot(t, [1.0, 2.0], [0.0, 0.0], 0.5, 0);
+            for (i, reading) in snap.instances.iter_mut().enumerate() {
+                reading.metrics = stats(rx * (i + 1) as f64, packets);
+            }
+            snap
+        };
+        let (before, after) = (at(1.0, 0.0, 0.0), at(11.0, 1000.0, 2000.0));
+        let load = single(loader_step(100.0, 1000, 5.0, true));
+        let d = derive(
+            &before,
+            &after,
+            &load,
+            &PassRule::PEER,
+            &MetricNames::SOCKETIO,
+        );
+        // n1 received 1000, n2 2000 over 1000 delivered DMs.
+        assert_eq!(d.bus_rx_per_instance_per_msg_mean, Some(1.5));
+        assert_eq!(d.bus_rx_per_instance_per_msg_max, Some(2.0));
+        assert_eq!(d.bus_received_by_kind.get("classic"), Some(&3000.0));
+        assert_eq!(d.instance_frames_queued, 4000.0);
+        assert_eq!(after.connections(&MetricNames::SOCKETIO), 200.0);
+        // Under Switchboard's names the peer's counters are not there.
+        let wrong = derive(
+            &before,
+            &after,
+            &load,
+            &PassRule::PEER,
+            &MetricNames::SWITCHBOARD,
+        );
+        assert_eq!(wrong.bus_rx_per_instance_per_msg_mean, Some(0.0));
     }
 }

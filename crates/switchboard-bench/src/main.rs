@@ -1,19 +1,25 @@
-//! `switchboard-bench`: the benchmark orchestrator. For each routing mode and
-//! instance count it starts a fresh redis-server and N `switchboard`
-//! instances on loopback ports, drives them with `switchboard-load`, reads
-//! CPU (`/proc`), each instance's `/metrics` and Redis' INFO before and after
-//! the measured window, and writes `<out-dir>/<name>.{json,md,svg}` (by
-//! default `target/bench-results/<name>/`, untracked; with `--publish` also
-//! into `bench/results/`), keeping every process's log under `<out-dir>/logs/`.
+//! `switchboard-bench`: the benchmark orchestrator. For each system and
+//! instance count it starts a fresh redis-server and N instances on loopback
+//! ports, drives them with `switchboard-load`, reads CPU (`/proc`), each
+//! instance's counters and Redis' INFO before and after the measured window,
+//! and writes `<out-dir>/<name>.{json,md,svg}` (by default
+//! `target/bench-results/<name>/`, untracked; with `--publish` also into
+//! `bench/results/`), keeping every process's log under `<out-dir>/logs/`.
 //!
-//! The figures mirror the Socket.IO peer benchmark in
-//! `../shared/peers/socketio` (delivered/s, p50/p99, CPU per process per
-//! delivered message, Redis bytes per message, its pass rule), so the two can
-//! be compared run for run on the same machine.
+//! A system is Switchboard in one routing mode (`--modes`), or the Socket.IO
+//! peer of `bench/peers/socketio` with one Redis adapter (`--peer socketio`,
+//! rows `socketio-classic` and `socketio-sharded`). Both face the same load
+//! generator (the peer through `--protocol socketio`), the same window, the
+//! same pass rule and the same figures (delivered/s, p50/p99, CPU per
+//! delivered message, Redis bytes per message, bus messages received per
+//! instance per message), so one results file holds them side by side;
+//! `--merge` joins results files of separate invocations into one report.
 //!
 //! This file owns the top level only: the command line, signals, the loop
 //! over the matrix and the exit code. Module map:
 //! - `cli`: flags and the loader's command line;
+//! - `system`: what each kind of row runs and where its counters are;
+//! - `peer`: the Socket.IO peer's setup (Node.js, `npm ci`) and its `/stats`;
 //! - `procs`: starting and stopping processes by pid, port reservation;
 //! - `cluster`: redis-server + N instances, readiness;
 //! - `probe`, `http`, `openmetrics`, `redis_info`: reading `/proc`, fetching
@@ -32,6 +38,7 @@ mod derive;
 mod error;
 mod http;
 mod openmetrics;
+mod peer;
 mod plot;
 mod probe;
 mod procs;
@@ -39,6 +46,7 @@ mod redis_info;
 mod report;
 mod run;
 mod snapshot;
+mod system;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -50,20 +58,23 @@ use tokio_util::sync::CancellationToken;
 
 use cli::Cli;
 use error::BenchError;
+use peer::PeerSetup;
 use report::ResultsFile;
 use run::{RunContext, RunRecord};
+use system::System;
 
 const WINDOW_NOTE: &str =
-    "CPU (/proc/PID/stat utime+stime), each instance's /metrics and Redis INFO \
-are read once every user is connected (sum of switchboard_connections reaches the expected count, \
-polled every 20 ms after the loader starts), and again after the drain: from 200 ms before the end \
-of the send phase a snapshot is taken every 20 ms; the window ends at the first one after the send \
-phase that follows three quiet intervals (no frames queued), or, if the loader starts closing its \
-connections first, at the last snapshot taken with every user still connected (or at the loader's \
-exit). The connect phase and the teardown are outside the window, the drain inside. With \
---find-max the window ends at the loader's exit and spans the whole ladder (pauses and final \
-disconnects too). Per-message figures divide by the loader's delivered count (all steps with \
---find-max).";
+    "CPU (/proc/PID/stat utime+stime), each instance's counters (/metrics; the Socket.IO peer's \
+/stats) and Redis INFO are read once every user is connected (the sum of the instances' \
+connections gauge reaches the expected count, polled every 20 ms after the loader starts), and \
+again after the drain: from 200 ms before the end of the send phase a snapshot is taken every \
+20 ms; the window ends at the first one after the send phase that follows three quiet intervals \
+(no frames queued), or, if the loader starts closing its connections first (or exits between \
+two snapshots), at the last snapshot taken with every user still connected (at the loader's \
+exit when there was none). The connect phase and the teardown are outside the window, the \
+drain inside. With --find-max the window ends at the loader's exit and spans the whole ladder \
+(pauses and final disconnects too). Per-message figures divide by the loader's delivered count \
+(all steps with --find-max).";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -71,6 +82,20 @@ async fn main() -> ExitCode {
     if let Err(e) = cli.validate() {
         eprintln!("switchboard-bench: {e}");
         return ExitCode::from(2);
+    }
+    if !cli.merge.is_empty() {
+        return match merge(&cli) {
+            Ok(paths) => {
+                for p in paths {
+                    println!("{}", p.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("switchboard-bench: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     if let Some(path) = &cli.render_only {
         return match render_only(path) {
@@ -86,7 +111,7 @@ async fn main() -> ExitCode {
             }
         };
     }
-    let outcome = match setup(&cli) {
+    let outcome = match setup(&cli).await {
         Ok(setup) if cli.workload == Workload::Connections => connections::run(&cli, setup).await,
         Ok(setup) => run_matrix(&cli, setup).await,
         Err(e) => Err(e),
@@ -119,6 +144,28 @@ fn render_only(path: &Path) -> Result<Vec<PathBuf>, BenchError> {
     Ok(vec![md, svg])
 }
 
+/// Merges results files into `<out-dir>/<name>.{json,md,svg}` (`--merge`).
+fn merge(cli: &Cli) -> Result<Vec<PathBuf>, BenchError> {
+    let parts = cli
+        .merge
+        .iter()
+        .map(|path| report::read(path))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (_, finished_utc) = report::utc_now();
+    let name = cli
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("merged-{}", report::utc_now().0));
+    let command = report::shell_command_line(&std::env::args().collect::<Vec<_>>());
+    let merged = report::merge(parts, name, command, finished_utc)?;
+    let out_dir = cli.out_dir(&merged.name);
+    let mut paths = report::write_all(&merged, &out_dir)?;
+    if cli.publish {
+        paths.extend(report::write_all(&merged, Path::new(cli::PUBLISH_DIR))?);
+    }
+    Ok(paths)
+}
+
 /// A binary next to this one, unless given.
 fn sibling_binary(given: &Option<PathBuf>, name: &str) -> Result<PathBuf, BenchError> {
     if let Some(p) = given {
@@ -149,10 +196,12 @@ fn watch_signals(cancel: CancellationToken) {
 }
 
 /// What every kind of run settles before it starts anything: the binaries
-/// (checked), the machine, the result name and directories, the command line.
+/// (checked), the peer (prepared), the machine, the result name and
+/// directories, the command line.
 struct Setup {
     server_bin: PathBuf,
     loader_bin: PathBuf,
+    peer: Option<PeerSetup>,
     machine: report::Machine,
     name: String,
     started_utc: String,
@@ -162,10 +211,16 @@ struct Setup {
     command: String,
 }
 
-fn setup(cli: &Cli) -> Result<Setup, BenchError> {
+async fn setup(cli: &Cli) -> Result<Setup, BenchError> {
     let server_bin = sibling_binary(&cli.server_bin, "switchboard")?;
     let loader_bin = sibling_binary(&cli.loader_bin, "switchboard-load")?;
+    let systems = cli.systems();
+    let needs_server = cli.workload == Workload::Connections
+        || systems.iter().any(|s| matches!(s, System::Switchboard(_)));
     for (what, path) in [("server", &server_bin), ("loader", &loader_bin)] {
+        if what == "server" && !needs_server {
+            continue;
+        }
         if !path.is_file() {
             return Err(BenchError::Report(format!(
                 "{what} binary {} not found: build with `cargo build --release -p switchboard \
@@ -175,7 +230,7 @@ fn setup(cli: &Cli) -> Result<Setup, BenchError> {
             )));
         }
     }
-    let machine = report::machine(&cli.redis_server);
+    let mut machine = report::machine(&cli.redis_server);
     if machine.redis_version.is_empty() {
         return Err(BenchError::Report(format!(
             "cannot run `{} --version`: install redis-server (Debian/Ubuntu: apt-get install -y redis-server) or pass --redis-server",
@@ -202,9 +257,18 @@ fn setup(cli: &Cli) -> Result<Setup, BenchError> {
     let args: Vec<String> = std::env::args().collect();
     let command = report::shell_command_line(&args);
     eprintln!("[bench] {name}: results and logs in {}", out_dir.display());
+    let peer = if systems.iter().any(|s| matches!(s, System::Socketio(_))) {
+        let peer = peer::prepare(&cli.peer_dir, &cli.node_bin, &cli.npm_bin, &logs_dir).await?;
+        machine.node_version = Some(peer.node_version.clone());
+        machine.peer_packages = peer.packages.clone();
+        Some(peer)
+    } else {
+        None
+    };
     Ok(Setup {
         server_bin,
         loader_bin,
+        peer,
         machine,
         name,
         started_utc,
@@ -218,6 +282,7 @@ async fn run_matrix(cli: &Cli, setup: Setup) -> Result<ExitCode, BenchError> {
     let Setup {
         server_bin,
         loader_bin,
+        peer,
         machine,
         name,
         started_utc,
@@ -231,16 +296,17 @@ async fn run_matrix(cli: &Cli, setup: Setup) -> Result<ExitCode, BenchError> {
         cli,
         server_bin,
         loader_bin,
+        peer,
         logs_dir: logs_dir.clone(),
     };
     let mut runs: Vec<RunRecord> = Vec::new();
-    'matrix: for &mode in &cli.modes {
+    'matrix: for system in cli.systems() {
         for &nodes in &cli.nodes {
             if cancel.is_cancelled() {
                 break 'matrix;
             }
-            eprintln!("[bench] === {} N={nodes}", mode.as_str());
-            let record = run::run_one(&ctx, mode, nodes, &cancel).await;
+            eprintln!("[bench] === {} N={nodes}", system.name());
+            let record = run::run_one(&ctx, system, nodes, &cancel).await;
             print_run(&record);
             runs.push(record);
             tokio::select! {
@@ -263,6 +329,7 @@ async fn run_matrix(cli: &Cli, setup: Setup) -> Result<ExitCode, BenchError> {
         window: WINDOW_NOTE.to_owned(),
         pass_rule: cli.pass_rule().describe(),
         interrupted,
+        merged_from: Vec::new(),
         runs,
     };
     let mut paths = report::write_all(&results, &out_dir)?;

@@ -1,6 +1,7 @@
 //! An instance's `GET /metrics` text (Prometheus / OpenMetrics exposition),
-//! parsed by `prometheus-parse` into series, and the counters read out of it
-//! by name and label. A metric or label value the server does not export
+//! parsed by `prometheus-parse` into series (or series built from the
+//! Socket.IO peer's `/stats`), and the counters read out of it by name and
+//! label. A metric or label value the server does not export
 //! reads as 0, so the benchmark works against older and newer servers alike.
 //!
 //! Histogram buckets are left out (their `_sum` and `_count` stay): the
@@ -83,6 +84,14 @@ impl Scrape {
             })
             .collect();
         // In series order, so equal scrapes compare equal however they were written.
+        series.sort_by_cached_key(Series::key);
+        Scrape { series }
+    }
+
+    /// A scrape of these series: counters read from something other than
+    /// exposition text (the Socket.IO peer's `/stats`).
+    pub fn from_series(mut series: Vec<Series>) -> Scrape {
+        series.retain(|s| s.value.is_finite());
         series.sort_by_cached_key(Series::key);
         Scrape { series }
     }

@@ -1,10 +1,11 @@
 //! The chart `<name>.svg` (plotters, SVG backend): four panels, x = number
-//! of instances, one line per routing mode. They answer "what does routing
-//! save": total CPU µs per delivered message (instances + Redis), bus
-//! messages received per instance per delivered message, Redis output bytes
-//! per delivered message; the fourth shows what was carried (delivered
-//! messages/s, or the max sustained rate with `--find-max`). Runs without
-//! derived figures are left out of the lines.
+//! of instances, one line per row name (Switchboard's routing modes and the
+//! Socket.IO peer's `socketio-classic` / `socketio-sharded`). They answer
+//! "what does routing save": total CPU µs per delivered message (instances +
+//! Redis), bus messages received per instance per delivered message, Redis
+//! output bytes per delivered message; the fourth shows what was carried
+//! (delivered messages/s, or the max sustained rate with `--find-max`). Runs
+//! without derived figures are left out of the lines.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,7 +24,7 @@ pub const PALETTE: [RGBColor; 6] = [
     RGBColor(23, 190, 207),
 ];
 
-/// One line: a mode and its (N, value) points, N ascending.
+/// One line: a row name (mode) and its (N, value) points, N ascending.
 type Series = (String, Vec<(u32, f64)>);
 
 fn series(
@@ -290,7 +291,7 @@ mod tests {
     }
 
     #[test]
-    fn chart_shows_what_routing_saves_per_mode_against_n() {
+    fn chart_shows_what_routing_saves_per_mode_and_peer_against_n() {
         let results = ResultsFile {
             schema: crate::report::SCHEMA.to_owned(),
             name: "chart-test".to_owned(),
@@ -304,11 +305,16 @@ mod tests {
             window: String::new(),
             pass_rule: String::new(),
             interrupted: false,
+            merged_from: Vec::new(),
             runs: vec![
                 run("routed", 1, 50.0, 0.0, 4.0),
                 run("routed", 2, 60.0, 0.25, 105.0),
                 run("broadcast", 1, 49.0, 1.0, 190.0),
                 run("broadcast", 2, 61.0, 1.0, 375.0),
+                run("socketio-classic", 1, 120.0, 1.0, 230.0),
+                run("socketio-classic", 2, 130.0, 1.0, 460.0),
+                run("socketio-sharded", 1, 118.0, 1.0, 155.0),
+                run("socketio-sharded", 2, 125.0, 0.5, 155.0),
             ],
         };
         let path = std::env::temp_dir().join(format!(
@@ -325,6 +331,8 @@ mod tests {
             "Delivered messages per second",
             "routed",
             "broadcast",
+            "socketio-classic",
+            "socketio-sharded",
         ] {
             assert!(svg.contains(caption), "no {caption:?} in the chart");
         }

@@ -4,8 +4,10 @@
 //! machine and the clock that go into them.
 //!
 //! Everything here reads a [`ResultsFile`] only, so `--render-only` can
-//! re-render the Markdown and SVG of an earlier run.
+//! re-render the Markdown and SVG of an earlier run, and `--merge` can join
+//! the rows of several (Switchboard's and the peer's) into one.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -13,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::BenchError;
 use crate::run::RunRecord;
+use crate::system::System;
 
 /// Identifies the layout of `<name>.json`.
 pub const SCHEMA: &str = "switchboard-bench/1";
@@ -32,6 +35,12 @@ pub struct Machine {
     pub clk_tck: f64,
     /// `git describe --always --dirty` of the working tree, if any.
     pub git_revision: Option<String>,
+    /// `node --version`, when the Socket.IO peer ran.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_version: Option<String>,
+    /// The Socket.IO peer's direct npm dependencies as installed: name -> version.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub peer_packages: BTreeMap<String, String>,
 }
 
 /// Everything one benchmark invocation produced.
@@ -57,7 +66,10 @@ pub struct ResultsFile {
     pub pass_rule: String,
     /// Whether Ctrl-C / SIGTERM cut the matrix short.
     pub interrupted: bool,
-    /// One record per (mode, N).
+    /// `--merge`: the results files joined here, as `name: command`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged_from: Vec<String>,
+    /// One record per (system, N).
     pub runs: Vec<RunRecord>,
 }
 
@@ -85,7 +97,100 @@ pub fn machine(redis_bin: &Path) -> Machine {
             Path::new("git"),
             &["describe", "--always", "--dirty", "--abbrev=12"],
         ),
+        node_version: None,
+        peer_packages: BTreeMap::new(),
     }
+}
+
+/// The settings that must agree for rows of different results files to
+/// compare like for like: the workload, the loader's flags, the pass rule.
+const LIKE_FOR_LIKE: [&str; 17] = [
+    "workload",
+    "users",
+    "rate",
+    "duration",
+    "body_bytes",
+    "locality",
+    "rooms",
+    "room_members",
+    "room_spread",
+    "churn_rate",
+    "find_max",
+    "start_rate",
+    "step_factor",
+    "retries",
+    "max_p99_ms",
+    "min_delivery",
+    "loader_args",
+];
+
+/// Joins the rows of results files into one (`--merge`), refusing files
+/// whose workload settings or machine differ.
+pub fn merge(
+    parts: Vec<ResultsFile>,
+    name: String,
+    command: String,
+    finished_utc: String,
+) -> Result<ResultsFile, BenchError> {
+    let Some(first) = parts.first() else {
+        return Err(BenchError::Report("--merge: no results files".into()));
+    };
+    for part in &parts {
+        if part.schema != SCHEMA {
+            return Err(BenchError::Report(format!(
+                "--merge: {} is a {} file, not {SCHEMA}",
+                part.name, part.schema
+            )));
+        }
+        for key in LIKE_FOR_LIKE {
+            let (a, b) = (setting(&first.config, key), setting(&part.config, key));
+            if a != b {
+                return Err(BenchError::Report(format!(
+                    "--merge: {} and {} differ in {key} ({a} vs {b}): their rows would not \
+                     compare like for like",
+                    first.name, part.name
+                )));
+            }
+        }
+        let (m, n) = (&first.machine, &part.machine);
+        if (m.nproc, &m.cpu_model, &m.kernel) != (n.nproc, &n.cpu_model, &n.kernel) {
+            return Err(BenchError::Report(format!(
+                "--merge: {} and {} ran on different machines",
+                first.name, part.name
+            )));
+        }
+    }
+    let mut machine = first.machine.clone();
+    for part in &parts {
+        if machine.node_version.is_none() {
+            machine.node_version = part.machine.node_version.clone();
+        }
+        if machine.peer_packages.is_empty() {
+            machine.peer_packages = part.machine.peer_packages.clone();
+        }
+    }
+    let started_utc = parts
+        .iter()
+        .map(|p| p.started_utc.clone())
+        .min()
+        .unwrap_or_default();
+    Ok(ResultsFile {
+        schema: SCHEMA.to_owned(),
+        name,
+        command,
+        started_utc,
+        finished_utc,
+        machine,
+        config: first.config.clone(),
+        window: first.window.clone(),
+        pass_rule: first.pass_rule.clone(),
+        interrupted: parts.iter().any(|p| p.interrupted),
+        merged_from: parts
+            .iter()
+            .map(|p| format!("{}: {}", p.name, p.command))
+            .collect(),
+        runs: parts.into_iter().flat_map(|p| p.runs).collect(),
+    })
 }
 
 /// UTC now as `(compact, rfc3339)`: `20261125T183000Z`, `2026-11-25T18:30:00Z`.
@@ -252,6 +357,31 @@ pub fn markdown(results: &ResultsFile) -> String {
         if find_max { " per step" } else { "" },
         config_str(results, "body_bytes"),
     );
+    for source in &results.merged_from {
+        let _ = writeln!(out, "- merged from `{source}`");
+    }
+    if results
+        .runs
+        .iter()
+        .any(|r| matches!(System::from_name(&r.mode), Some(System::Socketio(_))))
+    {
+        let packages = m
+            .peer_packages
+            .iter()
+            .map(|(name, version)| format!("{name} {version}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(
+            out,
+            "- `socketio-*` rows: the Socket.IO peer of `bench/peers/socketio` ({packages}; Node \
+             {}), one `node server.js` per instance with the classic or the sharded Redis \
+             adapter, driven by the same switchboard-load (`--protocol socketio`); its \
+             *instance* figures are the node processes', its bus messages what each node's \
+             Redis subscriber connection received (its `/stats`), and its acks say `ok` (it \
+             cannot tell routed from offline)",
+            m.node_version.as_deref().unwrap_or("?")
+        );
+    }
     let _ = writeln!(out, "- pass rule: {}", results.pass_rule);
     let _ = writeln!(out, "- window: {}", results.window);
     if find_max {
@@ -265,16 +395,19 @@ pub fn markdown(results: &ResultsFile) -> String {
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "| mode | N | {} | delivered/s | p50 ms | p99 ms | instance µs/msg | Redis µs/msg | Redis B/msg | PUBLISH/msg | bus msgs rx per instance per msg (mean / max) | lost | pass |",
+        "| mode | N | {} | delivered/s | p50 ms | p99 ms | instance µs/msg | Redis µs/msg | total µs/msg | Redis B/msg | PUBLISH/msg | bus msgs rx per instance per msg (mean / max) | lost | pass |",
         if find_max { "max sustained/s" } else { "offered/s" }
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for r in &results.runs {
         match &r.derived {
             Some(d) => {
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |",
                     r.mode,
                     r.nodes,
                     f(Some(d.offered_rate), 0),
@@ -283,6 +416,7 @@ pub fn markdown(results: &ResultsFile) -> String {
                     f(d.p99_ms, 1),
                     f(d.instance_cpu_us_per_msg, 1),
                     f(d.redis_cpu_us_per_msg, 1),
+                    f(d.total_cpu_us_per_msg, 1),
                     f(d.redis_out_bytes_per_msg, 0),
                     f(d.publish_per_msg, 2),
                     f(d.bus_rx_per_instance_per_msg_mean, 2),
@@ -302,7 +436,7 @@ pub fn markdown(results: &ResultsFile) -> String {
                     .map_or("no result".to_owned(), short_error);
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} | | | | | | | | | | |",
+                    "| {} | {} | {} | | | | | | | | | | | |",
                     r.mode,
                     r.nodes,
                     format!("{}: {}", r.status, reason).replace('|', "\\|")
@@ -454,5 +588,68 @@ mod tests {
     fn quoting() {
         let args = ["a", "--x", "", "it's", "b c"].map(String::from);
         assert_eq!(shell_command_line(&args), "a --x '' 'it'\\''s' 'b c'");
+    }
+
+    fn results(name: &str, rate: u64, modes: &[&str]) -> ResultsFile {
+        let runs = modes
+            .iter()
+            .map(|mode| {
+                serde_json::from_value(serde_json::json!({
+                    "mode": mode, "nodes": 2, "status": "ok", "error": null, "wall_s": 1.0,
+                    "redis_port": null, "instance_ports": [], "instance_command": [],
+                    "loader_command": [], "loader_exit": null, "window_start": null,
+                    "connections_at_start": null, "window_end": null, "before": null,
+                    "after": null, "loader": null, "derived": null, "timeline": [],
+                    "processes": [], "logs_dir": "logs"
+                }))
+                .expect("a run record")
+            })
+            .collect();
+        ResultsFile {
+            schema: SCHEMA.to_owned(),
+            name: name.to_owned(),
+            command: format!("bench {name}"),
+            started_utc: format!("2026-01-01T00:00:0{}Z", name.len() % 10),
+            finished_utc: String::new(),
+            machine: Machine::default(),
+            config: serde_json::json!({"workload": "dm", "users": 200, "rate": rate, "loader_args": ["--no-ack"]}),
+            window: String::new(),
+            pass_rule: String::new(),
+            interrupted: false,
+            merged_from: Vec::new(),
+            runs,
+        }
+    }
+
+    #[test]
+    fn merges_rows_of_like_workloads_only() {
+        let sb = results("sb", 1000, &["routed", "broadcast"]);
+        let mut peer = results("peer", 1000, &["socketio-classic"]);
+        peer.machine.node_version = Some("v20".into());
+        let merged = merge(
+            vec![sb.clone(), peer],
+            "both".into(),
+            "bench --merge".into(),
+            "t".into(),
+        )
+        .expect("same workload");
+        let modes: Vec<&str> = merged.runs.iter().map(|r| r.mode.as_str()).collect();
+        assert_eq!(modes, ["routed", "broadcast", "socketio-classic"]);
+        assert_eq!(merged.machine.node_version.as_deref(), Some("v20"));
+        assert_eq!(merged.merged_from, ["sb: bench sb", "peer: bench peer"]);
+        let md = markdown(&merged);
+        assert!(md.contains("merged from `peer: bench peer`"), "{md}");
+        assert!(md.contains("`socketio-*` rows"), "{md}");
+        let other_rate = results("fast", 2000, &["socketio-sharded"]);
+        let refused = merge(
+            vec![sb, other_rate],
+            "x".into(),
+            String::new(),
+            String::new(),
+        );
+        assert!(
+            refused.is_err_and(|e| e.to_string().contains("rate")),
+            "different rates must not merge"
+        );
     }
 }

@@ -1,11 +1,12 @@
-//! One measured run: start a cluster (routing mode x N instances), start the
-//! loader against it, take a "before" and an "after" snapshot around the
+//! One measured run: start a cluster (a system, i.e. Switchboard's routing
+//! mode or the Socket.IO peer's adapter, x N instances), start the loader
+//! against it (in the system's protocol), take a "before" and an "after" snapshot around the
 //! measured window, sample a timeline in between, stop every process, and
 //! derive the figures.
 //!
 //! The window starts when the loader's connect phase is over: the sum of
-//! `switchboard_connections` reaches the expected connections (polled every
-//! 20 ms). For a plain run it ends after the drain and before the teardown:
+//! the instances' connections gauge (`switchboard_connections`, the peer's
+//! welcomed sockets) reaches the expected connections (polled every 20 ms). For a plain run it ends after the drain and before the teardown:
 //! from 200 ms before the end of the send phase a full snapshot is taken
 //! every 20 ms, and
 //! - once the send phase is over (+50 ms), three quiet intervals in a row
@@ -13,7 +14,8 @@
 //! - if a snapshot sees connections drop (the loader is closing; not checked
 //!   with churn), the previous snapshot, taken with every user still
 //!   connected, becomes "after";
-//! - if the loader exits first, the window ends then.
+//! - if the loader exits first, the window ends at the last poll (every user
+//!   still connected), or at the exit when there was none.
 //!
 //! With --find-max the cluster goes quiet between steps, so the window ends
 //! when the loader exits: it spans the whole ladder, its pauses and its final
@@ -27,12 +29,14 @@ use serde::{Deserialize, Serialize};
 use switchboard_bench_schema::{LoaderOutput, Workload};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{Cli, RoutingMode};
+use crate::cli::Cli;
 use crate::cluster::{self, Cluster, ClusterSpec};
 use crate::derive::{self, Derived};
 use crate::error::BenchError;
+use crate::peer::PeerSetup;
 use crate::procs::{Stopped, Supervisor};
 use crate::snapshot::{self, Snapshot, TimelinePoint};
+use crate::system::System;
 
 /// How the measured window started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +60,10 @@ pub enum WindowEnd {
     LoaderClosing,
     /// The loader exited (its final disconnects are inside the window).
     LoaderExited,
+    /// The loader closed and exited between two polls: the last poll, taken
+    /// with every user still connected, ends the window (as with
+    /// `LoaderClosing`, the teardown stays outside).
+    BeforeLoaderExit,
 }
 
 /// How often the end of the window is polled once the send phase is over.
@@ -69,7 +77,8 @@ const QUIET_POLLS: u32 = 3;
 /// Everything recorded about one run, raw and derived.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunRecord {
-    /// Routing mode of the instances.
+    /// The system: Switchboard's routing mode (`routed`, ...), or the
+    /// Socket.IO peer's `socketio-<adapter>`.
     pub mode: String,
     /// Number of instances.
     pub nodes: usize,
@@ -119,6 +128,8 @@ pub struct RunContext<'a> {
     pub server_bin: PathBuf,
     /// The `switchboard-load` binary.
     pub loader_bin: PathBuf,
+    /// The Socket.IO peer, when the matrix has its rows.
+    pub peer: Option<PeerSetup>,
     /// Where each run's logs go, one directory per run.
     pub logs_dir: PathBuf,
 }
@@ -140,23 +151,23 @@ struct Measured {
     timeline: Vec<TimelinePoint>,
 }
 
-/// Runs one (mode, N) cell of the matrix. Never returns an error: failures are
-/// recorded in the [`RunRecord`] so the matrix can go on.
+/// Runs one (system, N) cell of the matrix. Never returns an error: failures
+/// are recorded in the [`RunRecord`] so the matrix can go on.
 pub async fn run_one(
     ctx: &RunContext<'_>,
-    mode: RoutingMode,
+    system: System,
     nodes: usize,
     cancel: &CancellationToken,
 ) -> RunRecord {
     let started = Instant::now();
-    let dir = ctx.logs_dir.join(format!("{}-n{nodes}", mode.as_str()));
+    let dir = ctx.logs_dir.join(format!("{}-n{nodes}", system.name()));
     let mut supervisor = Supervisor::new(Duration::from_secs_f64(ctx.cli.stop_timeout));
     let mut measured = Measured::default();
     let result = match std::fs::create_dir_all(&dir) {
         Ok(()) => {
             measure(
                 ctx,
-                mode,
+                system,
                 nodes,
                 &dir,
                 &mut supervisor,
@@ -177,7 +188,13 @@ pub async fn run_one(
     if let (Some(before), Some(after), Some(loader)) =
         (&measured.before, &measured.after, &measured.loader)
     {
-        let mut d = derive::derive(before, after, loader, &ctx.cli.pass_rule());
+        let mut d = derive::derive(
+            before,
+            after,
+            loader,
+            &ctx.cli.pass_rule(),
+            system.metric_names(),
+        );
         match measured.window_start {
             Some(WindowStart::AllConnected) => {}
             Some(WindowStart::ConnectTimeout) => d.warnings.push(
@@ -217,7 +234,7 @@ pub async fn run_one(
         derived = Some(d);
     }
     RunRecord {
-        mode: mode.as_str().to_owned(),
+        mode: system.name(),
         nodes,
         status: status.to_owned(),
         error,
@@ -242,7 +259,7 @@ pub async fn run_one(
 
 async fn measure(
     ctx: &RunContext<'_>,
-    mode: RoutingMode,
+    system: System,
     nodes: usize,
     dir: &Path,
     supervisor: &mut Supervisor,
@@ -252,9 +269,10 @@ async fn measure(
     let cli = ctx.cli;
     let run_start = Instant::now();
     let spec = ClusterSpec {
-        mode,
+        system,
         nodes,
         server_bin: &ctx.server_bin,
+        peer: ctx.peer.as_ref(),
         redis_bin: &cli.redis_server,
         lease_ms: cli.lease_ms,
         jwt_secret: None,
@@ -273,7 +291,12 @@ async fn measure(
     sleep_or_cancel(Duration::from_millis(cli.settle_ms), cancel).await?;
 
     let loader_out = dir.join("loader.json");
-    let mut args = vec!["--targets".to_owned(), cluster.targets()];
+    let mut args = vec![
+        "--targets".to_owned(),
+        cluster.targets(),
+        "--protocol".to_owned(),
+        system.protocol().as_str().to_owned(),
+    ];
     args.extend(cli.loader_workload_args());
     args.push("--out".to_owned());
     args.push(loader_out.to_string_lossy().into_owned());
@@ -297,7 +320,8 @@ async fn measure(
         if cancel.is_cancelled() {
             return Err(BenchError::Interrupted);
         }
-        let connected = snapshot::connections(&snapshot::scrape_all(&cluster).await);
+        let connected =
+            snapshot::connections(&snapshot::scrape_all(&cluster).await, system.metric_names());
         m.connections_at_start = Some(connected);
         if connected >= users {
             m.window_start = Some(WindowStart::AllConnected);
@@ -342,7 +366,7 @@ async fn measure(
     loop {
         if let Some(status) = supervisor.try_exited(loader_pid) {
             exit_status = Some(status);
-            m.window_end = Some(WindowEnd::LoaderExited);
+            end_at_exit(m, previous_poll.take());
             break;
         }
         let now = Instant::now();
@@ -355,12 +379,12 @@ async fn measure(
             // teardown stays outside the window.
             let snap = snapshot::take(&mut cluster, run_start).await?;
             if snap.instances.iter().all(|i| i.scrape_error.is_none()) {
-                if end_on_close && snap.connections() < connected_at_start {
+                if end_on_close && snap.connections(system.metric_names()) < connected_at_start {
                     m.window_end = Some(WindowEnd::LoaderClosing);
                     m.after = Some(previous_poll.take().unwrap_or(snap));
                     break;
                 }
-                let frames = snap.frames_queued();
+                let frames = snap.frames_queued(system.metric_names());
                 match last_frames {
                     Some(last) if frames - last <= QUIET_FRAMES && now >= quiet_from => {
                         quiet_polls += 1
@@ -389,7 +413,7 @@ async fn measure(
             status = supervisor.wait_exit(loader_pid, Duration::from_millis(10)) => {
                 if let Some(status) = status {
                     exit_status = Some(status);
-                    m.window_end = Some(WindowEnd::LoaderExited);
+                    end_at_exit(m, previous_poll.take());
                     break;
                 }
             }
@@ -432,6 +456,18 @@ async fn measure(
         eprintln!("[bench] loader exited with {exit_status}");
     }
     check_instances_alive(&cluster, supervisor)
+}
+
+/// Ends the window when the loader has exited: at the last poll if there
+/// was one (every user was connected then), else at the exit.
+fn end_at_exit(m: &mut Measured, last_poll: Option<Snapshot>) {
+    match last_poll {
+        Some(poll) => {
+            m.window_end = Some(WindowEnd::BeforeLoaderExit);
+            m.after = Some(poll);
+        }
+        None => m.window_end = Some(WindowEnd::LoaderExited),
+    }
 }
 
 /// Stops a loader that overran --run-timeout and says so.

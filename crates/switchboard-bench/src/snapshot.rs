@@ -1,6 +1,6 @@
 //! Readings of a running cluster at one instant: CPU seconds of every
-//! instance and of redis-server (`/proc`), each instance's `/metrics`, Redis'
-//! INFO counters, machine-wide CPU, and the benchmark's own CPU. A run takes
+//! instance and of redis-server (`/proc`), each instance's counters
+//! (`/metrics`, or the Socket.IO peer's `/stats`), Redis' INFO counters, machine-wide CPU, and the benchmark's own CPU. A run takes
 //! one before and one after the measured window and subtracts them; a light
 //! timeline (CPU and two gauges) is sampled in between.
 
@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 use crate::cluster::Cluster;
 use crate::error::BenchError;
 use crate::openmetrics::Scrape;
+use crate::peer;
 use crate::probe::{self, MachineCpu};
 use crate::redis_info::RedisSnapshot;
+use crate::system::{MetricNames, System};
 
 /// One instance at one instant.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -21,7 +23,8 @@ pub struct InstanceReading {
     pub id: String,
     /// utime + stime from `/proc/PID/stat`, seconds (`None`: process gone).
     pub cpu_s: Option<f64>,
-    /// Its `/metrics` (histogram buckets left out); empty if the scrape failed.
+    /// Its `/metrics` (histogram buckets left out; the peer's `/stats` as
+    /// series, see `peer::scrape_of_stats`); empty if the scrape failed.
     pub metrics: Scrape,
     /// Why the scrape failed, if it did.
     pub scrape_error: Option<String>,
@@ -45,19 +48,19 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Sum over instances of `switchboard_connections`.
-    pub fn connections(&self) -> f64 {
+    /// Sum over instances of the connections gauge.
+    pub fn connections(&self, names: &MetricNames) -> f64 {
         self.instances
             .iter()
-            .map(|i| i.metrics.sum("switchboard_connections", None))
+            .map(|i| i.metrics.sum(names.connections, None))
             .sum()
     }
 
-    /// Sum over instances of `switchboard_delivered_total` (every frame queued).
-    pub fn frames_queued(&self) -> f64 {
+    /// Sum over instances of the frames queued to sockets.
+    pub fn frames_queued(&self, names: &MetricNames) -> f64 {
         self.instances
             .iter()
-            .map(|i| i.metrics.sum("switchboard_delivered_total", None))
+            .map(|i| i.metrics.sum(names.frames_queued, None))
             .sum()
     }
 }
@@ -71,17 +74,18 @@ pub struct TimelinePoint {
     pub instance_cpu_s: Vec<Option<f64>>,
     /// CPU seconds of redis-server so far.
     pub redis_cpu_s: Option<f64>,
-    /// Sum over instances of `switchboard_connections`.
+    /// Sum over instances of the connections gauge.
     pub connections: f64,
-    /// Sum over instances of `switchboard_delivered_total` (every frame queued).
+    /// Sum over instances of the frames queued to sockets.
     pub frames_queued: f64,
 }
 
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Scrapes every instance's `/metrics` concurrently (one task each), results in
-/// instance order.
+/// Scrapes every instance's counters concurrently (one task each; `/metrics`,
+/// or the peer's `/stats`), results in instance order.
 pub async fn scrape_all(cluster: &Cluster) -> Vec<Result<Scrape, String>> {
+    let system = cluster.system;
     let tasks: Vec<_> = cluster
         .instances
         .iter()
@@ -89,14 +93,18 @@ pub async fn scrape_all(cluster: &Cluster) -> Vec<Result<Scrape, String>> {
             let port = i.port;
             let http = cluster.http.clone();
             tokio::spawn(async move {
+                let path = system.counters_path();
                 let response = http
-                    .get(port, "/metrics", SCRAPE_TIMEOUT)
+                    .get(port, path, SCRAPE_TIMEOUT)
                     .await
                     .map_err(|e| e.to_string())?;
                 if response.status != 200 {
-                    return Err(format!("/metrics answered {}", response.status));
+                    return Err(format!("{path} answered {}", response.status));
                 }
-                Ok(Scrape::parse(&response.body))
+                match system {
+                    System::Switchboard(_) => Ok(Scrape::parse(&response.body)),
+                    System::Socketio(_) => peer::scrape_of_stats(&response.body),
+                }
             })
         })
         .collect();
@@ -110,27 +118,28 @@ pub async fn scrape_all(cluster: &Cluster) -> Vec<Result<Scrape, String>> {
     out
 }
 
-/// Sum of `switchboard_connections` over the scrapes that worked.
-pub fn connections(scrapes: &[Result<Scrape, String>]) -> f64 {
+/// Sum of the connections gauge over the scrapes that worked.
+pub fn connections(scrapes: &[Result<Scrape, String>], names: &MetricNames) -> f64 {
     scrapes
         .iter()
         .filter_map(|s| s.as_ref().ok())
-        .map(|s| s.sum("switchboard_connections", None))
+        .map(|s| s.sum(names.connections, None))
         .sum()
 }
 
-/// Sum of `switchboard_delivered_total` (every frame queued to a socket) over
-/// the scrapes that worked.
-pub fn frames_queued(scrapes: &[Result<Scrape, String>]) -> f64 {
+/// Sum of the frames queued to sockets over the scrapes that worked.
+pub fn frames_queued(scrapes: &[Result<Scrape, String>], names: &MetricNames) -> f64 {
     scrapes
         .iter()
         .filter_map(|s| s.as_ref().ok())
-        .map(|s| s.sum("switchboard_delivered_total", None))
+        .map(|s| s.sum(names.frames_queued, None))
         .sum()
 }
 
 /// Takes a full snapshot. CPU is read first (instantly, for all processes),
-/// then the scrapes and Redis INFO.
+/// then Redis INFO, then the scrapes: a snapshot whose scrapes still count
+/// every user connected read the rest before any disconnect was seen (the
+/// window's end relies on it to keep the teardown out).
 pub async fn take(cluster: &mut Cluster, run_start: Instant) -> Result<Snapshot, BenchError> {
     let t_s = run_start.elapsed().as_secs_f64();
     let cpu: Vec<Option<f64>> = cluster
@@ -141,8 +150,8 @@ pub async fn take(cluster: &mut Cluster, run_start: Instant) -> Result<Snapshot,
     let redis_cpu_s = probe::process_cpu_seconds(cluster.redis_pid);
     let machine = probe::machine_cpu();
     let bench_cpu_s = probe::own_cpu_seconds();
-    let scrapes = scrape_all(cluster).await;
     let redis = cluster.redis.snapshot().await?;
+    let scrapes = scrape_all(cluster).await;
     let instances = cluster
         .instances
         .iter()
@@ -181,12 +190,12 @@ pub async fn timeline_point(cluster: &Cluster, run_start: Instant) -> TimelinePo
         .collect();
     let redis_cpu_s = probe::process_cpu_seconds(cluster.redis_pid);
     let scrapes = scrape_all(cluster).await;
-    let delivered = frames_queued(&scrapes);
+    let names = cluster.system.metric_names();
     TimelinePoint {
         t_s,
         instance_cpu_s,
         redis_cpu_s,
-        connections: connections(&scrapes),
-        frames_queued: delivered,
+        connections: connections(&scrapes, names),
+        frames_queued: frames_queued(&scrapes, names),
     }
 }

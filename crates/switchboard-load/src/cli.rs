@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 
 use clap::{Parser, ValueEnum};
-use switchboard_bench_schema::{PassRule, Workload};
+use switchboard_bench_schema::{PassRule, Protocol, Workload};
 
 /// How connections are spread over the targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -43,9 +43,17 @@ pub enum AuthMode {
 #[derive(Debug, Clone, Parser)]
 #[command(name = "switchboard-load", version, long_about = None)]
 pub struct Args {
-    /// Instances to connect to, comma-separated (ws://HOST:PORT, path /ws added).
+    /// Instances to connect to, comma-separated (ws://HOST:PORT; the path
+    /// /ws, or /socket.io/ with --protocol socketio, is added).
     #[arg(long, value_delimiter = ',', default_value = "ws://127.0.0.1:8081")]
     pub targets: Vec<String>,
+
+    /// What the targets speak: `switchboard` (its JSON frames), or `socketio`
+    /// (the Socket.IO peer of bench/peers/socketio: Engine.IO 4 / Socket.IO 5
+    /// over WebSocket, the user in the connect packet's auth; no JWT, no
+    /// connections workload).
+    #[arg(long, value_enum, default_value = "switchboard")]
+    pub protocol: Protocol,
 
     /// Accept targets outside 127.0.0.0/8, ::1 and localhost.
     #[arg(long)]
@@ -236,7 +244,8 @@ pub struct Args {
 pub struct Target {
     /// As given (without a trailing slash), for the JSON output.
     pub display: String,
-    /// The WebSocket endpoint, `ws://host:port/ws`.
+    /// The WebSocket endpoint, `ws://host:port/ws` (`/socket.io/` for the
+    /// Socket.IO peer), without a query.
     pub endpoint: String,
 }
 
@@ -344,7 +353,19 @@ impl Args {
         if self.workload == Workload::Connections {
             self.validate_connections()?;
         }
-        self.auth_mode()?;
+        let auth = self.auth_mode()?;
+        if self.protocol == Protocol::Socketio {
+            if self.workload == Workload::Connections {
+                return Err("--workload connections speaks Switchboard's protocol only".into());
+            }
+            if auth == AuthMode::Jwt {
+                return Err(
+                    "--protocol socketio: the peer takes no JWT (no --auth jwt, \
+                            no --jwt-secret)"
+                        .into(),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -403,9 +424,13 @@ impl Args {
 
     /// Parses and checks the targets (loopback only unless --allow-remote).
     pub fn parsed_targets(&self) -> Result<Vec<Target>, String> {
+        let path = match self.protocol {
+            Protocol::Switchboard => "/ws",
+            Protocol::Socketio => crate::socketio::PATH,
+        };
         self.targets
             .iter()
-            .map(|t| parse_target(t.trim(), self.allow_remote))
+            .map(|t| parse_target_at(t.trim(), self.allow_remote, path))
             .collect()
     }
 }
@@ -423,8 +448,14 @@ fn valid_name_part(flag: &str, s: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Parses `ws://host[:port][/path]`; only loopback hosts unless `allow_remote`.
+/// Parses `ws://host[:port][/path]` (path `/ws` when none is given); only
+/// loopback hosts unless `allow_remote`.
 pub fn parse_target(raw: &str, allow_remote: bool) -> Result<Target, String> {
+    parse_target_at(raw, allow_remote, "/ws")
+}
+
+/// [`parse_target`] with `default_path` when none is given.
+fn parse_target_at(raw: &str, allow_remote: bool, default_path: &str) -> Result<Target, String> {
     let display = raw.trim_end_matches('/').to_owned();
     let rest = display.strip_prefix("ws://").ok_or_else(|| {
         format!("target {raw:?}: only ws:// URLs are supported (no TLS in the loader)")
@@ -454,7 +485,7 @@ pub fn parse_target(raw: &str, allow_remote: bool) -> Result<Target, String> {
         ));
     }
     let endpoint = if path.is_empty() || path == "/" {
-        format!("ws://{authority}/ws")
+        format!("ws://{authority}{default_path}")
     } else {
         format!("ws://{authority}{path}")
     };
@@ -496,6 +527,34 @@ mod tests {
         assert!(parse_target("ws://10.0.0.1:8081", true).is_ok());
         assert!(parse_target("wss://127.0.0.1:8081", false).is_err());
         assert!(parse_target("http://127.0.0.1:8081", false).is_err());
+    }
+
+    #[test]
+    fn socketio_targets_and_flags() {
+        let parse = |extra: &[&str]| {
+            let base = ["switchboard-load", "--protocol", "socketio"];
+            Args::try_parse_from(base.iter().chain(extra))
+                .map_err(|e| e.to_string())
+                .and_then(|a| a.validate().map(|()| a))
+        };
+        let args =
+            parse(&["--targets", "ws://127.0.0.1:3001,ws://127.0.0.1:3002/"]).expect("valid");
+        let endpoints: Vec<String> = args
+            .parsed_targets()
+            .expect("loopback")
+            .into_iter()
+            .map(|t| t.endpoint)
+            .collect();
+        assert_eq!(
+            endpoints,
+            [
+                "ws://127.0.0.1:3001/socket.io/",
+                "ws://127.0.0.1:3002/socket.io/"
+            ]
+        );
+        assert!(parse(&["--no-ack", "--workload", "room"]).is_ok());
+        assert!(parse(&["--workload", "connections"]).is_err());
+        assert!(parse(&["--jwt-secret", "s"]).is_err());
     }
 
     #[test]

@@ -6,9 +6,11 @@
 //! final close.
 //!
 //! The task owns its WebSocket whole (no split, no lock), formats frames
-//! itself, and keeps per-connection state local: the queue of sent-but-unacked
-//! ids (acks come back in send order, the server handles a connection's frames
-//! one at a time), the per-(sender, stream) sequence trackers for duplicates
+//! through its [`Codec`] (Switchboard's frames or the Socket.IO peer's
+//! packets; the protocol's own answers, the connect and the pongs, go out
+//! before any message), and keeps per-connection state local: the queue of
+//! sent-but-unacked ids (acks come back in send order, the server handles a
+//! connection's frames one at a time), the per-(sender, stream) sequence trackers for duplicates
 //! and reordering, and small latency buffers flushed into the step's
 //! histograms once per wakeup.
 
@@ -30,16 +32,17 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use switchboard_bench_schema::Protocol;
+
 use crate::cli::AuthMode;
+use crate::socketio;
 use crate::state::{
     lock, Shared, StepState, ST_ABANDONED, ST_ERROR, ST_NONE, ST_OFFLINE, ST_OK, ST_ROUTED,
 };
-use crate::wire::{self, BodyFields, FrameWriter, Kind};
+use crate::wire::{self, BodyFields, Codec, Decoded, Kind, JOIN_ID_BASE};
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// Ids at or above this are room joins, not messages.
-const JOIN_ID_BASE: u64 = 1 << 62;
 /// Frames handled per wakeup in each direction before yielding.
 const BATCH: usize = 256;
 /// How long a churned connection may wait for its outstanding acks.
@@ -131,7 +134,12 @@ struct Conn {
     user: u32,
     name: String,
     rooms: Vec<u32>,
-    writer: FrameWriter,
+    codec: Codec,
+    /// Protocol answers not yet written (Socket.IO: the connect packet, pongs).
+    replies: VecDeque<String>,
+    /// Set when the server ended the session in the protocol itself
+    /// (Socket.IO's disconnect or connect refusal), and why.
+    ended: Option<String>,
     /// Sent, not yet acked: (id, actual send time ns). Stays empty with
     /// `--no-ack` (no acks are awaited).
     pending: VecDeque<(u64, u64)>,
@@ -163,17 +171,22 @@ pub async fn run(
     let plan = &shared.plan;
     let user = plan.user_of(slot);
     let args = &shared.args;
+    let name = format!("{}{}", args.user_prefix, user);
     let mut conn = Conn {
         slot,
         user,
-        name: format!("{}{}", args.user_prefix, user),
         rooms: plan.slot_rooms[slot as usize].clone(),
-        writer: FrameWriter::new(
+        codec: Codec::new(
+            args.protocol,
+            &name,
             &args.user_prefix,
             &args.room_prefix,
             args.body_bytes,
             args.no_ack,
         ),
+        name,
+        replies: VecDeque::new(),
+        ended: None,
         pending: VecDeque::new(),
         no_ack: args.no_ack,
         trackers: U64Map::default(),
@@ -249,6 +262,10 @@ impl Conn {
         let shared = &self.shared;
         let inst = shared.plan.slot_inst[self.slot as usize] as usize;
         let endpoint = &shared.targets[inst].endpoint;
+        if shared.args.protocol == Protocol::Socketio {
+            // The user travels in the Socket.IO connect packet (its auth).
+            return Ok(format!("{endpoint}?{}", socketio::QUERY));
+        }
         match shared.args.auth_mode()? {
             AuthMode::None => Ok(format!("{endpoint}?user={}", self.name)),
             AuthMode::Jwt => {
@@ -275,6 +292,8 @@ impl Conn {
                 .await
                 .map_err(|e| format!("connect {}: {e}", self.name))?;
         self.welcomed = false;
+        self.replies.clear();
+        self.ended = None;
         while !self.welcomed {
             self.read_one(&mut ws).await?;
         }
@@ -283,7 +302,7 @@ impl Conn {
             self.joins_ok = 0;
             self.join_error = None;
             for (k, &room) in self.rooms.iter().enumerate() {
-                let text = self.writer.join(room, JOIN_ID_BASE + k as u64);
+                let text = self.codec.join(room, JOIN_ID_BASE + k as u64);
                 ws.feed(Message::text(text))
                     .await
                     .map_err(|e| format!("join: {e}"))?;
@@ -300,12 +319,21 @@ impl Conn {
         Ok((ws, connect_us))
     }
 
-    /// Reads and handles one frame (connect phase).
+    /// Reads and handles one frame (connect phase), and writes the protocol
+    /// answers it calls for.
     async fn read_one(&mut self, ws: &mut Ws) -> Result<(), String> {
         match ws.next().await {
             Some(Ok(Message::Text(text))) => {
                 let now = self.shared.now_ns();
                 self.on_text(text.as_str(), now);
+                if let Some(why) = self.ended.take() {
+                    return Err(format!("{}: {why}", self.name));
+                }
+                while let Some(reply) = self.replies.pop_front() {
+                    ws.send(Message::text(reply))
+                        .await
+                        .map_err(|e| format!("{}: {e}", self.name))?;
+                }
                 Ok(())
             }
             Some(Ok(Message::Close(frame))) => Err(format!(
@@ -333,9 +361,17 @@ impl Conn {
                 Poll::Ready(Err(e)) => return Poll::Ready(Event::Lost(format!("write: {e}"))),
                 Poll::Pending => break,
             }
+            // Protocol answers (pongs) before messages.
+            if let Some(reply) = self.replies.pop_front() {
+                if let Err(e) = Pin::new(&mut *ws).start_send(Message::text(reply)) {
+                    return Poll::Ready(Event::Lost(format!("write: {e}")));
+                }
+                self.dirty = true;
+                continue;
+            }
             match rx.poll_recv(cx) {
                 Poll::Ready(Some(Cmd::Msg { kind, target, body })) => {
-                    let text = self.writer.message(kind, target, &body);
+                    let text = self.codec.message(kind, target, &body);
                     if let Err(e) = Pin::new(&mut *ws).start_send(Message::text(text)) {
                         return Poll::Ready(Event::Lost(format!("write: {e}")));
                     }
@@ -380,6 +416,10 @@ impl Conn {
                 Poll::Ready(Some(Ok(Message::Text(text)))) => {
                     let now = self.shared.now_ns();
                     self.on_text(text.as_str(), now);
+                    if let Some(why) = self.ended.take() {
+                        self.flush_local();
+                        return Poll::Ready(Event::Lost(why));
+                    }
                 }
                 Poll::Ready(Some(Ok(Message::Close(frame)))) => {
                     self.flush_local();
@@ -405,6 +445,10 @@ impl Conn {
                 break;
             }
         }
+        if !self.replies.is_empty() {
+            // A ping came in: answer on the next pass of the write side.
+            cx.waker().wake_by_ref();
+        }
         self.flush_local();
         if let Some(sleep) = self.quiesce.as_mut() {
             if (self.pending.is_empty() && !self.dirty) || sleep.as_mut().poll(cx).is_ready() {
@@ -417,8 +461,17 @@ impl Conn {
 
     /// Handles one incoming text frame.
     fn on_text(&mut self, text: &str, now: u64) {
-        let frame = match wire::parse_incoming(text) {
-            Ok(f) => f,
+        let frame = match self.codec.decode(text) {
+            Ok(Decoded::Frame(f)) => f,
+            Ok(Decoded::Reply(reply)) => {
+                self.replies.push_back(reply);
+                return;
+            }
+            Ok(Decoded::Nothing) => return,
+            Ok(Decoded::Ended(why)) => {
+                self.ended = Some(why);
+                return;
+            }
             Err(e) => {
                 self.unparsed(format!("unparsable frame ({e}): {}", clip(text)));
                 return;

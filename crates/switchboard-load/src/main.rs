@@ -11,6 +11,11 @@
 //! benchmark's: delivered >= 99% and p99 <= 100 ms, plus no duplicates,
 //! misroutes or lost connections).
 //!
+//! `--protocol socketio` drives the Socket.IO peer of `bench/peers/socketio`
+//! instead (Engine.IO 4 / Socket.IO 5 over WebSocket) with the same
+//! workloads, measurement and pass rule, so both systems face one load
+//! generator (the connections workload is Switchboard's only).
+//!
 //! `--workload connections` sends no messages: it opens `--users` idle
 //! connections as fast as the server takes them (bounded handshakes in
 //! flight, sockets bound to `--source-addrs`), measures handshakes per
@@ -22,8 +27,8 @@
 //! close, print. The modules own: `cli` the flags, `plan` placement and
 //! rooms, `conn` a connection's task, `sched` the open-loop sender and churn,
 //! `state` shared counters, `report` the summary, `progress` stderr output,
-//! `wire` frame formats; `connections` the connections workload and `idle`
-//! one of its connections.
+//! `wire` frame formats (`socketio` the Socket.IO peer's packets);
+//! `connections` the connections workload and `idle` one of its connections.
 
 mod cli;
 mod conn;
@@ -33,6 +38,7 @@ mod plan;
 mod progress;
 mod report;
 mod sched;
+mod socketio;
 mod state;
 mod wire;
 
@@ -175,6 +181,7 @@ async fn run(args: Args, targets: Vec<Target>) -> Result<(), String> {
             initial_connect_ms: runner.initial_connect.clone(),
             connect_failures,
             no_ack: args.no_ack,
+            protocol: args.protocol,
         })
     } else {
         let step = runner.measured(args.rate).await;
@@ -185,6 +192,7 @@ async fn run(args: Args, targets: Vec<Target>) -> Result<(), String> {
             initial_connect_ms: runner.initial_connect.clone(),
             connect_failures,
             no_ack: args.no_ack,
+            protocol: args.protocol,
         }))
     };
     let output = serde_json::to_string_pretty(&output)
@@ -330,7 +338,7 @@ fn warn_small_body(args: &Args) {
         sender: args.users * args.conns_per_user,
         seq: (rate.min(1e7) * args.duration) as u32,
     };
-    let need = wire::FrameWriter::min_body_len(&worst);
+    let need = wire::min_body_len(&worst);
     if args.body_bytes < need {
         eprintln!(
             "switchboard-load: note: --body-bytes {} may be too small for the measurement fields; bodies can grow to {need} bytes",

@@ -34,6 +34,7 @@ use crate::error::BenchError;
 use crate::probe::{self, Memory};
 use crate::procs::Supervisor;
 use crate::snapshot;
+use crate::system::System;
 
 /// Server flags that keep pings and the idle timeout out of an idle run.
 const IDLE_SERVER_ARGS: [(&str, &str); 2] = [
@@ -111,9 +112,10 @@ impl PhaseEnv {
         }
         extra_args.extend(cli.server_extra_args());
         let spec = ClusterSpec {
-            mode: RoutingMode::Routed,
+            system: System::Switchboard(RoutingMode::Routed),
             nodes,
             server_bin: ctx.server_bin,
+            peer: None,
             redis_bin: &cli.redis_server,
             lease_ms: cli.lease_ms,
             jwt_secret: ctx.jwt_secret,
