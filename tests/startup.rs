@@ -62,6 +62,35 @@ async fn an_unreachable_redis_fails_start_up_fast_saying_refused() {
     );
 }
 
+/// Every connection is a file descriptor: `--max-connections` beyond what the
+/// open-files limit can hold is refused at start-up, saying so; the limit
+/// itself is raised and logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_beyond_the_open_files_limit_is_refused() {
+    // Linux never has an unlimited open-files limit (it is capped by
+    // fs.nr_open), so there is always a value beyond it.
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .maximum
+        .expect("a finite open-files hard limit");
+    let asked = hard + 1;
+    let (status, log) = Instance::run_until_exit(
+        opts!("s5").flag("--max-connections", asked),
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(status.code(), Some(2), "exit status {status}; log:\n{log}");
+    assert!(
+        log.contains(&format!("--max-connections {asked} cannot be held")),
+        "it says why:\n{log}"
+    );
+    let instance = Instance::spawn(opts!("s6").log_level("info")).await;
+    let log = instance.full_log();
+    assert!(
+        log.contains("open-files limit") && log.contains(&format!("hard={hard}")),
+        "the limits are logged:\n{log}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_jwt_secret_is_warned_about_and_a_32_byte_one_is_not() {
     let secret_warnings = |log: &str| {
