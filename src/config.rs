@@ -13,6 +13,7 @@ use clap::{Parser, ValueEnum};
 
 use switchboard_core::protocol::{validate_name, NameError};
 pub use switchboard_core::router::RoutingMode;
+use switchboard_core::store::StoreLimits;
 
 /// `--max-connections` when neither it nor the open-files limit says less.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
@@ -127,6 +128,21 @@ pub struct Config {
         default_value_t = 2000
     )]
     pub redis_response_timeout_ms: u64,
+
+    /// Most entries kept in one user's inbox; the oldest are trimmed (a
+    /// client resuming from before them is told with a `gap` frame).
+    #[arg(long, env = "SWITCHBOARD_INBOX_MAX_LEN", default_value_t = 1000)]
+    pub inbox_max_len: usize,
+
+    /// How long an inbox is kept after its user was last seen or sent to,
+    /// and the oldest an entry may be, in seconds. DMs to a user not seen
+    /// within it are not stored (`"stored": false`).
+    #[arg(long, env = "SWITCHBOARD_INBOX_TTL_S", default_value_t = 604_800)]
+    pub inbox_ttl_s: u64,
+
+    /// How long a send's idempotency `key` is remembered, in seconds.
+    #[arg(long, env = "SWITCHBOARD_IDEMPOTENCY_WINDOW_S", default_value_t = 300)]
+    pub idempotency_window_s: u64,
 
     /// Runtime worker threads; 0 = one per CPU. 1 runs a single-threaded
     /// runtime (no cross-thread wakeups), the better choice when several
@@ -257,6 +273,9 @@ pub enum ConfigError {
         /// What fits.
         room: usize,
     },
+    /// An inbox must keep at least one entry for at least a second.
+    #[error("--inbox-max-len and --inbox-ttl-s must be at least 1")]
+    Inbox,
     /// Timeouts of zero would fail every command.
     #[error("--redis-connect-timeout-ms and --redis-response-timeout-ms must be at least 10")]
     RedisTimeouts,
@@ -283,6 +302,9 @@ impl Config {
         }
         if self.outbound_queue == 0 {
             return Err(ConfigError::EmptyQueue);
+        }
+        if self.inbox_max_len == 0 || self.inbox_ttl_s == 0 {
+            return Err(ConfigError::Inbox);
         }
         if !(self.rate_limit >= 0.0 && self.rate_burst >= 1.0) {
             return Err(ConfigError::RateLimit);
@@ -348,6 +370,15 @@ impl Config {
         self.instance_id.as_deref().unwrap_or("unnamed")
     }
 
+    /// Inbox retention and the idempotency window.
+    pub fn store_limits(&self) -> StoreLimits {
+        StoreLimits {
+            inbox_max_len: self.inbox_max_len,
+            inbox_ttl_ms: self.inbox_ttl_s.saturating_mul(1000),
+            idempotency_window_ms: self.idempotency_window_s.saturating_mul(1000),
+        }
+    }
+
     /// The lease TTL as a duration.
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.lease_ms)
@@ -371,6 +402,9 @@ impl Config {
             redis_response_timeout_ms: 2000,
             log_format: LogFormat::Text,
             threads: 0,
+            inbox_max_len: 1000,
+            inbox_ttl_s: 604_800,
+            idempotency_window_s: 300,
             jwt_audience: None,
             api_key: None,
             max_body_bytes: 16384,

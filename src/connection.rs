@@ -36,8 +36,9 @@ use switchboard_core::protocol::{
     self, ErrorCode, ProtocolError, Request, RequestId, ServerFrame, TextFrame,
 };
 use switchboard_core::queue::BoundedReceiver;
-use switchboard_core::registry::{CloseReason, ConnHandle, Outbound, QueueLimits};
+use switchboard_core::registry::{CloseReason, ConnHandle, Outbound, QueueLimits, ReplayEnd};
 use switchboard_core::router::{RouteError, Router};
+use switchboard_core::store::Seq;
 
 use crate::admission::Admission;
 
@@ -127,7 +128,13 @@ impl TokenBucket {
 /// A panic anywhere in the session's handling is caught here: the connection
 /// is closed and its presence and rooms are cleaned up as on any other exit,
 /// and the rest of the instance never notices.
-pub async fn serve(ws: Socket, user: Arc<str>, ctx: SessionContext, admission: Admission) {
+pub async fn serve(
+    ws: Socket,
+    user: Arc<str>,
+    since: Option<Seq>,
+    ctx: SessionContext,
+    admission: Admission,
+) {
     let id = ctx.router.registry().next_conn_id(ctx.router.instance());
     // A debug-level span: at the usual `info` level it is disabled and costs
     // nothing, where an enabled span per connection would keep ~0.3 KiB per
@@ -146,6 +153,12 @@ pub async fn serve(ws: Socket, user: Arc<str>, ctx: SessionContext, admission: A
             conn: &handle.id,
         };
         handle.send_text(welcome.to_frame(), &ctx.metrics);
+        let replays = router.stores();
+        if replays {
+            // Before presence announces the connection: a stored DM
+            // published to it from now on is held until the backlog is out.
+            handle.begin_replay(since.unwrap_or(Seq::ZERO));
+        }
         // The rarely taken steps are boxed (see `read_loop`'s frame handling):
         // what stays inline is what an idle connection must carry.
         Box::pin(router.connect(&handle)).await;
@@ -153,6 +166,15 @@ pub async fn serve(ws: Socket, user: Arc<str>, ctx: SessionContext, admission: A
 
         let (sink, mut stream) = ws.split();
         let writer = tokio::spawn(write_loop(sink, outbound, handle.clone()));
+        if replays {
+            if let Err(e) = Box::pin(replay(&handle, since, &ctx)).await {
+                // Never a silent hole: the client reconnects (with `since`)
+                // and the replay is tried again.
+                tracing::debug!(error = %e, "inbox replay failed; closing");
+                ctx.metrics.inbox_read_failures.inc();
+                handle.close(CloseReason::TryAgainLater);
+            }
+        }
         let session = AssertUnwindSafe(read_loop(&mut stream, &handle, &ctx)).catch_unwind();
         if session.await.is_err() {
             ctx.metrics.session_panics.inc();
@@ -187,6 +209,65 @@ pub async fn serve(ws: Socket, user: Arc<str>, ctx: SessionContext, admission: A
 /// After the server's Close frame: shuts the TCP write side (the client sees
 /// the end right after the Close frame) and reads and discards what the
 /// client still sends until it closes its side, for at most [`CLOSE_GRACE`].
+/// Inbox entries read per round trip of a replay.
+const REPLAY_PAGE: usize = 256;
+
+/// Replays the connection's backlog: the inbox entries after `since` (or
+/// after the user's cursor), then the live stored DMs held meanwhile, then
+/// goes live. Each stored DM is queued once, in seq order (see the gate in
+/// `registry`). Paced by the outbound queue, not limited by it.
+async fn replay(
+    handle: &Arc<ConnHandle>,
+    since: Option<Seq>,
+    ctx: &SessionContext,
+) -> Result<(), RouteError> {
+    let (router, metrics) = (&ctx.router, &ctx.metrics);
+    let mut after = since;
+    let mut opening = true;
+    loop {
+        let page = router
+            .read_inbox(&handle.user, after, REPLAY_PAGE, opening)
+            .await?;
+        if opening {
+            opening = false;
+            handle.replay_from(page.after);
+            if page.gap {
+                metrics.inbox_gaps.inc();
+                let gap = ServerFrame::Gap {
+                    after: page.after,
+                    first: page.entries.first().map(|(seq, _)| *seq),
+                };
+                if !handle.send_paced(gap.to_frame(), metrics).await {
+                    return Ok(());
+                }
+            }
+        }
+        let more = page.entries.len() >= REPLAY_PAGE;
+        let mut last = page.after;
+        for (seq, frame) in page.entries {
+            last = seq;
+            if handle.replay_accepts(seq) {
+                if !handle.send_paced(frame, metrics).await {
+                    return Ok(());
+                }
+                metrics.inbox_replayed.inc();
+                metrics.delivered.inc();
+            }
+        }
+        after = Some(last);
+        if more {
+            continue;
+        }
+        if !handle.wait_for_room().await {
+            return Ok(());
+        }
+        match handle.finish_replay(metrics) {
+            ReplayEnd::Live => return Ok(()),
+            ReplayEnd::ReadAgainAfter(seq) => after = Some(seq),
+        }
+    }
+}
+
 async fn drain_until_closed(sink: SplitSink<Socket, Message>, stream: SplitStream<Socket>) {
     let Ok(ws) = sink.reunite(stream) else {
         return;
@@ -304,8 +385,12 @@ async fn handle_text(
         Ok(request) => request,
         Err(error) => return Some(error_frame(id, &error)),
     };
-    let wants_ack =
-        incoming.ack || !matches!(request, Request::Direct { .. } | Request::Room { .. });
+    let wants_ack = match request {
+        Request::Direct { .. } | Request::Room { .. } => incoming.ack,
+        // Acknowledgements are not acknowledged, unless asked (an `id`).
+        Request::Recv { .. } => id.is_some(),
+        _ => true,
+    };
     match handle_request(request, id, handle, ctx).await {
         Reply::Ok(_) if !wants_ack => None,
         Reply::Ok(frame) | Reply::Notable(frame) => Some(frame),
@@ -335,19 +420,36 @@ async fn handle_request(
         }
     }
     let router = &ctx.router;
-    let ack =
-        |status: &str, msg_id: Option<&str>| ServerFrame::Ack { id, status, msg_id }.to_frame();
+    let ack = |status: &str, msg_id: Option<&str>| {
+        ServerFrame::Ack {
+            id,
+            status,
+            msg_id,
+            seq: None,
+            stored: None,
+        }
+        .to_frame()
+    };
     match request {
-        Request::Direct { to, body } => match router.send_direct(&handle.user, &to, body).await {
-            Ok(outcome) => {
-                let frame = ack(outcome.status.as_str(), Some(&outcome.msg_id));
-                match outcome.status {
-                    protocol::DirectStatus::Partial => Reply::Notable(frame),
-                    _ => Reply::Ok(frame),
+        Request::Direct { to, body, options } => {
+            match router.send_dm(&handle.user, &to, body, &options).await {
+                Ok(outcome) => {
+                    let frame = ServerFrame::Ack {
+                        id,
+                        status: outcome.status.as_str(),
+                        msg_id: Some(&outcome.msg_id),
+                        seq: outcome.seq,
+                        stored: Some(outcome.stored),
+                    }
+                    .to_frame();
+                    match outcome.status {
+                        protocol::DirectStatus::Partial => Reply::Notable(frame),
+                        _ => Reply::Ok(frame),
+                    }
                 }
+                Err(e) => Reply::Notable(route_error(id, e)),
             }
-            Err(e) => Reply::Notable(route_error(id, e)),
-        },
+        }
         Request::Room { room, body } => match router.send_room_as_member(handle, &room, body).await
         {
             Ok(outcome) => {
@@ -384,6 +486,10 @@ async fn handle_request(
                 }
                 .to_frame(),
             ),
+            Err(e) => Reply::Notable(route_error(id, e)),
+        },
+        Request::Recv { seq } => match router.ack_inbox(&handle.user, seq).await {
+            Ok(()) => Reply::Ok(ack("ok", None)),
             Err(e) => Reply::Notable(route_error(id, e)),
         },
         Request::Ping => Reply::Ok(ServerFrame::Pong { id }.to_frame()),

@@ -28,6 +28,7 @@ use warp::{Filter, Rejection, Reply};
 
 use switchboard_core::protocol::{self, PublishTarget};
 use switchboard_core::router::{RouteError, RoutingMode};
+use switchboard_core::store::Seq;
 
 use crate::admission::{Limits, Refusal};
 use crate::auth::{Authenticator, Credentials};
@@ -253,6 +254,18 @@ fn upgrade(
             "websocket version 13 required",
         ));
     }
+    let since = match query.get("since").map(String::as_str) {
+        None | Some("") => None,
+        Some(text) => match Seq::parse(text) {
+            Some(seq) => Some(seq),
+            None => {
+                return Err(refuse(
+                    StatusCode::BAD_REQUEST,
+                    "`since` is not a seq this server issued",
+                ))
+            }
+        },
+    };
     let (Some(on_upgrade), permit) = slot.map(UpgradeSlot::take).unwrap_or_default() else {
         tracing::debug!("upgrade requested on a connection that cannot be upgraded");
         return Err(refuse(
@@ -276,7 +289,7 @@ fn upgrade(
         let socket =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
-        connection::serve(socket, user, session, admission).await;
+        connection::serve(socket, user, since, session, admission).await;
         drop(permit);
     });
     let mut response = Response::new(Default::default());
@@ -427,9 +440,16 @@ async fn publish(ctx: &HttpContext, body: &[u8]) -> Response {
     let router = &ctx.session.router;
     let result = match &request.target {
         PublishTarget::User(user) => router
-            .send_direct(&request.from, user, request.body)
+            .send_dm(&request.from, user, request.body, &request.options)
             .await
-            .map(|o| json!({"status": o.status.as_str(), "msg_id": o.msg_id})),
+            .map(|o| {
+                let mut reply =
+                    json!({"status": o.status.as_str(), "msg_id": o.msg_id, "stored": o.stored});
+                if let Some(seq) = o.seq {
+                    reply["seq"] = json!(seq.to_string());
+                }
+                reply
+            }),
         PublishTarget::Room(room) => router
             .send_room(&request.from, None, room, request.body)
             .await

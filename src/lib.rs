@@ -18,5 +18,5 @@ pub mod http;
 pub mod server;
 
 pub use switchboard_core::{
-    bus, error, local, metrics, presence, protocol, queue, registry, router,
+    bus, error, local, metrics, presence, protocol, queue, registry, router, store,
 };

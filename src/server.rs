@@ -25,6 +25,7 @@ use switchboard_core::presence::Presence;
 use switchboard_core::queue::{bounded, BoundedReceiver};
 use switchboard_core::registry::{QueueLimits, Registry};
 use switchboard_core::router::Router;
+use switchboard_core::store::{Store, StoreLimits};
 use switchboard_redis::{RedisBackend, RedisSettings, RedisSetupError, INBOX_BYTES, INBOX_ITEMS};
 
 use crate::admission::{refuse_full, Limits};
@@ -61,6 +62,8 @@ pub struct Backend {
     pub presence: Arc<dyn Presence>,
     /// Publish/subscribe between instances.
     pub bus: Arc<dyn Bus>,
+    /// The inboxes.
+    pub store: Arc<dyn Store>,
     /// Whether cross-instance traffic can be served right now.
     pub ready: ReadinessProbe,
     /// The bus's received messages, for the dispatcher.
@@ -74,17 +77,18 @@ pub struct Backend {
 
 impl Backend {
     /// The embedded single-node backend: in-process bus and presence.
-    pub fn embedded(instance: &str) -> Backend {
+    pub fn embedded(instance: &str, limits: StoreLimits) -> Backend {
         let metrics = Metrics::new();
         let (inbox_tx, inbox) = bounded::<Inbound>(INBOX_ITEMS, INBOX_BYTES);
         let local = Arc::new(LocalBackend::new(
-            Arc::new(LocalHub::default()),
+            Arc::new(LocalHub::with_limits(limits)),
             instance,
             inbox_tx,
             metrics.clone(),
         ));
         Backend {
             presence: local.clone(),
+            store: local.clone(),
             bus: local,
             ready: Arc::new(|| true),
             inbox,
@@ -104,7 +108,7 @@ pub async fn run(
     let instance = config.instance().to_owned();
     let background = CancellationToken::new();
     let backend = match &config.redis_url {
-        None => Backend::embedded(&instance),
+        None => Backend::embedded(&instance, config.store_limits()),
         Some(url) => {
             let metrics = Metrics::new();
             let (inbox_tx, inbox) = bounded::<Inbound>(INBOX_ITEMS, INBOX_BYTES);
@@ -116,6 +120,7 @@ pub async fn run(
                     lease: config.lease(),
                     connect_timeout: Duration::from_millis(config.redis_connect_timeout_ms),
                     response_timeout: Duration::from_millis(config.redis_response_timeout_ms),
+                    store: config.store_limits(),
                 },
                 inbox_tx,
                 metrics.clone(),
@@ -126,6 +131,7 @@ pub async fn run(
             Backend {
                 presence: redis.clone(),
                 bus: redis.clone(),
+                store: redis.clone(),
                 ready: Arc::new(move || probe.is_ready()),
                 inbox,
                 metrics,
@@ -149,6 +155,7 @@ pub async fn run_with_backend(
     let Backend {
         presence,
         bus,
+        store,
         ready,
         inbox,
         metrics,
@@ -157,14 +164,17 @@ pub async fn run_with_backend(
     let instance = config.instance().to_owned();
 
     let tracker = TaskTracker::new();
-    let router = Arc::new(Router::new(
-        &instance,
-        config.routing,
-        presence.clone(),
-        bus,
-        Arc::new(Registry::default()),
-        metrics.clone(),
-    ));
+    let router = Arc::new(
+        Router::new(
+            &instance,
+            config.routing,
+            presence.clone(),
+            bus,
+            Arc::new(Registry::default()),
+            metrics.clone(),
+        )
+        .with_store(store),
+    );
     router.start().await.map_err(ServerError::Subscribe)?;
     let stop_dispatcher = CancellationToken::new();
     let dispatcher = tokio::spawn(dispatch(router.clone(), inbox, stop_dispatcher.clone()));

@@ -462,7 +462,10 @@ async fn frozen_instance_is_reaped_then_reasserts_its_presence_on_sigcont() {
     )
     .await;
     assert_eq!(bob.conn_id(), bob_conn, "bob kept his connection");
-    assert!(alice.is_online("bob").await, "bob is online again");
+    // Presence queries see i2 alive at i1's next refresh of the live
+    // instances (a third of the lease); stored DMs are routed by Redis's
+    // presence at once.
+    alice.await_presence("bob", true).await;
     // And the other direction, from the thawed instance.
     let deadline = Deadline::after(LEASE * 3, "bob's DM reaches alice after SIGCONT");
     until_delivered(
@@ -523,13 +526,19 @@ async fn redis_crash_and_empty_restart_recovers_without_client_reconnects() {
     await_status(&i1, "/readyz", 503, &deadline).await;
     await_status(&i2, "/readyz", 503, &deadline).await;
 
-    // Both on i1: delivered locally, Redis or not; the ack says `partial`
-    // (dave's connections here got it; whether he has others elsewhere is
-    // unknown), so a retry is known to duplicate.
+    // A stored DM needs its inbox: refused, delivered to nobody, safe to
+    // retry (with its key).
+    let reply = alice.request(dm_frame("dave", &unique("stored"))).await;
+    assert_eq!(outcome(&reply), "error:unavailable", "{reply}");
+    // Both on i1: an ephemeral DM is delivered locally, Redis or not; the
+    // ack says `partial` (dave's connections here got it; whether he has
+    // others elsewhere is unknown), so a retry is known to duplicate.
     for _ in 0..3 {
         let marker = unique("local");
         let started = Instant::now();
-        let reply = alice.request(dm_frame("dave", &marker)).await;
+        let mut frame = dm_frame("dave", &marker);
+        frame["store"] = json!(false);
+        let reply = alice.request(frame).await;
         let took = started.elapsed();
         assert_eq!(
             outcome(&reply),
@@ -1157,13 +1166,22 @@ async fn send_sentinels(client: &mut Client, user: &str, peers: &[String]) -> Re
 /// Connects `user` to `addr`, retrying (the port is down during a restart).
 /// Frames that arrive before the welcome frame are a protocol violation: they
 /// are recorded as such, and still counted.
-async fn connect_retry(addr: SocketAddr, user: &str, shared: &LoadShared) -> Client {
+async fn connect_retry(
+    addr: SocketAddr,
+    user: &str,
+    since: Option<&str>,
+    shared: &LoadShared,
+) -> Client {
     let deadline = Deadline::after(
         Duration::from_secs(15),
         format!("{user} reconnects to {addr}"),
     );
     loop {
-        let request = ws_request_at(addr, &format!("user={user}"));
+        let query = match since {
+            Some(since) => format!("user={user}&since={since}"),
+            None => format!("user={user}"),
+        };
+        let request = ws_request_at(addr, &query);
         let attempt =
             tokio::time::timeout(Duration::from_secs(2), Client::try_connect_raw(request)).await;
         match attempt {
@@ -1203,7 +1221,10 @@ async fn load_user(
     start: Arc<tokio::sync::Barrier>,
 ) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut client = connect_retry(addr, &user, &shared).await;
+    let mut client = connect_retry(addr, &user, None, &shared).await;
+    // The newest inbox entry this user processed: a reconnect resumes
+    // after it (protocol v1.1), wherever the connection lands.
+    let mut last_seq: Option<String> = None;
     // Nobody sends before everybody is connected.
     start.wait().await;
     let mut seq = 0u64;
@@ -1246,6 +1267,11 @@ async fn load_user(
         };
         let how = match event {
             Incoming::Json(frame) => {
+                if frame["type"] == "dm" {
+                    if let Some(seq) = frame["seq"].as_str() {
+                        last_seq = Some(seq.to_owned());
+                    }
+                }
                 record_frame(&user, frame, &shared);
                 continue;
             }
@@ -1257,7 +1283,7 @@ async fn load_user(
             .log()
             .disconnects
             .push((user.clone(), Instant::now(), how));
-        client = connect_retry(addr, &user, &shared).await;
+        client = connect_retry(addr, &user, last_seq.as_deref(), &shared).await;
     }
     client.close().await;
 }
@@ -1376,7 +1402,10 @@ async fn rolling_restart_under_load_loses_no_dm_between_connected_users() {
             log.sent
                 .iter()
                 .filter(|((from, seq), sent)| {
-                    let must_arrive = !in_window(from, sent.at) && !in_window(&sent.to, sent.at);
+                    let acked =
+                        matches!(sent.outcome.as_deref(), Some("ack:routed" | "ack:offline"));
+                    let must_arrive =
+                        acked || (!in_window(from, sent.at) && !in_window(&sent.to, sent.at));
                     must_arrive
                         && (sent.outcome.is_none()
                             || !log.delivered.contains_key(&(from.clone(), *seq)))
@@ -1421,8 +1450,23 @@ async fn rolling_restart_under_load_loses_no_dm_between_connected_users() {
     let mut not_routed = Vec::new();
     let mut duplicated = Vec::new();
     let mut misdelivered = Vec::new();
+    // Every DM acked `routed` or `offline` is in its recipient's inbox:
+    // delivered, whatever restarted (the v1.1 guarantee).
+    let mut lost_acked = Vec::new();
+    let mut acked = 0;
     for ((from, seq), sent) in &log.sent {
         let got = log.delivered.get(&(from.clone(), *seq));
+        if matches!(sent.outcome.as_deref(), Some("ack:routed" | "ack:offline")) {
+            acked += 1;
+            if got.is_none() {
+                lost_acked.push(format!(
+                    "{from}#{seq} -> {} ({:?}, sent at +{:?})",
+                    sent.to,
+                    sent.outcome,
+                    sent.at.duration_since(test_started)
+                ));
+            }
+        }
         if let Some(recipients) = got {
             if recipients.len() > 1 {
                 duplicated.push(format!("{from}#{seq} -> {recipients:?}"));
@@ -1489,6 +1533,10 @@ async fn rolling_restart_under_load_loses_no_dm_between_connected_users() {
         &format!(
             "of {qualifying} routed DMs between users that stayed connected were never delivered"
         ),
+    );
+    check(
+        &lost_acked,
+        &format!("of {acked} DMs acked routed or offline (in or out of restart windows) were never delivered"),
     );
     check(&duplicated, "DMs were delivered more than once");
     check(&misdelivered, "DMs were delivered to the wrong user");

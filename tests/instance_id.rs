@@ -28,11 +28,13 @@ async fn await_field(redis: &RedisServer, user: &str, instance: &str) {
 /// Sends DMs from `sender` to `to` until one is acked `routed` (the other
 /// instances see a restarted id alive at their next live-view refresh, every
 /// third of the lease); returns the body of that one.
+/// Ephemeral DMs (`"store": false`) until one is routed: the live-view path,
+/// not the inbox.
 async fn dm_until_routed(sender: &mut Client, to: &str) -> i64 {
     let deadline = tokio::time::Instant::now() + RECV_TIMEOUT;
     for n in 0.. {
         let ack = sender
-            .request(json!({"type": "dm", "to": to, "body": n}))
+            .request(json!({"type": "dm", "to": to, "body": n, "store": false}))
             .await;
         if ack["status"] == "routed" {
             return n;
@@ -118,6 +120,9 @@ async fn a_restart_with_the_id_of_a_crashed_process_clears_what_it_left() {
     // node2 saw node1's lease expire; it sees the new process alive at its
     // next refresh of the live instances (every third of the lease).
     let n = dm_until_routed(&mut bob, "carol").await;
+    // The DM acked `offline` above waited in carol's inbox: she gets it
+    // first, on connect; then the routed one.
+    assert_eq!(carol.recv_type("dm").await["body"], 1);
     assert_eq!(carol.recv_type("dm").await["body"], n);
 }
 

@@ -43,7 +43,7 @@ impl Bus for PanicsOnBoom {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_session_closes_only_its_own_connection() {
-    let mut backend = Backend::embedded("p1");
+    let mut backend = Backend::embedded("p1", Default::default());
     backend.bus = Arc::new(PanicsOnBoom {
         inner: backend.bus.clone(),
     });
@@ -81,7 +81,7 @@ async fn a_panicking_session_closes_only_its_own_connection() {
 
     // alice's DM to boom panics inside her session.
     alice
-        .send_json(&json!({"type": "dm", "to": "boom", "body": 1, "id": "boom"}))
+        .send_json(&json!({"type": "dm", "to": "boom", "body": 1, "id": "boom", "store": false}))
         .await;
     let outcome = alice.next_event(RECV_TIMEOUT).await;
     assert!(

@@ -23,11 +23,12 @@ use switchboard::bus::{
 };
 use switchboard::error::BackendError;
 use switchboard::metrics::Metrics;
-use switchboard::protocol::{DirectStatus, RoomStatus};
+use switchboard::protocol::{DirectStatus, DmOptions, RoomStatus};
 use switchboard::queue::{bounded, BoundedReceiver};
 use switchboard::registry::{ConnHandle, Outbound, QueueLimits};
 use switchboard::router::{RouteError, Router, RoutingMode};
 use switchboard_core::local::{LocalBackend, LocalHub};
+use switchboard_core::store::{Store, StoreLimits};
 use switchboard_redis::{RedisBackend, RedisSettings};
 use switchboard_testkit::RedisServer;
 use tokio_util::sync::CancellationToken;
@@ -90,7 +91,11 @@ struct Cluster {
 }
 
 async fn cluster(kind: Kind, n: usize, mode: RoutingMode) -> Cluster {
-    let hub = Arc::new(LocalHub::default());
+    cluster_with(kind, n, mode, StoreLimits::default()).await
+}
+
+async fn cluster_with(kind: Kind, n: usize, mode: RoutingMode, limits: StoreLimits) -> Cluster {
+    let hub = Arc::new(LocalHub::with_limits(limits));
     let redis = match kind {
         Kind::Local => None,
         Kind::Redis => Some(RedisServer::start().await),
@@ -111,11 +116,15 @@ async fn cluster(kind: Kind, n: usize, mode: RoutingMode) -> Cluster {
         let id = format!("i{i}");
         let metrics = Metrics::new();
         let (tx, rx) = bounded::<Inbound>(4096, 16 << 20);
-        let (presence, bus): (Arc<dyn switchboard::presence::Presence>, Arc<dyn Bus>) = match &redis
-        {
+        type Backends = (
+            Arc<dyn switchboard::presence::Presence>,
+            Arc<dyn Bus>,
+            Arc<dyn Store>,
+        );
+        let (presence, bus, store): Backends = match &redis {
             None => {
                 let local = Arc::new(LocalBackend::new(hub.clone(), &id, tx, metrics.clone()));
-                (local.clone(), local)
+                (local.clone(), local.clone(), local)
             }
             Some(server) => {
                 let settings = RedisSettings {
@@ -125,26 +134,30 @@ async fn cluster(kind: Kind, n: usize, mode: RoutingMode) -> Cluster {
                     lease: Duration::from_secs(10),
                     connect_timeout: Duration::from_secs(1),
                     response_timeout: Duration::from_secs(2),
+                    store: limits,
                 };
                 let backend = RedisBackend::connect(settings, tx, metrics.clone())
                     .await
                     .expect("connect the redis backend");
                 tokio::spawn(backend.clone().run_maintenance(maintenance.clone()));
-                (backend.clone(), backend)
+                (backend.clone(), backend.clone(), backend)
             }
         };
         let bus: Arc<dyn Bus> = Arc::new(Faulty {
             inner: bus,
             fail: fail.clone(),
         });
-        let router = Arc::new(Router::new(
-            &id,
-            mode,
-            presence,
-            bus.clone(),
-            Arc::default(),
-            metrics.clone(),
-        ));
+        let router = Arc::new(
+            Router::new(
+                &id,
+                mode,
+                presence,
+                bus.clone(),
+                Arc::default(),
+                metrics.clone(),
+            )
+            .with_store(store),
+        );
         router.start().await.expect("start the router");
         c.routers.push(router);
         c.buses.push(bus);
@@ -275,7 +288,237 @@ over_both_backends!(
     a_rerouted_dm_skips_the_origin_that_delivered_it_locally,
     failures_answer_partial_when_local_recipients_got_it,
     presence_follows_connections,
+    stored_dms_carry_increasing_seqs_and_read_back_after_the_cursor,
+    stored_dms_are_offered_once_per_connection_and_held_during_a_replay,
+    idempotent_sends_and_receipts,
+    retention_trims_with_a_gap_and_unknown_users_are_not_stored,
 );
+
+fn dm_options() -> DmOptions {
+    DmOptions::default()
+}
+
+/// The v1.1 path over both stores: a stored DM is published with its seq
+/// to the holders (the sender's own instance too), and the inbox reads it
+/// back after the cursor, which `recv` moves.
+async fn stored_dms_carry_increasing_seqs_and_read_back_after_the_cursor(kind: Kind) {
+    let mut c = cluster(kind, 2, RoutingMode::Routed).await;
+    let (alice, _a) = user(&c.routers[0], "alice").await;
+    let (_bob, mut b) = user(&c.routers[1], "bob").await;
+    let mut seqs = Vec::new();
+    for k in 0..3 {
+        let out = c.routers[0]
+            .send_dm(&alice.user, "bob", &body(&k.to_string()), &dm_options())
+            .await
+            .expect("sent");
+        assert_eq!(out.status, DirectStatus::Routed);
+        assert!(out.stored);
+        seqs.push(out.seq.expect("a seq"));
+        c.dispatch(1).await;
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let got = frames(&mut b);
+    let got_seqs: Vec<String> = got
+        .iter()
+        .map(|f| f["seq"].as_str().expect("seq").to_owned())
+        .collect();
+    assert_eq!(
+        got_seqs,
+        seqs.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    );
+    let backlog = c.routers[1]
+        .read_inbox("bob", None, 10, false)
+        .await
+        .expect("read");
+    assert_eq!(backlog.entries.len(), 3);
+    let replayed: Value = serde_json::from_str(backlog.entries[0].1.as_str()).expect("json");
+    assert_eq!(replayed, got[0], "the inbox keeps the frame as delivered");
+    c.routers[1].ack_inbox("bob", seqs[1]).await.expect("ack");
+    // A smaller seq is ignored.
+    c.routers[0].ack_inbox("bob", seqs[0]).await.expect("ack");
+    let backlog = c.routers[0]
+        .read_inbox("bob", None, 10, false)
+        .await
+        .expect("read");
+    assert_eq!(backlog.after, seqs[1]);
+    assert_eq!(
+        backlog.entries.iter().map(|e| e.0).collect::<Vec<_>>(),
+        vec![seqs[2]]
+    );
+    let backlog = c.routers[0]
+        .read_inbox("bob", Some(seqs[0]), 10, false)
+        .await
+        .expect("read");
+    assert_eq!(backlog.entries.len(), 2);
+    assert!(!backlog.gap);
+}
+
+/// The seam at the connection: a live stored DM a connection already has
+/// is dropped, and during a replay live ones are held and queued after it.
+async fn stored_dms_are_offered_once_per_connection_and_held_during_a_replay(kind: Kind) {
+    let mut c = cluster(kind, 2, RoutingMode::Routed).await;
+    let (alice, _a) = user(&c.routers[0], "alice").await;
+    let (_bob, _b) = user(&c.routers[1], "bob").await;
+    let first = c.routers[0]
+        .send_dm(&alice.user, "bob", &body("1"), &dm_options())
+        .await
+        .expect("sent");
+    c.dispatch(1).await;
+    // A second device starts replaying before it is registered.
+    let (dev, mut d) = ConnHandle::new(
+        c.routers[1].registry().next_conn_id("i2"),
+        Arc::from("bob"),
+        QueueLimits {
+            frames: 64,
+            bytes: 1 << 20,
+        },
+    );
+    dev.begin_replay(switchboard_core::store::Seq::ZERO);
+    c.routers[1].connect(&dev).await;
+    let second = c.routers[0]
+        .send_dm(&alice.user, "bob", &body("2"), &dm_options())
+        .await
+        .expect("sent");
+    c.dispatch(1).await;
+    assert!(frames(&mut d).is_empty(), "held during the replay");
+    let backlog = c.routers[1]
+        .read_inbox("bob", None, 10, true)
+        .await
+        .expect("read");
+    assert_eq!(backlog.entries.len(), 2, "both are in the inbox");
+    for (seq, frame) in backlog.entries {
+        if dev.replay_accepts(seq) {
+            dev.send_text(frame, &c.metrics[1]);
+        }
+    }
+    assert_eq!(
+        dev.finish_replay(&c.metrics[1]),
+        switchboard::registry::ReplayEnd::Live
+    );
+    let got: Vec<String> = frames(&mut d)
+        .iter()
+        .map(|f| f["seq"].as_str().expect("seq").to_owned())
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            first.seq.expect("seq").to_string(),
+            second.seq.expect("seq").to_string()
+        ],
+        "each once, in order"
+    );
+    // The same DM offered again (a re-delivery) is dropped.
+    let again = Inbound {
+        kind: ChannelKind::Personal,
+        payload: Envelope::Direct {
+            to: "bob",
+            hop: 0,
+            origin: "i1",
+            covered: Covered::NONE,
+            seq: second.seq,
+        }
+        .encode(b"{\"type\":\"dm\"}"),
+    };
+    let before = duplicates(&c.metrics[1]);
+    c.routers[1].handle_inbound(again);
+    assert!(frames(&mut d).is_empty());
+    assert_eq!(
+        duplicates(&c.metrics[1]),
+        before + 2,
+        "dropped on both devices"
+    );
+}
+
+fn duplicates(metrics: &Metrics) -> u64 {
+    let text = metrics.render();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("switchboard_dropped_total{reason=\"duplicate_seq\"}"))
+        .unwrap_or_else(|| panic!("no duplicate_seq series in {text}"));
+    line.rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("a count")
+}
+
+async fn idempotent_sends_and_receipts(kind: Kind) {
+    let mut c = cluster(kind, 2, RoutingMode::Routed).await;
+    let (alice, mut a) = user(&c.routers[0], "alice").await;
+    let (_bob, mut b) = user(&c.routers[1], "bob").await;
+    let keyed = DmOptions {
+        key: Some("k-1".to_owned()),
+        receipt: true,
+        ..DmOptions::default()
+    };
+    let first = c.routers[0]
+        .send_dm(&alice.user, "bob", &body("1"), &keyed)
+        .await
+        .expect("sent");
+    c.dispatch(1).await;
+    let retry = c.routers[1]
+        .send_dm(&alice.user, "bob", &body("1"), &keyed)
+        .await
+        .expect("sent");
+    assert_eq!(
+        (&retry.msg_id, retry.seq, retry.status),
+        (&first.msg_id, first.seq, first.status)
+    );
+    assert_eq!(c.settle(1).await, 0, "the retry published nothing");
+    assert_eq!(frames(&mut b).len(), 1);
+    let seq = first.seq.expect("seq");
+    c.routers[1].ack_inbox("bob", seq).await.expect("ack");
+    c.dispatch(0).await;
+    let receipt = one_frame(&mut a);
+    assert_eq!(receipt["type"], "delivered");
+    assert_eq!(receipt["msg_id"], first.msg_id.as_str());
+    assert_eq!(receipt["to"], "bob");
+    assert_eq!(receipt["seq"], seq.to_string());
+}
+
+async fn retention_trims_with_a_gap_and_unknown_users_are_not_stored(kind: Kind) {
+    let limits = StoreLimits {
+        inbox_max_len: 5,
+        ..StoreLimits::default()
+    };
+    let c = cluster_with(kind, 1, RoutingMode::Routed, limits).await;
+    let (alice, _a) = user(&c.routers[0], "alice").await;
+    let unknown = c.routers[0]
+        .send_dm(&alice.user, "nobody", &body("1"), &dm_options())
+        .await
+        .expect("sent");
+    assert_eq!(
+        (unknown.status, unknown.stored, unknown.seq),
+        (DirectStatus::Offline, false, None)
+    );
+    // Seen once: an inbox record exists from now on.
+    c.routers[0]
+        .read_inbox("carol", None, 1, true)
+        .await
+        .expect("open");
+    let mut seqs = Vec::new();
+    for k in 0..8 {
+        let out = c.routers[0]
+            .send_dm(&alice.user, "carol", &body(&k.to_string()), &dm_options())
+            .await
+            .expect("sent");
+        assert_eq!((out.status, out.stored), (DirectStatus::Offline, true));
+        seqs.push(out.seq.expect("seq"));
+    }
+    let backlog = c.routers[0]
+        .read_inbox("carol", None, 100, true)
+        .await
+        .expect("read");
+    assert!(backlog.gap, "three entries were trimmed");
+    assert_eq!(
+        backlog.entries.iter().map(|e| e.0).collect::<Vec<_>>(),
+        seqs[3..].to_vec()
+    );
+    let after_trim = c.routers[0]
+        .read_inbox("carol", Some(seqs[2]), 100, false)
+        .await
+        .expect("read");
+    assert!(!after_trim.gap, "nothing after seqs[2] was trimmed");
+}
 
 async fn dm_goes_to_the_holding_instance_only(kind: Kind) {
     let mut c = cluster(kind, 3, RoutingMode::Routed).await;
@@ -450,6 +693,7 @@ fn stale_dm(to: &str, hop: u8, origin: &str, covered: &str) -> Inbound {
             hop,
             origin,
             covered: Covered::from_field(covered),
+            seq: None,
         }
         .encode(frame.as_bytes()),
     }

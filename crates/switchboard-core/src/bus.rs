@@ -18,6 +18,7 @@ use bytes::Bytes;
 
 use crate::error::BackendError;
 use crate::queue::Weighed;
+use crate::store::Seq;
 
 /// A channel, named abstractly: each bus maps it to its own naming scheme.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -148,7 +149,7 @@ impl<'a> Covered<'a> {
 /// The routing header of a bus message. The frame after it is opaque here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Envelope<'a> {
-    /// A direct message for `to`: `D <to> <hop> <origin> <covered>`.
+    /// A direct message for `to`: `D <to> <hop> <origin> <covered> [<seq>]`.
     Direct {
         /// Recipient user.
         to: &'a str,
@@ -161,6 +162,10 @@ pub enum Envelope<'a> {
         /// locally, and every instance it was published to, in this routing
         /// step and the ones before.
         covered: Covered<'a>,
+        /// The inbox position of a stored DM (written as a sixth field).
+        /// A stored DM is never re-routed: a recipient that moved reads it
+        /// from the inbox (see `store`).
+        seq: Option<Seq>,
     },
     /// A room message: `R <room> <origin> <conn>`.
     Room {
@@ -204,7 +209,15 @@ impl Envelope<'_> {
                 hop,
                 origin,
                 covered,
+                seq: None,
             } => format!("D {to} {hop} {origin} {}\n", covered.as_field()),
+            Envelope::Direct {
+                to,
+                hop,
+                origin,
+                covered,
+                seq: Some(seq),
+            } => format!("D {to} {hop} {origin} {} {seq}\n", covered.as_field()),
             Envelope::Room { room, origin, conn } => format!("R {room} {origin} {conn}\n"),
         };
         let mut out = Vec::with_capacity(header.len() + frame.len());
@@ -226,11 +239,16 @@ impl Envelope<'_> {
                 if to.is_empty() || origin.is_empty() || covered.is_empty() {
                     return None;
                 }
+                let seq = match parts.next() {
+                    None => None,
+                    Some(seq) => Some(Seq::parse(seq)?),
+                };
                 Envelope::Direct {
                     to,
                     hop: hop.parse().ok()?,
                     origin,
                     covered: Covered::from_field(covered),
+                    seq,
                 }
             }
             "R" => {
@@ -257,6 +275,7 @@ mod tests {
             hop: 1,
             origin: "i1",
             covered: Covered::from_field("i1,i2"),
+            seq: None,
         };
         let bytes = e.encode(b"{\"x\":1}");
         let (decoded, at) = Envelope::decode(&bytes).expect("decodes");
@@ -283,11 +302,27 @@ mod tests {
             hop: 0,
             origin: "i1",
             covered: Covered::from_field(&field),
+            seq: None,
         }
         .encode(b"{}");
         assert_eq!(built.as_bytes(), &encoded[..]);
         assert_eq!(Envelope::covered_field([]), "-");
         assert_eq!(Covered::NONE.iter().count(), 0);
+    }
+
+    #[test]
+    fn stored_direct_messages_carry_their_seq() {
+        let seq = Seq { ms: 17, n: 2 };
+        let e = Envelope::Direct {
+            to: "bob",
+            hop: 0,
+            origin: "i1",
+            covered: Covered::NONE,
+            seq: Some(seq),
+        };
+        let bytes = e.encode(b"{}");
+        assert_eq!(&bytes[..], b"D bob 0 i1 - 17-2\n{}");
+        assert_eq!(Envelope::decode(&bytes).map(|(e, _)| e), Some(e));
     }
 
     #[test]
@@ -299,6 +334,7 @@ mod tests {
             b"D bob x i1 -\n{}",
             b"D bob 0 i1\n{}",
             b"D a 0 b c d\n{}",
+            b"D a 0 b c 1-1 x\n{}",
             b"D bob 0 i1 \n{}",
             b"R lobby i1\n{}",
         ] {

@@ -23,6 +23,7 @@ pub mod protocol;
 pub mod queue;
 pub mod registry;
 pub mod router;
+pub mod store;
 
 #[cfg(test)]
 mod proptests;

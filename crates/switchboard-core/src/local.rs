@@ -7,10 +7,12 @@
 //! delivery into an instance's inbox never blocks (a full inbox drops and
 //! counts, like a Redis output buffer limit would); the routing operation
 //! reads the recipient's presence and publishes to the holders in one step,
-//! building the same envelope the Redis script builds.
+//! building the same envelope the Redis script builds. Its [`Store`] keeps
+//! inboxes in memory with the same retention limits, the same abuse bound
+//! and the same atomic append-and-publish step as the Redis store.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -21,6 +23,13 @@ use crate::error::BackendError;
 use crate::metrics::Metrics;
 use crate::presence::{Holder, Presence};
 use crate::queue::{BoundedSender, Refused};
+use crate::router::now_ms;
+use crate::store::{dm_frame, Append, Appended, Backlog, Fanout, Receipt, Seq, Store, StoreLimits};
+
+/// Idempotency records kept at most; beyond this (after expired ones are
+/// swept) a send with a key is refused as `unavailable` rather than
+/// remembered imperfectly.
+const MAX_IDEMPOTENCY_RECORDS: usize = 100_000;
 
 /// Subscribers of one channel: (instance id, its inbox, its metrics).
 type Subscribers = Vec<(Arc<str>, BoundedSender<Inbound>, Arc<Metrics>)>;
@@ -31,6 +40,47 @@ pub struct LocalHub {
     channels: DashMap<String, Subscribers>,
     /// user -> (instance -> connections).
     presence: DashMap<String, HashMap<Arc<str>, u32>>,
+    /// Inboxes and idempotency records, behind one lock: an append and its
+    /// publishes happen under it, so they are one step as in Redis.
+    store: Mutex<Inboxes>,
+    limits: StoreLimits,
+}
+
+#[derive(Debug, Default)]
+struct Inboxes {
+    users: HashMap<String, Mailbox>,
+    /// (recipient, sender, key) -> the first send's answer.
+    idempotency: HashMap<(String, String, String), Idempotent>,
+    /// When expired mailboxes were last swept (unix ms).
+    swept_ms: u64,
+}
+
+#[derive(Debug, Default)]
+struct Mailbox {
+    entries: VecDeque<Entry>,
+    cursor: Seq,
+    /// The newest entry dropped by retention.
+    trimmed: Seq,
+    /// The newest seq generated.
+    last: Seq,
+    expires_ms: u64,
+}
+
+#[derive(Debug)]
+struct Entry {
+    seq: Seq,
+    at_ms: u64,
+    tail: Arc<str>,
+    /// (sender, msg_id) when a receipt was asked for.
+    receipt: Option<(String, String)>,
+}
+
+#[derive(Debug)]
+struct Idempotent {
+    expires_ms: u64,
+    msg_id: String,
+    seq: Option<Seq>,
+    reached_any: bool,
 }
 
 /// One instance's handle on a [`LocalHub`]: its [`Presence`] and [`Bus`].
@@ -85,6 +135,24 @@ fn name(channel: Channel<'_>) -> (String, ChannelKind) {
 }
 
 impl LocalHub {
+    /// A hub whose store keeps inboxes within `limits`.
+    pub fn with_limits(limits: StoreLimits) -> Self {
+        LocalHub {
+            limits,
+            ..LocalHub::default()
+        }
+    }
+
+    fn inboxes(&self) -> MutexGuard<'_, Inboxes> {
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn online(&self, user: &str) -> bool {
+        self.presence
+            .get(user)
+            .is_some_and(|e| e.values().any(|n| *n > 0))
+    }
+
     fn publish(&self, channel: Channel<'_>, payload: &Bytes) -> usize {
         let (name, kind) = name(channel);
         let subscribers = match self.channels.get(&name) {
@@ -157,6 +225,7 @@ impl Bus for LocalBackend {
             hop: route.hop,
             origin: route.origin,
             covered: Covered::from_field(&covered),
+            seq: None,
         }
         .encode(route.frame);
         Ok(targets
@@ -164,6 +233,222 @@ impl Bus for LocalBackend {
             .map(|id| Reached {
                 instance: id.to_string(),
                 receivers: self.hub.publish(Channel::Instance(id), &payload),
+            })
+            .collect())
+    }
+}
+
+impl Inboxes {
+    /// Drops expired mailboxes and idempotency records, at most once a
+    /// second (and whenever the record table is full).
+    fn sweep(&mut self, now: u64, force: bool) {
+        if !force && now < self.swept_ms + 1000 {
+            return;
+        }
+        self.swept_ms = now;
+        self.users.retain(|_, m| m.expires_ms > now);
+        self.idempotency.retain(|_, r| r.expires_ms > now);
+    }
+
+    fn live_mailbox(&mut self, user: &str, now: u64) -> Option<&mut Mailbox> {
+        self.users.get_mut(user).filter(|m| m.expires_ms > now)
+    }
+}
+
+impl Mailbox {
+    fn fresh(expires_ms: u64) -> Mailbox {
+        Mailbox {
+            expires_ms,
+            ..Mailbox::default()
+        }
+    }
+
+    fn trim_to(&mut self, max_len: usize) {
+        while self.entries.len() > max_len {
+            if let Some(old) = self.entries.pop_front() {
+                self.trimmed = self.trimmed.max(old.seq);
+            }
+        }
+    }
+
+    fn trim_older_than(&mut self, min_ms: u64) {
+        while self.entries.front().is_some_and(|e| e.at_ms < min_ms) {
+            if let Some(old) = self.entries.pop_front() {
+                self.trimmed = self.trimmed.max(old.seq);
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Store for LocalBackend {
+    async fn append(&self, dm: &Append<'_>) -> Result<Appended, BackendError> {
+        let hub = &*self.hub;
+        let limits = hub.limits;
+        let now = now_ms();
+        let mut inboxes = hub.inboxes();
+        inboxes.sweep(now, false);
+        let idem_key = dm
+            .key
+            .map(|k| (dm.to.to_owned(), dm.from.to_owned(), k.to_owned()));
+        if let Some(key) = &idem_key {
+            if let Some(prior) = inboxes.idempotency.get(key).filter(|r| r.expires_ms > now) {
+                return Ok(Appended {
+                    seq: prior.seq,
+                    msg_id: prior.msg_id.clone(),
+                    reached_any: prior.reached_any,
+                    duplicate: true,
+                    reached: Vec::new(),
+                });
+            }
+            if inboxes.idempotency.len() >= MAX_IDEMPOTENCY_RECORDS {
+                inboxes.sweep(now, true);
+                if inboxes.idempotency.len() >= MAX_IDEMPOTENCY_RECORDS {
+                    return Err(BackendError::unavailable("the idempotency table is full"));
+                }
+            }
+        }
+        if inboxes.live_mailbox(dm.to, now).is_none() && hub.online(dm.to) {
+            inboxes
+                .users
+                .insert(dm.to.to_owned(), Mailbox::fresh(now + limits.inbox_ttl_ms));
+        }
+        let seq = inboxes.live_mailbox(dm.to, now).map(|mailbox| {
+            let seq = mailbox.last.next_after(now);
+            mailbox.last = seq;
+            mailbox.entries.push_back(Entry {
+                seq,
+                at_ms: now,
+                tail: Arc::from(dm.tail),
+                receipt: dm
+                    .receipt
+                    .then(|| (dm.from.to_owned(), dm.msg_id.to_owned())),
+            });
+            mailbox.trim_to(limits.inbox_max_len);
+            mailbox.expires_ms = now + limits.inbox_ttl_ms;
+            seq
+        });
+        // Published under the store's lock: one step with the append.
+        let frame = match seq {
+            Some(seq) => dm_frame(seq, dm.tail),
+            None => {
+                crate::protocol::TextFrame::from(format!("{}{}", crate::store::DM_HEAD, dm.tail))
+            }
+        };
+        let payload = Envelope::Direct {
+            to: dm.to,
+            hop: 0,
+            origin: dm.origin,
+            covered: Covered::NONE,
+            seq,
+        }
+        .encode(frame.bytes());
+        let (reached, reached_any) = match dm.fanout {
+            Fanout::Holders => {
+                let reached: Vec<Reached> = self
+                    .holders(dm.to)
+                    .into_iter()
+                    .filter(|h| h.connections > 0)
+                    .map(|h| Reached {
+                        receivers: hub.publish(Channel::Instance(&h.instance), &payload),
+                        instance: h.instance.to_string(),
+                    })
+                    .collect();
+                let any = reached.iter().any(|r| r.receivers > 0);
+                (reached, any)
+            }
+            Fanout::Channel(channel) => {
+                let receivers = hub.publish(channel, &payload);
+                (Vec::new(), receivers > 0 && hub.online(dm.to))
+            }
+        };
+        if let Some(key) = idem_key {
+            inboxes.idempotency.insert(
+                key,
+                Idempotent {
+                    expires_ms: now + limits.idempotency_window_ms,
+                    msg_id: dm.msg_id.to_owned(),
+                    seq,
+                    reached_any,
+                },
+            );
+        }
+        Ok(Appended {
+            seq,
+            msg_id: dm.msg_id.to_owned(),
+            reached_any,
+            duplicate: false,
+            reached,
+        })
+    }
+
+    async fn read(
+        &self,
+        user: &str,
+        after: Option<Seq>,
+        limit: usize,
+        open: bool,
+    ) -> Result<Backlog, BackendError> {
+        let limits = self.hub.limits;
+        let now = now_ms();
+        let mut inboxes = self.hub.inboxes();
+        let mut fresh = false;
+        if open && inboxes.live_mailbox(user, now).is_none() {
+            inboxes
+                .users
+                .insert(user.to_owned(), Mailbox::fresh(now + limits.inbox_ttl_ms));
+            fresh = true;
+        }
+        let Some(mailbox) = inboxes.live_mailbox(user, now) else {
+            return Ok(Backlog {
+                after: after.unwrap_or(Seq::ZERO),
+                entries: Vec::new(),
+                gap: false,
+            });
+        };
+        if open {
+            mailbox.expires_ms = now + limits.inbox_ttl_ms;
+            mailbox.trim_older_than(now.saturating_sub(limits.inbox_ttl_ms));
+        }
+        let start = after.unwrap_or(mailbox.cursor);
+        let gap = mailbox.trimmed > start || (fresh && start > Seq::ZERO);
+        let entries = mailbox
+            .entries
+            .iter()
+            .filter(|e| e.seq > start)
+            .take(limit)
+            .map(|e| (e.seq, dm_frame(e.seq, &e.tail)))
+            .collect();
+        Ok(Backlog {
+            after: start,
+            entries,
+            gap,
+        })
+    }
+
+    async fn ack(&self, user: &str, seq: Seq) -> Result<Vec<Receipt>, BackendError> {
+        let now = now_ms();
+        let mut inboxes = self.hub.inboxes();
+        let Some(mailbox) = inboxes.live_mailbox(user, now) else {
+            return Ok(Vec::new());
+        };
+        let newest = mailbox.entries.back().map(|e| e.seq).unwrap_or(Seq::ZERO);
+        let seq = seq.min(newest);
+        if seq <= mailbox.cursor {
+            return Ok(Vec::new());
+        }
+        let from = mailbox.cursor;
+        mailbox.cursor = seq;
+        Ok(mailbox
+            .entries
+            .iter()
+            .filter(|e| e.seq > from && e.seq <= seq)
+            .filter_map(|e| {
+                e.receipt.as_ref().map(|(sender, msg_id)| Receipt {
+                    sender: sender.clone(),
+                    msg_id: msg_id.clone(),
+                    seq: e.seq,
+                })
             })
             .collect())
     }

@@ -93,6 +93,24 @@ pub struct Metrics {
     pub dropped_not_here: Counter,
     /// Frames dropped because a client's outbound queue was full.
     pub dropped_slow_consumer: Counter,
+    /// Stored DMs a connection already had (same seq): the seam's and a
+    /// re-delivery's de-duplication.
+    pub dropped_duplicate: Counter,
+    /// DMs appended to their recipient's inbox.
+    pub inbox_stored: Counter,
+    /// DMs not stored because their recipient was not seen within the inbox
+    /// TTL (the abuse bound); the sender's ack says `stored: false`.
+    pub inbox_refused_unknown: Counter,
+    /// Sends answered from the idempotency record (a retry, not stored again).
+    pub inbox_duplicate_sends: Counter,
+    /// Inbox entries replayed to connections (backlog on connect).
+    pub inbox_replayed: Counter,
+    /// Replays that began with a `gap` frame (entries lost to retention).
+    pub inbox_gaps: Counter,
+    /// Connections closed because their backlog could not be read.
+    pub inbox_read_failures: Counter,
+    /// Delivery receipts sent to senders.
+    pub receipts: Counter,
     /// Bus messages dropped because the inbound bus queue was full.
     pub dropped_bus_inbox_full: Counter,
     /// DMs not re-routed because the re-route queue was full.
@@ -188,6 +206,24 @@ impl Metrics {
             "switchboard_dropped",
             "Messages dropped, by reason",
             dropped.clone(),
+        );
+        let inbox = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "switchboard_inbox",
+            "DMs offered to the inbox, by outcome (stored, refused_unknown: recipient not seen within the TTL, duplicate: an idempotent retry)",
+            inbox.clone(),
+        );
+        let replay = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "switchboard_inbox_replay",
+            "Inbox replays on connect, by event (entries replayed, gaps reported, read failures)",
+            replay.clone(),
+        );
+        let receipts = Counter::default();
+        registry.register(
+            "switchboard_receipts",
+            "Delivery receipts sent to senders",
+            receipts.clone(),
         );
         let stale_presence = Counter::default();
         registry.register(
@@ -310,6 +346,20 @@ impl Metrics {
             delivered,
             dropped_not_here: reason("recipient_not_here"),
             dropped_slow_consumer: reason("slow_consumer"),
+            dropped_duplicate: reason("duplicate_seq"),
+            inbox_stored: inbox.get_or_create_owned(&OutcomeLabel { outcome: "stored" }),
+            inbox_refused_unknown: inbox.get_or_create_owned(&OutcomeLabel {
+                outcome: "refused_unknown",
+            }),
+            inbox_duplicate_sends: inbox.get_or_create_owned(&OutcomeLabel {
+                outcome: "duplicate",
+            }),
+            inbox_replayed: replay.get_or_create_owned(&OutcomeLabel { outcome: "entries" }),
+            inbox_gaps: replay.get_or_create_owned(&OutcomeLabel { outcome: "gaps" }),
+            inbox_read_failures: replay.get_or_create_owned(&OutcomeLabel {
+                outcome: "read_failures",
+            }),
+            receipts,
             dropped_bus_inbox_full: reason("bus_inbox_full"),
             dropped_reroute_queue_full: reason("reroute_queue_full"),
             stale_presence,

@@ -53,7 +53,7 @@ proptest! {
     fn parsing_any_text_never_panics_and_names_are_valid(text in frame_text()) {
         let incoming = protocol::parse(&text);
         match incoming.request {
-            Ok(Request::Direct { to, body }) => {
+            Ok(Request::Direct { to, body, .. }) => {
                 prop_assert!(protocol::validate_name(&to).is_ok());
                 // The body is valid JSON, kept verbatim from the input.
                 prop_assert!(text.contains(body.get()));
@@ -67,6 +67,9 @@ proptest! {
                 for user in users {
                     prop_assert!(protocol::validate_name(&user).is_ok());
                 }
+            }
+            Ok(Request::Recv { seq }) => {
+                prop_assert_eq!(crate::store::Seq::parse(&seq.to_string()), Some(seq));
             }
             Ok(Request::Ping) => {}
             Err(e) => prop_assert!(!e.message.is_empty()),

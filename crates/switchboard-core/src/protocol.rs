@@ -13,6 +13,8 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+use crate::store::Seq;
+
 /// Longest user id, room name or instance id.
 pub const MAX_NAME_LEN: usize = 64;
 /// Most users one presence query may ask about.
@@ -134,6 +136,13 @@ pub enum Request<'a> {
         to: String,
         /// Any JSON, kept as written.
         body: &'a RawValue,
+        /// How it is kept and answered (v1.1; the defaults are v1.1's).
+        options: DmOptions,
+    },
+    /// Acknowledges every inbox entry up to and including `seq` (v1.1).
+    Recv {
+        /// The newest entry the client has processed.
+        seq: Seq,
     },
     /// Join a room.
     Join {
@@ -160,6 +169,30 @@ pub enum Request<'a> {
     /// Application-level keepalive.
     Ping,
 }
+
+/// The v1.1 options of a DM (and of a server-side publish to a user).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DmOptions {
+    /// `false`: ephemeral (typing indicators): not stored, no `seq`.
+    pub store: bool,
+    /// The sender's idempotency key (1–64 characters).
+    pub key: Option<String>,
+    /// Send the sender a `delivered` frame when a recipient acknowledges it.
+    pub receipt: bool,
+}
+
+impl Default for DmOptions {
+    fn default() -> Self {
+        DmOptions {
+            store: true,
+            key: None,
+            receipt: false,
+        }
+    }
+}
+
+/// Longest idempotency key, in characters.
+pub const MAX_KEY_LEN: usize = 64;
 
 /// A client frame: its optional id and either a request or why it is invalid.
 #[derive(Debug)]
@@ -193,6 +226,14 @@ struct RawFrame<'a> {
     users: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "present")]
     ack: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    store: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    key: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    receipt: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    seq: Option<&'a RawValue>,
 }
 
 /// A field that is present, whatever its value (absent fields take `default`).
@@ -291,6 +332,10 @@ fn parse_request<'a>(raw: &RawFrame<'a>) -> Result<Request<'a>, ProtocolError> {
         "dm" => Ok(Request::Direct {
             to: required_name(raw.to, "to")?,
             body: required_body(raw.body)?,
+            options: dm_options(raw.store, raw.key, raw.receipt)?,
+        }),
+        "recv" => Ok(Request::Recv {
+            seq: required_seq(raw.seq)?,
         }),
         "join" => Ok(Request::Join {
             room: required_name(raw.room, "room")?,
@@ -308,7 +353,7 @@ fn parse_request<'a>(raw: &RawFrame<'a>) -> Result<Request<'a>, ProtocolError> {
         "ping" => Ok(Request::Ping),
         _ => Err(ProtocolError::new(
             ErrorCode::UnknownType,
-            "unknown frame type (expected dm, join, leave, room, presence or ping)",
+            "unknown frame type (expected dm, recv, join, leave, room, presence or ping)",
         )),
     }
 }
@@ -319,6 +364,66 @@ fn required_string(raw: Option<&RawValue>, field: &str) -> Result<String, Protoc
     })?;
     serde_json::from_str::<String>(raw.get()).map_err(|_| {
         ProtocolError::new(ErrorCode::BadRequest, format!("`{field}` must be a string"))
+    })
+}
+
+fn optional_bool(
+    raw: Option<&RawValue>,
+    field: &str,
+    default: bool,
+) -> Result<bool, ProtocolError> {
+    match raw {
+        None => Ok(default),
+        Some(raw) => serde_json::from_str::<bool>(raw.get()).map_err(|_| {
+            ProtocolError::new(
+                ErrorCode::BadRequest,
+                format!("`{field}` must be a boolean"),
+            )
+        }),
+    }
+}
+
+fn dm_options(
+    store: Option<&RawValue>,
+    key: Option<&RawValue>,
+    receipt: Option<&RawValue>,
+) -> Result<DmOptions, ProtocolError> {
+    let store = optional_bool(store, "store", true)?;
+    let receipt = optional_bool(receipt, "receipt", false)?;
+    let key = match key {
+        None => None,
+        Some(key) => {
+            let key = required_string(Some(key), "key")?;
+            let len = key.chars().count();
+            if len == 0 || len > MAX_KEY_LEN {
+                return Err(ProtocolError::new(
+                    ErrorCode::BadRequest,
+                    format!("`key` must be 1 to {MAX_KEY_LEN} characters"),
+                ));
+            }
+            Some(key)
+        }
+    };
+    if !store && (key.is_some() || receipt) {
+        return Err(ProtocolError::new(
+            ErrorCode::BadRequest,
+            "`key` and `receipt` need a stored DM (`store` true)",
+        ));
+    }
+    Ok(DmOptions {
+        store,
+        key,
+        receipt,
+    })
+}
+
+fn required_seq(raw: Option<&RawValue>) -> Result<Seq, ProtocolError> {
+    let text = required_string(raw, "seq")?;
+    Seq::parse(&text).ok_or_else(|| {
+        ProtocolError::new(
+            ErrorCode::BadRequest,
+            "`seq` is not a seq this server issued",
+        )
     })
 }
 
@@ -404,6 +509,8 @@ pub struct Publish<'a> {
     pub body: &'a RawValue,
     /// Shown to recipients as `from`: a label naming the backend service.
     pub from: String,
+    /// `store` and `key` (a publish to a user only; `receipt` is not offered).
+    pub options: DmOptions,
 }
 
 /// `from` of a server-side publish that names no sender.
@@ -419,6 +526,10 @@ struct RawPublish<'a> {
     body: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "present")]
     from: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    store: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    key: Option<&'a RawValue>,
 }
 
 /// Parses and validates a server-side publish request body.
@@ -449,10 +560,18 @@ pub fn parse_publish(text: &str) -> Result<Publish<'_>, ProtocolError> {
         Some(from) => required_name(Some(from), "from")?,
         None => DEFAULT_PUBLISH_FROM.to_owned(),
     };
+    let options = dm_options(raw.store, raw.key, None)?;
+    if matches!(target, PublishTarget::Room(_)) && (raw.store.is_some() || raw.key.is_some()) {
+        return Err(ProtocolError::new(
+            ErrorCode::BadRequest,
+            "`store` and `key` apply to a publish to a `user`",
+        ));
+    }
     Ok(Publish {
         target,
         body: required_body(raw.body)?,
         from,
+        options,
     })
 }
 
@@ -463,7 +582,7 @@ pub enum DirectStatus {
     /// At least one live instance holding the recipient was sent the message
     /// (or the recipient is on this instance only and it was queued there).
     Routed,
-    /// Nobody holds the recipient.
+    /// Nobody holds the recipient (a stored DM waits in their inbox).
     Offline,
     /// The recipient's connections on this instance got it; other instances
     /// could not be reached (they may hold more of the recipient's devices).
@@ -574,6 +693,12 @@ pub enum ServerFrame<'a> {
         /// Id of the message a `dm` created.
         #[serde(skip_serializing_if = "Option::is_none")]
         msg_id: Option<&'a str>,
+        /// A stored DM's inbox position (v1.1).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        seq: Option<Seq>,
+        /// Whether a DM was stored in the recipient's inbox (v1.1).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        stored: Option<bool>,
     },
     /// A direct message delivered to its recipient.
     Dm {
@@ -598,6 +723,23 @@ pub enum ServerFrame<'a> {
         msg_id: &'a str,
         /// Server time of acceptance, unix milliseconds.
         ts: u64,
+    },
+    /// Sent before a replay when entries after `after` were trimmed by the
+    /// retention limits: the replay starts at `first` (none: nothing left).
+    Gap {
+        /// The position the replay was asked to start after.
+        after: Seq,
+        /// The oldest entry still kept, if any.
+        first: Option<Seq>,
+    },
+    /// A recipient acknowledged a DM that asked for a receipt.
+    Delivered {
+        /// The DM's message id.
+        msg_id: &'a str,
+        /// The recipient.
+        to: &'a str,
+        /// The DM's inbox position.
+        seq: Seq,
     },
     /// Reply to a presence query.
     Presence {
@@ -670,7 +812,7 @@ mod tests {
         let inc = parse(r#"{"type":"dm","to":"bob","body":{"a": [1, 2]},"id":7,"from":"mallory"}"#);
         assert_eq!(inc.id.as_ref().map(RequestId::as_json), Some("7"));
         match inc.request {
-            Ok(Request::Direct { to, body }) => {
+            Ok(Request::Direct { to, body, .. }) => {
                 assert_eq!(to, "bob");
                 assert_eq!(body.get(), r#"{"a": [1, 2]}"#);
             }
@@ -825,6 +967,8 @@ mod tests {
             id: id.as_ref(),
             status: "routed",
             msg_id: Some("m1"),
+            seq: None,
+            stored: None,
         };
         assert_eq!(
             ack.to_text(),

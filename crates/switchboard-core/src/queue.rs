@@ -8,7 +8,7 @@
 //! no producer ever waits on a consumer.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
@@ -38,6 +38,11 @@ struct Shared<T> {
     ready: Notify,
     /// Live senders; at zero the receiver sees the end.
     senders: AtomicUsize,
+    /// Woken when an item is taken while a sender waits for room (only the
+    /// rare [`BoundedSender::send_when_room`] sets `wants_room`, so the
+    /// receiver's fast path pays one relaxed load).
+    room: Notify,
+    wants_room: AtomicBool,
     max_items: usize,
     max_bytes: usize,
 }
@@ -95,10 +100,13 @@ pub struct BoundedReceiver<T> {
 
 impl<T> Drop for BoundedReceiver<T> {
     fn drop(&mut self) {
-        let mut state = self.shared.lock();
-        state.closed = true;
-        state.items = VecDeque::new();
-        state.bytes = 0;
+        {
+            let mut state = self.shared.lock();
+            state.closed = true;
+            state.items = VecDeque::new();
+            state.bytes = 0;
+        }
+        self.shared.room.notify_waiters();
     }
 }
 
@@ -115,6 +123,8 @@ pub fn bounded<T: Weighed>(
         }),
         ready: Notify::new(),
         senders: AtomicUsize::new(1),
+        room: Notify::new(),
+        wants_room: AtomicBool::new(false),
         max_items: max_items.max(1),
         max_bytes,
     });
@@ -151,6 +161,37 @@ impl<T: Weighed> BoundedSender<T> {
     pub fn queued_bytes(&self) -> usize {
         self.shared.lock().bytes
     }
+
+    /// Whether at most `items` items and `bytes` bytes are queued.
+    pub fn is_below(&self, items: usize, bytes: usize) -> bool {
+        let state = self.shared.lock();
+        state.items.len() <= items && state.bytes <= bytes
+    }
+
+    /// The item and byte budgets.
+    pub fn budgets(&self) -> (usize, usize) {
+        (self.shared.max_items, self.shared.max_bytes)
+    }
+
+    /// Waits until at most `items` items and `bytes` bytes are queued (a
+    /// producer that may wait, such as an inbox replay, paces itself with
+    /// this instead of overflowing the queue). Ends early if the receiver
+    /// is gone.
+    pub async fn wait_below(&self, items: usize, bytes: usize) {
+        loop {
+            let room = self.shared.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            self.shared.wants_room.store(true, Ordering::Release);
+            {
+                let state = self.shared.lock();
+                if state.closed || (state.items.len() <= items && state.bytes <= bytes) {
+                    return;
+                }
+            }
+            room.await;
+        }
+    }
 }
 
 impl<T: Weighed> BoundedReceiver<T> {
@@ -184,15 +225,20 @@ impl<T: Weighed> BoundedReceiver<T> {
 
 /// Takes the front item, giving memory back when the queue is drained.
 fn take<T: Weighed>(shared: &Shared<T>) -> Option<T> {
-    {
+    let item = {
         let mut state = shared.lock();
         let item = state.items.pop_front()?;
         state.bytes = state.bytes.saturating_sub(item.weight());
         if state.items.is_empty() && state.items.capacity() > KEEP_WHEN_DRAINED {
             state.items.shrink_to(KEEP_WHEN_DRAINED);
         }
-        Some(item)
+        item
+    };
+    if shared.wants_room.load(Ordering::Relaxed) && shared.wants_room.swap(false, Ordering::AcqRel)
+    {
+        shared.room.notify_waiters();
     }
+    Some(item)
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 use crate::protocol::TextFrame;
 use crate::queue::{bounded, BoundedReceiver, BoundedSender, Refused, Weighed};
+use crate::store::Seq;
 
 /// What a connection's writer sends, in queue order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +61,9 @@ pub enum CloseReason {
     Idle,
     /// 1011: the server failed while handling this connection.
     Internal,
+    /// 1013: the connection's inbox backlog could not be read; reconnect
+    /// (with `since`) and it is read again.
+    TryAgainLater,
 }
 
 impl CloseReason {
@@ -72,6 +76,7 @@ impl CloseReason {
             CloseReason::Flooding => (1008, "rate limit exceeded"),
             CloseReason::Idle => (1001, "idle timeout"),
             CloseReason::Internal => (1011, "internal error"),
+            CloseReason::TryAgainLater => (1013, "inbox unavailable; reconnect"),
         }
     }
 }
@@ -92,6 +97,46 @@ pub struct ConnHandle {
     close_reason: OnceLock<CloseReason>,
     /// Rooms this connection has joined (membership checks and cleanup).
     rooms: Mutex<HashSet<Arc<str>>>,
+    /// The inbox seam: stored DMs live-delivered while the backlog is being
+    /// replayed are held here, and every stored DM is queued at most once
+    /// and in seq order.
+    gate: Mutex<Gate>,
+}
+
+/// Stored DMs held while a connection's backlog is replayed, at most (and
+/// [`HELD_BYTES`], and half the connection's own queue budgets). Beyond
+/// that live frames are not held but read again from the inbox.
+const HELD_ITEMS: usize = 128;
+/// Bytes of stored DMs held during a replay, at most.
+const HELD_BYTES: usize = 256 << 10;
+
+/// Where a connection is in the seam between its backlog and live delivery.
+#[derive(Debug)]
+enum Gate {
+    /// Live: stored DMs are queued if newer than `last`, the newest queued.
+    Live { last: Seq },
+    /// The backlog is being replayed.
+    Replaying(Box<Replay>),
+}
+
+#[derive(Debug)]
+struct Replay {
+    /// The newest entry replayed (or the position the replay started after).
+    last: Seq,
+    /// Live stored DMs that arrived meanwhile, in arrival (= seq) order.
+    held: Vec<(Seq, TextFrame)>,
+    held_bytes: usize,
+    /// A live DM was not held (the budget was full): read the inbox again.
+    overflow: bool,
+}
+
+/// What [`ConnHandle::finish_replay`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayEnd {
+    /// The connection is live; everything held was queued.
+    Live,
+    /// Live DMs were dropped while replaying: read the inbox again after this.
+    ReadAgainAfter(Seq),
 }
 
 impl ConnHandle {
@@ -109,6 +154,7 @@ impl ConnHandle {
             closer: CancellationToken::new(),
             close_reason: OnceLock::new(),
             rooms: Mutex::new(HashSet::new()),
+            gate: Mutex::new(Gate::Live { last: Seq::ZERO }),
         };
         (Arc::new(handle), rx)
     }
@@ -131,6 +177,135 @@ impl ConnHandle {
     /// Queues a text frame; see [`ConnHandle::send`].
     pub fn send_text(&self, frame: TextFrame, metrics: &Metrics) -> bool {
         self.send(Outbound::Text(frame), metrics)
+    }
+
+    /// Queues a frame, waiting while the outbound queue is more than half
+    /// full (an inbox replay paces itself with this). `false` if the
+    /// connection is closing.
+    pub async fn send_paced(&self, frame: TextFrame, metrics: &Metrics) -> bool {
+        let (items, bytes) = self.outbound.budgets();
+        let wait = self
+            .outbound
+            .wait_below(items / 2, bytes.saturating_sub(frame.len()) / 2);
+        tokio::select! {
+            biased;
+            _ = self.closer.cancelled() => return false,
+            _ = wait => {}
+        }
+        self.send_text(frame, metrics)
+    }
+
+    /// Waits until the outbound queue is at most half full; `false` if the
+    /// connection is closing.
+    pub async fn wait_for_room(&self) -> bool {
+        let (items, bytes) = self.outbound.budgets();
+        tokio::select! {
+            biased;
+            _ = self.closer.cancelled() => false,
+            _ = self.outbound.wait_below(items / 2, bytes / 2) => true,
+        }
+    }
+
+    fn gate(&self) -> std::sync::MutexGuard<'_, Gate> {
+        self.gate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Enters the replay state: from now live stored DMs are held until
+    /// [`ConnHandle::finish_replay`]. Call before the connection is
+    /// registered and announced in presence.
+    pub fn begin_replay(&self, after: Seq) {
+        *self.gate() = Gate::Replaying(Box::new(Replay {
+            last: after,
+            held: Vec::new(),
+            held_bytes: 0,
+            overflow: false,
+        }));
+    }
+
+    /// Moves the replay's position (the start, once the cursor is known).
+    pub fn replay_from(&self, after: Seq) {
+        if let Gate::Replaying(replay) = &mut *self.gate() {
+            replay.last = replay.last.max(after);
+        }
+    }
+
+    /// During a replay: whether the backlog entry `seq` is new to this
+    /// connection (and records it as the newest replayed).
+    pub fn replay_accepts(&self, seq: Seq) -> bool {
+        match &mut *self.gate() {
+            Gate::Replaying(replay) if seq > replay.last => {
+                replay.last = seq;
+                true
+            }
+            Gate::Replaying(_) => false,
+            Gate::Live { last } if seq > *last => {
+                *last = seq;
+                true
+            }
+            Gate::Live { .. } => false,
+        }
+    }
+
+    /// Ends the replay: queues the held live DMs newer than the backlog and
+    /// goes live, unless some live DM could not be held.
+    pub fn finish_replay(&self, metrics: &Metrics) -> ReplayEnd {
+        let mut gate = self.gate();
+        let Gate::Replaying(replay) = &mut *gate else {
+            return ReplayEnd::Live;
+        };
+        if replay.overflow {
+            replay.overflow = false;
+            replay.held.clear();
+            replay.held_bytes = 0;
+            return ReplayEnd::ReadAgainAfter(replay.last);
+        }
+        let mut last = replay.last;
+        for (seq, frame) in std::mem::take(&mut replay.held) {
+            if seq > last {
+                last = seq;
+                if self.send_text(frame, metrics) {
+                    metrics.delivered.inc();
+                }
+            } else {
+                metrics.dropped_duplicate.inc();
+            }
+        }
+        *gate = Gate::Live { last };
+        ReplayEnd::Live
+    }
+
+    /// Offers a live stored DM: queued if it is newer than everything this
+    /// connection has had, held if a replay is running, dropped (counted)
+    /// if it is a duplicate. Returns whether it was queued now.
+    pub fn offer_stored(&self, seq: Seq, frame: &TextFrame, metrics: &Metrics) -> bool {
+        let mut gate = self.gate();
+        match &mut *gate {
+            Gate::Live { last } => {
+                if seq <= *last {
+                    metrics.dropped_duplicate.inc();
+                    return false;
+                }
+                *last = seq;
+                self.send_text(frame.clone(), metrics)
+            }
+            Gate::Replaying(replay) => {
+                if seq <= replay.last {
+                    metrics.dropped_duplicate.inc();
+                    return false;
+                }
+                let (items, bytes) = self.outbound.budgets();
+                let fits = replay.held.len() < HELD_ITEMS.min(items / 2).max(1)
+                    && replay.held_bytes + frame.len() <= HELD_BYTES.min(bytes / 2);
+                if fits {
+                    replay.held_bytes += frame.len();
+                    replay.held.push((seq, frame.clone()));
+                } else {
+                    // It is in the inbox: the replay reads it again.
+                    replay.overflow = true;
+                }
+                false
+            }
+        }
     }
 
     /// Asks the connection's task to close with this reason.
@@ -266,6 +441,28 @@ impl Registry {
             .count();
         metrics.delivered.inc_by(delivered as u64);
         delivered
+    }
+
+    /// Offers a stored DM to every local connection of `user` (see
+    /// [`ConnHandle::offer_stored`]); returns how many connections hold the
+    /// user here.
+    pub fn deliver_stored(
+        &self,
+        user: &str,
+        seq: Seq,
+        frame: &TextFrame,
+        metrics: &Metrics,
+    ) -> usize {
+        let conns: Vec<Arc<ConnHandle>> = match self.users.get(user) {
+            Some(conns) => conns.clone(),
+            None => return 0,
+        };
+        let delivered = conns
+            .iter()
+            .filter(|c| c.offer_stored(seq, frame, metrics))
+            .count();
+        metrics.delivered.inc_by(delivered as u64);
+        conns.len()
     }
 
     /// How many connections `user` has here.

@@ -29,9 +29,10 @@ use crate::error::BackendError;
 use crate::keyed_lock::KeyedLocks;
 use crate::metrics::{Metrics, SendOutcomes};
 use crate::presence::{Holder, Presence};
-use crate::protocol::{DirectStatus, RoomStatus, ServerFrame, TextFrame};
+use crate::protocol::{DirectStatus, DmOptions, RoomStatus, ServerFrame, TextFrame};
 use crate::queue::{bounded, BoundedReceiver, BoundedSender, Refused, Weighed};
 use crate::registry::{ConnHandle, Registry, RoomChange};
+use crate::store::{Append, Backlog, Fanout, Seq, Store, DM_HEAD};
 
 /// DMs waiting to be re-routed, at most (and [`REROUTE_QUEUE_BYTES`]).
 const REROUTE_QUEUE_ITEMS: usize = 4096;
@@ -123,6 +124,20 @@ pub struct DirectOutcome {
     pub msg_id: String,
 }
 
+/// What happened to a DM sent through the inbox (v1.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DmOutcome {
+    /// `routed`, `offline` or `partial`.
+    pub status: DirectStatus,
+    /// The message's id, as its recipients see it (the first send's, for
+    /// an idempotent retry).
+    pub msg_id: String,
+    /// Its inbox position, when stored.
+    pub seq: Option<Seq>,
+    /// Whether it is in the recipient's inbox.
+    pub stored: bool,
+}
+
 /// What happened to a room message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomOutcome {
@@ -169,6 +184,8 @@ pub struct Router {
     reroutes: BoundedSender<RerouteJob>,
     /// The other end, taken by [`Router::start`] for the worker.
     reroute_queue: Mutex<Option<BoundedReceiver<RerouteJob>>>,
+    /// The inbox store; without one every DM is ephemeral (protocol v1).
+    store: Option<Arc<dyn Store>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -211,7 +228,20 @@ impl Router {
             next_msg: AtomicU64::new(0),
             reroutes,
             reroute_queue: Mutex::new(Some(reroute_queue)),
+            store: None,
         }
+    }
+
+    /// Stores DMs in their recipients' inboxes through `store` (protocol
+    /// v1.1). The server always does; router tests run with and without.
+    pub fn with_store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Whether DMs are stored (an inbox replay on connect makes sense).
+    pub fn stores(&self) -> bool {
+        self.store.is_some()
     }
 
     /// This instance's id.
@@ -303,6 +333,141 @@ impl Router {
         format!("{}-{n:x}", self.instance)
     }
 
+    /// Sends a DM the v1.1 way: stored in `to`'s inbox and published with
+    /// its seq in one step (see [`Store::append`]), unless it is ephemeral
+    /// (`store: false`) or there is no store, when it is
+    /// [`Router::send_direct`]. Nothing is delivered before the store has
+    /// it, so a failure reaches nobody and is safe to retry (with its key).
+    pub async fn send_dm(
+        &self,
+        from: &str,
+        to: &str,
+        body: &RawValue,
+        options: &DmOptions,
+    ) -> Result<DmOutcome, RouteError> {
+        let store = match &self.store {
+            Some(store) if options.store => store,
+            _ => {
+                let outcome = self.send_direct(from, to, body).await?;
+                return Ok(DmOutcome {
+                    status: outcome.status,
+                    msg_id: outcome.msg_id,
+                    seq: None,
+                    stored: false,
+                });
+            }
+        };
+        let msg_id = self.new_msg_id();
+        let text = ServerFrame::Dm {
+            from,
+            body,
+            msg_id: &msg_id,
+            ts: now_ms(),
+        }
+        .to_text();
+        // Serialized with the tag first: the tail is what follows it.
+        let tail = text.strip_prefix(DM_HEAD).unwrap_or(&text);
+        let fanout = match self.mode {
+            RoutingMode::Routed => Fanout::Holders,
+            RoutingMode::Broadcast => Fanout::Channel(Channel::All),
+            RoutingMode::UserChannel => Fanout::Channel(Channel::User(to)),
+        };
+        let appended = store
+            .append(&Append {
+                to,
+                from,
+                origin: &self.instance,
+                msg_id: &msg_id,
+                key: options.key.as_deref(),
+                receipt: options.receipt,
+                tail,
+                fanout,
+            })
+            .await;
+        let appended = match appended {
+            Ok(appended) => appended,
+            Err(e) => {
+                // Nothing was delivered yet: never `partial`.
+                return Err(failure(&self.metrics.dm_failed, false, &e)
+                    .err()
+                    .unwrap_or(RouteError::Unavailable));
+            }
+        };
+        if appended.duplicate {
+            self.metrics.inbox_duplicate_sends.inc();
+        } else if appended.seq.is_some() {
+            self.metrics.inbox_stored.inc();
+        } else {
+            self.metrics.inbox_refused_unknown.inc();
+        }
+        if !appended.duplicate {
+            self.count_reached(&appended.reached);
+            match fanout {
+                Fanout::Holders => 0,
+                Fanout::Channel(Channel::All) => self.metrics.bus_published.broadcast.inc(),
+                Fanout::Channel(_) => self.metrics.bus_published.user.inc(),
+            };
+        }
+        let status = if appended.reached_any {
+            self.metrics.dm_routed.inc();
+            DirectStatus::Routed
+        } else {
+            self.metrics.dm_offline.inc();
+            DirectStatus::Offline
+        };
+        Ok(DmOutcome {
+            status,
+            msg_id: appended.msg_id,
+            seq: appended.seq,
+            stored: appended.seq.is_some(),
+        })
+    }
+
+    /// Reads a page of `user`'s inbox after `after` (or after their cursor).
+    /// `open` marks the user seen: the first read of a new connection.
+    pub async fn read_inbox(
+        &self,
+        user: &str,
+        after: Option<Seq>,
+        limit: usize,
+        open: bool,
+    ) -> Result<Backlog, RouteError> {
+        let Some(store) = &self.store else {
+            return Ok(Backlog::default());
+        };
+        store
+            .read(user, after, limit, open)
+            .await
+            .map_err(|e| RouteError::from(&e))
+    }
+
+    /// `recv`: moves `user`'s cursor to `seq` and sends the receipts the
+    /// acknowledged DMs asked for to their senders (ephemeral, routed like
+    /// a DM).
+    pub async fn ack_inbox(&self, user: &str, seq: Seq) -> Result<(), RouteError> {
+        let Some(store) = &self.store else {
+            return Ok(());
+        };
+        let receipts = store
+            .ack(user, seq)
+            .await
+            .map_err(|e| RouteError::from(&e))?;
+        for receipt in receipts {
+            let frame = ServerFrame::Delivered {
+                msg_id: &receipt.msg_id,
+                to: user,
+                seq: receipt.seq,
+            }
+            .to_frame();
+            // A receipt that cannot be routed now is not retried: the
+            // sender can ask presence or wait for the next one.
+            if self.send_frame(&receipt.sender, &frame).await.is_ok() {
+                self.metrics.receipts.inc();
+            }
+        }
+        Ok(())
+    }
+
     /// Sends a direct message from `from` to every connection of `to`.
     ///
     /// Local connections get it at once, whatever the mode. Routed mode: one
@@ -324,6 +489,14 @@ impl Router {
             ts: now_ms(),
         }
         .to_frame();
+        let status = self.send_frame(to, &frame).await?;
+        Ok(DirectOutcome { status, msg_id })
+    }
+
+    /// Delivers an ephemeral frame to every connection of `to`: local ones
+    /// at once, the others as the routing mode says.
+    async fn send_frame(&self, to: &str, frame: &TextFrame) -> Result<DirectStatus, RouteError> {
+        let frame = frame.clone();
         let local = self.registry.deliver_to_user(to, &frame, &self.metrics) > 0;
         let remote = match self.mode {
             RoutingMode::Routed => self.route_direct(to, &frame, local).await,
@@ -342,8 +515,7 @@ impl Router {
                     .await
             }
         };
-        let status = self.direct_status(local, remote)?;
-        Ok(DirectOutcome { status, msg_id })
+        self.direct_status(local, remote)
     }
 
     /// Routed mode: the routing operation, covering this instance when it
@@ -407,6 +579,7 @@ impl Router {
             hop: 0,
             origin: me,
             covered: Covered::from_field(covered),
+            seq: None,
         }
         .encode(frame.bytes());
         let receivers = self.bus.publish(channel, payload).await?;
@@ -562,10 +735,28 @@ impl Router {
         };
         match envelope {
             Envelope::Direct {
+                to, seq: Some(seq), ..
+            } => {
+                // A stored DM: offered in seq order, never re-routed (a
+                // recipient that moved reads it from its inbox).
+                if matches!(inbound.kind, ChannelKind::Broadcast | ChannelKind::User)
+                    && !self.registry.holds(to)
+                {
+                    return;
+                }
+                let Some(frame) = frame_of(inbound.payload.slice(at..)) else {
+                    return;
+                };
+                if self.registry.deliver_stored(to, seq, &frame, &self.metrics) == 0 {
+                    self.metrics.dropped_not_here.inc();
+                }
+            }
+            Envelope::Direct {
                 to,
                 hop,
                 origin,
                 covered,
+                seq: None,
             } => {
                 if matches!(inbound.kind, ChannelKind::Broadcast | ChannelKind::User) {
                     // Delivered locally when sent; and the broadcast baseline's

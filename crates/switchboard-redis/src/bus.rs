@@ -21,7 +21,7 @@ use crate::presence_cache::Fields;
 use crate::RedisBackend;
 
 impl RedisBackend {
-    fn channel_name(&self, channel: Channel<'_>) -> String {
+    pub(crate) fn channel_name(&self, channel: Channel<'_>) -> String {
         match channel {
             Channel::Instance(id) => self.keys.personal_channel(id),
             Channel::Room(room) => self.keys.room_channel(room),
@@ -114,6 +114,7 @@ impl Bus for RedisBackend {
             hop: route.hop,
             origin: route.origin,
             covered: Covered::from_field(&covered),
+            seq: None,
         }
         .encode(route.frame);
         let mut pipe = redis::pipe();

@@ -24,6 +24,26 @@ impl Keys {
         format!("{}:presence:{{{user}}}", self.prefix)
     }
 
+    /// `sb:inbox:{USER}` — STREAM: the user's inbox, one entry per stored DM
+    /// (`f` = the frame after its seq, `r` = `SENDER MSG_ID` when a receipt
+    /// was asked for). Same hash tag as the presence key.
+    pub fn inbox(&self, user: &str) -> String {
+        format!("{}:inbox:{{{user}}}", self.prefix)
+    }
+
+    /// `sb:mbox:{USER}` — HASH: `c` the user's cursor, `t` the newest entry
+    /// dropped by retention. Exists while the user was seen within the inbox
+    /// TTL: only then are DMs to them stored.
+    pub fn mailbox(&self, user: &str) -> String {
+        format!("{}:mbox:{{{user}}}", self.prefix)
+    }
+
+    /// `sb:idem:{USER}:SENDER:KEY` — STRING `MSG_ID SEQ STATUS`, with the
+    /// idempotency window as its TTL: the first answer to a keyed send.
+    pub fn idempotency(&self, to: &str, from: &str, key: &str) -> String {
+        format!("{}:idem:{{{to}}}:{from}:{key}", self.prefix)
+    }
+
     /// `sb:instance:{ID}` — the instance's lease (a key with a TTL).
     pub fn lease(&self, instance: &str) -> String {
         format!("{}:instance:{{{instance}}}", self.prefix)

@@ -32,6 +32,7 @@ mod maintenance;
 mod presence;
 mod presence_cache;
 mod scripts;
+mod store;
 mod subscriber;
 
 use std::collections::HashMap;
@@ -51,6 +52,7 @@ use switchboard_core::error::BackendError;
 use switchboard_core::keyed_lock::KeyedLocks;
 use switchboard_core::metrics::Metrics;
 use switchboard_core::queue::BoundedSender;
+use switchboard_core::store::StoreLimits;
 
 use keys::Keys;
 use presence_cache::PresenceCache;
@@ -109,6 +111,8 @@ pub struct RedisSettings {
     pub connect_timeout: Duration,
     /// Longest wait for the answer to a command once sent.
     pub response_timeout: Duration,
+    /// Inbox retention and the idempotency window.
+    pub store: StoreLimits,
 }
 
 /// Bus messages buffered between the subscriber and the dispatcher, at most.
@@ -193,6 +197,8 @@ pub struct RedisBackend {
     release_lease: redis::Script,
     heartbeat_script: redis::Script,
     claim_dead: redis::Script,
+    store_limits: StoreLimits,
+    store_scripts: store::StoreScripts,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -348,6 +354,8 @@ impl RedisBackend {
             release_lease: redis::Script::new(scripts::RELEASE_LEASE),
             heartbeat_script: redis::Script::new(scripts::HEARTBEAT),
             claim_dead: redis::Script::new(scripts::CLAIM_DEAD),
+            store_limits: settings.store,
+            store_scripts: store::StoreScripts::default(),
         });
         backend.claim_instance_id().await?;
         backend

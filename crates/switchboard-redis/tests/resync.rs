@@ -45,6 +45,7 @@ async fn twenty_thousand_users_are_reasserted_well_within_a_lease() {
         lease: LEASE,
         connect_timeout: Duration::from_secs(1),
         response_timeout: Duration::from_secs(2),
+        store: Default::default(),
     };
     let backend = RedisBackend::connect(settings, inbox, metrics.clone())
         .await

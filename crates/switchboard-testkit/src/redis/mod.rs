@@ -31,19 +31,34 @@ pub struct RedisServer {
     child: ChildGuard,
     /// Holds the socket and the log; a restart reuses the same paths.
     dir: TempDir,
+    /// AOF with `appendfsync always`: a restart after a kill keeps every
+    /// acknowledged write ([`RedisServer::start_durable`]).
+    durable: bool,
 }
 
 impl RedisServer {
     /// Starts redis-server and waits until it answers PING. Panics if
     /// `redis-server` is not installed (the suite never skips).
     pub async fn start() -> RedisServer {
+        Self::start_with(false).await
+    }
+
+    /// Like [`RedisServer::start`], with the append-only file on and
+    /// `appendfsync always`, in the server's tempdir: a SIGKILL and
+    /// [`RedisServer::restart`] keep every write Redis acknowledged.
+    pub async fn start_durable() -> RedisServer {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(durable: bool) -> RedisServer {
         let dir = tempfile::tempdir().expect("create a tempdir for redis-server");
-        let (child, client, conn) = Self::launch(dir.path()).await;
+        let (child, client, conn) = Self::launch(dir.path(), durable).await;
         RedisServer {
             conn,
             client,
             child,
             dir,
+            durable,
         }
     }
 
@@ -51,6 +66,7 @@ impl RedisServer {
     /// is always empty) and waits up to 10s until it answers PING.
     async fn launch(
         dir: &Path,
+        durable: bool,
     ) -> (
         ChildGuard,
         ::redis::Client,
@@ -72,8 +88,11 @@ impl RedisServer {
             .arg("700")
             .arg("--save")
             .arg("")
-            .arg("--appendonly")
-            .arg("no")
+            .args(if durable {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "everysec"]
+            })
             .arg("--dir")
             .arg(dir)
             .stdin(Stdio::null())
@@ -142,14 +161,15 @@ impl RedisServer {
             .unwrap_or_else(|e| panic!("{name} to redis-server: {e}"));
     }
 
-    /// Starts a fresh, empty redis-server on the same unix socket path (after
-    /// [`RedisServer::kill`]); returns the moment it first answered PING.
+    /// Starts a fresh redis-server on the same unix socket path (after
+    /// [`RedisServer::kill`]): empty, or with what its append-only file kept
+    /// when durable; returns the moment it first answered PING.
     pub async fn restart(&mut self) -> Instant {
         assert!(
             matches!(self.child.0.try_wait(), Ok(Some(_))),
             "restart() needs the previous redis-server to be dead (call kill() first)"
         );
-        let (child, client, conn) = Self::launch(self.dir.path()).await;
+        let (child, client, conn) = Self::launch(self.dir.path(), self.durable).await;
         let answered = Instant::now();
         self.child = child;
         self.client = client;

@@ -1,0 +1,374 @@
+//! [`Store`] over Redis: each user's inbox is a stream, `sb:inbox:{USER}`,
+//! beside their mailbox hash (cursor, trim mark) and presence, all under the
+//! user's hash tag, so every script here touches one slot.
+//!
+//! Appending is one script: the idempotency check, `XADD` (and the trim),
+//! the presence read and the `PUBLISH`es, in one round trip and atomically,
+//! so the order of a user's inbox is the order in which every instance
+//! receives their stored DMs. Reading and acknowledging are a script each.
+//! This module owns those scripts and their replies; connections and
+//! timeouts are `lib.rs`'s.
+
+use async_trait::async_trait;
+use redis::Value;
+
+use switchboard_core::bus::Reached;
+use switchboard_core::error::BackendError;
+use switchboard_core::store::{dm_frame, Append, Appended, Backlog, Fanout, Receipt, Seq, Store};
+
+use crate::RedisBackend;
+
+/// Stream ids compared as (ms, n), shared by the scripts.
+const SEQ_LT: &str = r"
+local function parse(id)
+  local a, b = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(a), tonumber(b)
+end
+local function gt(x, y)
+  local xa, xb = parse(x)
+  local ya, yb = parse(y)
+  return xa > ya or (xa == ya and xb > yb)
+end
+";
+
+/// KEYS: inbox, mailbox, presence[, idempotency].
+/// ARGV: msg_id, tail, receipt (`SENDER MSG_ID` or ''), max_len, ttl_ms,
+/// window_ms, to, origin, mode (`h`: the holders' personal channels, `c`:
+/// one channel), channel prefix (h) or channel (c).
+/// Returns `{'dup', 'MSG_ID SEQ STATUS'}` or `{'ok', seq or '', any,
+/// {instance, receivers, ...}}`.
+const APPEND: &str = r#"
+local inbox, mbox, presence, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+if idem then
+  local prior = redis.call('GET', idem)
+  if prior then return {'dup', prior} end
+end
+local seq = ''
+if redis.call('EXISTS', mbox) == 1 or redis.call('EXISTS', presence) == 1 then
+  if ARGV[3] ~= '' then
+    seq = redis.call('XADD', inbox, '*', 'f', ARGV[2], 'r', ARGV[3])
+  else
+    seq = redis.call('XADD', inbox, '*', 'f', ARGV[2])
+  end
+  local max = tonumber(ARGV[4])
+  local len = redis.call('XLEN', inbox)
+  if len > max then
+    local old = redis.call('XRANGE', inbox, '-', '+', 'COUNT', len - max)
+    redis.call('HSET', mbox, 't', old[#old][1])
+    redis.call('XTRIM', inbox, 'MAXLEN', max)
+  end
+  redis.call('PEXPIRE', inbox, ARGV[5])
+  if redis.call('PEXPIRE', mbox, ARGV[5]) == 0 then
+    redis.call('HSET', mbox, 'c', '0-0')
+    redis.call('PEXPIRE', mbox, ARGV[5])
+  end
+end
+local payload
+if seq ~= '' then
+  payload = 'D ' .. ARGV[7] .. ' 0 ' .. ARGV[8] .. ' - ' .. seq .. '\n{"type":"dm","seq":"' .. seq .. '"' .. ARGV[2]
+else
+  payload = 'D ' .. ARGV[7] .. ' 0 ' .. ARGV[8] .. ' -\n{"type":"dm"' .. ARGV[2]
+end
+local reached = {}
+local any = 0
+if ARGV[9] == 'h' then
+  local fields = redis.call('HGETALL', presence)
+  for i = 1, #fields, 2 do
+    if tonumber(fields[i + 1]) > 0 then
+      local channel = ARGV[10] .. fields[i]
+      -- NUMSUB, not PUBLISH's count: a pattern subscriber (a monitor)
+      -- would make a crashed instance look alive.
+      local n = redis.call('PUBSUB', 'NUMSUB', channel)[2]
+      redis.call('PUBLISH', channel, payload)
+      reached[#reached + 1] = fields[i]
+      reached[#reached + 1] = n
+      if n > 0 then any = 1 end
+    end
+  end
+else
+  if redis.call('PUBLISH', ARGV[10], payload) > 0 and redis.call('EXISTS', presence) == 1 then
+    any = 1
+  end
+end
+if idem then
+  local status = 'offline'
+  if any == 1 then status = 'routed' end
+  redis.call('SET', idem, ARGV[1] .. ' ' .. seq .. ' ' .. status, 'PX', ARGV[6])
+end
+return {'ok', seq, any, reached}
+"#;
+
+/// KEYS: inbox, mailbox. ARGV: after (or '' for the cursor), limit, open
+/// (`1`/`0`), ttl_ms. Opening marks the user seen (creating the mailbox)
+/// and drops entries older than the TTL first.
+/// Returns `{after, gap (0/1), id, f, id, f, ...}`.
+const READ: &str = r"
+local inbox, mbox = KEYS[1], KEYS[2]
+local after, limit, open, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local fresh = 0
+if open == '1' then
+  fresh = redis.call('HSETNX', mbox, 'c', '0-0')
+  redis.call('PEXPIRE', mbox, ttl)
+  redis.call('PEXPIRE', inbox, ttl)
+  local t = redis.call('TIME')
+  local min_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - ttl
+  if min_ms > 0 then
+    local old = redis.call('XREVRANGE', inbox, '(' .. string.format('%d', min_ms) .. '-0', '-', 'COUNT', 1)
+    if #old > 0 then
+      local mark = redis.call('HGET', mbox, 't')
+      if not mark or gt(old[1][1], mark) then redis.call('HSET', mbox, 't', old[1][1]) end
+      redis.call('XTRIM', inbox, 'MINID', string.format('%d', min_ms))
+    end
+  end
+end
+local m = redis.call('HMGET', mbox, 'c', 't')
+if after == '' then after = m[1] or '0-0' end
+local gap = 0
+if (m[2] and gt(m[2], after)) or (fresh == 1 and after ~= '0-0') then gap = 1 end
+local out = {after, gap}
+local entries = redis.call('XRANGE', inbox, '(' .. after, '+', 'COUNT', limit)
+for _, e in ipairs(entries) do
+  local fields = e[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'f' then
+      out[#out + 1] = e[1]
+      out[#out + 1] = fields[i + 1]
+    end
+  end
+end
+return out
+";
+
+/// KEYS: inbox, mailbox. ARGV: seq. Moves the cursor forward (never past
+/// the newest entry) and returns `{id, 'SENDER MSG_ID', ...}` for the
+/// newly acknowledged entries that asked for a receipt.
+const ACK: &str = r"
+local inbox, mbox = KEYS[1], KEYS[2]
+local seq = ARGV[1]
+local cursor = redis.call('HGET', mbox, 'c')
+if not cursor or not gt(seq, cursor) then return {} end
+local newest = redis.call('XREVRANGE', inbox, '+', '-', 'COUNT', 1)
+if #newest == 0 then return {} end
+if gt(seq, newest[1][1]) then seq = newest[1][1] end
+if not gt(seq, cursor) then return {} end
+local entries = redis.call('XRANGE', inbox, '(' .. cursor, seq)
+redis.call('HSET', mbox, 'c', seq)
+local out = {}
+for _, e in ipairs(entries) do
+  local fields = e[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'r' then
+      out[#out + 1] = e[1]
+      out[#out + 1] = fields[i + 1]
+    end
+  end
+end
+return out
+";
+
+/// The three scripts, compiled once.
+#[derive(Debug)]
+pub(crate) struct StoreScripts {
+    append: redis::Script,
+    read: redis::Script,
+    ack: redis::Script,
+}
+
+impl Default for StoreScripts {
+    fn default() -> Self {
+        StoreScripts {
+            append: redis::Script::new(APPEND),
+            read: redis::Script::new(&format!("{SEQ_LT}{READ}")),
+            ack: redis::Script::new(&format!("{SEQ_LT}{ACK}")),
+        }
+    }
+}
+
+fn malformed(what: &str) -> BackendError {
+    BackendError::unavailable(format!("unexpected reply from an inbox script: {what}"))
+}
+
+fn text(value: &Value) -> Option<&str> {
+    match value {
+        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok(),
+        Value::SimpleString(s) => Some(s),
+        Value::VerbatimString { text, .. } => Some(text),
+        _ => None,
+    }
+}
+
+fn int(value: &Value) -> Option<i64> {
+    match value {
+        Value::Int(n) => Some(*n),
+        _ => text(value)?.parse().ok(),
+    }
+}
+
+fn array(value: Value) -> Option<Vec<Value>> {
+    match value {
+        Value::Array(items) | Value::Set(items) => Some(items),
+        Value::Nil => Some(Vec::new()),
+        _ => None,
+    }
+}
+
+/// `Some(seq)` for a seq, `None` for `''`; an error for anything else.
+fn optional_seq(value: &Value) -> Result<Option<Seq>, BackendError> {
+    match text(value) {
+        Some("") => Ok(None),
+        Some(id) => Seq::parse(id).map(Some).ok_or_else(|| malformed("a seq")),
+        None => Err(malformed("a seq")),
+    }
+}
+
+#[async_trait]
+impl Store for RedisBackend {
+    async fn append(&self, dm: &Append<'_>) -> Result<Appended, BackendError> {
+        let limits = self.store_limits;
+        let mut invocation = self.store_scripts.append.prepare_invoke();
+        invocation
+            .key(self.keys.inbox(dm.to))
+            .key(self.keys.mailbox(dm.to))
+            .key(self.keys.presence(dm.to));
+        if let Some(key) = dm.key {
+            invocation.key(self.keys.idempotency(dm.to, dm.from, key));
+        }
+        let receipt = if dm.receipt {
+            format!("{} {}", dm.from, dm.msg_id)
+        } else {
+            String::new()
+        };
+        let (mode, channel) = match dm.fanout {
+            Fanout::Holders => ("h", self.keys.personal_channel("")),
+            Fanout::Channel(channel) => ("c", self.channel_name(channel)),
+        };
+        invocation
+            .arg(dm.msg_id)
+            .arg(dm.tail)
+            .arg(receipt)
+            .arg(limits.inbox_max_len)
+            .arg(limits.inbox_ttl_ms)
+            .arg(limits.idempotency_window_ms)
+            .arg(dm.to)
+            .arg(dm.origin)
+            .arg(mode)
+            .arg(channel);
+        let mut conn = self.message_path()?;
+        let reply: Value = self.timed(invocation.invoke_async(&mut conn)).await?;
+        let reply = array(reply).ok_or_else(|| malformed("not an array"))?;
+        match reply.first().and_then(text) {
+            Some("dup") => {
+                let prior = reply
+                    .get(1)
+                    .and_then(text)
+                    .ok_or_else(|| malformed("dup"))?;
+                let mut parts = prior.split(' ');
+                let msg_id = parts.next().unwrap_or_default().to_owned();
+                let seq = match parts.next() {
+                    Some("") | None => None,
+                    Some(id) => Seq::parse(id),
+                };
+                let reached_any = parts.next() == Some("routed");
+                Ok(Appended {
+                    seq,
+                    msg_id,
+                    reached_any,
+                    duplicate: true,
+                    reached: Vec::new(),
+                })
+            }
+            Some("ok") => {
+                let seq = optional_seq(reply.get(1).ok_or_else(|| malformed("seq"))?)?;
+                let reached_any = reply.get(2).and_then(int) == Some(1);
+                let mut reached = Vec::new();
+                if let Some(list) = reply.get(3).cloned().and_then(array) {
+                    for pair in list.chunks(2) {
+                        if let [instance, n] = pair {
+                            reached.push(Reached {
+                                instance: text(instance).unwrap_or_default().to_owned(),
+                                receivers: int(n).unwrap_or(0).max(0) as usize,
+                            });
+                        }
+                    }
+                }
+                Ok(Appended {
+                    seq,
+                    msg_id: dm.msg_id.to_owned(),
+                    reached_any,
+                    duplicate: false,
+                    reached,
+                })
+            }
+            _ => Err(malformed("status")),
+        }
+    }
+
+    async fn read(
+        &self,
+        user: &str,
+        after: Option<Seq>,
+        limit: usize,
+        open: bool,
+    ) -> Result<Backlog, BackendError> {
+        let mut invocation = self.store_scripts.read.prepare_invoke();
+        invocation
+            .key(self.keys.inbox(user))
+            .key(self.keys.mailbox(user))
+            .arg(after.map(|s| s.to_string()).unwrap_or_default())
+            .arg(limit.max(1))
+            .arg(if open { "1" } else { "0" })
+            .arg(self.store_limits.inbox_ttl_ms);
+        let mut conn = self.message_path()?;
+        let reply: Value = self.timed(invocation.invoke_async(&mut conn)).await?;
+        let reply = array(reply).ok_or_else(|| malformed("not an array"))?;
+        let after = reply
+            .first()
+            .and_then(text)
+            .and_then(Seq::parse)
+            .ok_or_else(|| malformed("after"))?;
+        let gap = reply.get(1).and_then(int) == Some(1);
+        let mut entries = Vec::with_capacity(reply.len().saturating_sub(2) / 2);
+        for pair in reply.get(2..).unwrap_or_default().chunks(2) {
+            if let [id, tail] = pair {
+                let seq = text(id)
+                    .and_then(Seq::parse)
+                    .ok_or_else(|| malformed("id"))?;
+                let tail = text(tail).ok_or_else(|| malformed("entry"))?;
+                entries.push((seq, dm_frame(seq, tail)));
+            }
+        }
+        Ok(Backlog {
+            after,
+            entries,
+            gap,
+        })
+    }
+
+    async fn ack(&self, user: &str, seq: Seq) -> Result<Vec<Receipt>, BackendError> {
+        let mut invocation = self.store_scripts.ack.prepare_invoke();
+        invocation
+            .key(self.keys.inbox(user))
+            .key(self.keys.mailbox(user))
+            .arg(seq.to_string());
+        let mut conn = self.message_path()?;
+        let reply: Value = self.timed(invocation.invoke_async(&mut conn)).await?;
+        let reply = array(reply).ok_or_else(|| malformed("not an array"))?;
+        let mut receipts = Vec::new();
+        for pair in reply.chunks(2) {
+            if let [id, who] = pair {
+                let (Some(seq), Some((sender, msg_id))) = (
+                    text(id).and_then(Seq::parse),
+                    text(who).and_then(|w| w.split_once(' ')),
+                ) else {
+                    continue;
+                };
+                receipts.push(Receipt {
+                    sender: sender.to_owned(),
+                    msg_id: msg_id.to_owned(),
+                    seq,
+                });
+            }
+        }
+        Ok(receipts)
+    }
+}
