@@ -7,13 +7,20 @@
 //
 // Credentials: a user name (`--auth none` servers) or a pasted token. They are
 // kept in memory only and travel only in the `/ws?...` URL to this origin.
+//
+// The connection is the reference client, client.mjs (protocol v1.1): it
+// resumes the inbox with `since` (the last seq, in localStorage under
+// `switchboard:last-seq:<user>`), so DMs that came while the page was away
+// are replayed — shown after a "while you were away" divider — and it
+// acknowledges them (`recv`). The page asks `receipt: true` on its DMs and
+// marks them "✓ delivered" when the recipient's `delivered` receipt comes.
+
+import { SwitchboardClient } from "/client.mjs";
 
 const NAME_RE = /^[A-Za-z0-9_.:@-]{1,64}$/;
 const NAME_RULE = "1–64 characters of A–Z a–z 0–9 _ . : @ -";
 const PRESENCE_EVERY_MS = 2000;
 const PRESENCE_BATCH = 100; // the server's limit per query
-const BACKOFF_BASE_MS = 500;
-const BACKOFF_CAP_MS = 10000;
 const MAX_BODY_CHARS = 16000; // the server checks the real limit (too_large)
 const LAST_USER_KEY = "switchboard:last-user";
 const HUES = 8;
@@ -88,16 +95,12 @@ const state = {
   creds: null, // { user } or { token }: memory only
   me: null, // the user id from `welcome`
   instance: null,
-  ws: null,
+  client: null, // the SwitchboardClient while signed in
   connected: false, // true between `welcome` and close
-  wanted: false, // false once signed out: no reconnect
-  attempt: 0, // reconnect attempts since the last welcome
-  retryAt: 0,
-  retryTimer: null,
+  epoch: 0, // connections so far (one "while you were away" divider each)
   countdownTimer: null,
-  lastReason: "",
-  nextId: 1,
-  pending: new Map(), // request id -> reply handler
+  sent: new Map(), // msg_id -> node of a DM this page sent (for receipts)
+  early: new Set(), // msg_ids delivered before their ack came (rare)
   contacts: new Map(), // name -> { name, presence, unread, row, dot, badge }
   rooms: new Map(), // name -> { name, joined, unread, row, badge }
   convs: new Map(), // "dm:bob" | "room:lobby" -> { kind, peer, nodes }
@@ -140,136 +143,48 @@ const ui = {
 };
 
 // ---------------------------------------------------------------------------
-// Connection
+// Connection: the reference client (client.mjs) keeps it up, resumes the
+// inbox with `since`, de-duplicates, acknowledges (`recv`) and retries DMs.
 // ---------------------------------------------------------------------------
 
-function credentialQuery() {
-  const query = new URLSearchParams();
-  if (state.creds.token) query.set("token", state.creds.token);
-  else query.set("user", state.creds.user);
-  return query.toString();
+function newClient(creds) {
+  const client = new SwitchboardClient({ ...creds });
+  client.on("state", onClientState);
+  client.on("welcome", onWelcome);
+  client.on("close", onClosed);
+  client.on("fatal", ({ message }) => signOut(message));
+  client.on("dm", onDirect);
+  client.on("room", onRoom);
+  client.on("delivered", onDelivered);
+  client.on("gap", onGap);
+  client.on("error", (frame) => notice(`${frame.code}: ${frame.message}`));
+  return client;
 }
 
-/**
- * Asks the server, with a plain GET of the upgrade URL, whether it would
- * accept these credentials: the WebSocket API hides the HTTP status of a
- * refused upgrade. Valid credentials get 400 (not an upgrade), bad ones 401.
- */
-async function probe() {
-  let response;
-  try {
-    response = await fetch(`/ws?${credentialQuery()}`, {
-      cache: "no-store",
-      credentials: "omit",
-      redirect: "error",
-    });
-  } catch {
-    return { retry: true, message: "server unreachable" };
-  }
-  let detail = "";
-  try {
-    detail = (await response.json()).error || "";
-  } catch {
-    // not JSON: keep the status alone
-  }
-  switch (response.status) {
-    case 401:
-      return {
-        fatal: true,
-        message: state.creds.token
-          ? "Invalid credentials: the server refused this token (wrong, expired or not for this server)."
-          : "Invalid credentials: the server refused this name. It may require a token (--auth jwt).",
-      };
-    case 403:
-      return { fatal: true, message: `Refused by the server: ${detail || "forbidden"}.` };
-    case 429:
-      return { retry: true, message: detail || "too many connections for this user" };
-    case 503:
-      return { retry: true, message: detail || "instance unavailable" };
-    default:
-      // 400/426: the credentials passed, the GET just was not an upgrade.
-      return { ok: true };
-  }
-}
-
-function connect() {
-  clearTimeout(state.retryTimer);
+function onClientState({ state: name, reason, retryAt, attempt }) {
+  if (!state.client) return;
   clearInterval(state.countdownTimer);
-  if (!state.wanted) return;
-  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-  const ws = new WebSocket(`${scheme}//${location.host}/ws?${credentialQuery()}`);
-  let opened = false;
-  state.ws = ws;
-  setConnState("connecting", state.attempt ? `connecting (attempt ${state.attempt + 1})…` : "connecting…");
-  ws.addEventListener("open", () => {
-    opened = true;
-  });
-  ws.addEventListener("message", (event) => {
-    if (state.ws === ws) onFrame(event.data);
-  });
-  ws.addEventListener("close", (event) => {
-    if (state.ws !== ws) return;
-    state.ws = null;
-    onClosed(event, opened);
-  });
-}
-
-function closeReason(event) {
-  switch (event.code) {
-    case 1001:
-      return event.reason ? `closed by the server: ${event.reason}` : "the instance is shutting down";
-    case 1008:
-      return `closed by the server: ${event.reason || "policy violation"}`;
-    case 1009:
-      return "closed by the server: message too large";
-    case 1006:
-      return "connection lost";
-    default:
-      return event.reason ? `closed: ${event.reason} (${event.code})` : `closed (${event.code})`;
+  if (name === "connecting") {
+    setConnState("connecting", attempt ? `connecting (attempt ${attempt + 1})…` : "connecting…");
+  } else if (name === "reconnecting") {
+    const tick = () => {
+      const seconds = Math.max(0, Math.ceil((retryAt - Date.now()) / 1000));
+      setConnState("reconnecting", `${reason} — reconnecting in ${seconds} s`);
+    };
+    tick();
+    state.countdownTimer = setInterval(tick, 1000);
   }
 }
 
-async function onClosed(event, opened) {
-  const wasConnected = state.connected;
+function onClosed() {
   state.connected = false;
-  failPending();
   for (const contact of state.contacts.values()) setPresence(contact, "unknown");
   for (const room of state.rooms.values()) setRoomJoined(room, false);
   updateComposer();
-  if (!state.wanted) return;
-  let reason = wasConnected || opened ? closeReason(event) : "cannot connect";
-  if (!opened) {
-    const verdict = await probe();
-    if (!state.wanted) return;
-    if (verdict.fatal) {
-      signOut(verdict.message);
-      return;
-    }
-    if (verdict.message) reason = verdict.message;
-  }
-  scheduleReconnect(reason);
-}
-
-/** Capped exponential backoff with jitter (half fixed, half random). */
-function scheduleReconnect(reason) {
-  const ceiling = Math.min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2 ** state.attempt);
-  const delay = Math.round(ceiling / 2 + Math.random() * (ceiling / 2));
-  state.attempt += 1;
-  state.lastReason = reason;
-  state.retryAt = Date.now() + delay;
-  state.retryTimer = setTimeout(connect, delay);
-  const tick = () => {
-    const seconds = Math.max(0, Math.ceil((state.retryAt - Date.now()) / 1000));
-    setConnState("reconnecting", `${reason} — reconnecting in ${seconds} s`);
-  };
-  tick();
-  clearInterval(state.countdownTimer);
-  state.countdownTimer = setInterval(tick, 1000);
 }
 
 function reconnectNow() {
-  if (state.ws || !state.wanted) return;
-  connect();
+  if (state.client) state.client.reconnectNow();
 }
 
 function setConnState(name, detail) {
@@ -285,51 +200,15 @@ function setConnState(name, detail) {
   updateTitle();
 }
 
-/** Sends a request frame with a fresh id; `onReply` gets the reply frame. */
-function request(frame, onReply) {
-  if (!state.connected || !state.ws) return null;
-  const id = state.nextId++;
-  state.pending.set(id, onReply || (() => {}));
-  state.ws.send(JSON.stringify({ ...frame, id }));
-  return id;
-}
-
-function failPending() {
-  const handlers = [...state.pending.values()];
-  state.pending.clear();
-  for (const handler of handlers) handler(null);
-}
-
-function onFrame(text) {
-  let frame;
-  try {
-    frame = JSON.parse(text);
-  } catch {
-    return;
-  }
-  if (!frame || typeof frame !== "object") return;
-  if (frame.id !== undefined && frame.id !== null && state.pending.has(frame.id)) {
-    const handler = state.pending.get(frame.id);
-    state.pending.delete(frame.id);
-    handler(frame);
-    return;
-  }
-  switch (frame.type) {
-    case "welcome":
-      onWelcome(frame);
-      break;
-    case "dm":
-      onDirect(frame);
-      break;
-    case "room":
-      onRoom(frame);
-      break;
-    case "error":
-      notice(`${frame.code}: ${frame.message}`);
-      break;
-    default:
-      break;
-  }
+/** Sends a request frame; `onReply` gets the reply frame, or null if lost. */
+function request(frame, onReply = () => {}) {
+  if (!state.connected || !state.client) return null;
+  const client = state.client;
+  client.request(frame).then(
+    (reply) => state.client === client && onReply(reply),
+    () => state.client === client && onReply(null),
+  );
+  return true;
 }
 
 function onWelcome(frame) {
@@ -337,7 +216,7 @@ function onWelcome(frame) {
   state.me = String(frame.user);
   state.instance = String(frame.instance);
   state.connected = true;
-  state.attempt = 0;
+  state.epoch += 1; // a new connection: a new "while you were away" divider
   clearInterval(state.countdownTimer);
   if (first) {
     if (state.creds.user) storageSet(LAST_USER_KEY, state.creds.user);
@@ -627,12 +506,61 @@ function appendMessage(key, node) {
   }
 }
 
+/** The "while you were away" divider, once per conversation and connection. */
+function awayDivider(key) {
+  const conv = conversation(key);
+  if (conv.awayEpoch === state.epoch) return;
+  conv.awayEpoch = state.epoch;
+  const node = h(
+    "li",
+    { class: "divider", "data-testid": "away-divider", role: "separator" },
+    h("span", {}, "While you were away"),
+  );
+  conv.nodes.push(node);
+  if (state.active === key) listFor(conv).append(node);
+}
+
 function onDirect(frame) {
   if (typeof frame.from !== "string") return;
   addContact(frame.from, { quiet: !state.connected });
-  appendMessage(
-    `dm:${frame.from}`,
-    messageNode({ dir: "in", from: frame.from, body: frame.body, ts: frame.ts, msgId: frame.msg_id }),
+  const key = `dm:${frame.from}`;
+  // A DM of the replayed backlog: it came while this page was not connected.
+  if (frame.replayed) awayDivider(key);
+  const node = messageNode({ dir: "in", from: frame.from, body: frame.body, ts: frame.ts, msgId: frame.msg_id });
+  if (frame.replayed) {
+    node.dataset.replayed = "yes";
+    node.classList.add("away");
+  }
+  if (frame.seq) node.dataset.seq = frame.seq;
+  appendMessage(key, node);
+}
+
+/** A recipient acknowledged one of this page's DMs (asked with receipt). */
+function onDelivered(frame) {
+  const node = state.sent.get(frame.msg_id);
+  if (!node) {
+    // The receipt overtook the ack: remembered (bounded) until the ack.
+    if (state.early.size > 1000) state.early.clear();
+    state.early.add(frame.msg_id);
+    return;
+  }
+  markDelivered(node, frame);
+}
+
+function markDelivered(node, frame) {
+  node.dataset.delivered = "yes";
+  const tick = node.querySelector('[data-testid="message-receipt"]');
+  if (tick) {
+    tick.hidden = false;
+    tick.title = `delivered to ${frame.to ?? "the recipient"}${frame.seq ? ` (seq ${frame.seq})` : ""}`;
+  }
+}
+
+function onGap(frame) {
+  notice(
+    frame.first
+      ? "Some older direct messages were no longer kept by the server (inbox retention)."
+      : "Older direct messages were no longer kept by the server (inbox retention).",
   );
 }
 
@@ -650,8 +578,27 @@ function sendMessage(text) {
   const body = { text };
   const node = messageNode({ dir: "out", from: state.me, body, ts: Date.now() });
   const setAck = ackLabel(node);
-  const frame = conv.kind === "dm" ? { type: "dm", to: conv.peer, body } : { type: "room", room: conv.peer, body };
-  const id = request(frame, (reply) => {
+  if (conv.kind === "dm") {
+    // Stored with an idempotency key and retried by the client until acked;
+    // `receipt`: a `delivered` frame comes once the recipient has it.
+    const client = state.client;
+    node.append(h("span", { class: "receipt", "data-testid": "message-receipt", hidden: true }, "✓ delivered"));
+    client.sendDm(conv.peer, body, { receipt: true }).then(
+      (ack) => {
+        if (state.client !== client) return;
+        setAck(String(ack.status), ackTitle(conv.peer, ack));
+        if (!ack.msg_id) return;
+        node.dataset.msgId = ack.msg_id;
+        if (ack.seq) node.dataset.seq = ack.seq;
+        state.sent.set(ack.msg_id, node);
+        if (state.early.delete(ack.msg_id)) markDelivered(node, { to: conv.peer, seq: ack.seq });
+      },
+      (error) => state.client === client && setAck(String(error.code || "lost"), error.message),
+    );
+    appendMessage(state.active, node);
+    return true;
+  }
+  const id = request({ type: "room", room: conv.peer, body }, (reply) => {
     if (!reply) setAck("lost", "the connection closed before the server answered");
     else if (reply.type === "ack") {
       setAck(String(reply.status), reply.msg_id ? `msg_id ${reply.msg_id}` : "");
@@ -659,9 +606,16 @@ function sendMessage(text) {
     } else if (reply.type === "error") setAck(String(reply.code), String(reply.message));
   });
   if (id === null) return false;
-  node.dataset.requestId = String(id);
   appendMessage(state.active, node);
   return true;
+}
+
+function ackTitle(peer, ack) {
+  const id = ack.msg_id ? `msg_id ${ack.msg_id}` : "";
+  if (ack.status !== "offline") return id;
+  return ack.stored
+    ? `${peer} is offline: stored, delivered when they connect (${id})`
+    : `${peer} is offline and was not stored: not seen recently (${id})`;
 }
 
 function listFor(conv) {
@@ -710,7 +664,11 @@ function renderHeader() {
   if (conv.kind === "dm") {
     const presence = state.contacts.get(conv.peer)?.presence || "unknown";
     ui.convSub.textContent =
-      presence === "online" ? "online" : presence === "offline" ? "offline — messages are not stored" : "presence unknown";
+      presence === "online"
+        ? "online"
+        : presence === "offline"
+          ? "offline — messages wait for their next visit"
+          : "presence unknown";
     ui.convSub.dataset.presence = presence;
   } else {
     const room = state.rooms.get(conv.peer);
@@ -768,9 +726,10 @@ async function signIn() {
     return;
   }
   state.creds = token ? { token } : { user };
+  const client = newClient(state.creds);
   ui.signinSubmit.disabled = true;
   ui.signinSubmit.textContent = "Signing in…";
-  const verdict = await probe();
+  const verdict = await client.probe();
   ui.signinSubmit.disabled = false;
   ui.signinSubmit.textContent = "Sign in";
   if (!verdict.ok) {
@@ -779,25 +738,24 @@ async function signIn() {
     return;
   }
   ui.signinToken.value = "";
-  state.wanted = true;
-  state.attempt = 0;
   show(ui.signin, false);
   show(ui.app, true);
   ui.meName.textContent = user || "…";
   fillAvatar(ui.meAvatar, user || "?");
-  connect();
+  state.client = client;
+  client.start();
 }
 
 function signOut(error) {
-  state.wanted = false;
-  clearTimeout(state.retryTimer);
   clearInterval(state.countdownTimer);
-  const ws = state.ws;
-  state.ws = null;
+  const client = state.client;
+  state.client = null;
   state.connected = false;
-  if (ws) ws.close(1000, "signed out");
-  failPending();
-  Object.assign(state, { creds: null, me: null, instance: null, attempt: 0, active: null });
+  // Sends the last `recv`; the last seq stays in localStorage for next time.
+  if (client) client.close("signed out");
+  Object.assign(state, { creds: null, me: null, instance: null, active: null });
+  state.sent.clear();
+  state.early.clear();
   state.contacts.clear();
   state.rooms.clear();
   state.convs.clear();
@@ -864,6 +822,8 @@ onSubmit(ui.composer, () => {
 });
 
 $("signout").addEventListener("click", () => signOut());
+// Leaving the page: acknowledge what was shown (recv is otherwise debounced).
+window.addEventListener("pagehide", () => state.client?.flushRecv());
 $("reconnect-now").addEventListener("click", reconnectNow);
 window.addEventListener("online", reconnectNow);
 

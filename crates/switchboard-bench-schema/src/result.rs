@@ -184,6 +184,10 @@ pub struct StepResult {
     pub churn_rate: Option<f64>,
 }
 
+fn default_true() -> bool {
+    true
+}
+
 /// The output of a run without `--find-max`: its one step, flattened, plus
 /// whole-run detail.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -206,6 +210,10 @@ pub struct SingleRun {
     /// written before the Socket.IO peer: `switchboard`).
     #[serde(default)]
     pub protocol: Protocol,
+    /// `--dm-store`: false when every DM was sent with `"store":false`
+    /// (ephemeral, protocol v1.1); absent in older documents: `true`.
+    #[serde(default = "default_true")]
+    pub dm_store: bool,
 }
 
 /// The `"mode": "find-max"` marker that tells a ladder from a single run.
@@ -244,6 +252,10 @@ pub struct FindMaxRun {
     /// written before the Socket.IO peer: `switchboard`).
     #[serde(default)]
     pub protocol: Protocol,
+    /// `--dm-store`: false when every DM was sent with `"store":false`
+    /// (ephemeral, protocol v1.1); absent in older documents: `true`.
+    #[serde(default = "default_true")]
+    pub dm_store: bool,
 }
 
 /// Either document the loader writes. Serializes as the inner document;
@@ -293,6 +305,14 @@ impl LoaderOutput {
         match self {
             LoaderOutput::Single(run) => run.protocol,
             LoaderOutput::FindMax(run) => run.protocol,
+        }
+    }
+
+    /// Whether DMs were stored (`--dm-store`; `false`: sent with `"store":false`).
+    pub fn dm_store(&self) -> bool {
+        match self {
+            LoaderOutput::Single(run) => run.dm_store,
+            LoaderOutput::FindMax(run) => run.dm_store,
         }
     }
 
@@ -408,6 +428,7 @@ pub(crate) mod tests {
             connect_failures: 0,
             no_ack: true,
             protocol: Protocol::Switchboard,
+            dm_store: true,
         }))
     }
 
@@ -423,6 +444,7 @@ pub(crate) mod tests {
             connect_failures: 0,
             no_ack: false,
             protocol: Protocol::Socketio,
+            dm_store: false,
         })
     }
 
@@ -496,6 +518,8 @@ pub(crate) mod tests {
             assert!(output.headline().is_some(), "{name}");
             // Written before the field existed: Switchboard's protocol.
             assert_eq!(output.protocol(), Protocol::Switchboard, "{name}");
+            // Written before protocol v1.1: every DM stored (the default).
+            assert!(output.dm_store(), "{name}");
         }
     }
 

@@ -414,6 +414,7 @@ mod tests {
             connect_failures: 0,
             no_ack: false,
             protocol: switchboard_bench_schema::Protocol::Switchboard,
+            dm_store: true,
         }))
     }
 
@@ -537,6 +538,7 @@ mod tests {
             connect_failures: 0,
             no_ack: false,
             protocol: switchboard_bench_schema::Protocol::Switchboard,
+            dm_store: true,
         });
         let before = snapshot(1.0, [1.0, 2.0], [0.0, 0.0], 0.5, 0);
         let after = snapshot(41.0, [2.0, 3.0], [0.0, 0.0], 0.6, 0);

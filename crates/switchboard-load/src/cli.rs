@@ -148,6 +148,13 @@ pub struct Args {
     #[arg(long)]
     pub no_ack: bool,
 
+    /// `false`: send every DM with `"store":false` (protocol v1.1's
+    /// ephemeral DM: not stored in the recipient's inbox, the ack has no
+    /// `seq`). `true` (the default) sends no `store` field: the DM is stored.
+    /// Room messages are never stored. Switchboard's protocol only.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub dm_store: bool,
+
     /// After the send phase, wait at most this long for outstanding deliveries, seconds.
     #[arg(long, default_value_t = 2.0)]
     pub drain: f64,
@@ -358,6 +365,9 @@ impl Args {
             if self.workload == Workload::Connections {
                 return Err("--workload connections speaks Switchboard's protocol only".into());
             }
+            if !self.dm_store {
+                return Err("--dm-store false speaks Switchboard's protocol only".into());
+            }
             if auth == AuthMode::Jwt {
                 return Err(
                     "--protocol socketio: the peer takes no JWT (no --auth jwt, \
@@ -555,6 +565,22 @@ mod tests {
         assert!(parse(&["--no-ack", "--workload", "room"]).is_ok());
         assert!(parse(&["--workload", "connections"]).is_err());
         assert!(parse(&["--jwt-secret", "s"]).is_err());
+        assert!(parse(&["--dm-store", "false"]).is_err());
+    }
+
+    #[test]
+    fn dm_store_defaults_to_true_and_takes_a_value() {
+        let parse = |extra: &[&str]| {
+            let base = ["switchboard-load"];
+            Args::try_parse_from(base.iter().chain(extra))
+                .map_err(|e| e.to_string())
+                .and_then(|a| a.validate().map(|()| a.dm_store))
+        };
+        assert_eq!(parse(&[]), Ok(true));
+        assert_eq!(parse(&["--dm-store", "false"]), Ok(false));
+        assert_eq!(parse(&["--dm-store=true"]), Ok(true));
+        assert!(parse(&["--dm-store"]).is_err());
+        assert!(parse(&["--dm-store", "maybe"]).is_err());
     }
 
     #[test]

@@ -183,7 +183,8 @@ pub async fn run(
             &args.room_prefix,
             args.body_bytes,
             args.no_ack,
-        ),
+        )
+        .with_dm_store(args.dm_store),
         name,
         replies: VecDeque::new(),
         ended: None,

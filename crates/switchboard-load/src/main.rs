@@ -182,6 +182,7 @@ async fn run(args: Args, targets: Vec<Target>) -> Result<(), String> {
             connect_failures,
             no_ack: args.no_ack,
             protocol: args.protocol,
+            dm_store: args.dm_store,
         })
     } else {
         let step = runner.measured(args.rate).await;
@@ -193,6 +194,7 @@ async fn run(args: Args, targets: Vec<Target>) -> Result<(), String> {
             connect_failures,
             no_ack: args.no_ack,
             protocol: args.protocol,
+            dm_store: args.dm_store,
         }))
     };
     let output = serde_json::to_string_pretty(&output)

@@ -83,6 +83,8 @@ pub struct Codec {
     /// Send messages without asking for an ack (`--no-ack`): Switchboard's
     /// `"ack":false`, a Socket.IO event without an ack id.
     no_ack: bool,
+    /// Send DMs stored (`--dm-store true`, no field) or with `"store":false`.
+    dm_store: bool,
     /// Socket.IO: the connect packet (its auth names the connection's user).
     connect: String,
 }
@@ -119,6 +121,7 @@ impl Codec {
             body_bytes,
             pad: "x".repeat(body_bytes),
             no_ack,
+            dm_store: true,
             connect: match protocol {
                 Protocol::Switchboard => String::new(),
                 Protocol::Socketio => socketio::connect_packet(user),
@@ -126,9 +129,17 @@ impl Codec {
         }
     }
 
+    /// The same codec, its DMs sent with `"store":false` unless `dm_store`
+    /// (Switchboard's protocol; `--dm-store`).
+    pub fn with_dm_store(mut self, dm_store: bool) -> Self {
+        self.dm_store = dm_store;
+        self
+    }
+
     /// A message. Switchboard: `{"type":"dm","to":"u7","id":N,"body":"…"}`
     /// or `{"type":"room","room":"r3","id":N,"body":"…"}`, with `no_ack`
-    /// `"ack":false` after the id. Socket.IO: `42N["dm",{"to":"u7","body":"…"}]`
+    /// `"ack":false` after the id, and a DM without `dm_store`
+    /// `"store":false` after that. Socket.IO: `42N["dm",{"to":"u7","body":"…"}]`
     /// or `42N["room",{"room":"r3","body":"…"}]`, without the ack id `N` with
     /// `no_ack`.
     pub fn message(&self, kind: Kind, target: u32, body: &BodyFields) -> String {
@@ -150,6 +161,9 @@ impl Codec {
                 push_u64(&mut s, body.id);
                 if self.no_ack {
                     s.push_str(",\"ack\":false");
+                }
+                if kind == Kind::Dm && !self.dm_store {
+                    s.push_str(",\"store\":false");
                 }
                 s.push_str(",\"body\":");
                 self.push_body(&mut s, body);
@@ -400,6 +414,35 @@ mod tests {
         assert_eq!(v["id"], 123_456);
         assert_eq!(parse_body(v["body"].as_str().unwrap()), Some(f));
         assert!(w.message(Kind::Dm, 7, &f).find("\"ack\"").is_none());
+    }
+
+    #[test]
+    fn dm_store_false_marks_dms_only() {
+        let f = BodyFields {
+            step: 1,
+            id: 42,
+            ts_ns: 1_000,
+            sender: 2,
+            seq: 3,
+        };
+        let stored = Codec::new(Protocol::Switchboard, "u0", "u", "r", 64, false);
+        // The default sends no store field: the server stores the DM.
+        assert!(!stored.message(Kind::Dm, 7, &f).contains("store"));
+        let eph = stored.clone().with_dm_store(false);
+        let text = eph.message(Kind::Dm, 7, &f);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["store"], false);
+        assert_eq!((v["type"].as_str(), v["to"].as_str()), (Some("dm"), Some("u7")));
+        let body = v["body"].as_str().unwrap();
+        assert_eq!(serde_json::to_string(body).unwrap().len(), 64);
+        assert_eq!(parse_body(body), Some(f));
+        // Room messages are never stored: no field.
+        assert!(!eph.message(Kind::Room, 2, &f).contains("store"));
+        // With --no-ack too: both fields.
+        let both = Codec::new(Protocol::Switchboard, "u0", "u", "r", 64, true)
+            .with_dm_store(false)
+            .message(Kind::Dm, 7, &f);
+        assert!(both.contains(r#","ack":false,"store":false,"body":"#), "{both}");
     }
 
     #[test]
