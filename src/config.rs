@@ -140,6 +140,15 @@ pub struct Config {
     #[arg(long, env = "SWITCHBOARD_INBOX_TTL_S", default_value_t = 604_800)]
     pub inbox_ttl_s: u64,
 
+    /// Messages kept per room for `join` with `since` (0: room history
+    /// off; room messages then carry no `seq`).
+    #[arg(long, env = "SWITCHBOARD_ROOM_HISTORY", default_value_t = 100)]
+    pub room_history: usize,
+
+    /// How long a room's history is kept after its last message, seconds.
+    #[arg(long, env = "SWITCHBOARD_ROOM_HISTORY_TTL_S", default_value_t = 86_400)]
+    pub room_history_ttl_s: u64,
+
     /// How long a send's idempotency `key` is remembered, in seconds.
     #[arg(long, env = "SWITCHBOARD_IDEMPOTENCY_WINDOW_S", default_value_t = 300)]
     pub idempotency_window_s: u64,
@@ -376,6 +385,8 @@ impl Config {
             inbox_max_len: self.inbox_max_len,
             inbox_ttl_ms: self.inbox_ttl_s.saturating_mul(1000),
             idempotency_window_ms: self.idempotency_window_s.saturating_mul(1000),
+            room_history: self.room_history,
+            room_history_ttl_ms: self.room_history_ttl_s.max(1).saturating_mul(1000),
         }
     }
 
@@ -405,6 +416,8 @@ impl Config {
             inbox_max_len: 1000,
             inbox_ttl_s: 604_800,
             idempotency_window_s: 300,
+            room_history: 100,
+            room_history_ttl_s: 86_400,
             jwt_audience: None,
             api_key: None,
             max_body_bytes: 16384,

@@ -268,6 +268,55 @@ async fn replay(
     }
 }
 
+/// A join with `since`: joins, replays the room's history after `since`
+/// (live messages held meanwhile), then goes live; the join's ack follows
+/// the replayed messages. Returns whether history reached back to `since`.
+async fn replay_room(
+    handle: &Arc<ConnHandle>,
+    room: &str,
+    since: Seq,
+    ctx: &SessionContext,
+) -> Result<bool, RouteError> {
+    let (router, metrics) = (&ctx.router, &ctx.metrics);
+    let member = handle.is_member(room);
+    if !member {
+        handle.begin_room_replay(room, since);
+    }
+    let backlog = if member {
+        // Already a member: the history after `since` once more, minus
+        // what this connection has had (its gate, if any, is live).
+        router.read_room(room, since).await
+    } else {
+        router.join_since(handle, room, since).await
+    };
+    let backlog = match backlog {
+        Ok(backlog) => backlog,
+        Err(e) => {
+            if !member {
+                router.leave(handle, room).await;
+                handle.forget_room_gate(room);
+            }
+            return Err(e);
+        }
+    };
+    let recovered = backlog.recovered;
+    let mut entries = backlog.entries;
+    loop {
+        for (seq, frame) in entries {
+            if handle.room_replay_accepts(room, seq) && !handle.send_paced(frame, metrics).await {
+                return Ok(recovered);
+            }
+        }
+        if !handle.wait_for_room().await {
+            return Ok(recovered);
+        }
+        match handle.finish_room_replay(room, metrics) {
+            ReplayEnd::Live => return Ok(recovered),
+            ReplayEnd::ReadAgainAfter(seq) => entries = router.read_room(room, seq).await?.entries,
+        }
+    }
+}
+
 async fn drain_until_closed(sink: SplitSink<Socket, Message>, stream: SplitStream<Socket>) {
     let Ok(ws) = sink.reunite(stream) else {
         return;
@@ -427,6 +476,7 @@ async fn handle_request(
             msg_id,
             seq: None,
             stored: None,
+            recovered: None,
         }
         .to_frame()
     };
@@ -440,6 +490,7 @@ async fn handle_request(
                         msg_id: Some(&outcome.msg_id),
                         seq: outcome.seq,
                         stored: Some(outcome.stored),
+                        recovered: None,
                     }
                     .to_frame();
                     match outcome.status {
@@ -461,7 +512,7 @@ async fn handle_request(
             }
             Err(e) => Reply::Notable(route_error(id, e)),
         },
-        Request::Join { room }
+        Request::Join { room, .. }
             if handle.room_count() >= ctx.limits.max_rooms && !handle.is_member(&room) =>
         {
             let message = format!("at most {} rooms per connection", ctx.limits.max_rooms);
@@ -470,8 +521,25 @@ async fn handle_request(
                 &ProtocolError::new(ErrorCode::LimitExceeded, message),
             ))
         }
-        Request::Join { room } => match router.join(handle, &room).await {
+        Request::Join { room, since: None } => match router.join(handle, &room).await {
             Ok(()) => Reply::Ok(ack("ok", None)),
+            Err(e) => Reply::Notable(route_error(id, e)),
+        },
+        Request::Join {
+            room,
+            since: Some(since),
+        } => match Box::pin(replay_room(handle, &room, since, ctx)).await {
+            Ok(recovered) => Reply::Ok(
+                ServerFrame::Ack {
+                    id,
+                    status: "ok",
+                    msg_id: None,
+                    seq: None,
+                    stored: None,
+                    recovered: Some(recovered),
+                }
+                .to_frame(),
+            ),
             Err(e) => Reply::Notable(route_error(id, e)),
         },
         Request::Leave { room } => {

@@ -154,6 +154,8 @@ pub fn routes(
 const PAGE_INDEX: &str = include_str!("../web/index.html");
 const PAGE_SCRIPT: &str = include_str!("../web/app.js");
 const PAGE_STYLE: &str = include_str!("../web/style.css");
+/// The reference client module the page imports (protocol v1.1).
+const PAGE_CLIENT: &str = include_str!("../web/client.mjs");
 
 /// No inline script or style, no foreign origin: bodies rendered as text can
 /// never become code, and a token can only travel to this instance.
@@ -161,7 +163,7 @@ const PAGE_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self';
      connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
      frame-ancestors 'none'";
 
-/// `GET /`, `/app.js`, `/style.css`: the chat page, served by every instance.
+/// `GET /`, `/app.js`, `/client.mjs`, `/style.css`: the chat page, served by every instance.
 fn page() -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     let file = |path: &'static str, body: &'static str, content_type: &'static str| {
         let route = if path.is_empty() {
@@ -193,6 +195,12 @@ fn page() -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
         ))
         .unify()
         .or(file("style.css", PAGE_STYLE, "text/css; charset=utf-8"))
+        .unify()
+        .or(file(
+            "client.mjs",
+            PAGE_CLIENT,
+            "text/javascript; charset=utf-8",
+        ))
         .unify()
 }
 

@@ -337,6 +337,9 @@ async fn a_retry_with_the_same_key_after_unavailable_is_delivered_once() {
     let mut bob = connect(&i2, "bob", None).await;
     bob.request(json!({"type": "ping"})).await;
     let mut alice = connect(&i1, "alice", None).await;
+    // Her (empty) replay is over once a request is answered: a connection
+    // whose backlog cannot be read is closed with 1013.
+    alice.request(json!({"type": "ping"})).await;
     redis.kill();
     let frame = json!({"type": "dm", "to": "bob", "body": "once", "key": "order-17"});
     let refused = alice.request(frame.clone()).await;
@@ -409,12 +412,12 @@ async fn cursor_and_receipts(setup: Setup) {
         .request(json!({"type": "recv", "seq": dms[1]["seq"]}))
         .await;
     assert_eq!(reply["status"], "ok", "{reply}");
-    for k in 0..2 {
+    for dm in &sent[..2] {
         let receipt = alice.recv_type("delivered").await;
-        assert_eq!(receipt["msg_id"], sent[k]["msg_id"], "{receipt}");
+        assert_eq!(receipt["msg_id"], dm["msg_id"], "{receipt}");
         assert_eq!(
             (&receipt["to"], &receipt["seq"]),
-            (&json!("bob"), &sent[k]["seq"])
+            (&json!("bob"), &dm["seq"])
         );
     }
     // Smaller: ignored, no receipt again.
@@ -589,4 +592,82 @@ async fn randomized_reconnects_with_since_see_every_dm_once_in_order() {
         .collect();
     assert_eq!(ks, (0..DMS as u64).collect::<Vec<_>>(), "seed {seed}");
     eprintln!("seed {seed}: {connections} connections");
+}
+
+/// Room recovery: bob leaves `lobby` (his connection drops) while alice
+/// keeps talking; he joins again on another instance with `since` = the
+/// last room seq he saw and gets what he missed, in order, before the
+/// join's ack (`recovered: true`); with history too short for that, the ack
+/// says `recovered: false` and the replay starts at the oldest kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_with_since_replays_the_room_and_says_whether_it_recovered() {
+    let redis = RedisServer::start().await;
+    let short = |id| opts!(id).redis(&redis).flag("--room-history", 4);
+    let (i1, i2) = tokio::join!(Instance::spawn(short("i1")), Instance::spawn(short("i2")));
+    let mut alice = connect(&i1, "alice", None).await;
+    let mut bob = connect(&i2, "bob", None).await;
+    for client in [&mut alice, &mut bob] {
+        let ack = client
+            .request(json!({"type": "join", "room": "lobby"}))
+            .await;
+        assert_eq!(ack["status"], "ok", "{ack}");
+    }
+    let ack = alice
+        .request(json!({"type": "room", "room": "lobby", "body": 0}))
+        .await;
+    assert_eq!(ack["status"], "ok", "{ack}");
+    let first = bob.recv_type("room").await;
+    assert_eq!(first["body"], 0);
+    let since = seq_of(&first);
+    bob.close().await;
+    for k in 1..=3 {
+        alice
+            .request(json!({"type": "room", "room": "lobby", "body": k}))
+            .await;
+    }
+    let mut bob = connect(&i1, "bob", None).await;
+    bob.send_json(&json!({"type": "join", "room": "lobby", "since": since, "id": "j"}))
+        .await;
+    let mut replayed = Vec::new();
+    let ack = loop {
+        let frame = bob.recv_json().await;
+        match frame["type"].as_str() {
+            Some("room") => replayed.push(frame),
+            Some("ack") => break frame,
+            _ => panic!("{frame}"),
+        }
+    };
+    assert_eq!(ack["recovered"], true, "{ack}");
+    let bodies: Vec<&Value> = replayed.iter().map(|f| &f["body"]).collect();
+    assert_eq!(bodies, [&json!(1), &json!(2), &json!(3)]);
+    assert_increasing(&replayed, "the room replay");
+    // Live after the replay, once.
+    alice
+        .request(json!({"type": "room", "room": "lobby", "body": 4}))
+        .await;
+    assert_eq!(bob.recv_type("room").await["body"], 4);
+    // History of 4 no longer reaches back to message 0's successor.
+    for k in 5..=8 {
+        alice
+            .request(json!({"type": "room", "room": "lobby", "body": k}))
+            .await;
+    }
+    let mut carol = connect(&i2, "carol", None).await;
+    carol
+        .send_json(&json!({"type": "join", "room": "lobby", "since": since, "id": "j"}))
+        .await;
+    let mut got = Vec::new();
+    let ack = loop {
+        let frame = carol.recv_json().await;
+        if frame["type"] == "ack" {
+            break frame;
+        }
+        got.push(frame["body"].clone());
+    };
+    assert_eq!(ack["recovered"], false, "{ack}");
+    assert_eq!(
+        got,
+        [json!(5), json!(6), json!(7), json!(8)],
+        "from the oldest kept"
+    );
 }

@@ -28,7 +28,7 @@ use switchboard::queue::{bounded, BoundedReceiver};
 use switchboard::registry::{ConnHandle, Outbound, QueueLimits};
 use switchboard::router::{RouteError, Router, RoutingMode};
 use switchboard_core::local::{LocalBackend, LocalHub};
-use switchboard_core::store::{Store, StoreLimits};
+use switchboard_core::store::{Seq, Store, StoreLimits};
 use switchboard_redis::{RedisBackend, RedisSettings};
 use switchboard_testkit::RedisServer;
 use tokio_util::sync::CancellationToken;
@@ -90,8 +90,14 @@ struct Cluster {
     nonce: u64,
 }
 
+/// A cluster whose room messages take the v1 path (no room history): the
+/// room tests below were written for it; room history has its own test.
 async fn cluster(kind: Kind, n: usize, mode: RoutingMode) -> Cluster {
-    cluster_with(kind, n, mode, StoreLimits::default()).await
+    let limits = StoreLimits {
+        room_history: 0,
+        ..StoreLimits::default()
+    };
+    cluster_with(kind, n, mode, limits).await
 }
 
 async fn cluster_with(kind: Kind, n: usize, mode: RoutingMode, limits: StoreLimits) -> Cluster {
@@ -292,7 +298,61 @@ over_both_backends!(
     stored_dms_are_offered_once_per_connection_and_held_during_a_replay,
     idempotent_sends_and_receipts,
     retention_trims_with_a_gap_and_unknown_users_are_not_stored,
+    room_history_orders_members_and_replays_after_since,
 );
+
+/// With room history, a room message is recorded and published in one
+/// step; every member — on the sender's instance too — gets it from the
+/// bus with its seq, the sender's connection excepted; the history reads
+/// back after a position, and says when it no longer reaches back.
+async fn room_history_orders_members_and_replays_after_since(kind: Kind) {
+    let limits = StoreLimits {
+        room_history: 3,
+        ..StoreLimits::default()
+    };
+    let mut c = cluster_with(kind, 2, RoutingMode::Routed, limits).await;
+    let (alice, mut a) = user(&c.routers[0], "alice").await;
+    let (carol, mut cr) = user(&c.routers[0], "carol").await;
+    let (bob, mut b) = user(&c.routers[1], "bob").await;
+    for (router, conn) in [(0, &alice), (0, &carol), (1, &bob)] {
+        c.routers[router].join(conn, "lobby").await.expect("join");
+    }
+    for k in 0..5 {
+        let out = c.routers[0]
+            .send_room_as_member(&alice, "lobby", &body(&k.to_string()))
+            .await
+            .expect("sent");
+        assert_eq!(out.status, RoomStatus::Ok);
+        c.dispatch(0).await;
+        c.dispatch(1).await;
+    }
+    assert!(frames(&mut a).is_empty(), "not to the sending connection");
+    let on_carol = frames(&mut cr);
+    let on_bob = frames(&mut b);
+    assert_eq!(on_carol, on_bob, "the same frames, in the same order");
+    let seqs: Vec<Seq> = on_bob
+        .iter()
+        .map(|f| Seq::parse(f["seq"].as_str().expect("seq")).expect("a seq"))
+        .collect();
+    assert_eq!(seqs.len(), 5);
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    let back = c.routers[1]
+        .read_room("lobby", seqs[2])
+        .await
+        .expect("read");
+    assert!(back.recovered, "history reaches back to the third");
+    assert_eq!(
+        back.entries.iter().map(|e| e.0).collect::<Vec<_>>(),
+        seqs[3..].to_vec()
+    );
+    let back = c.routers[1]
+        .read_room("lobby", seqs[0])
+        .await
+        .expect("read");
+    assert!(!back.recovered, "the second was trimmed");
+    assert_eq!(back.entries.len(), 3, "from the oldest kept");
+    let _ = carol;
+}
 
 fn dm_options() -> DmOptions {
     DmOptions::default()
@@ -373,7 +433,7 @@ async fn stored_dms_are_offered_once_per_connection_and_held_during_a_replay(kin
             bytes: 1 << 20,
         },
     );
-    dev.begin_replay(switchboard_core::store::Seq::ZERO);
+    dev.begin_replay(Seq::ZERO);
     c.routers[1].connect(&dev).await;
     let second = c.routers[0]
         .send_dm(&alice.user, "bob", &body("2"), &dm_options())

@@ -464,15 +464,19 @@ function messageNode({ dir, from, body, ts, msgId }) {
   return node;
 }
 
+/** The ack label under an outgoing message; `.line` holds it (and a receipt). */
 function ackLabel(node) {
   const label = h("span", { class: "ack", "data-testid": "message-ack", "data-status": "pending" }, "sending");
-  node.append(label);
-  return (status, title) => {
+  const line = h("div", { class: "status-line" }, label);
+  node.append(line);
+  const setAck = (status, title) => {
     label.dataset.status = status;
     label.textContent = status;
     label.title = title || "";
     node.dataset.status = status;
   };
+  setAck.line = line;
+  return setAck;
 }
 
 const GROUP_MS = 5 * 60 * 1000;
@@ -582,11 +586,12 @@ function sendMessage(text) {
     // Stored with an idempotency key and retried by the client until acked;
     // `receipt`: a `delivered` frame comes once the recipient has it.
     const client = state.client;
-    node.append(h("span", { class: "receipt", "data-testid": "message-receipt", hidden: true }, "✓ delivered"));
+    setAck.line.append(h("span", { class: "receipt", "data-testid": "message-receipt", hidden: true }, "✓ delivered"));
     client.sendDm(conv.peer, body, { receipt: true }).then(
       (ack) => {
         if (state.client !== client) return;
         setAck(String(ack.status), ackTitle(conv.peer, ack));
+        if (typeof ack.stored === "boolean") node.dataset.stored = ack.stored ? "yes" : "no";
         if (!ack.msg_id) return;
         node.dataset.msgId = ack.msg_id;
         if (ack.seq) node.dataset.seq = ack.seq;

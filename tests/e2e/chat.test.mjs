@@ -225,6 +225,14 @@ async function messages(page, list = "message-list") {
       time: node.querySelector('[data-testid="message-time"]').textContent,
       ack: node.querySelector('[data-testid="message-ack"]')?.dataset.status ?? null,
       ackText: node.querySelector('[data-testid="message-ack"]')?.textContent ?? null,
+      stored: node.dataset.stored ?? null,
+      delivered: node.dataset.delivered === "yes",
+      tick: (() => {
+        const tick = node.querySelector('[data-testid="message-receipt"]');
+        return tick && !tick.hidden ? tick.textContent : null;
+      })(),
+      replayed: node.dataset.replayed === "yes",
+      afterDivider: node.previousElementSibling?.dataset.testid === "away-divider",
     })),
   );
 }
@@ -329,6 +337,11 @@ step("the page is served with its CSP and refused credentials show an error", as
   const response = await fetch(`http://127.0.0.1:${instances.node1.port}/`);
   assert.equal(response.status, 200);
   assert.match(response.headers.get("content-security-policy") || "", /script-src 'self'/);
+  // The page's connection is the reference client module, served beside app.js.
+  const module = await fetch(`http://127.0.0.1:${instances.node1.port}/client.mjs`);
+  assert.equal(module.status, 200, "GET /client.mjs (web/client.mjs, imported by app.js) must be served");
+  assert.match(module.headers.get("content-type") || "", /javascript/);
+  assert.match(await module.text(), /export class SwitchboardClient/);
 
   const { page } = pages.bob;
   await page.goto(`http://127.0.0.1:${instances.node2.port}/`);
@@ -474,6 +487,62 @@ step("a body with markup is shown as text, never run", async () => {
   await sleep(300);
   assert.deepEqual(pages.bob.dialogs, []);
   assert.deepEqual(pages.alice.dialogs, []);
+});
+
+step("bob closes his tab, alice sends 3 DMs, bob's new tab shows them; alice sees them delivered", async () => {
+  const alice = pages.alice.page;
+  await contactRow(alice, "bob").locator(".row-main").click();
+  const before = (await messages(alice)).length;
+  assert.deepEqual(pages.bob.problems, [], "bob's first tab had no script error");
+  await pages.bob.page.context().close();
+  await until("bob offline on alice's page", async () =>
+    (await attr(contactRow(alice, "bob"), "data-presence")) === "offline");
+
+  const texts = ["while you were out 1", "while you were out 2", "while you were out 3"];
+  for (const text of texts) {
+    const sent = await sendAndAck(alice, text);
+    assert.equal(sent.ack, "offline", "nobody online: offline...");
+    assert.equal(sent.stored, "yes", "...but stored in bob's inbox");
+  }
+  await sleep(300);
+  const waiting = (await messages(alice)).slice(before);
+  assert.deepEqual(waiting.map((m) => m.delivered), [false, false, false], "not delivered while bob is away");
+
+  // A new tab (a fresh browser context: no localStorage): the server replays
+  // after bob's cursor, which his first tab moved with `recv`.
+  const bob = await openPage("bob");
+  await signIn(bob, instances.node2.port, "bob");
+  const unread = contactRow(bob, "alice").locator('[data-testid="unread"]');
+  await until("3 unread from alice on bob's new tab", async () => (await unread.textContent()) === "3");
+  await contactRow(bob, "alice").locator(".row-main").click();
+  const got = await messages(bob);
+  assert.deepEqual(got.map((m) => m.body), texts, "exactly the 3 missed DMs, in order, nothing acknowledged before");
+  assert.deepEqual(got.map((m) => m.replayed), [true, true, true]);
+  assert.ok(got[0].afterDivider, "a 'while you were away' divider precedes them");
+  const divider = byTest(bob, "away-divider");
+  assert.equal(await divider.count(), 1);
+  assert.match(await divider.textContent(), /while you were away/i);
+
+  // bob's tab acknowledged them (recv): alice's page shows the receipts.
+  await until("alice's 3 DMs delivered", async () =>
+    (await messages(alice)).slice(before).every((m) => m.delivered && m.tick === "✓ delivered"));
+  const done = (await messages(alice)).slice(before);
+  assert.deepEqual(done.map((m) => m.ack), ["offline", "offline", "offline"], "the ack label is kept");
+
+  // Live again: a new DM is shown at once, not as part of the backlog.
+  const live = await sendAndAck(alice, "glad you are back");
+  assert.equal(live.ack, "routed");
+  await until("the live DM on bob's tab", async () => (await lastMessage(bob)).body === "glad you are back");
+  assert.equal((await lastMessage(bob)).replayed, false);
+  await until("the live DM delivered", async () => (await lastMessage(alice)).delivered);
+
+  // The new tab joins the room again for the steps that follow.
+  await byTest(bob, "room-join-input").fill("lobby");
+  await byTest(bob, "room-join-button").click();
+  await until("lobby joined on bob's new tab", async () =>
+    (await attr(roomRow(bob, "lobby"), "data-joined")) === "yes");
+  await contactRow(bob, "alice").locator(".row-main").click();
+  await pages.bob.page.mouse.move(600, 20);
 });
 
 step("no script errors and no CSP violations on either page", async () => {

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Browser end-to-end test of the chat page (CI entry, called by .ci/run).
 # Installs what it needs when missing (Debian's chromium and redis-server,
-# playwright-core from package-lock.json), builds the server, then runs
-# tests/e2e/chat.test.mjs under node's test runner. Never skips: a browser
-# that cannot start is a failure.
+# playwright-core and ws from package-lock.json), builds the server, then runs
+# tests/e2e/chat.test.mjs (the page in Chromium) and tests/e2e/client.test.mjs
+# (the reference client web/client.mjs under Node, through a fault-injecting
+# proxy) under node's test runner. Never skips: a browser that cannot start
+# is a failure.
 #
 # Screenshots: written to target/e2e/screenshots (untracked), so a run never
 # modifies the committed docs/img/*.png. To refresh the README's pictures,
@@ -27,10 +29,20 @@ node -e 'if (+process.versions.node.split(".")[0] < 20) { console.error(`node >=
 # Chromium's launcher script prints harmless shell noise on some machines.
 echo "chromium: $(/usr/bin/chromium --version 2>/dev/null)"
 
-pinned=$(node -p 'require("./tests/e2e/package-lock.json").packages["node_modules/playwright-core"].version')
-have=$(node -p 'try { require("./tests/e2e/node_modules/playwright-core/package.json").version } catch { "" }')
-if [ "$have" != "$pinned" ]; then
-  echo "== npm ci (playwright-core $pinned)"
+# Every package pinned in package-lock.json, at its pinned version?
+stale=$(node -e '
+  const lock = require("./tests/e2e/package-lock.json");
+  const stale = [];
+  for (const [dir, pkg] of Object.entries(lock.packages)) {
+    if (!dir) continue;
+    let have = "";
+    try { have = require(`./tests/e2e/${dir}/package.json`).version } catch {}
+    if (have !== pkg.version) stale.push(`${dir.replace(/^node_modules\//, "")} ${pkg.version}`);
+  }
+  console.log(stale.join(", "));
+')
+if [ -n "$stale" ]; then
+  echo "== npm ci ($stale)"
   (cd tests/e2e && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
@@ -38,8 +50,11 @@ echo "== cargo build --bin switchboard"
 cargo build --locked --bin switchboard
 echo "(set-up and build: $((SECONDS - started)) s)"
 
-test_started=$SECONDS
 status=0
+test_started=$SECONDS
 node --test tests/e2e/chat.test.mjs || status=$?
 echo "(browser e2e: $((SECONDS - test_started)) s)"
+test_started=$SECONDS
+node --test tests/e2e/client.test.mjs || status=$?
+echo "(reference client: $((SECONDS - test_started)) s)"
 exit "$status"

@@ -175,6 +175,10 @@ pub enum Envelope<'a> {
         origin: &'a str,
         /// Sending connection, which must not receive its own message.
         conn: &'a str,
+        /// The room-history position of a recorded room message (a fourth
+        /// field). A recorded message is delivered from the bus on every
+        /// instance, the origin's too, so members see history order.
+        seq: Option<Seq>,
     },
 }
 
@@ -218,7 +222,18 @@ impl Envelope<'_> {
                 covered,
                 seq: Some(seq),
             } => format!("D {to} {hop} {origin} {} {seq}\n", covered.as_field()),
-            Envelope::Room { room, origin, conn } => format!("R {room} {origin} {conn}\n"),
+            Envelope::Room {
+                room,
+                origin,
+                conn,
+                seq: None,
+            } => format!("R {room} {origin} {conn}\n"),
+            Envelope::Room {
+                room,
+                origin,
+                conn,
+                seq: Some(seq),
+            } => format!("R {room} {origin} {conn} {seq}\n"),
         };
         let mut out = Vec::with_capacity(header.len() + frame.len());
         out.extend_from_slice(header.as_bytes());
@@ -253,7 +268,16 @@ impl Envelope<'_> {
             }
             "R" => {
                 let (room, origin, conn) = (parts.next()?, parts.next()?, parts.next()?);
-                Envelope::Room { room, origin, conn }
+                let seq = match parts.next() {
+                    None => None,
+                    Some(seq) => Some(Seq::parse(seq)?),
+                };
+                Envelope::Room {
+                    room,
+                    origin,
+                    conn,
+                    seq,
+                }
             }
             _ => return None,
         };
@@ -288,6 +312,15 @@ mod tests {
             room: "lobby",
             origin: "i2",
             conn: "i2/7",
+            seq: None,
+        };
+        let bytes = r.encode(b"{}");
+        assert_eq!(Envelope::decode(&bytes).map(|(e, _)| e), Some(r));
+        let r = Envelope::Room {
+            room: "lobby",
+            origin: "i2",
+            conn: "-",
+            seq: Some(Seq { ms: 3, n: 0 }),
         };
         let bytes = r.encode(b"{}");
         assert_eq!(Envelope::decode(&bytes).map(|(e, _)| e), Some(r));

@@ -24,7 +24,10 @@ use crate::metrics::Metrics;
 use crate::presence::{Holder, Presence};
 use crate::queue::{BoundedSender, Refused};
 use crate::router::now_ms;
-use crate::store::{dm_frame, Append, Appended, Backlog, Fanout, Receipt, Seq, Store, StoreLimits};
+use crate::store::{
+    dm_frame, room_frame, Append, Appended, Backlog, Fanout, Receipt, RoomAppend, RoomBacklog, Seq,
+    Store, StoreLimits,
+};
 
 /// Idempotency records kept at most; beyond this (after expired ones are
 /// swept) a send with a key is refused as `unavailable` rather than
@@ -53,6 +56,16 @@ struct Inboxes {
     idempotency: HashMap<(String, String, String), Idempotent>,
     /// When expired mailboxes were last swept (unix ms).
     swept_ms: u64,
+    /// room -> its history.
+    rooms: HashMap<String, History>,
+}
+
+#[derive(Debug, Default)]
+struct History {
+    entries: VecDeque<(Seq, Arc<str>)>,
+    trimmed: Seq,
+    last: Seq,
+    expires_ms: u64,
 }
 
 #[derive(Debug, Default)]
@@ -248,6 +261,7 @@ impl Inboxes {
         self.swept_ms = now;
         self.users.retain(|_, m| m.expires_ms > now);
         self.idempotency.retain(|_, r| r.expires_ms > now);
+        self.rooms.retain(|_, h| h.expires_ms > now);
     }
 
     fn live_mailbox(&mut self, user: &str, now: u64) -> Option<&mut Mailbox> {
@@ -423,6 +437,70 @@ impl Store for LocalBackend {
             after: start,
             entries,
             gap,
+        })
+    }
+
+    fn limits(&self) -> StoreLimits {
+        self.hub.limits
+    }
+
+    async fn append_room(&self, message: &RoomAppend<'_>) -> Result<Seq, BackendError> {
+        let limits = self.hub.limits;
+        let now = now_ms();
+        let mut inboxes = self.hub.inboxes();
+        inboxes.sweep(now, false);
+        let history = inboxes.rooms.entry(message.room.to_owned()).or_default();
+        if history.expires_ms <= now {
+            // Expired: what it held is gone; say so to a resuming joiner.
+            if let Some((seq, _)) = history.entries.back() {
+                history.trimmed = history.trimmed.max(*seq);
+            }
+            history.entries.clear();
+        }
+        let seq = history.last.next_after(now);
+        history.last = seq;
+        history.entries.push_back((seq, Arc::from(message.tail)));
+        while history.entries.len() > limits.room_history {
+            if let Some((old, _)) = history.entries.pop_front() {
+                history.trimmed = history.trimmed.max(old);
+            }
+        }
+        history.expires_ms = now + limits.room_history_ttl_ms;
+        let payload = Envelope::Room {
+            room: message.room,
+            origin: message.origin,
+            conn: message.conn,
+            seq: Some(seq),
+        }
+        .encode(room_frame(seq, message.tail).bytes());
+        // Under the store's lock: one step with the append.
+        self.hub.publish(Channel::Room(message.room), &payload);
+        Ok(seq)
+    }
+
+    async fn read_room(
+        &self,
+        room: &str,
+        after: Seq,
+        limit: usize,
+    ) -> Result<RoomBacklog, BackendError> {
+        let now = now_ms();
+        let inboxes = self.hub.inboxes();
+        let Some(history) = inboxes.rooms.get(room).filter(|h| h.expires_ms > now) else {
+            return Ok(RoomBacklog {
+                entries: Vec::new(),
+                recovered: after == Seq::ZERO,
+            });
+        };
+        Ok(RoomBacklog {
+            entries: history
+                .entries
+                .iter()
+                .filter(|(seq, _)| *seq > after)
+                .take(limit)
+                .map(|(seq, tail)| (*seq, room_frame(*seq, tail)))
+                .collect(),
+            recovered: history.trimmed <= after,
         })
     }
 

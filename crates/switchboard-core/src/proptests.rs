@@ -59,7 +59,7 @@ proptest! {
                 prop_assert!(text.contains(body.get()));
                 prop_assert!(serde_json::from_str::<serde_json::Value>(body.get()).is_ok());
             }
-            Ok(Request::Join { room } | Request::Leave { room } | Request::Room { room, .. }) => {
+            Ok(Request::Join { room, .. } | Request::Leave { room } | Request::Room { room, .. }) => {
                 prop_assert!(protocol::validate_name(&room).is_ok());
             }
             Ok(Request::Presence { users }) => {

@@ -148,6 +148,8 @@ pub enum Request<'a> {
     Join {
         /// Room name, validated.
         room: String,
+        /// Replay the room's history after this position first (v1.1).
+        since: Option<Seq>,
     },
     /// Leave a room.
     Leave {
@@ -234,6 +236,8 @@ struct RawFrame<'a> {
     receipt: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "present")]
     seq: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    since: Option<&'a RawValue>,
 }
 
 /// A field that is present, whatever its value (absent fields take `default`).
@@ -339,6 +343,10 @@ fn parse_request<'a>(raw: &RawFrame<'a>) -> Result<Request<'a>, ProtocolError> {
         }),
         "join" => Ok(Request::Join {
             room: required_name(raw.room, "room")?,
+            since: match raw.since {
+                None => None,
+                Some(since) => Some(required_seq(Some(since))?),
+            },
         }),
         "leave" => Ok(Request::Leave {
             room: required_name(raw.room, "room")?,
@@ -699,6 +707,10 @@ pub enum ServerFrame<'a> {
         /// Whether a DM was stored in the recipient's inbox (v1.1).
         #[serde(skip_serializing_if = "Option::is_none")]
         stored: Option<bool>,
+        /// A join with `since`: whether the room's history reached back
+        /// to it (v1.1).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        recovered: Option<bool>,
     },
     /// A direct message delivered to its recipient.
     Dm {
@@ -969,6 +981,7 @@ mod tests {
             msg_id: Some("m1"),
             seq: None,
             stored: None,
+            recovered: None,
         };
         assert_eq!(
             ack.to_text(),

@@ -7,7 +7,7 @@
 //! routing decisions; it is the state that presence and room subscriptions
 //! are derived from.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -101,6 +101,9 @@ pub struct ConnHandle {
     /// replayed are held here, and every stored DM is queued at most once
     /// and in seq order.
     gate: Mutex<Gate>,
+    /// The same per room, for rooms joined with `since` (none for most
+    /// connections: nothing allocated).
+    room_gates: Mutex<Option<Box<RoomGates>>>,
 }
 
 /// Stored DMs held while a connection's backlog is replayed, at most (and
@@ -109,6 +112,9 @@ pub struct ConnHandle {
 const HELD_ITEMS: usize = 128;
 /// Bytes of stored DMs held during a replay, at most.
 const HELD_BYTES: usize = 256 << 10;
+
+/// Per-room gates of one connection (rooms joined with `since`).
+type RoomGates = HashMap<Arc<str>, Gate>;
 
 /// Where a connection is in the seam between its backlog and live delivery.
 #[derive(Debug)]
@@ -128,6 +134,95 @@ struct Replay {
     held_bytes: usize,
     /// A live DM was not held (the budget was full): read the inbox again.
     overflow: bool,
+}
+
+impl Gate {
+    fn replaying(after: Seq) -> Gate {
+        Gate::Replaying(Box::new(Replay {
+            last: after,
+            held: Vec::new(),
+            held_bytes: 0,
+            overflow: false,
+        }))
+    }
+
+    fn start_at(&mut self, after: Seq) {
+        if let Gate::Replaying(replay) = self {
+            replay.last = replay.last.max(after);
+        }
+    }
+
+    fn accepts(&mut self, seq: Seq) -> bool {
+        let last = match self {
+            Gate::Replaying(replay) => &mut replay.last,
+            Gate::Live { last } => last,
+        };
+        if seq > *last {
+            *last = seq;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn finish(&mut self, mut send: impl FnMut(TextFrame) -> bool, metrics: &Metrics) -> ReplayEnd {
+        let Gate::Replaying(replay) = self else {
+            return ReplayEnd::Live;
+        };
+        if replay.overflow {
+            replay.overflow = false;
+            replay.held.clear();
+            replay.held_bytes = 0;
+            return ReplayEnd::ReadAgainAfter(replay.last);
+        }
+        let mut last = replay.last;
+        for (seq, frame) in std::mem::take(&mut replay.held) {
+            if seq > last {
+                last = seq;
+                if send(frame) {
+                    metrics.delivered.inc();
+                }
+            } else {
+                metrics.dropped_duplicate.inc();
+            }
+        }
+        *self = Gate::Live { last };
+        ReplayEnd::Live
+    }
+
+    fn offer(
+        &mut self,
+        seq: Seq,
+        frame: &TextFrame,
+        (max_items, max_bytes): (usize, usize),
+        send: impl FnOnce(TextFrame) -> bool,
+        metrics: &Metrics,
+    ) -> bool {
+        match self {
+            Gate::Live { last } => {
+                if seq <= *last {
+                    metrics.dropped_duplicate.inc();
+                    return false;
+                }
+                *last = seq;
+                send(frame.clone())
+            }
+            Gate::Replaying(replay) => {
+                if seq <= replay.last {
+                    metrics.dropped_duplicate.inc();
+                    return false;
+                }
+                if replay.held.len() < max_items && replay.held_bytes + frame.len() <= max_bytes {
+                    replay.held_bytes += frame.len();
+                    replay.held.push((seq, frame.clone()));
+                } else {
+                    // It is in the inbox (or history): the replay reads it again.
+                    replay.overflow = true;
+                }
+                false
+            }
+        }
+    }
 }
 
 /// What [`ConnHandle::finish_replay`] found.
@@ -155,6 +250,7 @@ impl ConnHandle {
             close_reason: OnceLock::new(),
             rooms: Mutex::new(HashSet::new()),
             gate: Mutex::new(Gate::Live { last: Seq::ZERO }),
+            room_gates: Mutex::new(None),
         };
         (Arc::new(handle), rx)
     }
@@ -210,100 +306,95 @@ impl ConnHandle {
         self.gate.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The hold budget of a replay on this connection.
+    fn hold_budget(&self) -> (usize, usize) {
+        let (items, bytes) = self.outbound.budgets();
+        (HELD_ITEMS.min(items / 2).max(1), HELD_BYTES.min(bytes / 2))
+    }
+
     /// Enters the replay state: from now live stored DMs are held until
     /// [`ConnHandle::finish_replay`]. Call before the connection is
     /// registered and announced in presence.
     pub fn begin_replay(&self, after: Seq) {
-        *self.gate() = Gate::Replaying(Box::new(Replay {
-            last: after,
-            held: Vec::new(),
-            held_bytes: 0,
-            overflow: false,
-        }));
+        *self.gate() = Gate::replaying(after);
     }
 
     /// Moves the replay's position (the start, once the cursor is known).
     pub fn replay_from(&self, after: Seq) {
-        if let Gate::Replaying(replay) = &mut *self.gate() {
-            replay.last = replay.last.max(after);
-        }
+        self.gate().start_at(after);
     }
 
     /// During a replay: whether the backlog entry `seq` is new to this
     /// connection (and records it as the newest replayed).
     pub fn replay_accepts(&self, seq: Seq) -> bool {
-        match &mut *self.gate() {
-            Gate::Replaying(replay) if seq > replay.last => {
-                replay.last = seq;
-                true
-            }
-            Gate::Replaying(_) => false,
-            Gate::Live { last } if seq > *last => {
-                *last = seq;
-                true
-            }
-            Gate::Live { .. } => false,
-        }
+        self.gate().accepts(seq)
     }
 
     /// Ends the replay: queues the held live DMs newer than the backlog and
     /// goes live, unless some live DM could not be held.
     pub fn finish_replay(&self, metrics: &Metrics) -> ReplayEnd {
-        let mut gate = self.gate();
-        let Gate::Replaying(replay) = &mut *gate else {
-            return ReplayEnd::Live;
-        };
-        if replay.overflow {
-            replay.overflow = false;
-            replay.held.clear();
-            replay.held_bytes = 0;
-            return ReplayEnd::ReadAgainAfter(replay.last);
-        }
-        let mut last = replay.last;
-        for (seq, frame) in std::mem::take(&mut replay.held) {
-            if seq > last {
-                last = seq;
-                if self.send_text(frame, metrics) {
-                    metrics.delivered.inc();
-                }
-            } else {
-                metrics.dropped_duplicate.inc();
-            }
-        }
-        *gate = Gate::Live { last };
-        ReplayEnd::Live
+        self.gate()
+            .finish(|frame| self.send_text(frame, metrics), metrics)
     }
 
     /// Offers a live stored DM: queued if it is newer than everything this
     /// connection has had, held if a replay is running, dropped (counted)
     /// if it is a duplicate. Returns whether it was queued now.
     pub fn offer_stored(&self, seq: Seq, frame: &TextFrame, metrics: &Metrics) -> bool {
-        let mut gate = self.gate();
-        match &mut *gate {
-            Gate::Live { last } => {
-                if seq <= *last {
-                    metrics.dropped_duplicate.inc();
-                    return false;
-                }
-                *last = seq;
-                self.send_text(frame.clone(), metrics)
+        let budget = self.hold_budget();
+        self.gate()
+            .offer(seq, frame, budget, |f| self.send_text(f, metrics), metrics)
+    }
+
+    fn room_gates(&self) -> std::sync::MutexGuard<'_, Option<Box<RoomGates>>> {
+        self.room_gates.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A join with `since`: live room messages of `room` are held until
+    /// [`ConnHandle::finish_room_replay`]. Call before joining.
+    pub fn begin_room_replay(&self, room: &str, after: Seq) {
+        self.room_gates()
+            .get_or_insert_with(Default::default)
+            .insert(Arc::from(room), Gate::replaying(after));
+    }
+
+    /// During a room replay: whether history entry `seq` is new here.
+    pub fn room_replay_accepts(&self, room: &str, seq: Seq) -> bool {
+        match self.room_gates().as_mut().and_then(|g| g.get_mut(room)) {
+            Some(gate) => gate.accepts(seq),
+            None => true,
+        }
+    }
+
+    /// Ends a room replay (see [`ConnHandle::finish_replay`]).
+    pub fn finish_room_replay(&self, room: &str, metrics: &Metrics) -> ReplayEnd {
+        match self.room_gates().as_mut().and_then(|g| g.get_mut(room)) {
+            Some(gate) => gate.finish(|frame| self.send_text(frame, metrics), metrics),
+            None => ReplayEnd::Live,
+        }
+    }
+
+    /// Forgets a room's gate (on leave, or a join that failed).
+    pub fn forget_room_gate(&self, room: &str) {
+        let mut gates = self.room_gates();
+        if let Some(map) = gates.as_mut() {
+            map.remove(room);
+            if map.is_empty() {
+                *gates = None;
             }
-            Gate::Replaying(replay) => {
-                if seq <= replay.last {
-                    metrics.dropped_duplicate.inc();
-                    return false;
-                }
-                let (items, bytes) = self.outbound.budgets();
-                let fits = replay.held.len() < HELD_ITEMS.min(items / 2).max(1)
-                    && replay.held_bytes + frame.len() <= HELD_BYTES.min(bytes / 2);
-                if fits {
-                    replay.held_bytes += frame.len();
-                    replay.held.push((seq, frame.clone()));
-                } else {
-                    // It is in the inbox: the replay reads it again.
-                    replay.overflow = true;
-                }
-                false
+        }
+    }
+
+    /// Offers a recorded room message (see [`ConnHandle::offer_stored`]);
+    /// a room joined without `since` has no gate: delivered as it comes.
+    pub fn offer_room(&self, room: &str, seq: Seq, frame: &TextFrame, metrics: &Metrics) -> bool {
+        let budget = self.hold_budget();
+        let mut gates = self.room_gates();
+        match gates.as_mut().and_then(|g| g.get_mut(room)) {
+            Some(gate) => gate.offer(seq, frame, budget, |f| self.send_text(f, metrics), metrics),
+            None => {
+                drop(gates);
+                self.send_text(frame.clone(), metrics)
             }
         }
     }
@@ -492,6 +583,7 @@ impl Registry {
 
     /// Removes `conn` from `room`.
     pub fn leave(&self, room: &str, conn: &ConnHandle) -> RoomChange {
+        conn.forget_room_gate(room);
         if !conn.remove_room(room) {
             return RoomChange::Noop;
         }
@@ -532,6 +624,29 @@ impl Registry {
             .iter()
             .filter(|c| Some(&*c.id) != except)
             .filter(|c| c.send_text(frame.clone(), metrics))
+            .count();
+        metrics.delivered.inc_by(delivered as u64);
+        delivered
+    }
+
+    /// Offers a recorded room message to every local member of `room`
+    /// except `except` (see [`ConnHandle::offer_room`]).
+    pub fn deliver_room_stored(
+        &self,
+        room: &str,
+        except: Option<&str>,
+        seq: Seq,
+        frame: &TextFrame,
+        metrics: &Metrics,
+    ) -> usize {
+        let members: Vec<Arc<ConnHandle>> = match self.rooms.get(room) {
+            Some(members) => members.clone(),
+            None => return 0,
+        };
+        let delivered = members
+            .iter()
+            .filter(|c| Some(&*c.id) != except)
+            .filter(|c| c.offer_room(room, seq, frame, metrics))
             .count();
         metrics.delivered.inc_by(delivered as u64);
         delivered

@@ -32,7 +32,9 @@ use crate::presence::{Holder, Presence};
 use crate::protocol::{DirectStatus, DmOptions, RoomStatus, ServerFrame, TextFrame};
 use crate::queue::{bounded, BoundedReceiver, BoundedSender, Refused, Weighed};
 use crate::registry::{ConnHandle, Registry, RoomChange};
-use crate::store::{Append, Backlog, Fanout, Seq, Store, DM_HEAD};
+use crate::store::{
+    Append, Backlog, Fanout, RoomAppend, RoomBacklog, Seq, Store, DM_HEAD, ROOM_HEAD,
+};
 
 /// DMs waiting to be re-routed, at most (and [`REROUTE_QUEUE_BYTES`]).
 const REROUTE_QUEUE_ITEMS: usize = 4096;
@@ -647,11 +649,39 @@ impl Router {
             ts: now_ms(),
         }
         .to_frame();
+        if let Some(store) = self.store.as_ref().filter(|s| s.limits().room_history > 0) {
+            // Recorded: the history and the publish are one step, and the
+            // local members get it from the bus too, in history order.
+            let text = frame.as_str();
+            let tail = text.strip_prefix(ROOM_HEAD).unwrap_or(text);
+            let appended = store
+                .append_room(&RoomAppend {
+                    room,
+                    origin: &self.instance,
+                    conn: except_conn.unwrap_or("-"),
+                    tail,
+                })
+                .await;
+            return match appended {
+                Ok(_) => {
+                    self.metrics.bus_published.room.inc();
+                    self.metrics.room_ok.inc();
+                    Ok(RoomOutcome {
+                        status: RoomStatus::Ok,
+                        msg_id,
+                    })
+                }
+                Err(e) => Err(failure(&self.metrics.room_failed, false, &e)
+                    .err()
+                    .unwrap_or(RouteError::Unavailable)),
+            };
+        }
         let payload = Envelope::Room {
             room,
             origin: &self.instance,
             // Connection ids contain a '/', so "-" never names one.
             conn: except_conn.unwrap_or("-"),
+            seq: None,
         }
         .encode(frame.bytes());
         let local = self
@@ -685,6 +715,36 @@ impl Router {
             }
         }
         Ok(())
+    }
+
+    /// A join with `since`: joins (subscribing first, so nothing published
+    /// from now on is missed), then reads the room's history after `since`.
+    /// The caller holds live messages meanwhile (see
+    /// [`ConnHandle::begin_room_replay`]).
+    pub async fn join_since(
+        &self,
+        conn: &Arc<ConnHandle>,
+        room: &str,
+        since: Seq,
+    ) -> Result<RoomBacklog, RouteError> {
+        self.join(conn, room).await?;
+        self.read_room(room, since).await
+    }
+
+    /// The room's history after `after` (empty, and not recovered, when
+    /// history is off).
+    pub async fn read_room(&self, room: &str, after: Seq) -> Result<RoomBacklog, RouteError> {
+        let Some(store) = self.store.as_ref() else {
+            return Ok(RoomBacklog::default());
+        };
+        let limits = store.limits();
+        if limits.room_history == 0 {
+            return Ok(RoomBacklog::default());
+        }
+        store
+            .read_room(room, after, limits.room_history)
+            .await
+            .map_err(|e| RouteError::from(&e))
     }
 
     /// Removes `conn` from `room`, unsubscribing when its last local member leaves.
@@ -788,7 +848,24 @@ impl Router {
                     self.metrics.dropped_reroute_queue_full.inc();
                 }
             }
-            Envelope::Room { room, origin, conn } => {
+            Envelope::Room {
+                room,
+                conn,
+                seq: Some(seq),
+                ..
+            } => {
+                let Some(frame) = frame_of(inbound.payload.slice(at..)) else {
+                    return;
+                };
+                self.registry
+                    .deliver_room_stored(room, Some(conn), seq, &frame, &self.metrics);
+            }
+            Envelope::Room {
+                room,
+                origin,
+                conn,
+                seq: None,
+            } => {
                 if origin == &*self.instance {
                     return; // delivered locally when it was sent
                 }
@@ -806,6 +883,7 @@ impl Router {
 /// caller answers `partial`), else the error to answer with.
 fn failure(outcomes: &SendOutcomes, local: bool, error: &BackendError) -> Result<(), RouteError> {
     tracing::debug!(error = %error, local, "send failed beyond this instance");
+
     if local {
         outcomes.partial.inc();
         return Ok(());

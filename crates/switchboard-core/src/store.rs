@@ -85,6 +85,37 @@ pub fn dm_frame(seq: Seq, tail: &str) -> TextFrame {
     TextFrame::from(format!(r#"{DM_HEAD},"seq":"{seq}"{tail}"#))
 }
 
+/// The start every `room` frame shares (see [`DM_HEAD`]).
+pub const ROOM_HEAD: &str = r#"{"type":"room""#;
+
+/// A recorded room message's frame: [`ROOM_HEAD`], its seq, then `tail`.
+pub fn room_frame(seq: Seq, tail: &str) -> TextFrame {
+    TextFrame::from(format!(r#"{ROOM_HEAD},"seq":"{seq}"{tail}"#))
+}
+
+/// A room message to record in the room's history and publish.
+#[derive(Debug, Clone, Copy)]
+pub struct RoomAppend<'a> {
+    /// The room.
+    pub room: &'a str,
+    /// The accepting instance.
+    pub origin: &'a str,
+    /// The sending connection (`-` for none), which does not get it.
+    pub conn: &'a str,
+    /// The frame after its `seq`: `,"room":…,"ts":…}`.
+    pub tail: &'a str,
+}
+
+/// Room messages read from a room's history.
+#[derive(Debug, Clone, Default)]
+pub struct RoomBacklog {
+    /// The messages after the position asked for, oldest first.
+    pub entries: Vec<(Seq, TextFrame)>,
+    /// `false` when history no longer reaches back to that position (some
+    /// messages after it were trimmed or expired).
+    pub recovered: bool,
+}
+
 /// Where [`Store::append`] publishes the DM after storing it.
 #[derive(Debug, Clone, Copy)]
 pub enum Fanout<'a> {
@@ -169,6 +200,11 @@ pub struct StoreLimits {
     pub inbox_ttl_ms: u64,
     /// How long an idempotency key is remembered, in milliseconds.
     pub idempotency_window_ms: u64,
+    /// Messages kept per room (0: room history is off, room messages are
+    /// delivered the v1 way, without `seq`).
+    pub room_history: usize,
+    /// How long a room's history is kept after its last message, in ms.
+    pub room_history_ttl_ms: u64,
 }
 
 impl Default for StoreLimits {
@@ -177,6 +213,8 @@ impl Default for StoreLimits {
             inbox_max_len: 1000,
             inbox_ttl_ms: 604_800_000,
             idempotency_window_ms: 300_000,
+            room_history: 100,
+            room_history_ttl_ms: 86_400_000,
         }
     }
 }
@@ -210,6 +248,22 @@ pub trait Store: Send + Sync + 'static {
     /// newest entry) and returns the receipts the acknowledged entries asked
     /// for.
     async fn ack(&self, user: &str, seq: Seq) -> Result<Vec<Receipt>, BackendError>;
+
+    /// The retention settings (the router asks whether room history is on).
+    fn limits(&self) -> StoreLimits;
+
+    /// Records a room message in the room's history and publishes it with
+    /// its seq on the room's channel, in one atomic step (the order of the
+    /// history is the order every member instance receives it in).
+    async fn append_room(&self, message: &RoomAppend<'_>) -> Result<Seq, BackendError>;
+
+    /// Up to `limit` room messages after `after`.
+    async fn read_room(
+        &self,
+        room: &str,
+        after: Seq,
+        limit: usize,
+    ) -> Result<RoomBacklog, BackendError>;
 }
 
 #[cfg(test)]

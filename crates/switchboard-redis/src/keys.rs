@@ -44,6 +44,17 @@ impl Keys {
         format!("{}:idem:{{{to}}}:{from}:{key}", self.prefix)
     }
 
+    /// `sb:hist:{ROOM}` — STREAM: the room's last `--room-history`
+    /// messages (`f` = the frame after its seq).
+    pub fn room_history(&self, room: &str) -> String {
+        format!("{}:hist:{{{room}}}", self.prefix)
+    }
+
+    /// `sb:histm:{ROOM}` — HASH: `t` the newest room message trimmed.
+    pub fn room_history_mark(&self, room: &str) -> String {
+        format!("{}:histm:{{{room}}}", self.prefix)
+    }
+
     /// `sb:instance:{ID}` — the instance's lease (a key with a TTL).
     pub fn lease(&self, instance: &str) -> String {
         format!("{}:instance:{{{instance}}}", self.prefix)

@@ -14,7 +14,10 @@ use redis::Value;
 
 use switchboard_core::bus::Reached;
 use switchboard_core::error::BackendError;
-use switchboard_core::store::{dm_frame, Append, Appended, Backlog, Fanout, Receipt, Seq, Store};
+use switchboard_core::store::{
+    dm_frame, room_frame, Append, Appended, Backlog, Fanout, Receipt, RoomAppend, RoomBacklog, Seq,
+    Store, StoreLimits,
+};
 
 use crate::RedisBackend;
 
@@ -166,12 +169,53 @@ end
 return out
 ";
 
-/// The three scripts, compiled once.
+/// KEYS: history, mark. ARGV: tail, max, ttl_ms, room, origin, conn,
+/// channel. Records a room message and publishes it; returns its seq.
+const ROOM_APPEND: &str = r#"
+local seq = redis.call('XADD', KEYS[1], '*', 'f', ARGV[1])
+local max = tonumber(ARGV[2])
+local len = redis.call('XLEN', KEYS[1])
+if len > max then
+  local old = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', len - max)
+  redis.call('HSET', KEYS[2], 't', old[#old][1])
+  redis.call('XTRIM', KEYS[1], 'MAXLEN', max)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PUBLISH', ARGV[7], 'R ' .. ARGV[4] .. ' ' .. ARGV[5] .. ' ' .. ARGV[6] .. ' ' .. seq
+  .. '\n{"type":"room","seq":"' .. seq .. '"' .. ARGV[1])
+return seq
+"#;
+
+/// KEYS: history, mark. ARGV: after, limit. Returns `{recovered (0/1),
+/// id, f, ...}`; not recovered when messages after `after` were trimmed,
+/// or the history expired.
+const ROOM_READ: &str = r"
+local recovered = 1
+local mark = redis.call('HGET', KEYS[2], 't')
+if mark and gt(mark, ARGV[1]) then recovered = 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 and ARGV[1] ~= '0-0' then recovered = 0 end
+local out = {recovered}
+for _, e in ipairs(redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])) do
+  local fields = e[2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'f' then
+      out[#out + 1] = e[1]
+      out[#out + 1] = fields[i + 1]
+    end
+  end
+end
+return out
+";
+
+/// The scripts, compiled once.
 #[derive(Debug)]
 pub(crate) struct StoreScripts {
     append: redis::Script,
     read: redis::Script,
     ack: redis::Script,
+    room_append: redis::Script,
+    room_read: redis::Script,
 }
 
 impl Default for StoreScripts {
@@ -180,6 +224,8 @@ impl Default for StoreScripts {
             append: redis::Script::new(APPEND),
             read: redis::Script::new(&format!("{SEQ_LT}{READ}")),
             ack: redis::Script::new(&format!("{SEQ_LT}{ACK}")),
+            room_append: redis::Script::new(ROOM_APPEND),
+            room_read: redis::Script::new(&format!("{SEQ_LT}{ROOM_READ}")),
         }
     }
 }
@@ -342,6 +388,59 @@ impl Store for RedisBackend {
             entries,
             gap,
         })
+    }
+
+    fn limits(&self) -> StoreLimits {
+        self.store_limits
+    }
+
+    async fn append_room(&self, message: &RoomAppend<'_>) -> Result<Seq, BackendError> {
+        let limits = self.store_limits;
+        let mut invocation = self.store_scripts.room_append.prepare_invoke();
+        invocation
+            .key(self.keys.room_history(message.room))
+            .key(self.keys.room_history_mark(message.room))
+            .arg(message.tail)
+            .arg(limits.room_history)
+            .arg(limits.room_history_ttl_ms)
+            .arg(message.room)
+            .arg(message.origin)
+            .arg(message.conn)
+            .arg(self.keys.room_channel(message.room));
+        let mut conn = self.message_path()?;
+        let reply: Value = self.timed(invocation.invoke_async(&mut conn)).await?;
+        text(&reply)
+            .and_then(Seq::parse)
+            .ok_or_else(|| malformed("a room seq"))
+    }
+
+    async fn read_room(
+        &self,
+        room: &str,
+        after: Seq,
+        limit: usize,
+    ) -> Result<RoomBacklog, BackendError> {
+        let mut invocation = self.store_scripts.room_read.prepare_invoke();
+        invocation
+            .key(self.keys.room_history(room))
+            .key(self.keys.room_history_mark(room))
+            .arg(after.to_string())
+            .arg(limit.max(1));
+        let mut conn = self.message_path()?;
+        let reply: Value = self.timed(invocation.invoke_async(&mut conn)).await?;
+        let reply = array(reply).ok_or_else(|| malformed("not an array"))?;
+        let recovered = reply.first().and_then(int) == Some(1);
+        let mut entries = Vec::new();
+        for pair in reply.get(1..).unwrap_or_default().chunks(2) {
+            if let [id, tail] = pair {
+                let seq = text(id)
+                    .and_then(Seq::parse)
+                    .ok_or_else(|| malformed("id"))?;
+                let tail = text(tail).ok_or_else(|| malformed("entry"))?;
+                entries.push((seq, room_frame(seq, tail)));
+            }
+        }
+        Ok(RoomBacklog { entries, recovered })
     }
 
     async fn ack(&self, user: &str, seq: Seq) -> Result<Vec<Receipt>, BackendError> {
