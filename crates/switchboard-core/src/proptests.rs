@@ -76,6 +76,82 @@ proptest! {
         }
     }
 
+    /// The seam at one connection: live stored DMs arrive in seq order
+    /// (some also duplicated), a replay of the inbox runs across any prefix
+    /// of them and is read in pages; whatever the interleaving, the
+    /// connection queues every seq once, in order.
+    #[test]
+    fn the_seq_gate_queues_each_stored_dm_once_in_order(
+        total in 1usize..60,
+        live_from in 0usize..60,
+        replay_at in 0usize..60,
+        page in 1usize..20,
+        dup_every in 1usize..7,
+    ) {
+        use crate::store::Seq;
+        let metrics = Metrics::new();
+        // A small byte budget: the hold overflows (and the replay re-reads)
+        // when more than a few live DMs arrive during the replay.
+        let (conn, mut rx) = ConnHandle::new(Arc::from("c/1"), Arc::from("bob"), QueueLimits { frames: 64, bytes: 400 });
+        let mut got = Vec::new();
+        let drain = |rx: &mut BoundedReceiver<Outbound>, got: &mut Vec<String>| {
+            while let Some(Outbound::Text(f)) = rx.try_recv() {
+                got.push(f.as_str().to_owned());
+            }
+        };
+        let seqs: Vec<Seq> = (1..=total as u64).map(|n| Seq { ms: 10, n }).collect();
+        let frame = |s: Seq| crate::protocol::TextFrame::from(format!("{{\"seq\":\"{s}\"}}"));
+        // Before the connection exists, DMs 0..live_from are only in the inbox.
+        let live_from = live_from.min(total);
+        let replay_at = replay_at.clamp(live_from, total);
+        conn.begin_replay(Seq::ZERO);
+        // Live DMs up to replay_at arrive while the backlog is being read.
+        let mut live = live_from;
+        let mut replayed = 0;
+        // The inbox read sees everything appended before it: here, up to `live`.
+        while live < replay_at {
+            conn.offer_stored(seqs[live], &frame(seqs[live]), &metrics);
+            if live % dup_every == 0 {
+                conn.offer_stored(seqs[live], &frame(seqs[live]), &metrics);
+            }
+            live += 1;
+        }
+        let overflowed = replay_at - live_from > 9;
+        let mut after = Seq::ZERO;
+        loop {
+            let visible = &seqs[..live];
+            let batch: Vec<Seq> = visible.iter().copied().filter(|s| *s > after).take(page).collect();
+            for s in &batch {
+                if conn.replay_accepts(*s) {
+                    prop_assert!(conn.send_text(frame(*s), &metrics));
+                    replayed += 1;
+                }
+                drain(&mut rx, &mut got);
+                after = *s;
+            }
+            if batch.len() == page {
+                continue;
+            }
+            match conn.finish_replay(&metrics) {
+                crate::registry::ReplayEnd::Live => break,
+                crate::registry::ReplayEnd::ReadAgainAfter(s) => after = s,
+            }
+        }
+        drain(&mut rx, &mut got);
+        prop_assert!(replayed <= total);
+        prop_assert!(!overflowed || replayed >= replay_at - live_from, "an overflowing hold is re-read, not lost");
+        // Then the rest live, with duplicates.
+        while live < total {
+            conn.offer_stored(seqs[live], &frame(seqs[live]), &metrics);
+            conn.offer_stored(seqs[live], &frame(seqs[live]), &metrics);
+            drain(&mut rx, &mut got);
+            live += 1;
+        }
+        prop_assert!(conn.close_reason().is_none(), "never a slow consumer here");
+        let want: Vec<String> = seqs.iter().map(|s| frame(*s).as_str().to_owned()).collect();
+        prop_assert_eq!(got, want);
+    }
+
     #[test]
     fn huge_and_odd_names_are_refused_precisely(name in "\\PC{0,200}") {
         let frame = serde_json::json!({"type": "join", "room": name}).to_string();
