@@ -11,6 +11,8 @@
 #   scripts/bench.sh --nodes 1,2 --rate 5000 --duration 3 --name smoke
 #   scripts/bench.sh --modes routed,broadcast,user-channel --nodes 2,4
 #   scripts/bench.sh --find-max --nodes 2,4            # highest sustained rate per cell
+#   scripts/bench.sh --modes routed --nodes 2,4 --rate 5000 --dm-store true,false
+#                                                      # stored and "store":false DMs, rows side by side
 #   scripts/bench.sh --workload room --rooms 20 --room-members 10 --room-spread 2
 #   scripts/bench.sh --workload churn --churn-rate 20
 #   scripts/bench.sh --nodes 2,4 --name dm-2-4 --publish  # results into bench/results/ too

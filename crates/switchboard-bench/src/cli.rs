@@ -147,6 +147,21 @@ pub struct Cli {
     #[arg(long, default_value = "0")]
     pub server_rate_limit: String,
 
+    /// Switchboard rows: measure each mode once per value, comma-separated
+    /// (`true,false`: stored DMs and `"store":false` ephemeral ones in one
+    /// run, against the same build), handed to the loader as --dm-store. The
+    /// rows are named `<mode>-stored` and `<mode>-ephemeral`. Default:
+    /// nothing is passed (the loader's default, stored) and rows keep the
+    /// mode's name. The peer's rows run once, without it.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_parser = clap::value_parser!(bool),
+        action = clap::ArgAction::Append,
+        value_name = "BOOL,..."
+    )]
+    pub dm_store: Vec<bool>,
+
     /// Extra argument handed verbatim to every switchboard instance (repeatable).
     #[arg(long = "server-arg", allow_hyphen_values = true)]
     pub server_args: Vec<String>,
@@ -341,6 +356,16 @@ pub enum BenchAuth {
 /// ephemeral range (32768-60999 here) holds about 28,000 ports per address.
 pub const MAX_PER_SOURCE_ADDR: u64 = 25_000;
 
+/// A row's name: the system's, with `-stored` or `-ephemeral` when it ran
+/// with an explicit --dm-store.
+pub fn row_name(system: System, dm_store: Option<bool>) -> String {
+    match dm_store {
+        None => system.name(),
+        Some(true) => format!("{}-stored", system.name()),
+        Some(false) => format!("{}-ephemeral", system.name()),
+    }
+}
+
 /// Where `--publish` writes, relative to the repository root.
 pub const PUBLISH_DIR: &str = "bench/results";
 
@@ -412,6 +437,22 @@ impl Cli {
             ));
         }
         self.validate_name()?;
+        if !self.dm_store.is_empty() {
+            if !matches!(self.workload, Workload::Dm | Workload::Mixed) {
+                return Err("--dm-store needs a workload that sends DMs (dm, mixed)".into());
+            }
+            if self
+                .dm_store
+                .iter()
+                .enumerate()
+                .any(|(i, v)| self.dm_store[..i].contains(v))
+            {
+                return Err("--dm-store: each value once".into());
+            }
+            if self.loader_args.iter().any(|a| a.starts_with("--dm-store")) {
+                return Err("--dm-store given both directly and as --loader-arg".into());
+            }
+        }
         if self.workload == Workload::Connections {
             self.validate_connections()?;
         }
@@ -448,6 +489,18 @@ impl Cli {
             .map(System::Switchboard)
             .chain(adapters.into_iter().map(System::Socketio))
             .collect()
+    }
+
+    /// The --dm-store values a system's rows run with: `None` (the loader's
+    /// default, nothing passed) unless --dm-store is given; the peer's rows
+    /// always once, with `None`.
+    pub fn dm_store_variants(&self, system: System) -> Vec<Option<bool>> {
+        match system {
+            System::Switchboard(_) if !self.dm_store.is_empty() => {
+                self.dm_store.iter().copied().map(Some).collect()
+            }
+            _ => vec![None],
+        }
     }
 
     /// The checks of the connections workload's flags.
@@ -661,6 +714,43 @@ mod tests {
         assert!(parse(&["--peer", "socketio", "--workload", "connections"]).is_err());
         assert!(parse(&["--merge", "a.json,b.json", "--name", "x/y"]).is_err());
         assert!(parse(&["--merge", "a.json,b.json", "--name", "both"]).is_ok());
+    }
+
+    #[test]
+    fn dm_store_variants_name_their_rows() {
+        let rows = |args: &[&str]| -> Vec<String> {
+            let cli = parse(args).expect("valid");
+            cli.systems()
+                .into_iter()
+                .flat_map(|s| {
+                    cli.dm_store_variants(s)
+                        .into_iter()
+                        .map(move |v| row_name(s, v))
+                })
+                .collect()
+        };
+        assert_eq!(rows(&["--modes", "routed"]), ["routed"]);
+        assert_eq!(
+            rows(&["--modes", "routed", "--dm-store", "true,false"]),
+            ["routed-stored", "routed-ephemeral"]
+        );
+        assert_eq!(
+            rows(&[
+                "--modes",
+                "routed",
+                "--peer",
+                "socketio",
+                "--peer-adapter",
+                "classic",
+                "--dm-store",
+                "false"
+            ]),
+            ["routed-ephemeral", "socketio-classic"]
+        );
+        assert!(parse(&["--dm-store", "true,true"]).is_err());
+        assert!(parse(&["--dm-store", "no"]).is_err());
+        assert!(parse(&["--dm-store", "false", "--workload", "room"]).is_err());
+        assert!(parse(&["--dm-store", "false", "--loader-arg=--dm-store=true"]).is_err());
     }
 
     #[test]

@@ -302,16 +302,20 @@ async fn run_matrix(cli: &Cli, setup: Setup) -> Result<ExitCode, BenchError> {
     let mut runs: Vec<RunRecord> = Vec::new();
     'matrix: for system in cli.systems() {
         for &nodes in &cli.nodes {
-            if cancel.is_cancelled() {
-                break 'matrix;
-            }
-            eprintln!("[bench] === {} N={nodes}", system.name());
-            let record = run::run_one(&ctx, system, nodes, &cancel).await;
-            print_run(&record);
-            runs.push(record);
-            tokio::select! {
-                _ = cancel.cancelled() => break 'matrix,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            // --dm-store variants side by side per N (the closest in time).
+            for dm_store in cli.dm_store_variants(system) {
+                if cancel.is_cancelled() {
+                    break 'matrix;
+                }
+                let row = cli::row_name(system, dm_store);
+                eprintln!("[bench] === {row} N={nodes}");
+                let record = run::run_one(&ctx, system, dm_store, nodes, &cancel).await;
+                print_run(&record);
+                runs.push(record);
+                tokio::select! {
+                    _ = cancel.cancelled() => break 'matrix,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
             }
         }
     }

@@ -156,18 +156,20 @@ struct Measured {
 pub async fn run_one(
     ctx: &RunContext<'_>,
     system: System,
+    dm_store: Option<bool>,
     nodes: usize,
     cancel: &CancellationToken,
 ) -> RunRecord {
     let started = Instant::now();
-    let dir = ctx.logs_dir.join(format!("{}-n{nodes}", system.name()));
+    let row = crate::cli::row_name(system, dm_store);
+    let dir = ctx.logs_dir.join(format!("{row}-n{nodes}"));
     let mut supervisor = Supervisor::new(Duration::from_secs_f64(ctx.cli.stop_timeout));
     let mut measured = Measured::default();
     let result = match std::fs::create_dir_all(&dir) {
         Ok(()) => {
             measure(
                 ctx,
-                system,
+                (system, dm_store),
                 nodes,
                 &dir,
                 &mut supervisor,
@@ -234,7 +236,7 @@ pub async fn run_one(
         derived = Some(d);
     }
     RunRecord {
-        mode: system.name(),
+        mode: row,
         nodes,
         status: status.to_owned(),
         error,
@@ -259,7 +261,7 @@ pub async fn run_one(
 
 async fn measure(
     ctx: &RunContext<'_>,
-    system: System,
+    (system, dm_store): (System, Option<bool>),
     nodes: usize,
     dir: &Path,
     supervisor: &mut Supervisor,
@@ -298,6 +300,10 @@ async fn measure(
         system.protocol().as_str().to_owned(),
     ];
     args.extend(cli.loader_workload_args());
+    if let Some(store) = dm_store {
+        args.push("--dm-store".to_owned());
+        args.push(store.to_string());
+    }
     args.push("--out".to_owned());
     args.push(loader_out.to_string_lossy().into_owned());
     m.loader_command = std::iter::once(ctx.loader_bin.to_string_lossy().into_owned())

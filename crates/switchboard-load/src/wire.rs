@@ -432,7 +432,10 @@ mod tests {
         let text = eph.message(Kind::Dm, 7, &f);
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["store"], false);
-        assert_eq!((v["type"].as_str(), v["to"].as_str()), (Some("dm"), Some("u7")));
+        assert_eq!(
+            (v["type"].as_str(), v["to"].as_str()),
+            (Some("dm"), Some("u7"))
+        );
         let body = v["body"].as_str().unwrap();
         assert_eq!(serde_json::to_string(body).unwrap().len(), 64);
         assert_eq!(parse_body(body), Some(f));
@@ -442,7 +445,10 @@ mod tests {
         let both = Codec::new(Protocol::Switchboard, "u0", "u", "r", 64, true)
             .with_dm_store(false)
             .message(Kind::Dm, 7, &f);
-        assert!(both.contains(r#","ack":false,"store":false,"body":"#), "{both}");
+        assert!(
+            both.contains(r#","ack":false,"store":false,"body":"#),
+            "{both}"
+        );
     }
 
     #[test]
