@@ -134,9 +134,10 @@ pub struct Config {
     #[arg(long, env = "SWITCHBOARD_INBOX_MAX_LEN", default_value_t = 1000)]
     pub inbox_max_len: usize,
 
-    /// How long an inbox is kept after its user was last seen or sent to,
-    /// and the oldest an entry may be, in seconds. DMs to a user not seen
-    /// within it are not stored (`"stored": false`).
+    /// How long an inbox is kept after its user last connected, and the
+    /// oldest an entry may be, in seconds. DMs to a user who has not
+    /// connected within it (and is not online) are not stored
+    /// (`"stored": false`).
     #[arg(long, env = "SWITCHBOARD_INBOX_TTL_S", default_value_t = 604_800)]
     pub inbox_ttl_s: u64,
 

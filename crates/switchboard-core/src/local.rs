@@ -339,7 +339,7 @@ impl Store for LocalBackend {
                     .then(|| (dm.from.to_owned(), dm.msg_id.to_owned())),
             });
             mailbox.trim_to(limits.inbox_max_len);
-            mailbox.expires_ms = now + limits.inbox_ttl_ms;
+            // The TTL runs from the user's last connect (as in Redis).
             seq
         });
         // Published under the store's lock: one step with the append.

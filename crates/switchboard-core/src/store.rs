@@ -195,8 +195,8 @@ pub struct Receipt {
 pub struct StoreLimits {
     /// Most entries kept per inbox (the oldest are trimmed).
     pub inbox_max_len: usize,
-    /// How long an inbox is kept after its user was last seen or sent to,
-    /// and the oldest an entry may be, in milliseconds.
+    /// How long an inbox is kept after its user last connected, and the
+    /// oldest an entry may be, in milliseconds.
     pub inbox_ttl_ms: u64,
     /// How long an idempotency key is remembered, in milliseconds.
     pub idempotency_window_ms: u64,

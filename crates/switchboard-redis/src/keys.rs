@@ -25,15 +25,16 @@ impl Keys {
     }
 
     /// `sb:inbox:{USER}` — STREAM: the user's inbox, one entry per stored DM
-    /// (`f` = the frame after its seq, `r` = `SENDER MSG_ID` when a receipt
-    /// was asked for). Same hash tag as the presence key.
+    /// (`f` = the frame after its seq, `p` = the previous entry's seq, `r` =
+    /// `SENDER MSG_ID` when a receipt was asked for). It exists while the
+    /// user was seen (connected) within the inbox TTL. Same hash tag as the
+    /// presence key.
     pub fn inbox(&self, user: &str) -> String {
         format!("{}:inbox:{{{user}}}", self.prefix)
     }
 
-    /// `sb:mbox:{USER}` — HASH: `c` the user's cursor, `t` the newest entry
-    /// dropped by retention. Exists while the user was seen within the inbox
-    /// TTL: only then are DMs to them stored.
+    /// `sb:mbox:{USER}` — HASH: `c` the user's cursor, `l` the newest seq
+    /// appended, `t` the newest entry dropped for its age.
     pub fn mailbox(&self, user: &str) -> String {
         format!("{}:mbox:{{{user}}}", self.prefix)
     }
@@ -45,14 +46,9 @@ impl Keys {
     }
 
     /// `sb:hist:{ROOM}` — STREAM: the room's last `--room-history`
-    /// messages (`f` = the frame after its seq).
+    /// messages (`f` = the frame after its seq, `p` = the previous one's).
     pub fn room_history(&self, room: &str) -> String {
         format!("{}:hist:{{{room}}}", self.prefix)
-    }
-
-    /// `sb:histm:{ROOM}` — HASH: `t` the newest room message trimmed.
-    pub fn room_history_mark(&self, room: &str) -> String {
-        format!("{}:histm:{{{room}}}", self.prefix)
     }
 
     /// `sb:instance:{ID}` — the instance's lease (a key with a TTL).

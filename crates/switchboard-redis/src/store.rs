@@ -34,37 +34,52 @@ local function gt(x, y)
 end
 ";
 
-/// KEYS: inbox, mailbox, presence[, idempotency].
+/// KEYS: inbox, presence, mailbox[, idempotency].
 /// ARGV: msg_id, tail, receipt (`SENDER MSG_ID` or ''), max_len, ttl_ms,
 /// window_ms, to, origin, mode (`h`: the holders' personal channels, `c`:
 /// one channel), channel prefix (h) or channel (c).
 /// Returns `{'dup', 'MSG_ID SEQ STATUS'}` or `{'ok', seq or '', any,
 /// {instance, receivers, ...}}`.
+///
+/// Few calls on purpose (each `redis.call` costs Redis more than most
+/// commands it runs): the inbox stream exists only for a user seen within
+/// the TTL (the connect creates it), so `XADD NOMKSTREAM` is the seen-check,
+/// the append and the exact trim at once. Each entry records its
+/// predecessor (`p`, kept in the mailbox as `l`): the first entry kept then
+/// tells whether anything after a given seq was trimmed, with no trim
+/// bookkeeping on the append.
 const APPEND: &str = r#"
-local inbox, mbox, presence, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local inbox, presence, mbox, idem = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 if idem then
   local prior = redis.call('GET', idem)
   if prior then return {'dup', prior} end
 end
-local seq = ''
-if redis.call('EXISTS', mbox) == 1 or redis.call('EXISTS', presence) == 1 then
-  if ARGV[3] ~= '' then
-    seq = redis.call('XADD', inbox, '*', 'f', ARGV[2], 'r', ARGV[3])
+-- The predecessor from the mailbox (`l`, the newest seq appended): a hash
+-- read is far cheaper than XREVRANGE on the stream.
+local prev = redis.call('HGET', mbox, 'l') or '0-0'
+-- Spelled out, not built as a table: this is the hot path.
+local seq
+if ARGV[3] == '' then
+  seq = redis.call('XADD', inbox, 'NOMKSTREAM', 'MAXLEN', '=', ARGV[4], '*', 'f', ARGV[2], 'p', prev)
+else
+  seq = redis.call('XADD', inbox, 'NOMKSTREAM', 'MAXLEN', '=', ARGV[4], '*', 'f', ARGV[2], 'p', prev, 'r', ARGV[3])
+end
+if not seq and redis.call('EXISTS', presence) == 1 then
+  -- Online, though not connected within the TTL (a long-lived connection):
+  -- seen now.
+  if ARGV[3] == '' then
+    seq = redis.call('XADD', inbox, 'MAXLEN', '=', ARGV[4], '*', 'f', ARGV[2], 'p', prev)
   else
-    seq = redis.call('XADD', inbox, '*', 'f', ARGV[2])
-  end
-  local max = tonumber(ARGV[4])
-  local len = redis.call('XLEN', inbox)
-  if len > max then
-    local old = redis.call('XRANGE', inbox, '-', '+', 'COUNT', len - max)
-    redis.call('HSET', mbox, 't', old[#old][1])
-    redis.call('XTRIM', inbox, 'MAXLEN', max)
+    seq = redis.call('XADD', inbox, 'MAXLEN', '=', ARGV[4], '*', 'f', ARGV[2], 'p', prev, 'r', ARGV[3])
   end
   redis.call('PEXPIRE', inbox, ARGV[5])
-  if redis.call('PEXPIRE', mbox, ARGV[5]) == 0 then
-    redis.call('HSET', mbox, 'c', '0-0')
-    redis.call('PEXPIRE', mbox, ARGV[5])
-  end
+  redis.call('HSETNX', mbox, 'c', '0-0')
+  redis.call('PEXPIRE', mbox, ARGV[5])
+end
+if seq then
+  redis.call('HSET', mbox, 'l', seq)
+else
+  seq = ''
 end
 local payload
 if seq ~= '' then
@@ -102,15 +117,22 @@ return {'ok', seq, any, reached}
 "#;
 
 /// KEYS: inbox, mailbox. ARGV: after (or '' for the cursor), limit, open
-/// (`1`/`0`), ttl_ms. Opening marks the user seen (creating the mailbox)
-/// and drops entries older than the TTL first.
+/// (`1`/`0`), ttl_ms. Opening marks the user seen (creating an empty inbox
+/// stream and the mailbox, refreshing both TTLs) and drops entries older
+/// than the TTL first (recording the newest dropped as the mark `t`).
 /// Returns `{after, gap (0/1), id, f, id, f, ...}`.
 const READ: &str = r"
 local inbox, mbox = KEYS[1], KEYS[2]
 local after, limit, open, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local fresh = 0
 if open == '1' then
-  fresh = redis.call('HSETNX', mbox, 'c', '0-0')
+  if redis.call('EXISTS', inbox) == 0 then
+    -- An empty stream: the user is seen; XADD NOMKSTREAM appends to it.
+    redis.call('XADD', inbox, '*', 'f', '', 'p', '0-0')
+    redis.call('XTRIM', inbox, 'MAXLEN', 0)
+    fresh = 1
+  end
+  redis.call('HSETNX', mbox, 'c', '0-0')
   redis.call('PEXPIRE', mbox, ttl)
   redis.call('PEXPIRE', inbox, ttl)
   local t = redis.call('TIME')
@@ -128,6 +150,13 @@ local m = redis.call('HMGET', mbox, 'c', 't')
 if after == '' then after = m[1] or '0-0' end
 local gap = 0
 if (m[2] and gt(m[2], after)) or (fresh == 1 and after ~= '0-0') then gap = 1 end
+local first = redis.call('XRANGE', inbox, '-', '+', 'COUNT', 1)
+if first[1] then
+  local fields = first[1][2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'p' and gt(fields[i + 1], after) then gap = 1 end
+  end
+end
 local out = {after, gap}
 local entries = redis.call('XRANGE', inbox, '(' .. after, '+', 'COUNT', limit)
 for _, e in ipairs(entries) do
@@ -169,32 +198,34 @@ end
 return out
 ";
 
-/// KEYS: history, mark. ARGV: tail, max, ttl_ms, room, origin, conn,
-/// channel. Records a room message and publishes it; returns its seq.
+/// KEYS: history. ARGV: tail, max, ttl_ms, room, origin, conn, channel.
+/// Records a room message (with its predecessor, `p`, as in the inbox) and
+/// publishes it; returns its seq.
 const ROOM_APPEND: &str = r#"
-local seq = redis.call('XADD', KEYS[1], '*', 'f', ARGV[1])
-local max = tonumber(ARGV[2])
-local len = redis.call('XLEN', KEYS[1])
-if len > max then
-  local old = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', len - max)
-  redis.call('HSET', KEYS[2], 't', old[#old][1])
-  redis.call('XTRIM', KEYS[1], 'MAXLEN', max)
-end
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local prev = '0-0'
+if newest[1] then prev = newest[1][1] end
+local seq = redis.call('XADD', KEYS[1], 'MAXLEN', '=', ARGV[2], '*', 'f', ARGV[1], 'p', prev)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('PUBLISH', ARGV[7], 'R ' .. ARGV[4] .. ' ' .. ARGV[5] .. ' ' .. ARGV[6] .. ' ' .. seq
   .. '\n{"type":"room","seq":"' .. seq .. '"' .. ARGV[1])
 return seq
 "#;
 
-/// KEYS: history, mark. ARGV: after, limit. Returns `{recovered (0/1),
-/// id, f, ...}`; not recovered when messages after `after` were trimmed,
-/// or the history expired.
+/// KEYS: history. ARGV: after, limit. Returns `{recovered (0/1), id, f,
+/// ...}`; not recovered when a message after `after` was trimmed (the
+/// first one kept has a predecessor after it), or the history expired.
 const ROOM_READ: &str = r"
 local recovered = 1
-local mark = redis.call('HGET', KEYS[2], 't')
-if mark and gt(mark, ARGV[1]) then recovered = 0 end
-if redis.call('EXISTS', KEYS[1]) == 0 and ARGV[1] ~= '0-0' then recovered = 0 end
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+if first[1] then
+  local fields = first[1][2]
+  for i = 1, #fields, 2 do
+    if fields[i] == 'p' and gt(fields[i + 1], ARGV[1]) then recovered = 0 end
+  end
+elseif ARGV[1] ~= '0-0' then
+  recovered = 0
+end
 local out = {recovered}
 for _, e in ipairs(redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])) do
   local fields = e[2]
@@ -274,8 +305,8 @@ impl Store for RedisBackend {
         let mut invocation = self.store_scripts.append.prepare_invoke();
         invocation
             .key(self.keys.inbox(dm.to))
-            .key(self.keys.mailbox(dm.to))
-            .key(self.keys.presence(dm.to));
+            .key(self.keys.presence(dm.to))
+            .key(self.keys.mailbox(dm.to));
         if let Some(key) = dm.key {
             invocation.key(self.keys.idempotency(dm.to, dm.from, key));
         }
@@ -399,7 +430,6 @@ impl Store for RedisBackend {
         let mut invocation = self.store_scripts.room_append.prepare_invoke();
         invocation
             .key(self.keys.room_history(message.room))
-            .key(self.keys.room_history_mark(message.room))
             .arg(message.tail)
             .arg(limits.room_history)
             .arg(limits.room_history_ttl_ms)
@@ -423,7 +453,6 @@ impl Store for RedisBackend {
         let mut invocation = self.store_scripts.room_read.prepare_invoke();
         invocation
             .key(self.keys.room_history(room))
-            .key(self.keys.room_history_mark(room))
             .arg(after.to_string())
             .arg(limit.max(1));
         let mut conn = self.message_path()?;
