@@ -11,6 +11,7 @@
 
 use async_trait::async_trait;
 use redis::Value;
+use switchboard_core::protocol::TextFrame;
 
 use switchboard_core::bus::Reached;
 use switchboard_core::error::BackendError;
@@ -20,6 +21,23 @@ use switchboard_core::store::{
 };
 
 use crate::RedisBackend;
+
+/// Appends `id, f` of each stream entry to `out`: the reply layout of the
+/// two read scripts.
+const COLLECT: &str = r"
+local function collect(out, entries)
+  for _, e in ipairs(entries) do
+    local fields = e[2]
+    for i = 1, #fields, 2 do
+      if fields[i] == 'f' then
+        out[#out + 1] = e[1]
+        out[#out + 1] = fields[i + 1]
+      end
+    end
+  end
+  return out
+end
+";
 
 /// Stream ids compared as (ms, n), shared by the scripts.
 const SEQ_LT: &str = r"
@@ -157,18 +175,7 @@ if first[1] then
     if fields[i] == 'p' and gt(fields[i + 1], after) then gap = 1 end
   end
 end
-local out = {after, gap}
-local entries = redis.call('XRANGE', inbox, '(' .. after, '+', 'COUNT', limit)
-for _, e in ipairs(entries) do
-  local fields = e[2]
-  for i = 1, #fields, 2 do
-    if fields[i] == 'f' then
-      out[#out + 1] = e[1]
-      out[#out + 1] = fields[i + 1]
-    end
-  end
-end
-return out
+return collect({after, gap}, redis.call('XRANGE', inbox, '(' .. after, '+', 'COUNT', limit))
 ";
 
 /// KEYS: inbox, mailbox. ARGV: seq. Moves the cursor forward (never past
@@ -226,17 +233,7 @@ if first[1] then
 elseif ARGV[1] ~= '0-0' then
   recovered = 0
 end
-local out = {recovered}
-for _, e in ipairs(redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])) do
-  local fields = e[2]
-  for i = 1, #fields, 2 do
-    if fields[i] == 'f' then
-      out[#out + 1] = e[1]
-      out[#out + 1] = fields[i + 1]
-    end
-  end
-end
-return out
+return collect({recovered}, redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2]))
 ";
 
 /// The scripts, compiled once.
@@ -253,10 +250,10 @@ impl Default for StoreScripts {
     fn default() -> Self {
         StoreScripts {
             append: redis::Script::new(APPEND),
-            read: redis::Script::new(&format!("{SEQ_LT}{READ}")),
+            read: redis::Script::new(&format!("{SEQ_LT}{COLLECT}{READ}")),
             ack: redis::Script::new(&format!("{SEQ_LT}{ACK}")),
             room_append: redis::Script::new(ROOM_APPEND),
-            room_read: redis::Script::new(&format!("{SEQ_LT}{ROOM_READ}")),
+            room_read: redis::Script::new(&format!("{SEQ_LT}{COLLECT}{ROOM_READ}")),
         }
     }
 }
@@ -287,6 +284,24 @@ fn array(value: Value) -> Option<Vec<Value>> {
         Value::Nil => Some(Vec::new()),
         _ => None,
     }
+}
+
+/// The `id, f, id, f, …` part of a read script's reply, as frames.
+fn frames(
+    values: &[Value],
+    frame: fn(Seq, &str) -> TextFrame,
+) -> Result<Vec<(Seq, TextFrame)>, BackendError> {
+    let mut out = Vec::with_capacity(values.len() / 2);
+    for pair in values.chunks(2) {
+        if let [id, tail] = pair {
+            let seq = text(id)
+                .and_then(Seq::parse)
+                .ok_or_else(|| malformed("id"))?;
+            let tail = text(tail).ok_or_else(|| malformed("entry"))?;
+            out.push((seq, frame(seq, tail)));
+        }
+    }
+    Ok(out)
 }
 
 /// `Some(seq)` for a seq, `None` for `''`; an error for anything else.
@@ -404,16 +419,7 @@ impl Store for RedisBackend {
             .and_then(Seq::parse)
             .ok_or_else(|| malformed("after"))?;
         let gap = reply.get(1).and_then(int) == Some(1);
-        let mut entries = Vec::with_capacity(reply.len().saturating_sub(2) / 2);
-        for pair in reply.get(2..).unwrap_or_default().chunks(2) {
-            if let [id, tail] = pair {
-                let seq = text(id)
-                    .and_then(Seq::parse)
-                    .ok_or_else(|| malformed("id"))?;
-                let tail = text(tail).ok_or_else(|| malformed("entry"))?;
-                entries.push((seq, dm_frame(seq, tail)));
-            }
-        }
+        let entries = frames(reply.get(2..).unwrap_or_default(), dm_frame)?;
         Ok(Backlog {
             after,
             entries,
@@ -459,16 +465,7 @@ impl Store for RedisBackend {
         let reply: Value = self.timed(invocation.invoke_async(&mut conn)).await?;
         let reply = array(reply).ok_or_else(|| malformed("not an array"))?;
         let recovered = reply.first().and_then(int) == Some(1);
-        let mut entries = Vec::new();
-        for pair in reply.get(1..).unwrap_or_default().chunks(2) {
-            if let [id, tail] = pair {
-                let seq = text(id)
-                    .and_then(Seq::parse)
-                    .ok_or_else(|| malformed("id"))?;
-                let tail = text(tail).ok_or_else(|| malformed("entry"))?;
-                entries.push((seq, room_frame(seq, tail)));
-            }
-        }
+        let entries = frames(reply.get(1..).unwrap_or_default(), room_frame)?;
         Ok(RoomBacklog { entries, recovered })
     }
 
