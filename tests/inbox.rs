@@ -91,27 +91,53 @@ enum Setup {
     Embedded,
 }
 
+/// Two instances over one Redis, or one embedded instance serving both ends.
+/// Fields drop in order: the instances stop before their Redis.
+struct Deployment {
+    first: Instance,
+    second: Option<Instance>,
+    _redis: Option<RedisServer>,
+}
+
+impl Deployment {
+    async fn start(setup: Setup) -> Deployment {
+        match setup {
+            Setup::Redis => {
+                let redis = RedisServer::start().await;
+                let (i1, i2) = tokio::join!(
+                    Instance::spawn(opts!("i1").redis(&redis)),
+                    Instance::spawn(opts!("i2").redis(&redis)),
+                );
+                Deployment {
+                    _redis: Some(redis),
+                    first: i1,
+                    second: Some(i2),
+                }
+            }
+            Setup::Embedded => Deployment {
+                _redis: None,
+                first: Instance::spawn(opts!("e1")).await,
+                second: None,
+            },
+        }
+    }
+
+    /// The other end's instance (the same one in embedded mode).
+    fn second(&self) -> &Instance {
+        self.second.as_ref().unwrap_or(&self.first)
+    }
+}
+
 /// 500 DMs from 5 senders to a user who is away: all 500 on connect, each
 /// once, in per-sender order, with the seqs the senders were told.
 async fn away_user_gets_everything(setup: Setup) {
-    let redis;
-    let (senders_at, bob_at) = match setup {
-        Setup::Redis => {
-            redis = RedisServer::start().await;
-            let (i1, i2) = tokio::join!(
-                Instance::spawn(opts!("i1").redis(&redis)),
-                Instance::spawn(opts!("i2").redis(&redis)),
-            );
-            (i1, Some(i2))
-        }
-        Setup::Embedded => (Instance::spawn(opts!("e1")).await, None),
-    };
-    let bob_at = bob_at.as_ref().unwrap_or(&senders_at);
+    let deployment = Deployment::start(setup).await;
+    let (senders_at, bob_at) = (&deployment.first, deployment.second());
     seen(bob_at, "bob").await;
     let mut acked: HashMap<String, String> = HashMap::new();
     let mut tasks = Vec::new();
     for s in 0..5 {
-        let mut sender = connect(&senders_at, &format!("sender{s}"), None).await;
+        let mut sender = connect(senders_at, &format!("sender{s}"), None).await;
         tasks.push(tokio::spawn(async move {
             let bodies = (0..100).map(|k| json!({"s": s, "k": k})).collect();
             send_many(&mut sender, "bob", bodies).await
@@ -383,22 +409,11 @@ async fn a_retry_with_the_same_key_after_unavailable_is_delivered_once() {
 /// its sender a `delivered` frame; a new device without `since` starts
 /// after the cursor; a smaller seq is ignored.
 async fn cursor_and_receipts(setup: Setup) {
-    let redis;
-    let (a, b) = match setup {
-        Setup::Redis => {
-            redis = RedisServer::start().await;
-            let (i1, i2) = tokio::join!(
-                Instance::spawn(opts!("i1").redis(&redis)),
-                Instance::spawn(opts!("i2").redis(&redis)),
-            );
-            (i1, Some(i2))
-        }
-        Setup::Embedded => (Instance::spawn(opts!("e1")).await, None),
-    };
-    let b = b.as_ref().unwrap_or(&a);
+    let deployment = Deployment::start(setup).await;
+    let (a, b) = (&deployment.first, deployment.second());
     let mut phone = connect(b, "bob", None).await;
     phone.request(json!({"type": "ping"})).await;
-    let mut alice = connect(&a, "alice", None).await;
+    let mut alice = connect(a, "alice", None).await;
     let mut sent = Vec::new();
     for k in 0..3 {
         let ack = alice
@@ -424,7 +439,7 @@ async fn cursor_and_receipts(setup: Setup) {
     phone
         .request(json!({"type": "recv", "seq": dms[0]["seq"]}))
         .await;
-    let mut laptop = connect(&a, "bob", None).await;
+    let mut laptop = connect(a, "bob", None).await;
     let (rest, _) = read_dms(&mut laptop, 1, RECV_TIMEOUT).await;
     assert_eq!(
         rest[0]["seq"], dms[2]["seq"],

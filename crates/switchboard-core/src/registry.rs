@@ -456,6 +456,30 @@ pub struct Registry {
     next_conn: AtomicU64,
 }
 
+/// Hands a frame to every connection listed under `key` but `except`, with
+/// `offer` (which queues it, or holds or drops it), counting what was
+/// queued. The handles are cloned out first, so no map lock is held while
+/// queueing. Returns (queued, connections listed).
+fn fan_out(
+    map: &DashMap<Arc<str>, Vec<Arc<ConnHandle>>>,
+    key: &str,
+    except: Option<&str>,
+    metrics: &Metrics,
+    offer: impl Fn(&ConnHandle) -> bool,
+) -> (usize, usize) {
+    let conns: Vec<Arc<ConnHandle>> = match map.get(key) {
+        Some(conns) => conns.clone(),
+        None => return (0, 0),
+    };
+    let queued = conns
+        .iter()
+        .filter(|c| Some(&*c.id) != except)
+        .filter(|c| offer(c))
+        .count();
+    metrics.delivered.inc_by(queued as u64);
+    (queued, conns.len())
+}
+
 /// Maps smaller than this are never shrunk (not worth the rehash).
 const SHRINK_ABOVE: usize = 1024;
 
@@ -521,17 +545,10 @@ impl Registry {
 
     /// Queues `frame` on every local connection of `user`; returns how many.
     pub fn deliver_to_user(&self, user: &str, frame: &TextFrame, metrics: &Metrics) -> usize {
-        // Clone the handles out so no map lock is held while queueing.
-        let conns: Vec<Arc<ConnHandle>> = match self.users.get(user) {
-            Some(conns) => conns.clone(),
-            None => return 0,
-        };
-        let delivered = conns
-            .iter()
-            .filter(|c| c.send_text(frame.clone(), metrics))
-            .count();
-        metrics.delivered.inc_by(delivered as u64);
-        delivered
+        fan_out(&self.users, user, None, metrics, |c| {
+            c.send_text(frame.clone(), metrics)
+        })
+        .0
     }
 
     /// Offers a stored DM to every local connection of `user` (see
@@ -544,16 +561,10 @@ impl Registry {
         frame: &TextFrame,
         metrics: &Metrics,
     ) -> usize {
-        let conns: Vec<Arc<ConnHandle>> = match self.users.get(user) {
-            Some(conns) => conns.clone(),
-            None => return 0,
-        };
-        let delivered = conns
-            .iter()
-            .filter(|c| c.offer_stored(seq, frame, metrics))
-            .count();
-        metrics.delivered.inc_by(delivered as u64);
-        conns.len()
+        fan_out(&self.users, user, None, metrics, |c| {
+            c.offer_stored(seq, frame, metrics)
+        })
+        .1
     }
 
     /// How many connections `user` has here.
@@ -616,17 +627,10 @@ impl Registry {
         frame: &TextFrame,
         metrics: &Metrics,
     ) -> usize {
-        let members: Vec<Arc<ConnHandle>> = match self.rooms.get(room) {
-            Some(members) => members.clone(),
-            None => return 0,
-        };
-        let delivered = members
-            .iter()
-            .filter(|c| Some(&*c.id) != except)
-            .filter(|c| c.send_text(frame.clone(), metrics))
-            .count();
-        metrics.delivered.inc_by(delivered as u64);
-        delivered
+        fan_out(&self.rooms, room, except, metrics, |c| {
+            c.send_text(frame.clone(), metrics)
+        })
+        .0
     }
 
     /// Offers a recorded room message to every local member of `room`
@@ -639,17 +643,10 @@ impl Registry {
         frame: &TextFrame,
         metrics: &Metrics,
     ) -> usize {
-        let members: Vec<Arc<ConnHandle>> = match self.rooms.get(room) {
-            Some(members) => members.clone(),
-            None => return 0,
-        };
-        let delivered = members
-            .iter()
-            .filter(|c| Some(&*c.id) != except)
-            .filter(|c| c.offer_room(room, seq, frame, metrics))
-            .count();
-        metrics.delivered.inc_by(delivered as u64);
-        delivered
+        fan_out(&self.rooms, room, except, metrics, |c| {
+            c.offer_room(room, seq, frame, metrics)
+        })
+        .0
     }
 
     /// Number of open local connections.

@@ -390,9 +390,8 @@ impl Router {
             Ok(appended) => appended,
             Err(e) => {
                 // Nothing was delivered yet: never `partial`.
-                return Err(failure(&self.metrics.dm_failed, false, &e)
-                    .err()
-                    .unwrap_or(RouteError::Unavailable));
+                tracing::debug!(error = %e, "storing a DM failed");
+                return Err(refusal(&self.metrics.dm_failed, &e));
             }
         };
         if appended.duplicate {
@@ -649,7 +648,7 @@ impl Router {
             ts: now_ms(),
         }
         .to_frame();
-        if let Some(store) = self.store.as_ref().filter(|s| s.limits().room_history > 0) {
+        if let Some((store, _)) = self.room_history() {
             // Recorded: the history and the publish are one step, and the
             // local members get it from the bus too, in history order.
             let text = frame.as_str();
@@ -671,9 +670,10 @@ impl Router {
                         msg_id,
                     })
                 }
-                Err(e) => Err(failure(&self.metrics.room_failed, false, &e)
-                    .err()
-                    .unwrap_or(RouteError::Unavailable)),
+                Err(e) => {
+                    tracing::debug!(error = %e, room, "recording a room message failed");
+                    Err(refusal(&self.metrics.room_failed, &e))
+                }
             };
         }
         let payload = Envelope::Room {
@@ -734,17 +734,21 @@ impl Router {
     /// The room's history after `after` (empty, and not recovered, when
     /// history is off).
     pub async fn read_room(&self, room: &str, after: Seq) -> Result<RoomBacklog, RouteError> {
-        let Some(store) = self.store.as_ref() else {
+        let Some((store, kept)) = self.room_history() else {
             return Ok(RoomBacklog::default());
         };
-        let limits = store.limits();
-        if limits.room_history == 0 {
-            return Ok(RoomBacklog::default());
-        }
         store
-            .read_room(room, after, limits.room_history)
+            .read_room(room, after, kept)
             .await
             .map_err(|e| RouteError::from(&e))
+    }
+
+    /// The store and how many messages it keeps per room, when room
+    /// history is on.
+    fn room_history(&self) -> Option<(&Arc<dyn Store>, usize)> {
+        let store = self.store.as_ref()?;
+        let kept = store.limits().room_history;
+        (kept > 0).then_some((store, kept))
     }
 
     /// Removes `conn` from `room`, unsubscribing when its last local member leaves.
@@ -883,16 +887,20 @@ impl Router {
 /// caller answers `partial`), else the error to answer with.
 fn failure(outcomes: &SendOutcomes, local: bool, error: &BackendError) -> Result<(), RouteError> {
     tracing::debug!(error = %error, local, "send failed beyond this instance");
-
     if local {
         outcomes.partial.inc();
         return Ok(());
     }
+    Err(refusal(outcomes, error))
+}
+
+/// Counts a send that reached nobody; the error to answer with.
+fn refusal(outcomes: &SendOutcomes, error: &BackendError) -> RouteError {
     match error {
         BackendError::Unavailable(_) => outcomes.unavailable.inc(),
         BackendError::Timeout(_) => outcomes.timeout.inc(),
     };
-    Err(RouteError::from(error))
+    RouteError::from(error)
 }
 
 fn frame_of(bytes: Bytes) -> Option<TextFrame> {

@@ -22,14 +22,14 @@ use switchboard_core::store::{
 
 use crate::RedisBackend;
 
-/// Appends `id, f` of each stream entry to `out`: the reply layout of the
-/// two read scripts.
+/// Appends `id, value of field` of each stream entry that has `field` to
+/// `out`: the reply layout of the read and ack scripts.
 const COLLECT: &str = r"
-local function collect(out, entries)
+local function collect(out, entries, field)
   for _, e in ipairs(entries) do
     local fields = e[2]
     for i = 1, #fields, 2 do
-      if fields[i] == 'f' then
+      if fields[i] == field then
         out[#out + 1] = e[1]
         out[#out + 1] = fields[i + 1]
       end
@@ -175,7 +175,7 @@ if first[1] then
     if fields[i] == 'p' and gt(fields[i + 1], after) then gap = 1 end
   end
 end
-return collect({after, gap}, redis.call('XRANGE', inbox, '(' .. after, '+', 'COUNT', limit))
+return collect({after, gap}, redis.call('XRANGE', inbox, '(' .. after, '+', 'COUNT', limit), 'f')
 ";
 
 /// KEYS: inbox, mailbox. ARGV: seq. Moves the cursor forward (never past
@@ -192,17 +192,7 @@ if gt(seq, newest[1][1]) then seq = newest[1][1] end
 if not gt(seq, cursor) then return {} end
 local entries = redis.call('XRANGE', inbox, '(' .. cursor, seq)
 redis.call('HSET', mbox, 'c', seq)
-local out = {}
-for _, e in ipairs(entries) do
-  local fields = e[2]
-  for i = 1, #fields, 2 do
-    if fields[i] == 'r' then
-      out[#out + 1] = e[1]
-      out[#out + 1] = fields[i + 1]
-    end
-  end
-end
-return out
+return collect({}, entries, 'r')
 ";
 
 /// KEYS: history. ARGV: tail, max, ttl_ms, room, origin, conn, channel.
@@ -233,7 +223,7 @@ if first[1] then
 elseif ARGV[1] ~= '0-0' then
   recovered = 0
 end
-return collect({recovered}, redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2]))
+return collect({recovered}, redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2]), 'f')
 ";
 
 /// The scripts, compiled once.
@@ -251,7 +241,7 @@ impl Default for StoreScripts {
         StoreScripts {
             append: redis::Script::new(APPEND),
             read: redis::Script::new(&format!("{SEQ_LT}{COLLECT}{READ}")),
-            ack: redis::Script::new(&format!("{SEQ_LT}{ACK}")),
+            ack: redis::Script::new(&format!("{SEQ_LT}{COLLECT}{ACK}")),
             room_append: redis::Script::new(ROOM_APPEND),
             room_read: redis::Script::new(&format!("{SEQ_LT}{COLLECT}{ROOM_READ}")),
         }
