@@ -686,3 +686,39 @@ async fn join_with_since_replays_the_room_and_says_whether_it_recovered() {
         "from the oldest kept"
     );
 }
+
+/// `--inbox-ttl-s`: an entry older than the TTL is dropped when its user
+/// connects, and a client resuming from before it is told with a `gap`;
+/// a younger one is kept. (A test about time itself: it waits on the
+/// clock, with a second or more of margin on each side.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_older_than_the_ttl_are_dropped_with_a_gap() {
+    let redis = RedisServer::start().await;
+    let i1 = Instance::spawn(opts!("i1").redis(&redis).flag("--inbox-ttl-s", 3)).await;
+    let start = tokio::time::Instant::now();
+    seen(&i1, "bob").await;
+    let mut alice = connect(&i1, "alice", None).await;
+    let acks = send_many(&mut alice, "bob", vec![json!("old")]).await;
+    let old_seq = seq_of(&acks[0]);
+    // At ≈ 2 s the entry is younger than the TTL: kept (and the connect
+    // refreshes the inbox's own TTL to ≈ 5 s).
+    tokio::time::sleep_until(start + Duration::from_secs(2)).await;
+    let mut bob = connect(&i1, "bob", None).await;
+    let (dms, other) = read_dms(&mut bob, 1, RECV_TIMEOUT).await;
+    assert!(other.is_empty(), "{other:?}");
+    assert_eq!(seq_of(&dms[0]), old_seq);
+    bob.close().await;
+    // At ≈ 3.8 s it is older than the TTL: dropped at this connect.
+    tokio::time::sleep_until(start + Duration::from_millis(3800)).await;
+    let mut bob = connect(&i1, "bob", None).await;
+    let gap = bob.recv_json().await;
+    assert_eq!(gap["type"], "gap", "{gap}");
+    assert_eq!(gap["first"], Value::Null, "nothing is left: {gap}");
+    let sentinel = bob.send_sentinel_ping().await;
+    bob.expect_nothing_before(&sentinel).await;
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "the check ran before the inbox's own TTL ran out (took {:?})",
+        start.elapsed()
+    );
+}

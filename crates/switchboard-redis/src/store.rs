@@ -137,7 +137,8 @@ return {'ok', seq, any, reached}
 /// KEYS: inbox, mailbox. ARGV: after (or '' for the cursor), limit, open
 /// (`1`/`0`), ttl_ms. Opening marks the user seen (creating an empty inbox
 /// stream and the mailbox, refreshing both TTLs) and drops entries older
-/// than the TTL first (recording the newest dropped as the mark `t`).
+/// than the TTL first (recording the newest dropped as the mark `t`); the
+/// oldest entry, read once, tells whether any is that old.
 /// Returns `{after, gap (0/1), id, f, id, f, ...}`.
 const READ: &str = r"
 local inbox, mbox = KEYS[1], KEYS[2]
@@ -153,24 +154,27 @@ if open == '1' then
   redis.call('HSETNX', mbox, 'c', '0-0')
   redis.call('PEXPIRE', mbox, ttl)
   redis.call('PEXPIRE', inbox, ttl)
+end
+-- The oldest entry: read once, for the age limit and for the gap check.
+local first = redis.call('XRANGE', inbox, '-', '+', 'COUNT', 1)[1]
+if open == '1' and first then
   local t = redis.call('TIME')
   local min_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - ttl
-  if min_ms > 0 then
+  if parse(first[1]) < min_ms then
+    -- Only when something is too old (rare): the newest of those is the mark.
     local old = redis.call('XREVRANGE', inbox, '(' .. string.format('%d', min_ms) .. '-0', '-', 'COUNT', 1)
-    if #old > 0 then
-      local mark = redis.call('HGET', mbox, 't')
-      if not mark or gt(old[1][1], mark) then redis.call('HSET', mbox, 't', old[1][1]) end
-      redis.call('XTRIM', inbox, 'MINID', string.format('%d', min_ms))
-    end
+    local mark = redis.call('HGET', mbox, 't')
+    if not mark or gt(old[1][1], mark) then redis.call('HSET', mbox, 't', old[1][1]) end
+    redis.call('XTRIM', inbox, 'MINID', string.format('%d', min_ms))
+    first = redis.call('XRANGE', inbox, '-', '+', 'COUNT', 1)[1]
   end
 end
 local m = redis.call('HMGET', mbox, 'c', 't')
 if after == '' then after = m[1] or '0-0' end
 local gap = 0
 if (m[2] and gt(m[2], after)) or (fresh == 1 and after ~= '0-0') then gap = 1 end
-local first = redis.call('XRANGE', inbox, '-', '+', 'COUNT', 1)
-if first[1] then
-  local fields = first[1][2]
+if first then
+  local fields = first[2]
   for i = 1, #fields, 2 do
     if fields[i] == 'p' and gt(fields[i + 1], after) then gap = 1 end
   end
