@@ -60,8 +60,21 @@ pub struct Config {
 
     /// Redis URL (redis://, rediss://, redis+unix://). Absent: embedded
     /// single-node mode with an in-process bus and presence store.
-    #[arg(long, env = "SWITCHBOARD_REDIS_URL")]
+    #[arg(long, env = "SWITCHBOARD_REDIS_URL", conflicts_with = "redis_cluster")]
     pub redis_url: Option<String>,
+
+    /// Seed nodes of a Redis Cluster (Redis ≥ 7), comma-separated
+    /// (`redis://host:port,redis://host:port`): any reachable one is enough.
+    /// Instance and room channels become sharded channels (SSUBSCRIBE /
+    /// SPUBLISH) spread over the slots; every key shares a slot with what it
+    /// is used with. Mutually exclusive with --redis-url.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_REDIS_CLUSTER",
+        value_delimiter = ',',
+        num_args = 1..
+    )]
+    pub redis_cluster: Vec<String>,
 
     /// This process's instance id. Default: hostname plus a random suffix, new
     /// at every start, so a restarted process never inherits a crashed one's state.
@@ -128,6 +141,22 @@ pub struct Config {
         default_value_t = 2000
     )]
     pub redis_response_timeout_ms: u64,
+
+    /// Replicas that must have a stored DM before it is acknowledged as
+    /// stored (`WAIT` after the append). 0 (the default): acknowledged once
+    /// the master has it — Redis replication is asynchronous, so a failover
+    /// right after can lose it. With N > 0, a DM not confirmed by N
+    /// replicas within --redis-wait-timeout-ms is answered `timeout` (it is
+    /// stored on the master and may be delivered; a retry with its key is
+    /// answered from the first attempt). Costs a replica round trip per
+    /// stored DM, during which this instance's other commands to that node
+    /// wait (WAIT blocks the connection).
+    #[arg(long, env = "SWITCHBOARD_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    pub redis_wait_replicas: u32,
+
+    /// Longest wait for --redis-wait-replicas, milliseconds.
+    #[arg(long, env = "SWITCHBOARD_REDIS_WAIT_TIMEOUT_MS", default_value_t = 100)]
+    pub redis_wait_timeout_ms: u64,
 
     /// Most entries kept in one user's inbox; the oldest are trimmed (a
     /// client resuming from before them is told with a `gap` frame).
@@ -292,6 +321,18 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// Where Redis is: `None` in embedded mode.
+    pub fn redis_target(&self) -> Option<switchboard_redis::RedisTarget> {
+        if !self.redis_cluster.is_empty() {
+            return Some(switchboard_redis::RedisTarget::Cluster(
+                self.redis_cluster.clone(),
+            ));
+        }
+        self.redis_url
+            .clone()
+            .map(switchboard_redis::RedisTarget::Single)
+    }
+
     /// Checks cross-field rules clap cannot express and fills the instance id.
     pub fn validate(mut self) -> Result<Self, ConfigError> {
         if self.auth == AuthMode::Jwt && self.jwt_secret.as_deref().unwrap_or("").is_empty() {
@@ -313,6 +354,7 @@ impl Config {
         if self.outbound_queue == 0 {
             return Err(ConfigError::EmptyQueue);
         }
+        self.redis_cluster.retain(|seed| !seed.trim().is_empty());
         if self.inbox_max_len == 0 || self.inbox_ttl_s == 0 {
             return Err(ConfigError::Inbox);
         }
@@ -401,6 +443,7 @@ impl Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             redis_url: None,
+            redis_cluster: Vec::new(),
             instance_id: Some(instance.to_owned()),
             routing: RoutingMode::Routed,
             auth: AuthMode::None,
@@ -412,6 +455,8 @@ impl Config {
             outbound_queue_bytes: 1 << 20,
             redis_connect_timeout_ms: 1000,
             redis_response_timeout_ms: 2000,
+            redis_wait_replicas: 0,
+            redis_wait_timeout_ms: 100,
             log_format: LogFormat::Text,
             threads: 0,
             inbox_max_len: 1000,

@@ -37,7 +37,7 @@ use switchboard_core::protocol::{
 };
 use switchboard_core::queue::BoundedReceiver;
 use switchboard_core::registry::{CloseReason, ConnHandle, Outbound, QueueLimits, ReplayEnd};
-use switchboard_core::router::{RouteError, Router};
+use switchboard_core::router::{ReplayStart, RouteError, Router};
 use switchboard_core::store::Seq;
 
 use crate::admission::Admission;
@@ -167,12 +167,11 @@ pub async fn serve(
         let (sink, mut stream) = ws.split();
         let writer = tokio::spawn(write_loop(sink, outbound, handle.clone()));
         if replays {
-            if let Err(e) = Box::pin(replay(&handle, since, &ctx)).await {
-                // Never a silent hole: the client reconnects (with `since`)
-                // and the replay is tried again.
-                tracing::debug!(error = %e, "inbox replay failed; closing");
-                ctx.metrics.inbox_read_failures.inc();
-                handle.close(CloseReason::TryAgainLater);
+            // Each stored DM is queued once, in seq order (the gate in
+            // `registry`); paced by the outbound queue, not limited by it.
+            let replay = router.replay_inbox(&handle, ReplayStart::Connect(since));
+            if let Err(e) = Box::pin(replay).await {
+                inbox_unreadable(&handle, &ctx, e);
             }
         }
         let session = AssertUnwindSafe(read_loop(&mut stream, &handle, &ctx)).catch_unwind();
@@ -206,66 +205,61 @@ pub async fn serve(
     .await
 }
 
-/// After the server's Close frame: shuts the TCP write side (the client sees
-/// the end right after the Close frame) and reads and discards what the
-/// client still sends until it closes its side, for at most [`CLOSE_GRACE`].
-/// Inbox entries read per round trip of a replay.
-const REPLAY_PAGE: usize = 256;
+/// The inbox could not be read (a replay or a repair): never a silent hole,
+/// the connection is closed and the client reconnects with `since`, when
+/// the replay is tried again.
+/// How long a connection keeps retrying a failed repair read before it is
+/// closed with 1013 (the client then resumes with `since`): longer than a
+/// Redis Cluster failover, so a failover never costs a reconnect.
+const REPAIR_GIVE_UP: Duration = Duration::from_secs(30);
 
-/// Replays the connection's backlog: the inbox entries after `since` (or
-/// after the user's cursor), then the live stored DMs held meanwhile, then
-/// goes live. Each stored DM is queued once, in seq order (see the gate in
-/// `registry`). Paced by the outbound queue, not limited by it.
-async fn replay(
+/// A failed repair read, tried again at `at`.
+#[derive(Debug)]
+struct RepairRetry {
+    at: Instant,
+    delay: Duration,
+    first_failure: Instant,
+}
+
+/// Runs a requested repair (boxed: its state exists only while it runs).
+/// A failed read is retried later with backoff (100 ms doubling to 1 s):
+/// live stored DMs are held meanwhile, so nothing is skipped; after
+/// [`REPAIR_GIVE_UP`] of failures the connection is closed with 1013.
+/// Returns whether the connection stays open.
+async fn repair(
     handle: &Arc<ConnHandle>,
-    since: Option<Seq>,
     ctx: &SessionContext,
-) -> Result<(), RouteError> {
-    let (router, metrics) = (&ctx.router, &ctx.metrics);
-    let mut after = since;
-    let mut opening = true;
-    loop {
-        let page = router
-            .read_inbox(&handle.user, after, REPLAY_PAGE, opening)
-            .await?;
-        if opening {
-            opening = false;
-            handle.replay_from(page.after);
-            if page.gap {
-                metrics.inbox_gaps.inc();
-                let gap = ServerFrame::Gap {
-                    after: page.after,
-                    first: page.entries.first().map(|(seq, _)| *seq),
-                };
-                if !handle.send_paced(gap.to_frame(), metrics).await {
-                    return Ok(());
-                }
-            }
-        }
-        let more = page.entries.len() >= REPLAY_PAGE;
-        let mut last = page.after;
-        for (seq, frame) in page.entries {
-            last = seq;
-            if handle.replay_accepts(seq) {
-                if !handle.send_paced(frame, metrics).await {
-                    return Ok(());
-                }
-                metrics.inbox_replayed.inc();
-                metrics.delivered.inc();
-            }
-        }
-        after = Some(last);
-        if more {
-            continue;
-        }
-        if !handle.wait_for_room().await {
-            return Ok(());
-        }
-        match handle.finish_replay(metrics) {
-            ReplayEnd::Live => return Ok(()),
-            ReplayEnd::ReadAgainAfter(seq) => after = Some(seq),
-        }
+    retry: &mut Option<RepairRetry>,
+) -> bool {
+    let Err(e) = Box::pin(ctx.router.repair_inbox(handle)).await else {
+        *retry = None;
+        return true;
+    };
+    let now = Instant::now();
+    let (delay, first_failure) = match retry.take() {
+        None => (Duration::from_millis(100), now),
+        Some(previous) => (
+            (previous.delay * 2).min(Duration::from_secs(1)),
+            previous.first_failure,
+        ),
+    };
+    if now.duration_since(first_failure) > REPAIR_GIVE_UP {
+        inbox_unreadable(handle, ctx, e);
+        return false;
     }
+    tracing::debug!(error = %e, ?delay, "inbox repair read failed; trying again");
+    *retry = Some(RepairRetry {
+        at: now + delay,
+        delay,
+        first_failure,
+    });
+    true
+}
+
+fn inbox_unreadable(handle: &ConnHandle, ctx: &SessionContext, error: RouteError) {
+    tracing::debug!(error = %error, "inbox read failed; closing");
+    ctx.metrics.inbox_read_failures.inc();
+    handle.close(CloseReason::TryAgainLater);
 }
 
 /// A join with `since`: joins, replays the room's history after `since`
@@ -317,6 +311,9 @@ async fn replay_room(
     }
 }
 
+/// After the server's Close frame: shuts the TCP write side (the client sees
+/// the end right after the Close frame) and reads and discards what the
+/// client still sends until it closes its side, for at most [`CLOSE_GRACE`].
 async fn drain_until_closed(sink: SplitSink<Socket, Message>, stream: SplitStream<Socket>) {
     let Ok(ws) = sink.reunite(stream) else {
         return;
@@ -347,14 +344,33 @@ async fn read_loop(
     pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     pings.reset(); // the first tick would fire at once
     let mut last_heard = Instant::now();
+    // A repair read that failed, to try again (the connection stays open).
+    let mut repair_retry: Option<RepairRetry> = None;
     loop {
         let idle_deadline = last_heard + limits.idle_timeout;
+        let retry_at = repair_retry.as_ref().map_or(idle_deadline, |r| r.at);
         let next = tokio::select! {
             biased;
             _ = handle.closer().cancelled() => return,
             _ = ctx.shutdown.cancelled() => {
                 handle.close(CloseReason::GoingAway);
                 return;
+            }
+            _ = handle.repair_wanted() => {
+                // A stored DM arrived before its predecessor (or the bus
+                // lost messages): read the inbox after the newest this
+                // connection has.
+                if !repair(handle, ctx, &mut repair_retry).await {
+                    return;
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(retry_at.into()), if repair_retry.is_some() => {
+                handle.rearm_repair();
+                if !repair(handle, ctx, &mut repair_retry).await {
+                    return;
+                }
+                continue;
             }
             _ = tokio::time::sleep_until(idle_deadline.into()) => {
                 handle.close(CloseReason::Idle);

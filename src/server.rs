@@ -107,20 +107,26 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let instance = config.instance().to_owned();
     let background = CancellationToken::new();
-    let backend = match &config.redis_url {
+    let backend = match config.redis_target() {
         None => Backend::embedded(&instance, config.store_limits()),
-        Some(url) => {
+        Some(target) => {
             let metrics = Metrics::new();
             let (inbox_tx, inbox) = bounded::<Inbound>(INBOX_ITEMS, INBOX_BYTES);
             let redis = RedisBackend::connect(
                 RedisSettings {
-                    url: url.clone(),
+                    target,
                     prefix: config.redis_prefix.clone(),
                     instance: instance.clone(),
                     lease: config.lease(),
                     connect_timeout: Duration::from_millis(config.redis_connect_timeout_ms),
                     response_timeout: Duration::from_millis(config.redis_response_timeout_ms),
                     store: config.store_limits(),
+                    wait: (config.redis_wait_replicas > 0).then(|| {
+                        switchboard_redis::WaitReplicas {
+                            replicas: config.redis_wait_replicas,
+                            timeout: Duration::from_millis(config.redis_wait_timeout_ms),
+                        }
+                    }),
                 },
                 inbox_tx,
                 metrics.clone(),
@@ -235,6 +241,7 @@ pub async fn run_with_backend(
             %addr,
             routing = %config.routing,
             redis = config.redis_url.is_some(),
+            redis_cluster = !config.redis_cluster.is_empty(),
             "listening; open http://{addr}/ for the chat page"
         ),
         Err(e) => tracing::warn!(error = %e, "listening (address unknown)"),

@@ -166,7 +166,7 @@ async fn publish_to_a_user_is_routed_like_a_dm() {
     // every publish of the DM.
     assert_eq!(
         spy.channels_of(&marker, &to_bob).await,
-        vec!["sb:inst:i2"],
+        vec!["sb:inst:{i2}"],
         "published exactly once, on bob's instance channel (not i1's, not i3's)"
     );
     let seen = spy.containing(&marker);

@@ -78,7 +78,7 @@ async fn routed_dm_goes_only_to_the_recipients_instance() {
     // every publish of the DM.
     assert_eq!(
         spy.channels_of(&marker, &to_carol).await,
-        vec!["sb:inst:i2"],
+        vec!["sb:inst:{i2}"],
         "the DM must be published exactly once, on bob's instance channel"
     );
     assert_eq!(
@@ -179,7 +179,7 @@ async fn rooms_span_instances_and_subscribe_only_with_members() {
     alice.expect_nothing_before(&from_bob).await;
 
     assert_eq!(
-        redis.numsub("sb:room:lobby").await,
+        redis.numsub("sb:room:{lobby}").await,
         2,
         "i1 and i2 (and not i3) subscribe to the room channel"
     );
@@ -188,8 +188,8 @@ async fn rooms_span_instances_and_subscribe_only_with_members() {
     assert_eq!(ack["status"], "ok", "{ack}");
     eventually(
         RECV_TIMEOUT,
-        "NUMSUB sb:room:lobby == 1 after bob left",
-        || async { redis.numsub("sb:room:lobby").await == 1 },
+        "NUMSUB sb:room:{lobby} == 1 after bob left",
+        || async { redis.numsub("sb:room:{lobby}").await == 1 },
     )
     .await;
 
@@ -382,7 +382,7 @@ async fn default_lease_is_ten_seconds() {
         "PTTL {pttl} must be in (0, 10000]"
     );
     assert_eq!(
-        redis.numsub("sb:inst:i1").await,
+        redis.numsub("sb:inst:{i1}").await,
         1,
         "i1 subscribes to its personal channel"
     );
@@ -403,7 +403,7 @@ async fn redis_prefix_is_honoured() {
         redis.exists("zz:instance:{i1}").await,
         "lease key under the custom prefix"
     );
-    assert_eq!(redis.numsub("zz:inst:i1").await, 1);
+    assert_eq!(redis.numsub("zz:inst:{i1}").await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

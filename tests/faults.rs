@@ -280,7 +280,7 @@ async fn sigkilled_instance_is_reaped_exactly_once_and_stays_dead() {
     drop(bob);
 
     // Multi-device: dave's i2 entry is stale at once (nobody listens on
-    // sb:inst:i2), but his i3 connection still gets the DM.
+    // sb:inst:{i2}), but his i3 connection still gets the DM.
     let marker = unique("dave-after-kill");
     let reply = alice.request(dm_frame("dave", &marker)).await;
     assert_eq!(
@@ -691,8 +691,8 @@ async fn killed_subscriber_connections_resubscribe() {
         let ack = c.request(json!({"type": "join", "room": "lobby"})).await;
         assert_eq!(outcome(&ack), "ack:ok", "{ack}");
     }
-    assert_eq!(redis.numsub("sb:inst:i2").await, 1);
-    assert_eq!(redis.numsub("sb:room:lobby").await, 2);
+    assert_eq!(redis.numsub("sb:inst:{i2}").await, 1);
+    assert_eq!(redis.numsub("sb:room:{lobby}").await, 2);
 
     let killed: i64 = redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
     assert!(
@@ -706,15 +706,15 @@ async fn killed_subscriber_connections_resubscribe() {
     );
     loop {
         let counts = (
-            redis.numsub("sb:inst:i1").await,
-            redis.numsub("sb:inst:i2").await,
-            redis.numsub("sb:room:lobby").await,
+            redis.numsub("sb:inst:{i1}").await,
+            redis.numsub("sb:inst:{i2}").await,
+            redis.numsub("sb:room:{lobby}").await,
         );
         if counts == (1, 1, 2) {
             break;
         }
         deadline.check(format!(
-            "NUMSUB sb:inst:i1, sb:inst:i2, sb:room:lobby = {counts:?}"
+            "NUMSUB sb:inst:{{i1}}, sb:inst:{{i2}}, sb:room:{{lobby}} = {counts:?}"
         ));
         pause().await;
     }
@@ -727,7 +727,10 @@ async fn killed_subscriber_connections_resubscribe() {
 
 /// Redis forgets i2's subscriptions while its subscriber connection stays up
 /// (a proxy injects UNSUBSCRIBE and hides the confirmations): only the
-/// subscription probe can notice, and it must resubscribe.
+/// subscription probe can notice, and it must resubscribe. A stored DM sent
+/// while the subscription was gone is lost on the bus; once the probe comes
+/// back, bob's connection catches up from his inbox and gets it — with no
+/// later DM to reveal the hole, and no reconnect.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silently_lost_subscriptions_are_detected_by_the_probe() {
     let _shared = SERIAL.read().await;
@@ -760,9 +763,19 @@ async fn silently_lost_subscriptions_are_detected_by_the_probe() {
     let probe_failures = i2.metric(PROBE_FAILURES).await;
 
     proxy
-        .drop_subscriptions_silently(&["sb:inst:i2", "sb:room:lobby"])
+        .drop_subscriptions_silently(&["sb:inst:{i2}", "sb:room:{lobby}"])
         .await;
     // Redis confirmed the UNSUBSCRIBEs; i2 saw nothing and stays connected.
+    // Nobody listens on sb:inst:{i2}: the DM is stored, not routed.
+    let lost = unique("lost-on-the-bus");
+    let ack = alice
+        .request(json!({"type": "dm", "to": "bob", "body": {"text": lost}, "id": 77}))
+        .await;
+    assert_eq!(ack["stored"], true, "{ack}");
+    assert_eq!(
+        ack["status"], "offline",
+        "nobody listened on sb:inst:{{i2}}: {ack}"
+    );
     let deadline = Deadline::after(LEASE * 3, "i2's probe notices the lost subscription");
     loop {
         let failures = i2.metric(PROBE_FAILURES).await;
@@ -775,15 +788,27 @@ async fn silently_lost_subscriptions_are_detected_by_the_probe() {
     let deadline = Deadline::after(LEASE * 3, "i2 resubscribed");
     loop {
         let counts = (
-            redis.numsub("sb:inst:i2").await,
-            redis.numsub("sb:room:lobby").await,
+            redis.numsub("sb:inst:{i2}").await,
+            redis.numsub("sb:room:{lobby}").await,
         );
         if counts == (1, 2) {
             break;
         }
-        deadline.check(format!("NUMSUB sb:inst:i2, sb:room:lobby = {counts:?}"));
+        deadline.check(format!(
+            "NUMSUB sb:inst:{{i2}}, sb:room:{{lobby}} = {counts:?}"
+        ));
         pause().await;
     }
+    let caught_up = tokio::time::timeout(LEASE * 3, bob.recv_type("dm"))
+        .await
+        .expect("bob catches up from his inbox once the probe returns");
+    assert_eq!(caught_up["body"]["text"], lost, "{caught_up}");
+    assert!(
+        i2.metric(r#"switchboard_inbox_replay_total{outcome="catch_ups"}"#)
+            .await
+            >= 1.0,
+        "the catch-up is counted"
+    );
     let deadline = Deadline::after(
         Duration::from_secs(5),
         "DM and room message reach bob again",

@@ -1,6 +1,8 @@
-//! The router's tests, each run twice: over the in-process backend and over
-//! the Redis backend against a real `redis-server`, so the routing operation
-//! production runs (the Redis script) is the one tested.
+//! The router's tests, each run three times: over the in-process backend,
+//! over the Redis backend against a real `redis-server`, and over the Redis
+//! backend against a real 3-master Redis Cluster (sharded channels, work
+//! split by slot), so the routing operation production runs (the Redis
+//! script) is the one tested in both deployments.
 //!
 //! The harness dispatches bus messages by hand (no dispatcher task): a test
 //! decides when an instance handles what it received, which is how races
@@ -29,8 +31,8 @@ use switchboard::registry::{ConnHandle, Outbound, QueueLimits};
 use switchboard::router::{RouteError, Router, RoutingMode};
 use switchboard_core::local::{LocalBackend, LocalHub};
 use switchboard_core::store::{Seq, Store, StoreLimits};
-use switchboard_redis::{RedisBackend, RedisSettings};
-use switchboard_testkit::RedisServer;
+use switchboard_redis::{RedisBackend, RedisSettings, RedisTarget};
+use switchboard_testkit::{RedisCluster, RedisServer};
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -40,6 +42,7 @@ const SENTINEL: &[u8] = b"SENTINEL ";
 enum Kind {
     Local,
     Redis,
+    Cluster,
 }
 
 /// Makes the bus fail on demand (0: never, 1: unavailable, 2: timeout), over
@@ -87,6 +90,7 @@ struct Cluster {
     fail: Arc<AtomicU8>,
     _maintenance: CancellationToken,
     _redis: Option<RedisServer>,
+    _cluster: Option<RedisCluster>,
     nonce: u64,
 }
 
@@ -102,9 +106,17 @@ async fn cluster(kind: Kind, n: usize, mode: RoutingMode) -> Cluster {
 
 async fn cluster_with(kind: Kind, n: usize, mode: RoutingMode, limits: StoreLimits) -> Cluster {
     let hub = Arc::new(LocalHub::with_limits(limits));
-    let redis = match kind {
-        Kind::Local => None,
-        Kind::Redis => Some(RedisServer::start().await),
+    let (redis, redis_cluster) = match kind {
+        Kind::Local => (None, None),
+        Kind::Redis => (Some(RedisServer::start().await), None),
+        Kind::Cluster => (None, Some(RedisCluster::start(3, 0, 5000).await)),
+    };
+    let target = match (&redis, &redis_cluster) {
+        (Some(server), _) => Some(RedisTarget::Single(server.url())),
+        (_, Some(cluster)) => Some(RedisTarget::Cluster(
+            cluster.seeds().split(',').map(str::to_owned).collect(),
+        )),
+        _ => None,
     };
     let maintenance = CancellationToken::new();
     let fail = Arc::new(AtomicU8::new(0));
@@ -116,6 +128,7 @@ async fn cluster_with(kind: Kind, n: usize, mode: RoutingMode, limits: StoreLimi
         fail: fail.clone(),
         _maintenance: maintenance.clone(),
         _redis: None,
+        _cluster: None,
         nonce: 0,
     };
     for i in 1..=n {
@@ -127,20 +140,21 @@ async fn cluster_with(kind: Kind, n: usize, mode: RoutingMode, limits: StoreLimi
             Arc<dyn Bus>,
             Arc<dyn Store>,
         );
-        let (presence, bus, store): Backends = match &redis {
+        let (presence, bus, store): Backends = match &target {
             None => {
                 let local = Arc::new(LocalBackend::new(hub.clone(), &id, tx, metrics.clone()));
                 (local.clone(), local.clone(), local)
             }
-            Some(server) => {
+            Some(target) => {
                 let settings = RedisSettings {
-                    url: server.url(),
+                    target: target.clone(),
                     prefix: "sb".to_owned(),
                     instance: id.clone(),
                     lease: Duration::from_secs(10),
                     connect_timeout: Duration::from_secs(1),
                     response_timeout: Duration::from_secs(2),
                     store: limits,
+                    wait: None,
                 };
                 let backend = RedisBackend::connect(settings, tx, metrics.clone())
                     .await
@@ -171,12 +185,20 @@ async fn cluster_with(kind: Kind, n: usize, mode: RoutingMode, limits: StoreLimi
         c.metrics.push(metrics);
     }
     c._redis = redis;
+    c._cluster = redis_cluster;
     c
 }
 
 impl Cluster {
     /// Waits for the next bus message of instance `i` and has it handled.
     async fn dispatch(&mut self, i: usize) -> Inbound {
+        let inbound = self.receive(i).await;
+        self.routers[i].handle_inbound(inbound.clone());
+        inbound
+    }
+
+    /// Waits for the next bus message of instance `i`, not handled yet.
+    async fn receive(&mut self, i: usize) -> Inbound {
         let inbound = tokio::time::timeout(WAIT, self.inboxes[i].recv())
             .await
             .unwrap_or_else(|_| panic!("a bus message for instance {i} within {WAIT:?}"))
@@ -185,7 +207,6 @@ impl Cluster {
             !inbound.payload.starts_with(SENTINEL),
             "instance {i} got a stray sentinel"
         );
-        self.routers[i].handle_inbound(inbound.clone());
         inbound
     }
 
@@ -266,8 +287,8 @@ async fn until(what: &str, condition: impl Fn() -> bool) {
     .unwrap_or_else(|_| panic!("{what} within {WAIT:?}"));
 }
 
-/// Runs one test over both backends.
-macro_rules! over_both_backends {
+/// Runs one test over every backend: in-process, one Redis, a Redis Cluster.
+macro_rules! over_every_backend {
     ($($name:ident),* $(,)?) => {$(
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,11 +299,15 @@ macro_rules! over_both_backends {
             async fn redis() {
                 super::$name(super::Kind::Redis).await
             }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis_cluster() {
+                super::$name(super::Kind::Cluster).await
+            }
         }
     )*};
 }
 
-over_both_backends!(
+over_every_backend!(
     dm_goes_to_the_holding_instance_only,
     offline_and_local,
     multi_device_gets_every_copy,
@@ -296,6 +321,8 @@ over_both_backends!(
     presence_follows_connections,
     stored_dms_carry_increasing_seqs_and_read_back_after_the_cursor,
     stored_dms_are_offered_once_per_connection_and_held_during_a_replay,
+    stored_dms_that_arrive_out_of_order_are_queued_in_seq_order,
+    a_lost_stored_dm_is_repaired_from_the_inbox_when_the_next_one_arrives,
     idempotent_sends_and_receipts,
     retention_trims_with_a_gap_and_unknown_users_are_not_stored,
     room_history_orders_members_and_replays_after_since,
@@ -391,6 +418,7 @@ async fn stored_dms_carry_increasing_seqs_and_read_back_after_the_cursor(kind: K
         .await
         .expect("read");
     assert_eq!(backlog.entries.len(), 3);
+    assert_eq!(backlog.newest, Some(seqs[2]), "the newest appended");
     let replayed: Value = serde_json::from_str(backlog.entries[0].1.as_str()).expect("json");
     assert_eq!(replayed, got[0], "the inbox keeps the frame as delivered");
     c.routers[1].ack_inbox("bob", seqs[1]).await.expect("ack");
@@ -446,13 +474,14 @@ async fn stored_dms_are_offered_once_per_connection_and_held_during_a_replay(kin
         .await
         .expect("read");
     assert_eq!(backlog.entries.len(), 2, "both are in the inbox");
+    let backlog_newest = backlog.newest;
     for (seq, frame) in backlog.entries {
         if dev.replay_accepts(seq) {
             dev.send_text(frame, &c.metrics[1]);
         }
     }
     assert_eq!(
-        dev.finish_replay(&c.metrics[1]),
+        dev.finish_replay(backlog_newest, &c.metrics[1]),
         switchboard::registry::ReplayEnd::Live
     );
     let got: Vec<String> = frames(&mut d)
@@ -476,6 +505,7 @@ async fn stored_dms_are_offered_once_per_connection_and_held_during_a_replay(kin
             origin: "i1",
             covered: Covered::NONE,
             seq: second.seq,
+            prev: first.seq,
         }
         .encode(b"{\"type\":\"dm\"}"),
     };
@@ -487,6 +517,100 @@ async fn stored_dms_are_offered_once_per_connection_and_held_during_a_replay(kin
         before + 2,
         "dropped on both devices"
     );
+}
+
+/// The seqs of the stored DMs among `frames`.
+fn seqs_of(frames: &[Value]) -> Vec<Seq> {
+    frames
+        .iter()
+        .map(|f| Seq::parse(f["seq"].as_str().expect("a seq")).expect("a seq"))
+        .collect()
+}
+
+/// The predecessor a stored DM's bus message carries.
+fn prev_of(inbound: &Inbound) -> Option<Seq> {
+    match Envelope::decode(&inbound.payload) {
+        Some((Envelope::Direct { prev, .. }, _)) => prev,
+        other => panic!("a direct message, not {other:?}"),
+    }
+}
+
+/// Two senders' DMs to bob can reach his instance out of seq order (Redis
+/// Cluster: the append and the publish are two steps). The later one waits
+/// for its predecessor; bob gets each once, in seq order, and no inbox read
+/// is needed when the earlier one arrives before the repair starts.
+async fn stored_dms_that_arrive_out_of_order_are_queued_in_seq_order(kind: Kind) {
+    let mut c = cluster(kind, 2, RoutingMode::Routed).await;
+    let (bob, mut b) = user(&c.routers[1], "bob").await;
+    let mut seqs = Vec::new();
+    for (from, k) in [("alice", "1"), ("carol", "2")] {
+        let out = c.routers[0]
+            .send_dm(from, "bob", &body(k), &dm_options())
+            .await
+            .expect("sent");
+        seqs.push(out.seq.expect("stored"));
+    }
+    let first = c.receive(1).await;
+    let second = c.receive(1).await;
+    assert_eq!(prev_of(&second), Some(seqs[0]), "the bus carries the chain");
+    c.routers[1].handle_inbound(second);
+    assert!(
+        frames(&mut b).is_empty(),
+        "held: its predecessor is missing"
+    );
+    c.routers[1].handle_inbound(first);
+    assert_eq!(seqs_of(&frames(&mut b)), seqs, "each once, in seq order");
+    assert_eq!(c.routers[1].repair_inbox(&bob).await, Ok(false));
+    assert_eq!(c.metrics[1].inbox_repairs.get(), 0, "no read was needed");
+    // Live again: the next one is queued at once.
+    let third = c.routers[0]
+        .send_dm("alice", "bob", &body("3"), &dm_options())
+        .await
+        .expect("sent");
+    c.dispatch(1).await;
+    assert_eq!(seqs_of(&frames(&mut b)), vec![third.seq.expect("stored")]);
+    assert_eq!(c.settle(1).await, 0);
+}
+
+/// Pub/sub is at-most-once: a stored DM lost on the bus is noticed when the
+/// next one arrives without its predecessor. That one is held, the
+/// connection's task is woken, reads the inbox after the last DM it had,
+/// and gets the lost one, then the held one, each once.
+async fn a_lost_stored_dm_is_repaired_from_the_inbox_when_the_next_one_arrives(kind: Kind) {
+    let mut c = cluster(kind, 2, RoutingMode::Routed).await;
+    let (bob, mut b) = user(&c.routers[1], "bob").await;
+    let mut seqs = Vec::new();
+    for k in 0..3 {
+        let out = c.routers[0]
+            .send_dm("alice", "bob", &body(&k.to_string()), &dm_options())
+            .await
+            .expect("sent");
+        seqs.push(out.seq.expect("stored"));
+    }
+    c.dispatch(1).await;
+    let _lost = c.receive(1).await;
+    c.dispatch(1).await;
+    assert_eq!(seqs_of(&frames(&mut b)), seqs[..1].to_vec());
+    tokio::time::timeout(WAIT, bob.repair_wanted())
+        .await
+        .expect("the connection is asked to repair");
+    let before = duplicates(&c.metrics[1]);
+    assert_eq!(c.routers[1].repair_inbox(&bob).await, Ok(true));
+    assert_eq!(seqs_of(&frames(&mut b)), seqs[1..].to_vec());
+    assert_eq!(c.metrics[1].inbox_repairs.get(), 1);
+    assert_eq!(
+        duplicates(&c.metrics[1]),
+        before + 1,
+        "the held one was read too"
+    );
+    assert_eq!(c.routers[1].repair_inbox(&bob).await, Ok(false));
+    let fourth = c.routers[0]
+        .send_dm("alice", "bob", &body("4"), &dm_options())
+        .await
+        .expect("sent");
+    c.dispatch(1).await;
+    assert_eq!(seqs_of(&frames(&mut b)), vec![fourth.seq.expect("stored")]);
+    assert_eq!(c.metrics[1].inbox_repairs.get(), 1, "live again");
 }
 
 fn duplicates(metrics: &Metrics) -> u64 {
@@ -754,6 +878,7 @@ fn stale_dm(to: &str, hop: u8, origin: &str, covered: &str) -> Inbound {
             origin,
             covered: Covered::from_field(covered),
             seq: None,
+            prev: None,
         }
         .encode(frame.as_bytes()),
     }

@@ -13,6 +13,8 @@
 //! `switchboard_redis::RedisBackend`. This module never talks to Redis and
 //! never touches sockets.
 
+use std::fmt::Write as _;
+
 use async_trait::async_trait;
 use bytes::Bytes;
 
@@ -45,6 +47,12 @@ pub enum ChannelKind {
     Broadcast,
     /// A user's channel.
     User,
+    /// Not a channel: the bus telling the router that its subscriptions
+    /// were re-established after bus messages may have been lost (a
+    /// reconnection, a failover, a moved slot). Its payload is empty.
+    /// Every connection then reads its inbox after the last stored DM it
+    /// has, so a lost one is not lost silently.
+    Resubscribed,
 }
 
 /// A message received from the bus, queued for the dispatcher.
@@ -149,7 +157,8 @@ impl<'a> Covered<'a> {
 /// The routing header of a bus message. The frame after it is opaque here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Envelope<'a> {
-    /// A direct message for `to`: `D <to> <hop> <origin> <covered> [<seq>]`.
+    /// A direct message for `to`: `D <to> <hop> <origin> <covered> [<seq>
+    /// [<prev>]]`.
     Direct {
         /// Recipient user.
         to: &'a str,
@@ -166,8 +175,15 @@ pub enum Envelope<'a> {
         /// A stored DM is never re-routed: a recipient that moved reads it
         /// from the inbox (see `store`).
         seq: Option<Seq>,
+        /// The seq of the entry appended to the same inbox just before this
+        /// one (`0-0` for none): a seventh field, only after `seq`. A
+        /// connection that has not had `prev` has a hole before this DM and
+        /// repairs it from the inbox instead of taking an earlier DM that
+        /// arrives later for a duplicate. `None` (a sender that does not
+        /// write it): no chain information, the DM is taken in seq order.
+        prev: Option<Seq>,
     },
-    /// A room message: `R <room> <origin> <conn>`.
+    /// A room message: `R <room> <origin> <conn> [<seq> [<prev>]]`.
     Room {
         /// The room.
         room: &'a str,
@@ -179,6 +195,9 @@ pub enum Envelope<'a> {
         /// field). A recorded message is delivered from the bus on every
         /// instance, the origin's too, so members see history order.
         seq: Option<Seq>,
+        /// The previous message of the room's history (a fifth field, only
+        /// after `seq`; see [`Envelope::Direct`]'s `prev`).
+        prev: Option<Seq>,
     },
 }
 
@@ -205,36 +224,38 @@ impl Envelope<'_> {
         field
     }
 
-    /// Header line plus frame, as published on the bus.
+    /// Header line plus frame, as published on the bus. `prev` is written
+    /// only after a `seq`.
     pub fn encode(&self, frame: &[u8]) -> Bytes {
-        let header = match self {
+        let (mut header, seq, prev) = match self {
             Envelope::Direct {
                 to,
                 hop,
                 origin,
                 covered,
-                seq: None,
-            } => format!("D {to} {hop} {origin} {}\n", covered.as_field()),
-            Envelope::Direct {
-                to,
-                hop,
-                origin,
-                covered,
-                seq: Some(seq),
-            } => format!("D {to} {hop} {origin} {} {seq}\n", covered.as_field()),
+                seq,
+                prev,
+            } => (
+                format!("D {to} {hop} {origin} {}", covered.as_field()),
+                seq,
+                prev,
+            ),
             Envelope::Room {
                 room,
                 origin,
                 conn,
-                seq: None,
-            } => format!("R {room} {origin} {conn}\n"),
-            Envelope::Room {
-                room,
-                origin,
-                conn,
-                seq: Some(seq),
-            } => format!("R {room} {origin} {conn} {seq}\n"),
+                seq,
+                prev,
+            } => (format!("R {room} {origin} {conn}"), seq, prev),
         };
+        // Writing into a String cannot fail.
+        if let Some(seq) = seq {
+            let _ = write!(header, " {seq}");
+            if let Some(prev) = prev {
+                let _ = write!(header, " {prev}");
+            }
+        }
+        header.push('\n');
         let mut out = Vec::with_capacity(header.len() + frame.len());
         out.extend_from_slice(header.as_bytes());
         out.extend_from_slice(frame);
@@ -254,29 +275,25 @@ impl Envelope<'_> {
                 if to.is_empty() || origin.is_empty() || covered.is_empty() {
                     return None;
                 }
-                let seq = match parts.next() {
-                    None => None,
-                    Some(seq) => Some(Seq::parse(seq)?),
-                };
+                let (seq, prev) = position(&mut parts)?;
                 Envelope::Direct {
                     to,
                     hop: hop.parse().ok()?,
                     origin,
                     covered: Covered::from_field(covered),
                     seq,
+                    prev,
                 }
             }
             "R" => {
                 let (room, origin, conn) = (parts.next()?, parts.next()?, parts.next()?);
-                let seq = match parts.next() {
-                    None => None,
-                    Some(seq) => Some(Seq::parse(seq)?),
-                };
+                let (seq, prev) = position(&mut parts)?;
                 Envelope::Room {
                     room,
                     origin,
                     conn,
                     seq,
+                    prev,
                 }
             }
             _ => return None,
@@ -286,6 +303,20 @@ impl Envelope<'_> {
         }
         Some((envelope, newline + 1))
     }
+}
+
+/// The optional position fields at the end of a header, `[<seq> [<prev>]]`;
+/// `None` when one is there but is not a seq.
+fn position<'a>(parts: &mut impl Iterator<Item = &'a str>) -> Option<(Option<Seq>, Option<Seq>)> {
+    let seq = match parts.next() {
+        None => return Some((None, None)),
+        Some(seq) => Seq::parse(seq)?,
+    };
+    let prev = match parts.next() {
+        None => None,
+        Some(prev) => Some(Seq::parse(prev)?),
+    };
+    Some((Some(seq), prev))
 }
 
 #[cfg(test)]
@@ -300,6 +331,7 @@ mod tests {
             origin: "i1",
             covered: Covered::from_field("i1,i2"),
             seq: None,
+            prev: None,
         };
         let bytes = e.encode(b"{\"x\":1}");
         let (decoded, at) = Envelope::decode(&bytes).expect("decodes");
@@ -313,6 +345,7 @@ mod tests {
             origin: "i2",
             conn: "i2/7",
             seq: None,
+            prev: None,
         };
         let bytes = r.encode(b"{}");
         assert_eq!(Envelope::decode(&bytes).map(|(e, _)| e), Some(r));
@@ -321,6 +354,7 @@ mod tests {
             origin: "i2",
             conn: "-",
             seq: Some(Seq { ms: 3, n: 0 }),
+            prev: Some(Seq { ms: 2, n: 9 }),
         };
         let bytes = r.encode(b"{}");
         assert_eq!(Envelope::decode(&bytes).map(|(e, _)| e), Some(r));
@@ -336,6 +370,7 @@ mod tests {
             origin: "i1",
             covered: Covered::from_field(&field),
             seq: None,
+            prev: None,
         }
         .encode(b"{}");
         assert_eq!(built.as_bytes(), &encoded[..]);
@@ -352,10 +387,41 @@ mod tests {
             origin: "i1",
             covered: Covered::NONE,
             seq: Some(seq),
+            prev: None,
         };
         let bytes = e.encode(b"{}");
         assert_eq!(&bytes[..], b"D bob 0 i1 - 17-2\n{}");
         assert_eq!(Envelope::decode(&bytes).map(|(e, _)| e), Some(e));
+    }
+
+    #[test]
+    fn stored_direct_messages_carry_their_predecessor() {
+        // Exactly what the Redis append script writes.
+        let payload = b"D bob 0 i1 - 17-2 0-0\n{}";
+        let (e, at) = Envelope::decode(payload).expect("decodes");
+        assert_eq!(
+            e,
+            Envelope::Direct {
+                to: "bob",
+                hop: 0,
+                origin: "i1",
+                covered: Covered::NONE,
+                seq: Some(Seq { ms: 17, n: 2 }),
+                prev: Some(Seq::ZERO),
+            }
+        );
+        assert_eq!(&payload[at..], b"{}");
+        assert_eq!(&e.encode(b"{}")[..], &payload[..]);
+        // A prev without a seq is never written.
+        let no_seq = Envelope::Direct {
+            to: "bob",
+            hop: 0,
+            origin: "i1",
+            covered: Covered::NONE,
+            seq: None,
+            prev: Some(Seq::ZERO),
+        };
+        assert_eq!(&no_seq.encode(b"{}")[..], b"D bob 0 i1 -\n{}");
     }
 
     #[test]
@@ -368,6 +434,9 @@ mod tests {
             b"D bob 0 i1\n{}",
             b"D a 0 b c d\n{}",
             b"D a 0 b c 1-1 x\n{}",
+            b"D a 0 b c 1-1 1-0 1-0\n{}",
+            b"R lobby i1 i1/1 1-1 x\n{}",
+            b"R lobby i1 i1/1 1-1 1-0 1-0\n{}",
             b"D bob 0 i1 \n{}",
             b"R lobby i1\n{}",
         ] {

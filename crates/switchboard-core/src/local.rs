@@ -239,6 +239,7 @@ impl Bus for LocalBackend {
             origin: route.origin,
             covered: Covered::from_field(&covered),
             seq: None,
+            prev: None,
         }
         .encode(route.frame);
         Ok(targets
@@ -327,8 +328,9 @@ impl Store for LocalBackend {
                 .users
                 .insert(dm.to.to_owned(), Mailbox::fresh(now + limits.inbox_ttl_ms));
         }
-        let seq = inboxes.live_mailbox(dm.to, now).map(|mailbox| {
-            let seq = mailbox.last.next_after(now);
+        let stored = inboxes.live_mailbox(dm.to, now).map(|mailbox| {
+            let prev = mailbox.last;
+            let seq = prev.next_after(now);
             mailbox.last = seq;
             mailbox.entries.push_back(Entry {
                 seq,
@@ -340,8 +342,10 @@ impl Store for LocalBackend {
             });
             mailbox.trim_to(limits.inbox_max_len);
             // The TTL runs from the user's last connect (as in Redis).
-            seq
+            (seq, prev)
         });
+        let seq = stored.map(|(seq, _)| seq);
+        let prev = stored.map(|(_, prev)| prev);
         // Published under the store's lock: one step with the append.
         let frame = match seq {
             Some(seq) => dm_frame(seq, dm.tail),
@@ -355,6 +359,7 @@ impl Store for LocalBackend {
             origin: dm.origin,
             covered: Covered::NONE,
             seq,
+            prev,
         }
         .encode(frame.bytes());
         let (reached, reached_any) = match dm.fanout {
@@ -418,6 +423,7 @@ impl Store for LocalBackend {
                 after: after.unwrap_or(Seq::ZERO),
                 entries: Vec::new(),
                 gap: false,
+                newest: None,
             });
         };
         if open {
@@ -437,6 +443,7 @@ impl Store for LocalBackend {
             after: start,
             entries,
             gap,
+            newest: Some(mailbox.last),
         })
     }
 
@@ -457,7 +464,8 @@ impl Store for LocalBackend {
             }
             history.entries.clear();
         }
-        let seq = history.last.next_after(now);
+        let prev = history.last;
+        let seq = prev.next_after(now);
         history.last = seq;
         history.entries.push_back((seq, Arc::from(message.tail)));
         while history.entries.len() > limits.room_history {
@@ -471,6 +479,7 @@ impl Store for LocalBackend {
             origin: message.origin,
             conn: message.conn,
             seq: Some(seq),
+            prev: Some(prev),
         }
         .encode(room_frame(seq, message.tail).bytes());
         // Under the store's lock: one step with the append.

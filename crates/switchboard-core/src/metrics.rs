@@ -103,9 +103,20 @@ pub struct Metrics {
     pub inbox_refused_unknown: Counter,
     /// Sends answered from the idempotency record (a retry, not stored again).
     pub inbox_duplicate_sends: Counter,
-    /// Inbox entries replayed to connections (backlog on connect).
+    /// Inbox entries replayed to connections (backlog on connect, and
+    /// repairs).
     pub inbox_replayed: Counter,
-    /// Replays that began with a `gap` frame (entries lost to retention).
+    /// Inbox reads a live connection made to repair a hole: a stored DM
+    /// arrived before its predecessor.
+    pub inbox_repairs: Counter,
+    /// Stored DMs answered `timeout` because fewer replicas than
+    /// `--redis-wait-replicas` confirmed them in time.
+    pub inbox_unconfirmed: Counter,
+    /// Times the bus said its subscriptions were re-established after
+    /// messages may have been lost, and every connection read its inbox.
+    pub inbox_catch_ups: Counter,
+    /// `gap` frames sent (entries lost to retention, found by a replay or
+    /// a repair).
     pub inbox_gaps: Counter,
     /// Connections closed because their backlog could not be read.
     pub inbox_read_failures: Counter,
@@ -148,6 +159,11 @@ pub struct Metrics {
     pub reaped_instances: Counter,
     /// Subscription probes that did not come back (each triggers a resubscribe).
     pub probe_failures: Counter,
+    /// Redis Cluster dropped sharded subscriptions (their slot moved) and
+    /// this instance subscribed them again.
+    pub resubscribes: Counter,
+    /// Redis Cluster masters changed between two heartbeats (failover).
+    pub cluster_topology_changes: Counter,
     /// Times this instance re-asserted its presence (lease lost or writes failed).
     pub presence_resyncs: Counter,
     /// Latency of Redis commands on the message path, seconds.
@@ -210,13 +226,13 @@ impl Metrics {
         let inbox = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "switchboard_inbox",
-            "DMs offered to the inbox, by outcome (stored, refused_unknown: recipient not seen within the TTL, duplicate: an idempotent retry)",
+            "DMs offered to the inbox, by outcome (stored, refused_unknown: recipient not seen within the TTL, duplicate: an idempotent retry, unconfirmed: stored on the master but not confirmed by --redis-wait-replicas replicas in time)",
             inbox.clone(),
         );
         let replay = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "switchboard_inbox_replay",
-            "Inbox replays on connect, by event (entries replayed, gaps reported, read failures)",
+            "Inbox replays on connect, by event (entries replayed, gaps reported, read failures, repairs of a hole in live delivery, catch_ups: every connection read its inbox after the bus resubscribed)",
             replay.clone(),
         );
         let receipts = Counter::default();
@@ -297,6 +313,18 @@ impl Metrics {
             "Subscription probes on the personal channel that did not come back",
             probe_failures.clone(),
         );
+        let resubscribes = Counter::default();
+        registry.register(
+            "switchboard_resubscribes",
+            "Times Redis Cluster dropped sharded subscriptions (a slot moved) and they were subscribed again",
+            resubscribes.clone(),
+        );
+        let cluster_topology_changes = Counter::default();
+        registry.register(
+            "switchboard_cluster_topology_changes",
+            "Times the Redis Cluster's masters changed between two heartbeats (failover): presence re-asserted",
+            cluster_topology_changes.clone(),
+        );
         let presence_resyncs = Counter::default();
         registry.register(
             "switchboard_presence_resyncs",
@@ -354,8 +382,15 @@ impl Metrics {
             inbox_duplicate_sends: inbox.get_or_create_owned(&OutcomeLabel {
                 outcome: "duplicate",
             }),
+            inbox_unconfirmed: inbox.get_or_create_owned(&OutcomeLabel {
+                outcome: "unconfirmed",
+            }),
             inbox_replayed: replay.get_or_create_owned(&OutcomeLabel { outcome: "entries" }),
             inbox_gaps: replay.get_or_create_owned(&OutcomeLabel { outcome: "gaps" }),
+            inbox_repairs: replay.get_or_create_owned(&OutcomeLabel { outcome: "repairs" }),
+            inbox_catch_ups: replay.get_or_create_owned(&OutcomeLabel {
+                outcome: "catch_ups",
+            }),
             inbox_read_failures: replay.get_or_create_owned(&OutcomeLabel {
                 outcome: "read_failures",
             }),
@@ -382,6 +417,8 @@ impl Metrics {
             api_publishes,
             reaped_instances,
             probe_failures,
+            resubscribes,
+            cluster_topology_changes,
             presence_resyncs,
             redis_latency,
             registry,

@@ -77,9 +77,10 @@ proptest! {
     }
 
     /// The seam at one connection: live stored DMs arrive in seq order
-    /// (some also duplicated), a replay of the inbox runs across any prefix
-    /// of them and is read in pages; whatever the interleaving, the
-    /// connection queues every seq once, in order.
+    /// (some also duplicated) without their predecessor (a sender that does
+    /// not write it), a replay of the inbox runs across any prefix of them
+    /// and is read in pages; whatever the interleaving, the connection
+    /// queues every seq once, in order.
     #[test]
     fn the_seq_gate_queues_each_stored_dm_once_in_order(
         total in 1usize..60,
@@ -110,9 +111,9 @@ proptest! {
         let mut replayed = 0;
         // The inbox read sees everything appended before it: here, up to `live`.
         while live < replay_at {
-            conn.offer_stored(seqs[live], &frame(seqs[live]), &metrics);
+            conn.offer_stored(seqs[live], None, &frame(seqs[live]), &metrics);
             if live % dup_every == 0 {
-                conn.offer_stored(seqs[live], &frame(seqs[live]), &metrics);
+                conn.offer_stored(seqs[live], None, &frame(seqs[live]), &metrics);
             }
             live += 1;
         }
@@ -132,7 +133,7 @@ proptest! {
             if batch.len() == page {
                 continue;
             }
-            match conn.finish_replay(&metrics) {
+            match conn.finish_replay(None, &metrics) {
                 crate::registry::ReplayEnd::Live => break,
                 crate::registry::ReplayEnd::ReadAgainAfter(s) => after = s,
             }
@@ -142,8 +143,8 @@ proptest! {
         prop_assert!(!overflowed || replayed >= replay_at - live_from, "an overflowing hold is re-read, not lost");
         // Then the rest live, with duplicates.
         while live < total {
-            conn.offer_stored(seqs[live], &frame(seqs[live]), &metrics);
-            conn.offer_stored(seqs[live], &frame(seqs[live]), &metrics);
+            conn.offer_stored(seqs[live], None, &frame(seqs[live]), &metrics);
+            conn.offer_stored(seqs[live], None, &frame(seqs[live]), &metrics);
             drain(&mut rx, &mut got);
             live += 1;
         }
@@ -279,6 +280,151 @@ proptest! {
                 let expected_total: u32 = truth.iter().filter(|((u, _), _)| u == user).map(|(_, n)| n).sum();
                 prop_assert_eq!(holders.iter().map(|h| h.connections).sum::<u32>(), expected_total);
             }
+            Ok(())
+        })?;
+    }
+}
+
+/// One step of the bus between the store and one connection of bob's.
+#[derive(Debug, Clone)]
+enum Live {
+    /// A DM to bob is stored (and published: its bus message is in flight).
+    Send,
+    /// The in-flight message `pick` arrives (any order: cluster mode).
+    Arrive { pick: usize },
+    /// The in-flight message `pick` arrives and stays in flight (a copy).
+    Copy { pick: usize },
+    /// The in-flight message `pick` is lost (pub/sub is at-most-once).
+    Lose { pick: usize },
+    /// The connection's task gets round to the repair its gate asked for.
+    Repair,
+}
+
+fn live() -> impl Strategy<Value = Live> {
+    prop_oneof![
+        4 => Just(Live::Send),
+        4 => any::<usize>().prop_map(|pick| Live::Arrive { pick }),
+        1 => any::<usize>().prop_map(|pick| Live::Copy { pick }),
+        1 => any::<usize>().prop_map(|pick| Live::Lose { pick }),
+        2 => Just(Live::Repair),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, .. ProptestConfig::default() })]
+
+    /// The seq chain with the store as truth: stored DMs to bob reach his
+    /// connection's instance in any order, some twice, some never; the
+    /// backlog is replayed at any point; the connection repairs holes when
+    /// its task gets to it. Once one more DM has arrived after everything
+    /// (a loss is noticed by the next DM) and the repairs are done, the
+    /// connection has every stored DM exactly once, in seq order.
+    #[test]
+    fn every_stored_dm_reaches_the_connection_once_in_order_whatever_the_bus_does(
+        before in 0usize..8,
+        ops in proptest::collection::vec(live(), 0..80),
+        replay_at in 0usize..80,
+    ) {
+        use crate::protocol::DmOptions;
+        use crate::router::ReplayStart;
+        use crate::store::Seq;
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+        let Ok(runtime) = runtime else { return Err(TestCaseError::fail("runtime")) };
+        runtime.block_on(async move {
+            let fail = |e: &dyn std::fmt::Display| TestCaseError::fail(e.to_string());
+            let hub = Arc::new(LocalHub::default());
+            let metrics = Metrics::new();
+            let (tx, mut bus) = bounded::<Inbound>(4096, 16 << 20);
+            let backend = Arc::new(LocalBackend::new(hub, "i1", tx, metrics.clone()));
+            let router = Router::new("i1", RoutingMode::Routed, backend.clone(), backend.clone(), Arc::default(), metrics.clone())
+                .with_store(backend);
+            router.start().await.map_err(|e| fail(&e))?;
+            let body = RawValue::from_string("{}".to_owned()).map_err(|e| fail(&e))?;
+            let options = DmOptions::default();
+            let mut stored: Vec<Seq> = Vec::new();
+            // Bob was seen; DMs sent while he is away are only in the inbox.
+            router.read_inbox("bob", None, 1, true).await.map_err(|e| fail(&e))?;
+            for _ in 0..before {
+                let out = router.send_dm("alice", "bob", &body, &options).await.map_err(|e| fail(&e))?;
+                stored.extend(out.seq);
+            }
+            // A small queue: the hold overflows (and the inbox is read
+            // again) when more than a few DMs arrive during a replay.
+            let limits = QueueLimits { frames: 64, bytes: 4096 };
+            let (conn, mut rx) = ConnHandle::new(Arc::from("i1/0"), Arc::from("bob"), limits);
+            let got = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+            let sink = got.clone();
+            // The writer: drains the queue as a socket would.
+            tokio::spawn(async move {
+                while let Some(Outbound::Text(frame)) = rx.recv().await {
+                    sink.lock().map_err(|_| ()).map(|mut g| g.push(frame.as_str().to_owned())).ok();
+                }
+            });
+            conn.begin_replay(Seq::ZERO);
+            router.connect(&conn).await;
+            let mut in_flight: Vec<Inbound> = Vec::new();
+            let mut replayed = false;
+            let settle = || tokio::task::yield_now();
+            for (i, op) in ops.into_iter().enumerate() {
+                if i == replay_at {
+                    router.replay_inbox(&conn, ReplayStart::Connect(None)).await.map_err(|e| fail(&e))?;
+                    replayed = true;
+                }
+                match op {
+                    Live::Send => {
+                        let out = router.send_dm("alice", "bob", &body, &options).await.map_err(|e| fail(&e))?;
+                        stored.extend(out.seq);
+                        while let Some(inbound) = bus.try_recv() {
+                            in_flight.push(inbound);
+                        }
+                    }
+                    Live::Arrive { pick } if !in_flight.is_empty() => {
+                        router.handle_inbound(in_flight.remove(pick % in_flight.len()));
+                    }
+                    Live::Copy { pick } if !in_flight.is_empty() => {
+                        router.handle_inbound(in_flight[pick % in_flight.len()].clone());
+                    }
+                    Live::Lose { pick } if !in_flight.is_empty() => {
+                        in_flight.remove(pick % in_flight.len());
+                    }
+                    Live::Repair if replayed => {
+                        router.repair_inbox(&conn).await.map_err(|e| fail(&e))?;
+                    }
+                    _ => {}
+                }
+                settle().await;
+            }
+            if !replayed {
+                router.replay_inbox(&conn, ReplayStart::Connect(None)).await.map_err(|e| fail(&e))?;
+            }
+            for inbound in in_flight.drain(..) {
+                router.handle_inbound(inbound);
+                settle().await;
+            }
+            // One more DM, delivered: a loss before it shows as a hole.
+            let out = router.send_dm("alice", "bob", &body, &options).await.map_err(|e| fail(&e))?;
+            stored.extend(out.seq);
+            while let Some(inbound) = bus.try_recv() {
+                router.handle_inbound(inbound);
+            }
+            while router.repair_inbox(&conn).await.map_err(|e| fail(&e))? {
+                settle().await;
+            }
+            prop_assert!(conn.wait_for_room().await);
+            for _ in 0..4 {
+                settle().await;
+            }
+            prop_assert!(conn.close_reason().is_none(), "never a slow consumer here");
+            prop_assert!(conn.take_repair().is_none());
+            let got: Vec<Seq> = got.lock().map_err(|_| TestCaseError::fail("lock"))?
+                .iter()
+                .map(|frame| {
+                    let value: serde_json::Value = serde_json::from_str(frame).unwrap_or_default();
+                    prop_assert_eq!(&value["type"], "dm", "only DMs, no gap: {}", frame);
+                    Seq::parse(value["seq"].as_str().unwrap_or_default()).ok_or_else(|| TestCaseError::fail("a seq"))
+                })
+                .collect::<Result<_, _>>()?;
+            prop_assert_eq!(got, stored);
             Ok(())
         })?;
     }

@@ -12,10 +12,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use dashmap::DashMap;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::protocol::TextFrame;
+use crate::protocol::{ServerFrame, TextFrame};
 use crate::queue::{bounded, BoundedReceiver, BoundedSender, Refused, Weighed};
 use crate::store::Seq;
 
@@ -104,6 +105,10 @@ pub struct ConnHandle {
     /// The same per room, for rooms joined with `since` (none for most
     /// connections: nothing allocated).
     room_gates: Mutex<Option<Box<RoomGates>>>,
+    /// Woken when the gate found a hole and wants the inbox read again
+    /// (see [`ConnHandle::repair_wanted`]): the connection's task learns of
+    /// it without polling.
+    repair: Notify,
 }
 
 /// Stored DMs held while a connection's backlog is replayed, at most (and
@@ -117,33 +122,103 @@ const HELD_BYTES: usize = 256 << 10;
 type RoomGates = HashMap<Arc<str>, Gate>;
 
 /// Where a connection is in the seam between its backlog and live delivery.
+///
+/// Live stored DMs carry their predecessor in the inbox (`prev`), so the gate
+/// tells three cases apart: `seq <= last` is a duplicate (dropped);
+/// `prev <= last < seq` is the next one (queued); `prev > last` is a hole —
+/// an earlier DM has not arrived (it is late on the bus, or lost). A hole is
+/// neither skipped nor taken out of order: the gate goes back to replaying,
+/// holds the DM, and asks the connection to read the inbox after `last`.
 #[derive(Debug)]
 enum Gate {
     /// Live: stored DMs are queued if newer than `last`, the newest queued.
     Live { last: Seq },
-    /// The backlog is being replayed.
+    /// The backlog is being replayed (at connect, or to repair a hole).
     Replaying(Box<Replay>),
 }
+
+/// A live stored DM held during a replay: its seq, its predecessor (when
+/// known) and its frame.
+type Held = (Seq, Option<Seq>, TextFrame);
 
 #[derive(Debug)]
 struct Replay {
     /// The newest entry replayed (or the position the replay started after).
     last: Seq,
-    /// Live stored DMs that arrived meanwhile, in arrival (= seq) order.
-    held: Vec<(Seq, TextFrame)>,
+    /// Live stored DMs that arrived meanwhile, in arrival order.
+    held: Vec<Held>,
     held_bytes: usize,
     /// A live DM was not held (the budget was full): read the inbox again.
     overflow: bool,
+    /// A live DM found a hole while the connection was live: its task must
+    /// read the inbox after `last` (set here, taken by [`Gate::take_repair`],
+    /// so at most one repair runs at a time).
+    repair: bool,
+    /// The inbox is being read again after this position because a held
+    /// DM's predecessor was missing at the end of the last read. If that
+    /// read brings nothing newer, the predecessor is not in the store (it
+    /// was lost with it): the gap is announced rather than read forever.
+    chasing: Option<Seq>,
+}
+
+/// What [`Gate::offer`] did with a live frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Offered {
+    /// Queued on the connection.
+    Queued,
+    /// Held, dropped as a duplicate, or refused by a full queue; or it
+    /// closed a hole and was queued with the held ones behind it (counted
+    /// as delivered already).
+    NotQueued,
+    /// Held because of a hole: the connection must repair it.
+    Hole,
+}
+
+impl Replay {
+    fn after(last: Seq) -> Replay {
+        Replay {
+            last,
+            held: Vec::new(),
+            held_bytes: 0,
+            overflow: false,
+            repair: false,
+            chasing: None,
+        }
+    }
+
+    /// Holds a live frame, or (over the budget) marks the replay to read
+    /// the inbox again, where the frame is.
+    fn hold(&mut self, held: Held, (max_items, max_bytes): (usize, usize)) {
+        let len = held.2.len();
+        if self.held.len() < max_items && self.held_bytes + len <= max_bytes {
+            self.held_bytes += len;
+            self.held.push(held);
+        } else {
+            // It is in the inbox (or history): the replay reads it again.
+            self.overflow = true;
+        }
+    }
+}
+
+impl Replay {
+    /// Sorts the held frames and says whether they follow `last` without a
+    /// hole, each the successor of the one before.
+    fn closes_the_hole(&mut self) -> bool {
+        self.held.sort_by_key(|(seq, _, _)| *seq);
+        let mut last = self.last;
+        for (seq, prev, _) in &self.held {
+            if *seq <= last || prev.is_some_and(|prev| prev > last) {
+                return false;
+            }
+            last = *seq;
+        }
+        true
+    }
 }
 
 impl Gate {
     fn replaying(after: Seq) -> Gate {
-        Gate::Replaying(Box::new(Replay {
-            last: after,
-            held: Vec::new(),
-            held_bytes: 0,
-            overflow: false,
-        }))
+        Gate::Replaying(Box::new(Replay::after(after)))
     }
 
     fn start_at(&mut self, after: Seq) {
@@ -165,25 +240,75 @@ impl Gate {
         }
     }
 
-    fn finish(&mut self, mut send: impl FnMut(TextFrame) -> bool, metrics: &Metrics) -> ReplayEnd {
+    /// A requested repair, taken: the position to read the inbox after.
+    fn take_repair(&mut self) -> Option<Seq> {
+        match self {
+            Gate::Replaying(replay) if replay.repair => {
+                replay.repair = false;
+                Some(replay.last)
+            }
+            _ => None,
+        }
+    }
+
+    /// Ends a replay whose last read is done. `newest` is the newest seq
+    /// in the store at that read (when known): everything up to it has been
+    /// read (or was reported trimmed), so it counts as had. The held frames
+    /// are queued in seq order while each follows the one before; at a
+    /// hole the inbox is read again after the last queued.
+    fn finish(
+        &mut self,
+        newest: Option<Seq>,
+        mut send: impl FnMut(TextFrame) -> bool,
+        metrics: &Metrics,
+    ) -> ReplayEnd {
         let Gate::Replaying(replay) = self else {
             return ReplayEnd::Live;
         };
+        if let Some(newest) = newest {
+            replay.last = replay.last.max(newest);
+        }
         if replay.overflow {
             replay.overflow = false;
+            replay.chasing = None;
             replay.held.clear();
             replay.held_bytes = 0;
             return ReplayEnd::ReadAgainAfter(replay.last);
         }
+        // The read after `chasing` brought nothing newer: what is missing
+        // before the held frames is not in the store.
+        let settle = replay.chasing.take() == Some(replay.last);
+        let mut held = std::mem::take(&mut replay.held);
+        held.sort_by_key(|(seq, _, _)| *seq);
         let mut last = replay.last;
-        for (seq, frame) in std::mem::take(&mut replay.held) {
-            if seq > last {
-                last = seq;
-                if send(frame) {
-                    metrics.delivered.inc();
-                }
-            } else {
+        let mut rest = held.into_iter();
+        while let Some((seq, prev, frame)) = rest.next() {
+            if seq <= last {
                 metrics.dropped_duplicate.inc();
+                continue;
+            }
+            if prev.is_some_and(|prev| prev > last) {
+                if !settle {
+                    // What is missing was appended before this frame, so
+                    // before now: the next read has it. The frames from
+                    // here on stay held (the read has them too, unless the
+                    // store lost them).
+                    replay.held = std::iter::once((seq, prev, frame)).chain(rest).collect();
+                    replay.held_bytes = replay.held.iter().map(|(_, _, f)| f.len()).sum();
+                    replay.last = last;
+                    replay.chasing = Some(last);
+                    return ReplayEnd::ReadAgainAfter(last);
+                }
+                metrics.inbox_gaps.inc();
+                let gap = ServerFrame::Gap {
+                    after: last,
+                    first: Some(seq),
+                };
+                send(gap.to_frame());
+            }
+            last = seq;
+            if send(frame) {
+                metrics.delivered.inc();
             }
         }
         *self = Gate::Live { last };
@@ -193,33 +318,51 @@ impl Gate {
     fn offer(
         &mut self,
         seq: Seq,
+        prev: Option<Seq>,
         frame: &TextFrame,
-        (max_items, max_bytes): (usize, usize),
-        send: impl FnOnce(TextFrame) -> bool,
+        budget: (usize, usize),
+        mut send: impl FnMut(TextFrame) -> bool,
         metrics: &Metrics,
-    ) -> bool {
+    ) -> Offered {
         match self {
             Gate::Live { last } => {
                 if seq <= *last {
                     metrics.dropped_duplicate.inc();
-                    return false;
+                    return Offered::NotQueued;
+                }
+                if prev.is_some_and(|prev| prev > *last) {
+                    let mut replay = Replay::after(*last);
+                    replay.repair = true;
+                    replay.hold((seq, prev, frame.clone()), budget);
+                    *self = Gate::Replaying(Box::new(replay));
+                    return Offered::Hole;
                 }
                 *last = seq;
-                send(frame.clone())
+                if send(frame.clone()) {
+                    Offered::Queued
+                } else {
+                    Offered::NotQueued
+                }
             }
             Gate::Replaying(replay) => {
                 if seq <= replay.last {
                     metrics.dropped_duplicate.inc();
-                    return false;
+                    return Offered::NotQueued;
                 }
-                if replay.held.len() < max_items && replay.held_bytes + frame.len() <= max_bytes {
-                    replay.held_bytes += frame.len();
-                    replay.held.push((seq, frame.clone()));
-                } else {
-                    // It is in the inbox (or history): the replay reads it again.
-                    replay.overflow = true;
+                replay.hold((seq, prev, frame.clone()), budget);
+                if replay.repair && !replay.overflow && replay.closes_the_hole() {
+                    // The late DM came before the repair started: nothing
+                    // is missing any more, no read needed.
+                    let mut last = replay.last;
+                    for (seq, _, frame) in std::mem::take(&mut replay.held) {
+                        last = seq;
+                        if send(frame) {
+                            metrics.delivered.inc();
+                        }
+                    }
+                    *self = Gate::Live { last };
                 }
-                false
+                Offered::NotQueued
             }
         }
     }
@@ -230,7 +373,8 @@ impl Gate {
 pub enum ReplayEnd {
     /// The connection is live; everything held was queued.
     Live,
-    /// Live DMs were dropped while replaying: read the inbox again after this.
+    /// Live DMs were dropped while replaying, or one of them follows a hole:
+    /// read the inbox again after this.
     ReadAgainAfter(Seq),
 }
 
@@ -251,6 +395,7 @@ impl ConnHandle {
             rooms: Mutex::new(HashSet::new()),
             gate: Mutex::new(Gate::Live { last: Seq::ZERO }),
             room_gates: Mutex::new(None),
+            repair: Notify::new(),
         };
         (Arc::new(handle), rx)
     }
@@ -330,20 +475,87 @@ impl ConnHandle {
         self.gate().accepts(seq)
     }
 
-    /// Ends the replay: queues the held live DMs newer than the backlog and
-    /// goes live, unless some live DM could not be held.
-    pub fn finish_replay(&self, metrics: &Metrics) -> ReplayEnd {
+    /// Ends the replay after its last read (`newest`: that read's
+    /// [`crate::store::Backlog::newest`]): queues the held live DMs newer
+    /// than the backlog and goes live, unless some live DM could not be held
+    /// or one follows a hole.
+    pub fn finish_replay(&self, newest: Option<Seq>, metrics: &Metrics) -> ReplayEnd {
         self.gate()
-            .finish(|frame| self.send_text(frame, metrics), metrics)
+            .finish(newest, |frame| self.send_text(frame, metrics), metrics)
     }
 
-    /// Offers a live stored DM: queued if it is newer than everything this
-    /// connection has had, held if a replay is running, dropped (counted)
-    /// if it is a duplicate. Returns whether it was queued now.
-    pub fn offer_stored(&self, seq: Seq, frame: &TextFrame, metrics: &Metrics) -> bool {
+    /// Offers a live stored DM (`prev`: its predecessor in the inbox, when
+    /// known): queued if it is the next one, held if a replay is running,
+    /// dropped (counted) if it is a duplicate. One that follows a hole is
+    /// held and a repair is requested (see [`ConnHandle::repair_wanted`]).
+    /// Returns whether it was queued now.
+    pub fn offer_stored(
+        &self,
+        seq: Seq,
+        prev: Option<Seq>,
+        frame: &TextFrame,
+        metrics: &Metrics,
+    ) -> bool {
         let budget = self.hold_budget();
-        self.gate()
-            .offer(seq, frame, budget, |f| self.send_text(f, metrics), metrics)
+        let offered = self.gate().offer(
+            seq,
+            prev,
+            frame,
+            budget,
+            |f| self.send_text(f, metrics),
+            metrics,
+        );
+        if offered == Offered::Hole {
+            self.repair.notify_one();
+        }
+        offered == Offered::Queued
+    }
+
+    /// Resolves when the gate has asked for a repair; then
+    /// [`ConnHandle::take_repair`] says where to read from. Cancel-safe: a
+    /// request made while nobody waits is kept for the next wait.
+    pub async fn repair_wanted(&self) {
+        self.repair.notified().await
+    }
+
+    /// Bus messages may have been lost (see
+    /// [`ChannelKind::Resubscribed`](crate::bus::ChannelKind)): read the
+    /// inbox after the last stored DM this connection has, as for a hole.
+    /// A replay already running reads once more at its end.
+    pub fn catch_up(&self) {
+        let wake = {
+            let mut gate = self.gate();
+            match &mut *gate {
+                Gate::Live { last } => {
+                    let mut replay = Replay::after(*last);
+                    replay.repair = true;
+                    *gate = Gate::Replaying(Box::new(replay));
+                    true
+                }
+                Gate::Replaying(replay) => {
+                    replay.overflow = true;
+                    false
+                }
+            }
+        };
+        if wake {
+            self.repair.notify_one();
+        }
+    }
+
+    /// After a repair read failed: asks for the repair again (it is still
+    /// needed), to be taken when the connection retries.
+    pub fn rearm_repair(&self) {
+        if let Gate::Replaying(replay) = &mut *self.gate() {
+            replay.repair = true;
+        }
+    }
+
+    /// Takes a pending repair request: the inbox must be read after the
+    /// returned seq, then the replay finished. `None` if none is pending
+    /// (at most one runs at a time).
+    pub fn take_repair(&self) -> Option<Seq> {
+        self.gate().take_repair()
     }
 
     fn room_gates(&self) -> std::sync::MutexGuard<'_, Option<Box<RoomGates>>> {
@@ -369,7 +581,7 @@ impl ConnHandle {
     /// Ends a room replay (see [`ConnHandle::finish_replay`]).
     pub fn finish_room_replay(&self, room: &str, metrics: &Metrics) -> ReplayEnd {
         match self.room_gates().as_mut().and_then(|g| g.get_mut(room)) {
-            Some(gate) => gate.finish(|frame| self.send_text(frame, metrics), metrics),
+            Some(gate) => gate.finish(None, |frame| self.send_text(frame, metrics), metrics),
             None => ReplayEnd::Live,
         }
     }
@@ -391,7 +603,17 @@ impl ConnHandle {
         let budget = self.hold_budget();
         let mut gates = self.room_gates();
         match gates.as_mut().and_then(|g| g.get_mut(room)) {
-            Some(gate) => gate.offer(seq, frame, budget, |f| self.send_text(f, metrics), metrics),
+            // No predecessor: a room gate never asks for a repair.
+            Some(gate) => {
+                gate.offer(
+                    seq,
+                    None,
+                    frame,
+                    budget,
+                    |f| self.send_text(f, metrics),
+                    metrics,
+                ) == Offered::Queued
+            }
             None => {
                 drop(gates);
                 self.send_text(frame.clone(), metrics)
@@ -558,11 +780,12 @@ impl Registry {
         &self,
         user: &str,
         seq: Seq,
+        prev: Option<Seq>,
         frame: &TextFrame,
         metrics: &Metrics,
     ) -> usize {
         fan_out(&self.users, user, None, metrics, |c| {
-            c.offer_stored(seq, frame, metrics)
+            c.offer_stored(seq, prev, frame, metrics)
         })
         .1
     }
@@ -570,6 +793,20 @@ impl Registry {
     /// How many connections `user` has here.
     pub fn user_connection_count(&self, user: &str) -> usize {
         self.users.get(user).map(|conns| conns.len()).unwrap_or(0)
+    }
+
+    /// Asks every connection to catch up from its inbox (see
+    /// [`ConnHandle::catch_up`]); returns how many were asked.
+    pub fn catch_up_all(&self) -> usize {
+        let conns: Vec<Arc<ConnHandle>> = self
+            .users
+            .iter()
+            .flat_map(|entry| entry.value().clone())
+            .collect();
+        for conn in &conns {
+            conn.catch_up();
+        }
+        conns.len()
     }
 
     /// Whether `user` has a connection here.
@@ -717,6 +954,140 @@ mod tests {
         assert_eq!(reg.remove(&a1), 1);
         assert_eq!(reg.remove(&a2), 0);
         assert!(!reg.holds("alice"));
+    }
+
+    fn seq(n: u64) -> Seq {
+        Seq { ms: 1, n }
+    }
+
+    fn stored(n: u64) -> TextFrame {
+        TextFrame::from(format!("{{\"type\":\"dm\",\"seq\":\"{}\"}}", seq(n)))
+    }
+
+    /// Offers stored DM `n` whose predecessor is `prev` (0: none before).
+    fn offer(c: &ConnHandle, n: u64, prev: u64, m: &Metrics) -> bool {
+        let prev = if prev == 0 { Seq::ZERO } else { seq(prev) };
+        c.offer_stored(seq(n), Some(prev), &stored(n), m)
+    }
+
+    /// What a replay read of entries `ns` does on the connection.
+    fn read_back(c: &ConnHandle, ns: &[u64], m: &Metrics) {
+        for &n in ns {
+            if c.replay_accepts(seq(n)) {
+                assert!(c.send_text(stored(n), m));
+            }
+        }
+    }
+
+    fn queued(rx: &mut BoundedReceiver<Outbound>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(Outbound::Text(f)) = rx.try_recv() {
+            out.push(f.as_str().to_owned());
+        }
+        out
+    }
+
+    fn frames_of(ns: &[u64]) -> Vec<String> {
+        ns.iter().map(|&n| stored(n).as_str().to_owned()).collect()
+    }
+
+    #[test]
+    fn a_stored_dm_after_a_hole_is_held_and_the_inbox_read_after_the_last_had() {
+        let reg = Registry::default();
+        let m = Metrics::new();
+        let (c, mut rx) = conn(&reg, "bob", 16);
+        assert!(offer(&c, 1, 0, &m), "in order");
+        assert!(!offer(&c, 1, 0, &m), "a duplicate");
+        assert!(!offer(&c, 3, 2, &m), "2 is missing: held");
+        assert!(!offer(&c, 4, 3, &m), "held behind it");
+        assert_eq!(queued(&mut rx), frames_of(&[1]));
+        assert_eq!(c.take_repair(), Some(seq(1)), "read after 1");
+        assert_eq!(c.take_repair(), None, "one repair at a time");
+        // The repair's read: 2, 3 (4 was appended after it).
+        read_back(&c, &[2, 3], &m);
+        assert_eq!(c.finish_replay(Some(seq(3)), &m), ReplayEnd::Live);
+        assert_eq!(queued(&mut rx), frames_of(&[2, 3, 4]));
+        assert!(offer(&c, 5, 4, &m), "live again");
+        assert_eq!(m.dropped_duplicate.get(), 2);
+    }
+
+    #[test]
+    fn a_late_dm_that_closes_the_hole_before_the_repair_needs_no_read() {
+        let reg = Registry::default();
+        let m = Metrics::new();
+        let (c, mut rx) = conn(&reg, "bob", 16);
+        assert!(!offer(&c, 2, 1, &m));
+        assert!(!offer(&c, 3, 2, &m));
+        assert!(queued(&mut rx).is_empty());
+        assert!(!offer(&c, 1, 0, &m), "queued with the held ones behind it");
+        assert_eq!(queued(&mut rx), frames_of(&[1, 2, 3]));
+        assert_eq!(m.delivered.get(), 3);
+        assert_eq!(c.take_repair(), None, "nothing to repair");
+        assert!(offer(&c, 4, 3, &m));
+    }
+
+    #[test]
+    fn held_dms_are_queued_in_seq_order_and_a_hole_at_the_end_reads_again() {
+        let reg = Registry::default();
+        let m = Metrics::new();
+        let (c, mut rx) = conn(&reg, "bob", 16);
+        c.begin_replay(Seq::ZERO);
+        // Arrived during the replay, out of order; 3 never arrives.
+        assert!(!offer(&c, 2, 1, &m));
+        assert!(!offer(&c, 4, 3, &m));
+        assert!(!offer(&c, 1, 0, &m));
+        assert_eq!(c.take_repair(), None, "the replay is running anyway");
+        // The backlog read happened before any of them was appended.
+        assert_eq!(
+            c.finish_replay(Some(Seq::ZERO), &m),
+            ReplayEnd::ReadAgainAfter(seq(2))
+        );
+        assert_eq!(queued(&mut rx), frames_of(&[1, 2]));
+        read_back(&c, &[3, 4], &m);
+        assert_eq!(c.finish_replay(Some(seq(4)), &m), ReplayEnd::Live);
+        assert_eq!(queued(&mut rx), frames_of(&[3, 4]));
+    }
+
+    #[test]
+    fn a_hole_the_store_cannot_fill_is_announced_not_read_forever() {
+        let reg = Registry::default();
+        let m = Metrics::new();
+        let (c, mut rx) = conn(&reg, "bob", 16);
+        assert!(offer(&c, 1, 0, &m));
+        assert!(!offer(&c, 3, 2, &m));
+        assert_eq!(c.take_repair(), Some(seq(1)));
+        // The store has nothing after 1 (it lost 2 and 3, and knows no newest).
+        assert_eq!(c.finish_replay(None, &m), ReplayEnd::ReadAgainAfter(seq(1)));
+        assert_eq!(c.finish_replay(None, &m), ReplayEnd::Live);
+        let mut want = frames_of(&[1]);
+        want.push(r#"{"type":"gap","after":"1-1","first":"1-3"}"#.to_owned());
+        want.extend(frames_of(&[3]));
+        assert_eq!(queued(&mut rx), want);
+        assert_eq!(m.inbox_gaps.get(), 1);
+    }
+
+    #[test]
+    fn the_newest_seq_of_the_last_read_counts_as_had() {
+        let reg = Registry::default();
+        let m = Metrics::new();
+        let (c, mut rx) = conn(&reg, "bob", 16);
+        c.begin_replay(Seq::ZERO);
+        // 1..=5 were trimmed (the read reported a gap); 5 is the newest.
+        assert_eq!(c.finish_replay(Some(seq(5)), &m), ReplayEnd::Live);
+        assert!(offer(&c, 6, 5, &m), "follows the newest: no hole");
+        assert_eq!(c.take_repair(), None);
+        assert_eq!(queued(&mut rx), frames_of(&[6]));
+    }
+
+    #[test]
+    fn without_a_predecessor_stored_dms_are_taken_in_seq_order() {
+        let reg = Registry::default();
+        let m = Metrics::new();
+        let (c, mut rx) = conn(&reg, "bob", 16);
+        assert!(c.offer_stored(seq(2), None, &stored(2), &m));
+        assert!(!c.offer_stored(seq(1), None, &stored(1), &m), "as before");
+        assert_eq!(c.take_repair(), None);
+        assert_eq!(queued(&mut rx), frames_of(&[2]));
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::metrics::{Metrics, SendOutcomes};
 use crate::presence::{Holder, Presence};
 use crate::protocol::{DirectStatus, DmOptions, RoomStatus, ServerFrame, TextFrame};
 use crate::queue::{bounded, BoundedReceiver, BoundedSender, Refused, Weighed};
-use crate::registry::{ConnHandle, Registry, RoomChange};
+use crate::registry::{ConnHandle, Registry, ReplayEnd, RoomChange};
 use crate::store::{
     Append, Backlog, Fanout, RoomAppend, RoomBacklog, Seq, Store, DM_HEAD, ROOM_HEAD,
 };
@@ -42,6 +42,20 @@ const REROUTE_QUEUE_ITEMS: usize = 4096;
 const REROUTE_QUEUE_BYTES: usize = 16 << 20;
 /// Re-routes in flight at once (each is one backend round trip).
 const REROUTE_CONCURRENCY: usize = 32;
+
+/// Inbox entries read per round trip of a replay.
+pub const REPLAY_PAGE: usize = 256;
+
+/// Where [`Router::replay_inbox`] starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplayStart {
+    /// A new connection: after `since`, or after the user's cursor; the
+    /// first read marks the user seen.
+    Connect(Option<Seq>),
+    /// A live connection repairing a hole: after the newest stored DM it
+    /// has.
+    Repair(Seq),
+}
 
 /// How a direct message reaches the instance that holds its recipient.
 /// Also the benchmark's vocabulary (`switchboard-bench --modes`), which
@@ -442,6 +456,81 @@ impl Router {
             .map_err(|e| RouteError::from(&e))
     }
 
+    /// Replays `conn`'s inbox: the entries after where `start` says, in
+    /// seq order, paced by the connection's queue (not limited by it), then
+    /// the live stored DMs held meanwhile, then goes live. Each stored DM is
+    /// queued once, in seq order (see the gate in `registry`); entries that
+    /// retention dropped are announced with a `gap` frame. The connection
+    /// must be replaying ([`ConnHandle::begin_replay`] at connect, or a
+    /// repair its gate asked for). Stops early, `Ok`, if the connection
+    /// closes; an error if the inbox could not be read.
+    pub async fn replay_inbox(
+        &self,
+        conn: &ConnHandle,
+        start: ReplayStart,
+    ) -> Result<(), RouteError> {
+        let metrics = &self.metrics;
+        let (mut after, mut open) = match start {
+            ReplayStart::Connect(since) => (since, true),
+            ReplayStart::Repair(after) => (Some(after), false),
+        };
+        loop {
+            let page = self
+                .read_inbox(&conn.user, after, REPLAY_PAGE, open)
+                .await?;
+            open = false;
+            conn.replay_from(page.after);
+            if page.gap {
+                metrics.inbox_gaps.inc();
+                let gap = ServerFrame::Gap {
+                    after: page.after,
+                    first: page.entries.first().map(|(seq, _)| *seq),
+                };
+                if !conn.send_paced(gap.to_frame(), metrics).await {
+                    return Ok(());
+                }
+            }
+            let more = page.entries.len() >= REPLAY_PAGE;
+            let mut last = page.after;
+            for (seq, frame) in page.entries {
+                last = seq;
+                if conn.replay_accepts(seq) {
+                    if !conn.send_paced(frame, metrics).await {
+                        return Ok(());
+                    }
+                    metrics.inbox_replayed.inc();
+                    metrics.delivered.inc();
+                }
+            }
+            after = Some(last);
+            if more {
+                continue;
+            }
+            if !conn.wait_for_room().await {
+                return Ok(());
+            }
+            match conn.finish_replay(page.newest, metrics) {
+                ReplayEnd::Live => return Ok(()),
+                ReplayEnd::ReadAgainAfter(seq) => after = Some(seq),
+            }
+        }
+    }
+
+    /// Runs the repair `conn`'s gate asked for, if one is pending (see
+    /// [`ConnHandle::repair_wanted`]): reads the inbox after the newest
+    /// stored DM the connection has and finishes the replay, which queues
+    /// the held DMs behind what was read. Returns whether one ran. An error
+    /// means the inbox could not be read: the caller closes the connection
+    /// (the client resumes with `since`), as after a failed replay.
+    pub async fn repair_inbox(&self, conn: &ConnHandle) -> Result<bool, RouteError> {
+        let Some(after) = conn.take_repair() else {
+            return Ok(false);
+        };
+        self.metrics.inbox_repairs.inc();
+        self.replay_inbox(conn, ReplayStart::Repair(after)).await?;
+        Ok(true)
+    }
+
     /// `recv`: moves `user`'s cursor to `seq` and sends the receipts the
     /// acknowledged DMs asked for to their senders (ephemeral, routed like
     /// a DM).
@@ -581,6 +670,7 @@ impl Router {
             origin: me,
             covered: Covered::from_field(covered),
             seq: None,
+            prev: None,
         }
         .encode(frame.bytes());
         let receivers = self.bus.publish(channel, payload).await?;
@@ -682,6 +772,7 @@ impl Router {
             // Connection ids contain a '/', so "-" never names one.
             conn: except_conn.unwrap_or("-"),
             seq: None,
+            prev: None,
         }
         .encode(frame.bytes());
         let local = self
@@ -792,6 +883,19 @@ impl Router {
             ChannelKind::Room => self.metrics.bus_received.room.inc(),
             ChannelKind::Broadcast => self.metrics.bus_received.broadcast.inc(),
             ChannelKind::User => self.metrics.bus_received.user.inc(),
+            ChannelKind::Resubscribed => {
+                // Stored DMs may have been lost meanwhile: every connection
+                // reads its inbox after the last it has.
+                if self.store.is_some() {
+                    let asked = self.registry.catch_up_all();
+                    self.metrics.inbox_catch_ups.inc();
+                    tracing::info!(
+                        connections = asked,
+                        "bus subscriptions re-established; connections catch up from their inboxes"
+                    );
+                }
+                return;
+            }
         };
         let Some((envelope, at)) = Envelope::decode(&inbound.payload) else {
             tracing::warn!("dropping a malformed bus message");
@@ -799,7 +903,10 @@ impl Router {
         };
         match envelope {
             Envelope::Direct {
-                to, seq: Some(seq), ..
+                to,
+                seq: Some(seq),
+                prev,
+                ..
             } => {
                 // A stored DM: offered in seq order, never re-routed (a
                 // recipient that moved reads it from its inbox).
@@ -811,7 +918,11 @@ impl Router {
                 let Some(frame) = frame_of(inbound.payload.slice(at..)) else {
                     return;
                 };
-                if self.registry.deliver_stored(to, seq, &frame, &self.metrics) == 0 {
+                if self
+                    .registry
+                    .deliver_stored(to, seq, prev, &frame, &self.metrics)
+                    == 0
+                {
                     self.metrics.dropped_not_here.inc();
                 }
             }
@@ -821,6 +932,7 @@ impl Router {
                 origin,
                 covered,
                 seq: None,
+                ..
             } => {
                 if matches!(inbound.kind, ChannelKind::Broadcast | ChannelKind::User) {
                     // Delivered locally when sent; and the broadcast baseline's
@@ -869,6 +981,7 @@ impl Router {
                 origin,
                 conn,
                 seq: None,
+                ..
             } => {
                 if origin == &*self.instance {
                     return; // delivered locally when it was sent

@@ -177,6 +177,13 @@ pub struct Backlog {
     /// Entries after `after` were dropped by the retention limits (or the
     /// whole inbox expired): the reader must be told.
     pub gap: bool,
+    /// The newest seq appended to the inbox when it was read (the
+    /// predecessor the next entry will record), when the store knows it.
+    /// A reader that has read every entry after `after` has, with a gap
+    /// reported, seen everything up to it: the next live DM, whose
+    /// predecessor this is, follows without a hole even when this entry
+    /// itself was trimmed.
+    pub newest: Option<Seq>,
 }
 
 /// A delivery receipt due because the recipient acknowledged a DM.

@@ -1,5 +1,8 @@
 //! [`Bus`] over Redis pub/sub: PUBLISH and routing on the message-path
-//! connection, SUBSCRIBE on the dedicated RESP3 subscriber.
+//! connection, SUBSCRIBE on the dedicated RESP3 subscriber. On a cluster
+//! every channel but the broadcast baseline's is sharded (SPUBLISH,
+//! SSUBSCRIBE): a message costs only the node serving its channel's slot,
+//! never the cluster bus.
 //!
 //! Routing a DM reads the recipient's presence from the tracked cache (see
 //! `presence_cache`; a miss is one tracked HGETALL) and sends one pipeline:
@@ -7,7 +10,11 @@
 //! PUBLISH. Redis runs no script and reads no key for a cached recipient.
 //! The receiver count is NUMSUB's, not PUBLISH's: PUBLISH also counts
 //! pattern subscribers (a `PSUBSCRIBE sb:*` monitor would make a crashed
-//! instance look alive).
+//! instance look alive). On a cluster there is no cache (tracking is per
+//! node connection, and the cluster client does not say which node answered
+//! a read): the recipient's presence is one HGETALL on their slot, then one
+//! SPUBLISH per holder, each on that holder's slot; SPUBLISH's count is
+//! exact (sharded channels have no pattern subscribers).
 
 use std::sync::Arc;
 
@@ -29,6 +36,21 @@ impl RedisBackend {
             Channel::User(user) => self.keys.user_channel(user),
         }
     }
+
+    /// Whether `channel` is a sharded channel here: on a cluster, all but
+    /// the broadcast channel.
+    pub(crate) fn sharded(&self, channel: &str) -> bool {
+        self.cluster && channel != self.keys.all_channel()
+    }
+
+    /// `PUBLISH`, or `SPUBLISH` for a sharded channel.
+    pub(crate) fn publish_command(&self, channel: &str) -> &'static str {
+        if self.sharded(channel) {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
 }
 
 /// Subscriptions go over the subscriber connection, which has its own
@@ -38,6 +60,63 @@ fn subscribe_error(e: redis::RedisError) -> BackendError {
 }
 
 impl RedisBackend {
+    /// [`Bus::route_direct`] on a cluster: the holders from one HGETALL on
+    /// the recipient's slot, then one SPUBLISH per other holder on its
+    /// personal channel's slot, all in flight at once.
+    async fn route_direct_sharded(
+        &self,
+        route: &DirectRoute<'_>,
+        key: &str,
+    ) -> Result<Vec<Reached>, BackendError> {
+        let mut conn = self.message_path()?;
+        let mut hgetall = redis::cmd("HGETALL");
+        hgetall.arg(key);
+        let fields: Vec<(String, i64)> = self.timed(hgetall.query_async(&mut conn)).await?;
+        let live = self.live_view();
+        let targets: Vec<String> = fields
+            .into_iter()
+            .filter(|(id, n)| *n > 0 && id != route.caller && !route.covered.contains(&id.as_str()))
+            .filter(|(id, _)| live.may_be_alive(id))
+            .map(|(id, _)| id)
+            .collect();
+        if targets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let covered = Envelope::covered_field(
+            route
+                .covered
+                .iter()
+                .copied()
+                .chain(targets.iter().map(String::as_str)),
+        );
+        let payload = Envelope::Direct {
+            to: route.to,
+            hop: route.hop,
+            origin: route.origin,
+            covered: Covered::from_field(&covered),
+            seq: None,
+            prev: None,
+        }
+        .encode(route.frame);
+        let publishes = targets.iter().map(|target| {
+            let mut conn = conn.clone();
+            let mut publish = redis::cmd("SPUBLISH");
+            publish
+                .arg(self.keys.personal_channel(target))
+                .arg(payload.as_ref());
+            async move { self.timed(publish.query_async::<usize>(&mut conn)).await }
+        });
+        let receivers = futures_util::future::try_join_all(publishes).await?;
+        Ok(targets
+            .into_iter()
+            .zip(receivers)
+            .map(|(instance, receivers)| Reached {
+                instance,
+                receivers,
+            })
+            .collect())
+    }
+
     /// Reads `key`'s presence fields with tracking on (both on one
     /// connection, in one pipeline), keeping them in the cache unless Redis
     /// invalidated them meanwhile.
@@ -77,15 +156,17 @@ impl RedisBackend {
 impl Bus for RedisBackend {
     async fn publish(&self, channel: Channel<'_>, payload: Bytes) -> Result<usize, BackendError> {
         let mut conn = self.message_path()?;
-        let mut publish = redis::cmd("PUBLISH");
-        publish
-            .arg(self.channel_name(channel))
-            .arg(payload.as_ref());
+        let name = self.channel_name(channel);
+        let mut publish = redis::cmd(self.publish_command(&name));
+        publish.arg(&name).arg(payload.as_ref());
         self.timed(publish.query_async(&mut conn)).await
     }
 
     async fn route_direct(&self, route: &DirectRoute<'_>) -> Result<Vec<Reached>, BackendError> {
         let key = self.keys.presence(route.to);
+        if self.cluster {
+            return self.route_direct_sharded(route, &key).await;
+        }
         let fields = match self.presence_cache.get(&key) {
             Some(fields) => {
                 self.metrics.presence_cache_hits.inc();
@@ -115,6 +196,7 @@ impl Bus for RedisBackend {
             origin: route.origin,
             covered: Covered::from_field(&covered),
             seq: None,
+            prev: None,
         }
         .encode(route.frame);
         let mut pipe = redis::pipe();
@@ -145,16 +227,22 @@ impl Bus for RedisBackend {
 
     async fn subscribe(&self, channel: Channel<'_>) -> Result<(), BackendError> {
         let name = self.channel_name(channel);
-        let mut subscriber = self.subscriber.clone();
-        subscriber.subscribe(&name).await.map_err(subscribe_error)?;
-        self.subscriptions.insert(name, ());
+        // Wanted before asked for: a slot move meanwhile resubscribes it.
+        self.subscriptions.insert(name.clone(), ());
+        let subscribed = self.subscriber.subscribe(&name, self.sharded(&name)).await;
+        if let Err(e) = subscribed {
+            self.subscriptions.remove(&name);
+            return Err(subscribe_error(e));
+        }
         Ok(())
     }
 
     async fn unsubscribe(&self, channel: Channel<'_>) -> Result<(), BackendError> {
         let name = self.channel_name(channel);
         self.subscriptions.remove(&name);
-        let mut subscriber = self.subscriber.clone();
-        subscriber.unsubscribe(&name).await.map_err(subscribe_error)
+        self.subscriber
+            .unsubscribe(&name, self.sharded(&name))
+            .await
+            .map_err(subscribe_error)
     }
 }

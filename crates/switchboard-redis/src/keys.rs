@@ -67,16 +67,26 @@ impl Keys {
         format!("{}:instances", self.prefix)
     }
 
-    /// `sb:inst:ID` — an instance's personal channel.
+    /// `sb:inst:{ID}` — an instance's personal channel (sharded on a
+    /// cluster, in the slot of the instance's lease).
     pub fn personal_channel(&self, instance: &str) -> String {
-        format!("{}:inst:{instance}", self.prefix)
+        format!("{}:inst:{{{instance}}}", self.prefix)
     }
 
-    /// `sb:room:ROOM` — a room's channel.
+    /// `sb:inst:` — what every personal channel starts with (the append
+    /// script adds `{ID}`).
+    pub fn personal_channel_prefix(&self) -> String {
+        format!("{}:inst:", self.prefix)
+    }
+
+    /// `sb:room:{ROOM}` — a room's channel (sharded on a cluster, in the
+    /// slot of the room's history, so the history script publishes it).
     pub fn room_channel(&self, room: &str) -> String {
-        let mut name = String::with_capacity(self.room_channel_prefix.len() + room.len());
+        let mut name = String::with_capacity(self.room_channel_prefix.len() + room.len() + 2);
         name.push_str(&self.room_channel_prefix);
+        name.push('{');
         name.push_str(room);
+        name.push('}');
         name
     }
 
@@ -85,9 +95,11 @@ impl Keys {
         &self.room_channel_prefix
     }
 
-    /// `sb:user:USER` — a user's channel (`--routing user-channel`).
+    /// `sb:user:{USER}` — a user's channel (`--routing user-channel`;
+    /// sharded on a cluster, in the slot of the user's presence and inbox,
+    /// so the append script publishes it).
     pub fn user_channel(&self, user: &str) -> String {
-        format!("{}:user:{user}", self.prefix)
+        format!("{}:user:{{{user}}}", self.prefix)
     }
 
     /// The prefix shared by every user channel.
@@ -95,7 +107,8 @@ impl Keys {
         format!("{}:user:", self.prefix)
     }
 
-    /// `sb:all` — the broadcast channel of `--routing broadcast`.
+    /// `sb:all` — the broadcast channel of `--routing broadcast`: a classic
+    /// channel on a cluster too (every node sees it; that is the baseline).
     pub fn all_channel(&self) -> String {
         format!("{}:all", self.prefix)
     }
@@ -111,8 +124,9 @@ mod tests {
         assert_eq!(k.presence("bob"), "sb:presence:{bob}");
         assert_eq!(k.lease("i1"), "sb:instance:{i1}");
         assert_eq!(k.instance_users("i1"), "sb:instance:{i1}:users");
-        assert_eq!(k.personal_channel("i1"), "sb:inst:i1");
-        assert_eq!(k.room_channel("lobby"), "sb:room:lobby");
+        assert_eq!(k.personal_channel("i1"), "sb:inst:{i1}");
+        assert_eq!(k.room_channel("lobby"), "sb:room:{lobby}");
+        assert_eq!(k.user_channel("bob"), "sb:user:{bob}");
         assert_eq!(k.all_channel(), "sb:all");
         assert_eq!(k.instances(), "sb:instances");
     }

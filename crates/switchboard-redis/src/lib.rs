@@ -22,11 +22,23 @@
 //!   through an internal unbounded channel that cannot be configured; the
 //!   push sender drains it without blocking.)
 //!
+//! On a Redis Cluster (`--redis-cluster`) the same three exist, each a
+//! cluster connection (one multiplexed connection per node, commands routed
+//! by slot): the message path, maintenance, and the subscriber, whose
+//! channels are sharded (`SSUBSCRIBE`, on the node serving the channel's
+//! slot). Every key and channel carries a hash tag (see `keys`): a user's
+//! presence, inbox and user channel share the user's slot, an instance's
+//! lease, users set and personal channel the instance's, a room's history
+//! and channel the room's, so every script touches one slot; work over many
+//! users is split into single-slot commands. What differs is asked of
+//! [`RedisTarget`] in the few places it matters.
+//!
 //! An instance id is claimed with a lease holding a per-process token: a
 //! second process started with the same id waits for a crashed holder's
 //! lease to expire, and refuses to start while a live one refreshes it.
 
 mod bus;
+mod conn;
 pub mod keys;
 mod maintenance;
 mod presence;
@@ -38,11 +50,12 @@ mod subscriber;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
 use redis::{ErrorKind, IntoConnectionInfo, RedisError};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -54,8 +67,11 @@ use switchboard_core::metrics::Metrics;
 use switchboard_core::queue::BoundedSender;
 use switchboard_core::store::StoreLimits;
 
+pub use conn::RedisTarget;
+use conn::{MaintenanceConn, MessageConn};
 use keys::Keys;
 use presence_cache::PresenceCache;
+use subscriber::Subscriber;
 
 /// Why the Redis backend could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -99,8 +115,8 @@ pub enum RedisSetupError {
 /// Settings of the Redis backend, taken from the instance's configuration.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
-    /// `redis://`, `rediss://` or `redis+unix://` URL.
-    pub url: String,
+    /// One Redis or a cluster.
+    pub target: RedisTarget,
     /// Key and channel prefix.
     pub prefix: String,
     /// This instance's id.
@@ -113,6 +129,18 @@ pub struct RedisSettings {
     pub response_timeout: Duration,
     /// Inbox retention and the idempotency window.
     pub store: StoreLimits,
+    /// Replicas a stored DM must reach before it is acknowledged.
+    pub wait: Option<WaitReplicas>,
+}
+
+/// `--redis-wait-replicas`: a stored DM is acknowledged as stored only once
+/// this many replicas have it (`WAIT` on the connection that appended it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitReplicas {
+    /// Replicas that must acknowledge.
+    pub replicas: u32,
+    /// Longest wait for them.
+    pub timeout: Duration,
 }
 
 /// Bus messages buffered between the subscriber and the dispatcher, at most.
@@ -131,6 +159,14 @@ struct SubscriberSignals {
     probe_arrived: Notify,
     /// Woken when the subscriber reconnected: re-assert presence at once.
     restored: Notify,
+    /// Woken when Redis Cluster dropped a wanted sharded subscription (its
+    /// slot moved): subscribe again.
+    resubscribe: Notify,
+    /// Bus messages may have been lost since the subscriptions last worked
+    /// (a connection dropped, a slot moved, masters changed, a probe did
+    /// not return): once a probe comes back, the router is told
+    /// ([`ChannelKind::Resubscribed`](switchboard_core::bus::ChannelKind)).
+    catch_up_pending: AtomicBool,
 }
 
 /// What this instance believes about other instances, from the last heartbeat.
@@ -153,11 +189,18 @@ impl LiveView {
 /// Presence store and message bus over one Redis deployment.
 pub struct RedisBackend {
     /// The message-path connection (see the module documentation).
-    commands: ConnectionManager,
-    /// Maintenance connections.
-    pool: deadpool_redis::Pool,
+    commands: MessageConn,
+    /// Maintenance connections: a pool (one Redis) or a cluster connection.
+    maintenance: Maintenance,
     /// The subscription connection.
-    subscriber: ConnectionManager,
+    subscriber: Subscriber,
+    /// Redis Cluster: sharded channels, work split by slot, no presence cache.
+    cluster: bool,
+    /// Cluster: every master answered the last heartbeat's PING.
+    cluster_whole: AtomicBool,
+    /// Cluster: the live masters' ids at the last heartbeat; a change is a
+    /// failover (see [`conn::master_fingerprint`]).
+    masters: Mutex<String>,
     keys: Keys,
     instance: Arc<str>,
     /// Random per process: whose lease `sb:instance:{ID}` is.
@@ -186,19 +229,24 @@ pub struct RedisBackend {
     /// Nonce of the last probe sent.
     probe_sent: AtomicU64,
     /// Every channel this instance subscribed, to re-issue SUBSCRIBE when a
-    /// probe shows the subscriptions were lost without a disconnection.
-    subscriptions: DashMap<String, ()>,
+    /// probe shows the subscriptions were lost without a disconnection, or
+    /// when a slot moved (shared with the subscriber's push callback).
+    subscriptions: Arc<DashMap<String, ()>>,
+    /// The bus inbox, for telling the router that subscriptions are back
+    /// after messages may have been lost.
+    bus_inbox: BoundedSender<Inbound>,
     /// Recipients' presence as Redis last said, kept true by its
     /// invalidation pushes: the routing path's source (see `presence_cache`).
     presence_cache: Arc<PresenceCache>,
-    adjust_presence: redis::Script,
-    claim_lease: redis::Script,
-    refresh_lease: redis::Script,
-    release_lease: redis::Script,
-    heartbeat_script: redis::Script,
-    claim_dead: redis::Script,
+    adjust_presence: scripts::Lua,
+    claim_lease: scripts::Lua,
+    refresh_lease: scripts::Lua,
+    release_lease: scripts::Lua,
+    heartbeat_script: scripts::Lua,
+    claim_dead: scripts::Lua,
     store_limits: StoreLimits,
     store_scripts: store::StoreScripts,
+    wait: Option<WaitReplicas>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -207,6 +255,12 @@ impl std::fmt::Debug for RedisBackend {
             .field("instance", &self.instance)
             .finish_non_exhaustive()
     }
+}
+
+/// Where maintenance connections come from.
+enum Maintenance {
+    Pool(deadpool_redis::Pool),
+    Cluster(ClusterConnection),
 }
 
 /// Classifies a failed command: `Unavailable` only when it surely was not
@@ -253,11 +307,104 @@ impl RedisBackend {
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, RedisSetupError> {
         let keys = Keys::new(&settings.prefix);
-        let info = settings
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(RedisSetupError::Url)?;
+        let presence_cache = Arc::new(PresenceCache::default());
+        let signals = Arc::new(SubscriberSignals::default());
+        let subscriptions: Arc<DashMap<String, ()>> = Arc::default();
+        let bus_inbox = inbox.clone();
+        let (commands, maintenance, subscriber) = match &settings.target {
+            RedisTarget::Single(url) => {
+                Self::connect_single(
+                    url,
+                    &keys,
+                    &settings,
+                    &presence_cache,
+                    &signals,
+                    &subscriptions,
+                    inbox,
+                    &metrics,
+                )
+                .await?
+            }
+            RedisTarget::Cluster(seeds) => {
+                Self::connect_cluster(
+                    seeds,
+                    &keys,
+                    &settings,
+                    &signals,
+                    &subscriptions,
+                    inbox,
+                    &metrics,
+                )
+                .await?
+            }
+        };
+        let backend = Arc::new(RedisBackend {
+            commands,
+            maintenance,
+            subscriber,
+            cluster: settings.target.is_cluster(),
+            cluster_whole: AtomicBool::new(true),
+            masters: Mutex::new(String::new()),
+            keys,
+            instance: Arc::from(settings.instance.as_str()),
+            token: format!("{:016x}.{}", rand::random::<u64>(), std::process::id()),
+            lease: settings.lease,
+            response_timeout: settings.response_timeout,
+            metrics,
+            live: RwLock::new(Arc::default()),
+            desired: DashMap::new(),
+            user_locks: KeyedLocks::new(256),
+            resync_needed: AtomicBool::new(false),
+            lease_ok: AtomicBool::new(false),
+            taken_over: CancellationToken::new(),
+            signals,
+            probe_ok: AtomicBool::new(true),
+            probe_sent: AtomicU64::new(0),
+            subscriptions,
+            bus_inbox,
+            presence_cache,
+            adjust_presence: scripts::Lua::new(scripts::ADJUST_PRESENCE),
+            claim_lease: scripts::Lua::new(scripts::CLAIM_LEASE),
+            refresh_lease: scripts::Lua::new(scripts::REFRESH_LEASE),
+            release_lease: scripts::Lua::new(scripts::RELEASE_LEASE),
+            heartbeat_script: scripts::Lua::new(scripts::HEARTBEAT),
+            claim_dead: scripts::Lua::new(scripts::CLAIM_DEAD),
+            store_limits: settings.store,
+            store_scripts: store::StoreScripts::default(),
+            wait: settings.wait,
+        });
+        backend.claim_instance_id().await?;
+        backend
+            .write_local_truth()
+            .await
+            .map_err(|source| RedisSetupError::Startup {
+                what: "clearing what a previous process with this id left",
+                source,
+            })?;
+        backend
+            .heartbeat()
+            .await
+            .map_err(|source| RedisSetupError::Startup {
+                what: "first heartbeat",
+                source,
+            })?;
+        Ok(backend)
+    }
+
+    /// One Redis: the command connection (with the presence cache's
+    /// tracking pushes), the maintenance pool, the subscriber.
+    #[allow(clippy::too_many_arguments)]
+    async fn connect_single(
+        url: &str,
+        keys: &Keys,
+        settings: &RedisSettings,
+        presence_cache: &Arc<PresenceCache>,
+        signals: &Arc<SubscriberSignals>,
+        subscriptions: &Arc<DashMap<String, ()>>,
+        inbox: BoundedSender<Inbound>,
+        metrics: &Arc<Metrics>,
+    ) -> Result<(MessageConn, Maintenance, Subscriber), RedisSetupError> {
+        let info = url.into_connection_info().map_err(RedisSetupError::Url)?;
         // RESP3, so the connection manager learns of a lost connection from
         // its disconnection push and reconnects at once: a command sent after
         // a crash then fails as refused (surely not carried out) rather than
@@ -272,7 +419,6 @@ impl RedisBackend {
         // No retries: a command during an outage fails at once (refused) and
         // the next one tries again. No client-side response timeout: each
         // command is timed by the backend, which tells the two apart.
-        let presence_cache = Arc::new(PresenceCache::default());
         let invalidations = presence_cache.clone();
         // Pushes on the command connection: Redis's invalidations of the
         // presence keys it read (CLIENT TRACKING), and the loss of the
@@ -323,61 +469,76 @@ impl RedisBackend {
             .build()
             .map_err(RedisSetupError::Pool)?;
 
-        let signals = Arc::new(SubscriberSignals::default());
-        let subscriber =
-            subscriber::connect(&info, &keys, &settings, signals.clone(), inbox, &metrics).await?;
-
-        let backend = Arc::new(RedisBackend {
-            commands,
-            pool,
-            subscriber,
+        let subscriber = subscriber::connect(
+            subscriber::Target::Single(&info),
             keys,
-            instance: Arc::from(settings.instance.as_str()),
-            token: format!("{:016x}.{}", rand::random::<u64>(), std::process::id()),
-            lease: settings.lease,
-            response_timeout: settings.response_timeout,
+            settings,
+            signals.clone(),
+            subscriptions.clone(),
+            inbox,
             metrics,
-            live: RwLock::new(Arc::default()),
-            desired: DashMap::new(),
-            user_locks: KeyedLocks::new(256),
-            resync_needed: AtomicBool::new(false),
-            lease_ok: AtomicBool::new(false),
-            taken_over: CancellationToken::new(),
-            signals,
-            probe_ok: AtomicBool::new(true),
-            probe_sent: AtomicU64::new(0),
-            subscriptions: DashMap::new(),
-            presence_cache,
-            adjust_presence: redis::Script::new(scripts::ADJUST_PRESENCE),
-            claim_lease: redis::Script::new(scripts::CLAIM_LEASE),
-            refresh_lease: redis::Script::new(scripts::REFRESH_LEASE),
-            release_lease: redis::Script::new(scripts::RELEASE_LEASE),
-            heartbeat_script: redis::Script::new(scripts::HEARTBEAT),
-            claim_dead: redis::Script::new(scripts::CLAIM_DEAD),
-            store_limits: settings.store,
-            store_scripts: store::StoreScripts::default(),
-        });
-        backend.claim_instance_id().await?;
-        backend
-            .write_local_truth()
-            .await
-            .map_err(|source| RedisSetupError::Startup {
-                what: "clearing what a previous process with this id left",
-                source,
-            })?;
-        backend
-            .heartbeat()
-            .await
-            .map_err(|source| RedisSetupError::Startup {
-                what: "first heartbeat",
-                source,
-            })?;
-        Ok(backend)
+        )
+        .await?;
+        Ok((
+            MessageConn::Single(commands),
+            Maintenance::Pool(pool),
+            subscriber,
+        ))
+    }
+
+    /// A Redis Cluster: three cluster connections (message path,
+    /// maintenance, subscriber), each learning the topology from the seeds.
+    async fn connect_cluster(
+        seeds: &[String],
+        keys: &Keys,
+        settings: &RedisSettings,
+        signals: &Arc<SubscriberSignals>,
+        subscriptions: &Arc<DashMap<String, ()>>,
+        inbox: BoundedSender<Inbound>,
+        metrics: &Arc<Metrics>,
+    ) -> Result<(MessageConn, Maintenance, Subscriber), RedisSetupError> {
+        let bound = settings.connect_timeout.saturating_mul(3);
+        // The message path retries a little (a redirection after a slot
+        // moved is a retry); every command is still timed by the backend.
+        let no_push: Option<fn(redis::PushInfo) -> Result<(), std::convert::Infallible>> = None;
+        let commands = conn::cluster_client(
+            seeds,
+            settings.connect_timeout,
+            settings.response_timeout,
+            3,
+            no_push,
+        )?;
+        let commands = conn::cluster_connect(&commands, "command connection", bound).await?;
+        let maintenance = conn::cluster_client(
+            seeds,
+            settings.connect_timeout,
+            settings.response_timeout,
+            5,
+            no_push,
+        )?;
+        let maintenance =
+            conn::cluster_connect(&maintenance, "maintenance connection", bound).await?;
+        let subscriber = subscriber::connect(
+            subscriber::Target::Cluster(seeds),
+            keys,
+            settings,
+            signals.clone(),
+            subscriptions.clone(),
+            inbox,
+            metrics,
+        )
+        .await?;
+        Ok((
+            MessageConn::Cluster(commands),
+            Maintenance::Cluster(maintenance),
+            subscriber,
+        ))
     }
 
     /// Whether the instance can serve cross-instance traffic right now.
     pub fn is_ready(&self) -> bool {
         self.lease_ok.load(Ordering::Relaxed)
+            && self.cluster_whole.load(Ordering::Relaxed)
             && self.signals.up.load(Ordering::Relaxed)
             && self.probe_ok.load(Ordering::Relaxed)
             && !self.taken_over.is_cancelled()
@@ -392,13 +553,16 @@ impl RedisBackend {
     /// A handle on the message-path connection, if Redis is not known to be
     /// unreachable: while the heartbeat is failing, a command would only fail
     /// too, so it is not sent and the caller learns `unavailable` at once.
-    fn message_path(&self) -> Result<ConnectionManager, BackendError> {
+    /// On a cluster a failing heartbeat says only that the master of this
+    /// instance's own slot is unreachable; DMs to users on the other masters
+    /// still go, so commands are sent (one to a dead master fails by itself).
+    fn message_path(&self) -> Result<MessageConn, BackendError> {
         if self.taken_over.is_cancelled() {
             return Err(BackendError::unavailable(
                 "this instance id was taken over by another process",
             ));
         }
-        if !self.lease_ok.load(Ordering::Relaxed) {
+        if !self.cluster && !self.lease_ok.load(Ordering::Relaxed) {
             return Err(BackendError::unavailable(
                 "redis is unreachable (the last heartbeat failed)",
             ));
@@ -424,8 +588,15 @@ impl RedisBackend {
     }
 
     /// A maintenance connection from the pool.
-    async fn maintenance(&self) -> Result<deadpool_redis::Connection, BackendError> {
-        self.pool.get().await.map_err(pool_error)
+    async fn maintenance(&self) -> Result<MaintenanceConn, BackendError> {
+        match &self.maintenance {
+            Maintenance::Pool(pool) => pool
+                .get()
+                .await
+                .map(MaintenanceConn::Pooled)
+                .map_err(pool_error),
+            Maintenance::Cluster(conn) => Ok(MaintenanceConn::Cluster(conn.clone())),
+        }
     }
 
     fn live_view(&self) -> Arc<LiveView> {

@@ -3,6 +3,13 @@
 //! re-asserting presence after an outage or a lost lease, reaping dead
 //! instances (each exactly once), and the subscription probe.
 //!
+//! On a Redis Cluster the heartbeat also PINGs every master (the instance
+//! is not ready while one is down: the slots it served are unreachable until
+//! its replica is promoted) and compares the set of masters with the last
+//! one: a change is a failover, and since replication is asynchronous the
+//! promoted replica may lack this instance's latest presence writes, so
+//! presence is re-asserted and every subscription re-issued at once.
+//!
 //! Who writes what: an instance writes its own lease, index entry, users set
 //! and presence fields. The one exception is the reaper, which deletes the
 //! presence fields and users set of an instance whose lease expired, after
@@ -13,11 +20,15 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use redis::aio::ConnectionLike;
 use tokio_util::sync::CancellationToken;
 
 use switchboard_core::error::BackendError;
 
+use bytes::Bytes;
+use redis::cluster_async::ClusterConnection;
+use switchboard_core::bus::{ChannelKind, Inbound};
+
+use crate::conn::{master_fingerprint, ping_all_masters, MaintenanceConn, MessageConn};
 use crate::subscriber::PROBE_PREFIX;
 use crate::{maintenance_error, LiveView, RedisBackend, RedisSetupError};
 
@@ -170,6 +181,9 @@ impl RedisBackend {
     /// the second goes over a fresh one. After a Redis restart, the messages
     /// that follow then find a working connection instead of the dead one.
     async fn check_message_path(&self) -> Result<(), BackendError> {
+        if let MessageConn::Cluster(conn) = &self.commands {
+            return self.check_cluster(conn.clone()).await;
+        }
         let mut last = None;
         for _ in 0..2 {
             let mut conn = self.commands.clone();
@@ -185,6 +199,48 @@ impl RedisBackend {
             }
         }
         Err(last.unwrap_or_else(|| BackendError::unavailable("message path did not answer")))
+    }
+
+    /// Cluster: is every master answering, and are they the ones of the
+    /// last heartbeat? Not whole is not ready (and not an error: the slots
+    /// of the masters that answer still serve); new masters mean a
+    /// failover: re-assert presence, re-issue every subscription.
+    async fn check_cluster(&self, mut conn: ClusterConnection) -> Result<(), BackendError> {
+        let whole = tokio::time::timeout(self.response_timeout, ping_all_masters(&mut conn))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if self.cluster_whole.swap(whole, Ordering::Relaxed) != whole {
+            if whole {
+                tracing::info!("every redis cluster master answers again");
+            } else {
+                tracing::warn!("a redis cluster master does not answer; not ready");
+            }
+        }
+        if !whole {
+            self.resync_needed.store(true, Ordering::Relaxed);
+            return Ok(());
+        }
+        let fingerprint =
+            tokio::time::timeout(self.response_timeout, master_fingerprint(&mut conn)).await;
+        if let Ok(Ok(fingerprint)) = fingerprint {
+            let changed = {
+                let mut masters = self.masters.lock().unwrap_or_else(|e| e.into_inner());
+                let changed = !masters.is_empty() && *masters != fingerprint;
+                *masters = fingerprint;
+                changed
+            };
+            if changed {
+                tracing::warn!(
+                    "redis cluster masters changed (failover or resharding); re-asserting \
+                     presence and subscriptions"
+                );
+                self.metrics.cluster_topology_changes.inc();
+                self.resync_needed.store(true, Ordering::Relaxed);
+                self.signals.catch_up_pending.store(true, Ordering::Relaxed);
+                self.resubscribe_all().await;
+            }
+        }
+        Ok(())
     }
 
     /// Writes the local truth over this instance's presence fields and users
@@ -221,27 +277,41 @@ impl RedisBackend {
         users.dedup();
         for chunk in users.chunks(USERS_PER_PIPELINE) {
             let _all = self.user_locks.lock_all().await;
-            let mut pipe = redis::pipe();
-            for user in chunk {
-                let count = self.desired.get(user).map(|c| *c).unwrap_or(0);
-                if count > 0 {
-                    pipe.cmd("SADD").arg(&users_key).arg(user).ignore();
-                    pipe.cmd("HSET")
-                        .arg(self.keys.presence(user))
-                        .arg(&*self.instance)
-                        .arg(count)
-                        .ignore();
-                } else {
-                    pipe.cmd("HDEL")
-                        .arg(self.keys.presence(user))
-                        .arg(&*self.instance)
-                        .ignore();
-                    pipe.cmd("SREM").arg(&users_key).arg(user).ignore();
-                }
+            let (present, absent): (Vec<&String>, Vec<&String>) = chunk
+                .iter()
+                .partition(|user| self.desired.get(*user).is_some_and(|c| *c > 0));
+            // Listed before their fields exist, so a reaper always finds
+            // them; unlisted after their fields are gone. On a cluster the
+            // set is in this instance's slot and each field in its user's.
+            if !present.is_empty() {
+                let mut sadd = redis::cmd("SADD");
+                sadd.arg(&users_key).arg(&present);
+                conn.run_all(vec![sadd]).await?;
             }
-            pipe.query_async::<()>(&mut conn)
-                .await
-                .map_err(maintenance_error)?;
+            let writes = chunk
+                .iter()
+                .map(|user| {
+                    let count = self.desired.get(user).map(|c| *c).unwrap_or(0);
+                    let write = if count > 0 {
+                        let mut hset = redis::cmd("HSET");
+                        hset.arg(self.keys.presence(user))
+                            .arg(&*self.instance)
+                            .arg(count);
+                        hset
+                    } else {
+                        let mut hdel = redis::cmd("HDEL");
+                        hdel.arg(self.keys.presence(user)).arg(&*self.instance);
+                        hdel
+                    };
+                    write
+                })
+                .collect();
+            conn.run_all(writes).await?;
+            if !absent.is_empty() {
+                let mut srem = redis::cmd("SREM");
+                srem.arg(&users_key).arg(&absent);
+                conn.run_all(vec![srem]).await?;
+            }
         }
         Ok(())
     }
@@ -269,16 +339,15 @@ impl RedisBackend {
             .await
             .map_err(maintenance_error)?;
         for chunk in users.chunks(USERS_PER_PIPELINE) {
-            let mut pipe = redis::pipe();
-            for user in chunk {
-                pipe.cmd("HDEL")
-                    .arg(self.keys.presence(user))
-                    .arg(dead)
-                    .ignore();
-            }
-            pipe.query_async::<()>(&mut conn)
-                .await
-                .map_err(maintenance_error)?;
+            let deletes = chunk
+                .iter()
+                .map(|user| {
+                    let mut hdel = redis::cmd("HDEL");
+                    hdel.arg(self.keys.presence(user)).arg(dead);
+                    hdel
+                })
+                .collect();
+            conn.run_all(deletes).await?;
         }
         redis::cmd("DEL")
             .arg(&users_key)
@@ -310,6 +379,14 @@ impl RedisBackend {
                 _ = self.taken_over.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.signals.restored.notified() => {}
+                _ = self.signals.resubscribe.notified() => {
+                    // A slot moved: its channels follow it, nothing else changed.
+                    self.metrics.resubscribes.inc();
+                    self.resubscribe_all().await;
+                    // Is the personal channel back? Then connections catch up.
+                    self.probe(period).await;
+                    continue;
+                }
             }
             match self.heartbeat().await {
                 Ok(dead) => {
@@ -317,7 +394,12 @@ impl RedisBackend {
                         tracing::info!("redis heartbeat restored; ready");
                     }
                     failures = 0;
-                    wait = period;
+                    // A cluster missing a master: look again soon.
+                    wait = if self.cluster_whole.load(Ordering::Relaxed) {
+                        period
+                    } else {
+                        retry_delay(1, period)
+                    };
                     for instance in dead {
                         if let Err(e) = self.reap(&instance).await {
                             tracing::warn!(error = %e, instance, "reaping failed; will retry");
@@ -331,7 +413,13 @@ impl RedisBackend {
                     }
                     self.resync_needed.store(true, Ordering::Relaxed);
                     failures = failures.saturating_add(1);
-                    wait = retry_delay(failures, period);
+                    // On a cluster a failover ends within a second or so of
+                    // the node timeout: look often, not with growing delays.
+                    wait = if self.cluster {
+                        retry_delay(failures.min(1), period)
+                    } else {
+                        retry_delay(failures, period)
+                    };
                 }
             }
         }
@@ -349,8 +437,9 @@ impl RedisBackend {
             let mut conn = self.maintenance().await?;
             let mut probe = PROBE_PREFIX.to_vec();
             probe.extend_from_slice(nonce.to_string().as_bytes());
-            redis::cmd("PUBLISH")
-                .arg(self.keys.personal_channel(&self.instance))
+            let channel = self.keys.personal_channel(&self.instance);
+            redis::cmd(self.publish_command(&channel))
+                .arg(&channel)
                 .arg(probe)
                 .query_async(&mut conn)
                 .await
@@ -378,20 +467,32 @@ impl RedisBackend {
             if !self.probe_ok.swap(true, Ordering::Relaxed) {
                 tracing::info!("subscription probe returned; ready");
             }
+            if self.signals.catch_up_pending.swap(false, Ordering::Relaxed) {
+                let told = self.bus_inbox.try_send(Inbound {
+                    kind: ChannelKind::Resubscribed,
+                    payload: Bytes::new(),
+                });
+                if told.is_err() {
+                    // The inbox is full: tell it after the next probe.
+                    self.signals.catch_up_pending.store(true, Ordering::Relaxed);
+                }
+            }
             return;
         }
+        self.signals.catch_up_pending.store(true, Ordering::Relaxed);
         self.probe_ok.store(false, Ordering::Relaxed);
         self.metrics.probe_failures.inc();
         tracing::warn!("subscription probe did not return; not ready, resubscribing");
         self.resubscribe_all().await;
     }
 
-    /// Re-issues SUBSCRIBE for every channel this instance should hold.
+    /// Re-issues SUBSCRIBE (SSUBSCRIBE) for every channel this instance
+    /// should hold; subscribing a channel already held changes nothing.
     async fn resubscribe_all(&self) {
         let channels: Vec<String> = self.subscriptions.iter().map(|e| e.key().clone()).collect();
-        let mut subscriber = self.subscriber.clone();
         for channel in channels {
-            if let Err(e) = subscriber.subscribe(&channel).await {
+            let sharded = self.sharded(&channel);
+            if let Err(e) = self.subscriber.subscribe(&channel, sharded).await {
                 tracing::warn!(error = %e, channel, "resubscribe failed");
                 return;
             }
@@ -402,7 +503,7 @@ impl RedisBackend {
     /// another process holds the id (then nothing of the id may be deleted).
     pub(crate) async fn release_lease(
         &self,
-        conn: &mut impl ConnectionLike,
+        conn: &mut MaintenanceConn,
     ) -> Result<bool, BackendError> {
         let released: i64 = self
             .release_lease

@@ -103,13 +103,23 @@ impl Presence for RedisBackend {
         if users.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for user in users {
-            pipe.cmd("HGETALL").arg(self.keys.presence(user));
-        }
+        let reads = users
+            .iter()
+            .map(|user| {
+                let mut hgetall = redis::cmd("HGETALL");
+                hgetall.arg(self.keys.presence(user));
+                hgetall
+            })
+            .collect();
         let mut conn = self.message_path()?;
-        let all: Vec<Vec<(String, i64)>> = self.timed(pipe.query_async(&mut conn)).await?;
-        Ok(all.into_iter().map(|fields| self.holders(fields)).collect())
+        let all = self.timed(conn.query_each(reads)).await?;
+        all.into_iter()
+            .map(|fields| {
+                let fields: Vec<(String, i64)> = redis::from_redis_value(fields)
+                    .map_err(|e| BackendError::Unavailable(Box::new(e)))?;
+                Ok(self.holders(fields))
+            })
+            .collect()
     }
 
     /// Deletes this instance's fields, users set, lease and index entry — but
@@ -132,28 +142,22 @@ impl Presence for RedisBackend {
         users.sort_unstable();
         users.dedup();
         for chunk in users.chunks(500) {
-            let mut pipe = redis::pipe();
-            for user in chunk {
-                pipe.cmd("HDEL")
-                    .arg(self.keys.presence(user))
-                    .arg(&*self.instance)
-                    .ignore();
-            }
-            pipe.query_async::<()>(&mut conn)
-                .await
-                .map_err(maintenance_error)?;
+            let deletes = chunk
+                .iter()
+                .map(|user| {
+                    let mut hdel = redis::cmd("HDEL");
+                    hdel.arg(self.keys.presence(user)).arg(&*self.instance);
+                    hdel
+                })
+                .collect();
+            conn.run_all(deletes).await?;
         }
-        redis::pipe()
-            .cmd("DEL")
-            .arg(&users_key)
-            .ignore()
-            .cmd("ZREM")
-            .arg(self.keys.instances())
-            .arg(&*self.instance)
-            .ignore()
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(maintenance_error)?;
+        // Two slots on a cluster (the instance's and the index's): two commands.
+        let mut del = redis::cmd("DEL");
+        del.arg(&users_key);
+        let mut zrem = redis::cmd("ZREM");
+        zrem.arg(self.keys.instances()).arg(&*self.instance);
+        conn.run_all(vec![del, zrem]).await?;
         self.desired.clear();
         Ok(())
     }

@@ -80,3 +80,85 @@ if expiry and tonumber(expiry) < now then
 end
 return 0
 ";
+
+/// A Lua script and its source, run by `EVALSHA`. On `NOSCRIPT` (a Redis
+/// that restarted, a replica promoted by a failover: script caches are not
+/// replicated) the source is loaded on the node that will run it — on a
+/// cluster, the master of the call's first key, which the redis crate's
+/// own fallback (`SCRIPT LOAD` to the masters of a slot map that may be
+/// stale right after a failover) does not guarantee — and the call retried
+/// once.
+#[derive(Debug)]
+pub(crate) struct Lua {
+    script: redis::Script,
+    code: String,
+}
+
+impl Lua {
+    pub(crate) fn new(code: &str) -> Lua {
+        Lua {
+            script: redis::Script::new(code),
+            code: code.to_owned(),
+        }
+    }
+
+    /// A call with `key` as its first key.
+    pub(crate) fn key(&self, key: impl AsRef<[u8]>) -> LuaCall<'_> {
+        let mut call = self.prepare_invoke();
+        call.key(key);
+        call
+    }
+
+    /// A call without keys yet.
+    pub(crate) fn prepare_invoke(&self) -> LuaCall<'_> {
+        LuaCall {
+            lua: self,
+            invocation: self.script.prepare_invoke(),
+            first_key: None,
+        }
+    }
+}
+
+/// One call of a [`Lua`] script being built.
+pub(crate) struct LuaCall<'a> {
+    lua: &'a Lua,
+    invocation: redis::ScriptInvocation<'a>,
+    first_key: Option<Vec<u8>>,
+}
+
+impl LuaCall<'_> {
+    pub(crate) fn key(&mut self, key: impl AsRef<[u8]>) -> &mut Self {
+        let key = key.as_ref();
+        if self.first_key.is_none() {
+            self.first_key = Some(key.to_vec());
+        }
+        self.invocation.key(key);
+        self
+    }
+
+    pub(crate) fn arg(&mut self, arg: impl redis::ToRedisArgs) -> &mut Self {
+        self.invocation.arg(arg);
+        self
+    }
+
+    /// Runs the call (see [`Lua`] for `NOSCRIPT`).
+    pub(crate) async fn invoke_async<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut impl LoadScript,
+    ) -> redis::RedisResult<T> {
+        match self.invocation.invoke_async(conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                let key = self.first_key.as_deref().unwrap_or_default();
+                conn.load_script(&self.lua.code, key).await?;
+                self.invocation.invoke_async(conn).await
+            }
+            result => result,
+        }
+    }
+}
+
+/// A connection that can load a script on the node serving a key.
+pub(crate) trait LoadScript: redis::aio::ConnectionLike + Send {
+    /// `SCRIPT LOAD code` where `key` lives.
+    fn load_script<'a>(&'a mut self, code: &'a str, key: &'a [u8]) -> redis::RedisFuture<'a, ()>;
+}

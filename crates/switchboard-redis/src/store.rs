@@ -5,7 +5,14 @@
 //! Appending is one script: the idempotency check, `XADD` (and the trim),
 //! the presence read and the `PUBLISH`es, in one round trip and atomically,
 //! so the order of a user's inbox is the order in which every instance
-//! receives their stored DMs. Reading and acknowledging are a script each.
+//! receives their stored DMs. On a Redis Cluster the holders' personal
+//! channels live in other slots, so the script cannot publish them: it
+//! returns the holders and the payload, and the instance SPUBLISHes it to
+//! each (two senders' DMs to one user may then arrive out of order; every
+//! payload names its predecessor, and a receiver that sees a hole reads the
+//! inbox — see the registry's gate). A user channel shares the user's slot
+//! and a room channel its history's, so those are published by their
+//! scripts in both deployments. Reading and acknowledging are a script each.
 //! This module owns those scripts and their replies; connections and
 //! timeouts are `lib.rs`'s.
 
@@ -20,6 +27,7 @@ use switchboard_core::store::{
     Store, StoreLimits,
 };
 
+use crate::scripts::Lua;
 use crate::RedisBackend;
 
 /// Appends `id, value of field` of each stream entry that has `field` to
@@ -54,10 +62,14 @@ end
 
 /// KEYS: inbox, presence, mailbox[, idempotency].
 /// ARGV: msg_id, tail, receipt (`SENDER MSG_ID` or ''), max_len, ttl_ms,
-/// window_ms, to, origin, mode (`h`: the holders' personal channels, `c`:
-/// one channel), channel prefix (h) or channel (c).
+/// window_ms, to, origin, mode (`h`: publish on the holders' personal
+/// channels; `s`: return the holders and the payload, for the caller to
+/// SPUBLISH (cluster); `c`: one channel), channel prefix (h, s) or channel
+/// (c), the publish command for `c` (`PUBLISH` or `SPUBLISH`).
 /// Returns `{'dup', 'MSG_ID SEQ STATUS'}` or `{'ok', seq or '', any,
-/// {instance, receivers, ...}}`.
+/// {instance, receivers, ...}}` (h, c) or `{'ok', seq or '', any,
+/// {instance, ...}, payload}` (s; `any` is 1 when a holder is listed).
+/// The payload's header ends with the seq and its predecessor.
 ///
 /// Few calls on purpose (each `redis.call` costs Redis more than most
 /// commands it runs): the inbox stream exists only for a user seen within
@@ -101,7 +113,7 @@ else
 end
 local payload
 if seq ~= '' then
-  payload = 'D ' .. ARGV[7] .. ' 0 ' .. ARGV[8] .. ' - ' .. seq .. '\n{"type":"dm","seq":"' .. seq .. '"' .. ARGV[2]
+  payload = 'D ' .. ARGV[7] .. ' 0 ' .. ARGV[8] .. ' - ' .. seq .. ' ' .. prev .. '\n{"type":"dm","seq":"' .. seq .. '"' .. ARGV[2]
 else
   payload = 'D ' .. ARGV[7] .. ' 0 ' .. ARGV[8] .. ' -\n{"type":"dm"' .. ARGV[2]
 end
@@ -111,7 +123,7 @@ if ARGV[9] == 'h' then
   local fields = redis.call('HGETALL', presence)
   for i = 1, #fields, 2 do
     if tonumber(fields[i + 1]) > 0 then
-      local channel = ARGV[10] .. fields[i]
+      local channel = ARGV[10] .. '{' .. fields[i] .. '}'
       -- NUMSUB, not PUBLISH's count: a pattern subscriber (a monitor)
       -- would make a crashed instance look alive.
       local n = redis.call('PUBSUB', 'NUMSUB', channel)[2]
@@ -121,8 +133,16 @@ if ARGV[9] == 'h' then
       if n > 0 then any = 1 end
     end
   end
+elseif ARGV[9] == 's' then
+  local fields = redis.call('HGETALL', presence)
+  for i = 1, #fields, 2 do
+    if tonumber(fields[i + 1]) > 0 then
+      reached[#reached + 1] = fields[i]
+      any = 1
+    end
+  end
 else
-  if redis.call('PUBLISH', ARGV[10], payload) > 0 and redis.call('EXISTS', presence) == 1 then
+  if redis.call(ARGV[11], ARGV[10], payload) > 0 and redis.call('EXISTS', presence) == 1 then
     any = 1
   end
 end
@@ -131,6 +151,7 @@ if idem then
   if any == 1 then status = 'routed' end
   redis.call('SET', idem, ARGV[1] .. ' ' .. seq .. ' ' .. status, 'PX', ARGV[6])
 end
+if ARGV[9] == 's' then return {'ok', seq, any, reached, payload} end
 return {'ok', seq, any, reached}
 "#;
 
@@ -139,7 +160,7 @@ return {'ok', seq, any, reached}
 /// stream and the mailbox, refreshing both TTLs) and drops entries older
 /// than the TTL first (recording the newest dropped as the mark `t`); the
 /// oldest entry, read once, tells whether any is that old.
-/// Returns `{after, gap (0/1), id, f, id, f, ...}`.
+/// Returns `{after, gap (0/1), newest appended seq or '', id, f, id, f, ...}`.
 const READ: &str = r"
 local inbox, mbox = KEYS[1], KEYS[2]
 local after, limit, open, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
@@ -169,7 +190,7 @@ if open == '1' and first then
     first = redis.call('XRANGE', inbox, '-', '+', 'COUNT', 1)[1]
   end
 end
-local m = redis.call('HMGET', mbox, 'c', 't')
+local m = redis.call('HMGET', mbox, 'c', 't', 'l')
 if after == '' then after = m[1] or '0-0' end
 local gap = 0
 if (m[2] and gt(m[2], after)) or (fresh == 1 and after ~= '0-0') then gap = 1 end
@@ -179,7 +200,7 @@ if first then
     if fields[i] == 'p' and gt(fields[i + 1], after) then gap = 1 end
   end
 end
-return collect({after, gap}, redis.call('XRANGE', inbox, '(' .. after, '+', 'COUNT', limit), 'f')
+return collect({after, gap, m[3] or ''}, redis.call('XRANGE', inbox, '(' .. after, '+', 'COUNT', limit), 'f')
 ";
 
 /// KEYS: inbox, mailbox. ARGV: seq. Moves the cursor forward (never past
@@ -199,16 +220,17 @@ redis.call('HSET', mbox, 'c', seq)
 return collect({}, entries, 'r')
 ";
 
-/// KEYS: history. ARGV: tail, max, ttl_ms, room, origin, conn, channel.
-/// Records a room message (with its predecessor, `p`, as in the inbox) and
-/// publishes it; returns its seq.
+/// KEYS: history. ARGV: tail, max, ttl_ms, room, origin, conn, channel,
+/// publish command (`PUBLISH`, or `SPUBLISH` on a cluster: the channel
+/// shares the history's slot). Records a room message (with its
+/// predecessor, `p`, as in the inbox) and publishes it; returns its seq.
 const ROOM_APPEND: &str = r#"
 local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local prev = '0-0'
 if newest[1] then prev = newest[1][1] end
 local seq = redis.call('XADD', KEYS[1], 'MAXLEN', '=', ARGV[2], '*', 'f', ARGV[1], 'p', prev)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PUBLISH', ARGV[7], 'R ' .. ARGV[4] .. ' ' .. ARGV[5] .. ' ' .. ARGV[6] .. ' ' .. seq
+redis.call(ARGV[8], ARGV[7], 'R ' .. ARGV[4] .. ' ' .. ARGV[5] .. ' ' .. ARGV[6] .. ' ' .. seq
   .. '\n{"type":"room","seq":"' .. seq .. '"' .. ARGV[1])
 return seq
 "#;
@@ -233,21 +255,21 @@ return collect({recovered}, redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', '
 /// The scripts, compiled once.
 #[derive(Debug)]
 pub(crate) struct StoreScripts {
-    append: redis::Script,
-    read: redis::Script,
-    ack: redis::Script,
-    room_append: redis::Script,
-    room_read: redis::Script,
+    append: Lua,
+    read: Lua,
+    ack: Lua,
+    room_append: Lua,
+    room_read: Lua,
 }
 
 impl Default for StoreScripts {
     fn default() -> Self {
         StoreScripts {
-            append: redis::Script::new(APPEND),
-            read: redis::Script::new(&format!("{SEQ_LT}{COLLECT}{READ}")),
-            ack: redis::Script::new(&format!("{SEQ_LT}{COLLECT}{ACK}")),
-            room_append: redis::Script::new(ROOM_APPEND),
-            room_read: redis::Script::new(&format!("{SEQ_LT}{COLLECT}{ROOM_READ}")),
+            append: Lua::new(APPEND),
+            read: Lua::new(&format!("{SEQ_LT}{COLLECT}{READ}")),
+            ack: Lua::new(&format!("{SEQ_LT}{COLLECT}{ACK}")),
+            room_append: Lua::new(ROOM_APPEND),
+            room_read: Lua::new(&format!("{SEQ_LT}{COLLECT}{ROOM_READ}")),
         }
     }
 }
@@ -307,40 +329,54 @@ fn optional_seq(value: &Value) -> Result<Option<Seq>, BackendError> {
     }
 }
 
-#[async_trait]
-impl Store for RedisBackend {
-    async fn append(&self, dm: &Append<'_>) -> Result<Appended, BackendError> {
-        let limits = self.store_limits;
-        let mut invocation = self.store_scripts.append.prepare_invoke();
-        invocation
-            .key(self.keys.inbox(dm.to))
-            .key(self.keys.presence(dm.to))
-            .key(self.keys.mailbox(dm.to));
-        if let Some(key) = dm.key {
-            invocation.key(self.keys.idempotency(dm.to, dm.from, key));
-        }
-        let receipt = if dm.receipt {
-            format!("{} {}", dm.from, dm.msg_id)
-        } else {
-            String::new()
+impl RedisBackend {
+    /// Cluster: SPUBLISHes an appended DM's payload on each holder's
+    /// personal channel (each in its own slot), all in flight at once.
+    /// SPUBLISH's count is exact: sharded channels have no pattern
+    /// subscribers. The DM is stored already: a failure here is reported
+    /// as that holder not reached (its instance reads the inbox on a hole
+    /// or at the next connect), not as a failed send.
+    async fn publish_to_holders(
+        &self,
+        holders: Vec<String>,
+        payload: &Value,
+    ) -> Result<Vec<Reached>, BackendError> {
+        let payload = match payload {
+            Value::BulkString(bytes) => bytes.as_slice(),
+            _ => return Err(malformed("payload")),
         };
-        let (mode, channel) = match dm.fanout {
-            Fanout::Holders => ("h", self.keys.personal_channel("")),
-            Fanout::Channel(channel) => ("c", self.channel_name(channel)),
-        };
-        invocation
-            .arg(dm.msg_id)
-            .arg(dm.tail)
-            .arg(receipt)
-            .arg(limits.inbox_max_len)
-            .arg(limits.inbox_ttl_ms)
-            .arg(limits.idempotency_window_ms)
-            .arg(dm.to)
-            .arg(dm.origin)
-            .arg(mode)
-            .arg(channel);
-        let mut conn = self.message_path()?;
-        let reply: Value = self.timed(invocation.invoke_async(&mut conn)).await?;
+        let conn = self.message_path()?;
+        let publishes = holders.iter().map(|holder| {
+            let mut conn = conn.clone();
+            let mut publish = redis::cmd("SPUBLISH");
+            publish.arg(self.keys.personal_channel(holder)).arg(payload);
+            async move {
+                self.timed(publish.query_async::<usize>(&mut conn))
+                    .await
+                    .unwrap_or(0)
+            }
+        });
+        let receivers = futures_util::future::join_all(publishes).await;
+        Ok(holders
+            .into_iter()
+            .zip(receivers)
+            .map(|(instance, receivers)| Reached {
+                instance,
+                receivers,
+            })
+            .collect())
+    }
+}
+
+impl RedisBackend {
+    /// The append script's reply, as an [`Appended`] (on a cluster, after
+    /// publishing it to the holders).
+    async fn appended(
+        &self,
+        dm: &Append<'_>,
+        mode: &str,
+        reply: Value,
+    ) -> Result<Appended, BackendError> {
         let reply = array(reply).ok_or_else(|| malformed("not an array"))?;
         match reply.first().and_then(text) {
             Some("dup") => {
@@ -361,6 +397,26 @@ impl Store for RedisBackend {
                     reached_any,
                     duplicate: true,
                     reached: Vec::new(),
+                })
+            }
+            Some("ok") if mode == "s" => {
+                let seq = optional_seq(reply.get(1).ok_or_else(|| malformed("seq"))?)?;
+                let holders: Vec<String> = reply
+                    .get(3)
+                    .cloned()
+                    .and_then(array)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|v| text(v).map(str::to_owned))
+                    .collect();
+                let payload = reply.get(4).ok_or_else(|| malformed("payload"))?;
+                let reached = self.publish_to_holders(holders, payload).await?;
+                Ok(Appended {
+                    seq,
+                    msg_id: dm.msg_id.to_owned(),
+                    reached_any: reached.iter().any(|r| r.receivers > 0),
+                    duplicate: false,
+                    reached,
                 })
             }
             Some("ok") => {
@@ -388,6 +444,70 @@ impl Store for RedisBackend {
             _ => Err(malformed("status")),
         }
     }
+}
+
+#[async_trait]
+impl Store for RedisBackend {
+    async fn append(&self, dm: &Append<'_>) -> Result<Appended, BackendError> {
+        let limits = self.store_limits;
+        let mut invocation = self.store_scripts.append.prepare_invoke();
+        invocation
+            .key(self.keys.inbox(dm.to))
+            .key(self.keys.presence(dm.to))
+            .key(self.keys.mailbox(dm.to));
+        if let Some(key) = dm.key {
+            invocation.key(self.keys.idempotency(dm.to, dm.from, key));
+        }
+        let receipt = if dm.receipt {
+            format!("{} {}", dm.from, dm.msg_id)
+        } else {
+            String::new()
+        };
+        let (mode, channel) = match dm.fanout {
+            Fanout::Holders if self.cluster => ("s", String::new()),
+            Fanout::Holders => ("h", self.keys.personal_channel_prefix()),
+            Fanout::Channel(channel) => ("c", self.channel_name(channel)),
+        };
+        let publish = self.publish_command(&channel);
+        invocation
+            .arg(dm.msg_id)
+            .arg(dm.tail)
+            .arg(receipt)
+            .arg(limits.inbox_max_len)
+            .arg(limits.inbox_ttl_ms)
+            .arg(limits.idempotency_window_ms)
+            .arg(dm.to)
+            .arg(dm.origin)
+            .arg(mode)
+            .arg(&channel)
+            .arg(publish);
+        let mut conn = self.message_path()?;
+        let reply: Value = self.timed(invocation.invoke_async(&mut conn)).await?;
+        let appended = self.appended(dm, mode, reply).await?;
+        if let (Some(wait), Some(_)) = (self.wait, appended.seq) {
+            // Replication is asynchronous: "stored" waits for the replicas.
+            let inbox = self.keys.inbox(dm.to);
+            let confirmed = self
+                .timed(conn.wait_replicas(&inbox, wait.replicas, wait.timeout))
+                .await?;
+            if confirmed < wait.replicas {
+                self.metrics.inbox_unconfirmed.inc();
+                return Err(BackendError::Timeout(
+                    format!(
+                        "stored on the master, but {confirmed} of {} replicas confirmed it \
+                         within {:?}",
+                        wait.replicas, wait.timeout
+                    )
+                    .into(),
+                ));
+            }
+        }
+        Ok(appended)
+    }
+
+    fn limits(&self) -> StoreLimits {
+        self.store_limits
+    }
 
     async fn read(
         &self,
@@ -413,20 +533,19 @@ impl Store for RedisBackend {
             .and_then(Seq::parse)
             .ok_or_else(|| malformed("after"))?;
         let gap = reply.get(1).and_then(int) == Some(1);
-        let entries = frames(reply.get(2..).unwrap_or_default(), dm_frame)?;
+        let newest = optional_seq(reply.get(2).ok_or_else(|| malformed("newest"))?)?;
+        let entries = frames(reply.get(3..).unwrap_or_default(), dm_frame)?;
         Ok(Backlog {
             after,
             entries,
             gap,
+            newest,
         })
-    }
-
-    fn limits(&self) -> StoreLimits {
-        self.store_limits
     }
 
     async fn append_room(&self, message: &RoomAppend<'_>) -> Result<Seq, BackendError> {
         let limits = self.store_limits;
+        let channel = self.keys.room_channel(message.room);
         let mut invocation = self.store_scripts.room_append.prepare_invoke();
         invocation
             .key(self.keys.room_history(message.room))
@@ -436,7 +555,8 @@ impl Store for RedisBackend {
             .arg(message.room)
             .arg(message.origin)
             .arg(message.conn)
-            .arg(self.keys.room_channel(message.room));
+            .arg(&channel)
+            .arg(self.publish_command(&channel));
         let mut conn = self.message_path()?;
         let reply: Value = self.timed(invocation.invoke_async(&mut conn)).await?;
         text(&reply)

@@ -1,23 +1,58 @@
-//! The subscription connection: one RESP3 `ConnectionManager` whose pushed
+//! The subscription connection: one RESP3 `ConnectionManager` (one Redis)
+//! or one RESP3 cluster connection (a Redis Cluster: sharded channels,
+//! `SSUBSCRIBE`, each on the node serving the channel's slot), whose pushed
 //! messages are classified by channel and queued, without blocking, into the
 //! bounded bus inbox. It also sees the probes the maintenance loop sends on
-//! the personal channel, and tells the rest of the backend when the
-//! connection is lost and restored.
+//! the personal channel, tells the rest of the backend when the connection
+//! is lost and restored, and (cluster) when Redis dropped a sharded
+//! subscription because its slot moved to another node.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use dashmap::DashMap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ConnectionInfo, ProtocolVersion, PushInfo, PushKind, Value};
+use redis::cluster_async::ClusterConnection;
+use redis::{ConnectionInfo, ProtocolVersion, PushInfo, PushKind, RedisResult, Value};
 
 use switchboard_core::bus::{ChannelKind, Inbound};
 use switchboard_core::metrics::Metrics;
 use switchboard_core::queue::{BoundedSender, Refused};
 
+use crate::conn::{cluster_client, cluster_connect};
 use crate::keys::Keys;
 use crate::{RedisSettings, RedisSetupError, SubscriberSignals};
+
+/// The subscription connection of either deployment.
+#[derive(Clone)]
+pub(crate) enum Subscriber {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Subscriber {
+    /// Subscribes `channel`: `SSUBSCRIBE` on a cluster unless the channel
+    /// is one every node must see (`sharded` false: the broadcast
+    /// baseline's `sb:all`).
+    pub(crate) async fn subscribe(&self, channel: &str, sharded: bool) -> RedisResult<()> {
+        match self {
+            Subscriber::Single(conn) => conn.clone().subscribe(channel).await,
+            Subscriber::Cluster(conn) if sharded => conn.clone().ssubscribe(channel).await,
+            Subscriber::Cluster(conn) => conn.clone().subscribe(channel).await,
+        }
+    }
+
+    /// The reverse of [`Subscriber::subscribe`].
+    pub(crate) async fn unsubscribe(&self, channel: &str, sharded: bool) -> RedisResult<()> {
+        match self {
+            Subscriber::Single(conn) => conn.clone().unsubscribe(channel).await,
+            Subscriber::Cluster(conn) if sharded => conn.clone().sunsubscribe(channel).await,
+            Subscriber::Cluster(conn) => conn.clone().unsubscribe(channel).await,
+        }
+    }
+}
 
 /// Prefix of a subscription probe on the personal channel: `P <nonce>`. Never
 /// a valid envelope header, so a probe can never be taken for a message.
@@ -65,22 +100,24 @@ fn into_bytes(value: Value) -> Option<Bytes> {
     }
 }
 
+/// What the subscriber connects to.
+pub(crate) enum Target<'a> {
+    Single(&'a ConnectionInfo),
+    Cluster(&'a [String]),
+}
+
 /// Opens the subscription connection. It reconnects forever by itself
-/// (capped, jittered backoff) and re-issues every SUBSCRIBE.
+/// (capped, jittered backoff) and re-issues every subscription; on a
+/// cluster, also after the topology changed.
 pub(crate) async fn connect(
-    info: &ConnectionInfo,
+    target: Target<'_>,
     keys: &Keys,
     settings: &RedisSettings,
     signals: Arc<SubscriberSignals>,
+    wanted: Arc<DashMap<String, ()>>,
     inbox: BoundedSender<Inbound>,
     metrics: &Arc<Metrics>,
-) -> Result<ConnectionManager, RedisSetupError> {
-    let resp3 = info
-        .redis_settings()
-        .clone()
-        .set_protocol(ProtocolVersion::RESP3);
-    let client = redis::Client::open(info.clone().set_redis_settings(resp3))
-        .map_err(RedisSetupError::Url)?;
+) -> Result<Subscriber, RedisSetupError> {
     signals.up.store(true, Ordering::Relaxed);
     let classifier = ChannelClassifier {
         personal: keys.personal_channel(&settings.instance).into_bytes(),
@@ -88,10 +125,11 @@ pub(crate) async fn connect(
         room_prefix: keys.room_channel_prefix().as_bytes().to_vec(),
         user_prefix: keys.user_channel_prefix().into_bytes(),
     };
+    let cluster = settings.target.is_cluster();
     let metrics = metrics.clone();
     let on_push = move |push: PushInfo| -> Result<(), std::convert::Infallible> {
         match push.kind {
-            PushKind::Message => {
+            PushKind::Message | PushKind::SMessage => {
                 let mut data = push.data.into_iter();
                 let (Some(channel), Some(payload)) = (data.next(), data.next()) else {
                     return Ok(());
@@ -116,18 +154,68 @@ pub(crate) async fn connect(
                     metrics.dropped_bus_inbox_full.inc();
                 }
             }
+            // A cluster node's connection dropped: the client reconnects it
+            // and moves its subscriptions when the topology changes; the
+            // heartbeat (every master answers?) and the probe run at once to
+            // learn when it is whole again. Nodes holding none of this
+            // instance's channels drop too, so "up" stays a single-Redis signal.
+            PushKind::Disconnection if cluster => {
+                tracing::warn!("a redis cluster node connection of the subscriber was lost");
+                signals.catch_up_pending.store(true, Ordering::Relaxed);
+                signals.restored.notify_one();
+            }
             PushKind::Disconnection => {
                 signals.up.store(false, Ordering::Relaxed);
+                signals.catch_up_pending.store(true, Ordering::Relaxed);
                 tracing::warn!("redis subscriber connection lost; reconnecting");
             }
-            PushKind::Subscribe if !signals.up.swap(true, Ordering::Relaxed) => {
+            PushKind::Subscribe | PushKind::SSubscribe
+                if !signals.up.swap(true, Ordering::Relaxed) =>
+            {
                 tracing::info!("redis subscriber connection restored");
                 signals.restored.notify_one();
+            }
+            // Redis Cluster drops a sharded subscription when the channel's
+            // slot moves to another node (resharding, failover). One this
+            // instance still wants is subscribed again, on the new owner.
+            PushKind::SUnsubscribe => {
+                let channel = push.data.first().and_then(bytes_of);
+                let still_wanted = channel
+                    .and_then(|c| std::str::from_utf8(c).ok())
+                    .is_some_and(|c| wanted.contains_key(c));
+                if still_wanted {
+                    signals.catch_up_pending.store(true, Ordering::Relaxed);
+                    signals.resubscribe.notify_one();
+                }
             }
             _ => {}
         }
         Ok(())
     };
+    // Redis answered the command connection a moment ago; give the
+    // subscriber a few connect timeouts, not forever.
+    let bound = settings.connect_timeout.saturating_mul(3);
+    let info = match target {
+        Target::Single(info) => info,
+        Target::Cluster(seeds) => {
+            // Retries are the client's own resubscription and redirections: many.
+            let client = cluster_client(
+                seeds,
+                settings.connect_timeout,
+                settings.response_timeout,
+                16,
+                Some(on_push),
+            )?;
+            let conn = cluster_connect(&client, "subscriber connection", bound).await?;
+            return Ok(Subscriber::Cluster(conn));
+        }
+    };
+    let resp3 = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3);
+    let client = redis::Client::open(info.clone().set_redis_settings(resp3))
+        .map_err(RedisSetupError::Url)?;
     let config = ConnectionManagerConfig::new()
         .set_push_sender(on_push)
         .set_automatic_resubscription()
@@ -136,11 +224,8 @@ pub(crate) async fn connect(
         .set_number_of_retries(usize::MAX)
         .set_connection_timeout(Some(settings.connect_timeout))
         .set_response_timeout(Some(settings.response_timeout));
-    // Redis answered the command connection a moment ago; give the
-    // subscriber a few connect timeouts, not forever.
-    let bound = settings.connect_timeout.saturating_mul(3);
     match tokio::time::timeout(bound, ConnectionManager::new_with_config(client, config)).await {
-        Ok(Ok(subscriber)) => Ok(subscriber),
+        Ok(Ok(subscriber)) => Ok(Subscriber::Single(subscriber)),
         Ok(Err(source)) => Err(RedisSetupError::Connect {
             what: "subscriber connection",
             source,

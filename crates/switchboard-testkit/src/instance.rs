@@ -17,7 +17,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use crate::http::{http_request, try_http_request, HttpResponse};
 use crate::metrics::Metrics;
 use crate::process::{log_tail, log_text, ChildGuard};
-use crate::redis::RedisServer;
+use crate::redis::{RedisCluster, RedisServer};
 
 /// How an instance authenticates WebSocket upgrades.
 #[derive(Clone, Debug)]
@@ -39,8 +39,10 @@ pub struct Opts {
     pub binary: PathBuf,
     /// `--instance-id`.
     pub instance_id: String,
-    /// `--redis-url`; embedded mode when None.
+    /// `--redis-url`; embedded mode when None (and no `redis_cluster`).
     pub redis_url: Option<String>,
+    /// `--redis-cluster SEEDS` (comma-separated `redis://` URLs).
+    pub redis_cluster: Option<String>,
     /// `--routing` (routed, broadcast, user-channel).
     pub routing: Option<String>,
     /// `--auth` and `--jwt-secret`.
@@ -74,6 +76,7 @@ impl Opts {
             binary,
             instance_id: instance_id.to_string(),
             redis_url: None,
+            redis_cluster: None,
             routing: None,
             auth: Auth::None,
             max_frame_bytes: None,
@@ -92,9 +95,15 @@ impl Opts {
         self
     }
 
-    /// Cluster mode on `redis`.
+    /// Redis mode (`--redis-url`) on `redis`.
     pub fn redis(mut self, redis: &RedisServer) -> Opts {
         self.redis_url = Some(redis.url());
+        self
+    }
+
+    /// Redis Cluster mode on `cluster`: `--redis-cluster` with its seeds.
+    pub fn redis_cluster(mut self, cluster: &RedisCluster) -> Opts {
+        self.redis_cluster = Some(cluster.seeds());
         self
     }
 
@@ -187,6 +196,9 @@ impl Opts {
         };
         if let Some(url) = &self.redis_url {
             push("--redis-url", url.clone());
+        }
+        if let Some(seeds) = &self.redis_cluster {
+            push("--redis-cluster", seeds.clone());
         }
         if let Some(routing) = &self.routing {
             push("--routing", routing.clone());

@@ -3,7 +3,9 @@
 //! them over real sockets. Compiled once, shared by every test binary.
 //!
 //! - [`RedisServer`] (a private `redis-server`), its [`Spy`] on the bus and
-//!   a fault-injecting [`RedisProxy`] in front of it: [`redis`].
+//!   a fault-injecting [`RedisProxy`] in front of it; [`RedisCluster`] (a
+//!   private Redis Cluster: failover, slot moves, INFO of every node):
+//!   [`redis`].
 //! - [`Instance`]: one `switchboard` process started with [`Opts`], built by
 //!   the [`opts!`] macro: [`instance`].
 //! - [`Client`]: a WebSocket client speaking the JSON protocol, and the
@@ -34,7 +36,9 @@ pub mod wait;
 
 mod process;
 
-pub use self::redis::{BusMessage, RedisProxy, RedisServer, Spy};
+pub use self::redis::{
+    cmdstat_calls, info_field, BusMessage, RedisCluster, RedisProxy, RedisServer, Spy,
+};
 pub use client::{assert_error, assert_healthy, ws_request_at, Client, Incoming};
 pub use http::{http_request, HttpResponse};
 pub use instance::{free_port, Auth, Instance, Opts};

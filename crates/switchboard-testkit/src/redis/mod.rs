@@ -1,12 +1,14 @@
 //! Redis for tests: a private `redis-server` per test ([`RedisServer`]), a
-//! listener that records what the instances publish on the bus ([`Spy`]),
-//! and a proxy that injects faults between an instance and Redis
-//! ([`RedisProxy`]). Key names are the tests' business: this module only
+//! private Redis Cluster per test ([`RedisCluster`]), a listener that
+//! records what the instances publish on the bus ([`Spy`]), and a proxy that
+//! injects faults between an instance and Redis ([`RedisProxy`]). Key names are the tests' business: this module only
 //! runs commands.
 
+mod cluster;
 mod proxy;
 mod spy;
 
+pub use cluster::{cmdstat_calls, info_field, RedisCluster};
 pub use proxy::RedisProxy;
 pub use spy::{BusMessage, Spy};
 

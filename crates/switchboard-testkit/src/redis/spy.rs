@@ -8,7 +8,7 @@ use crate::wait::{eventually, RECV_TIMEOUT};
 /// One message seen on the bus.
 #[derive(Clone, Debug)]
 pub struct BusMessage {
-    /// The channel it was published on, e.g. `sb:inst:i2`.
+    /// The channel it was published on, e.g. `sb:inst:{i2}`.
     pub channel: String,
     /// The bytes as published (envelope and frame).
     pub payload: Vec<u8>,

@@ -1,0 +1,317 @@
+//! The two deployments Switchboard runs on — one Redis, or a Redis Cluster —
+//! behind one set of connection types, so every other module issues the same
+//! commands and scripts and asks only where the two differ (sharded channels,
+//! commands that must be split by slot).
+//!
+//! This module owns opening the connections and the few cluster-specific
+//! calls (the all-masters check, the topology fingerprint); what is sent on
+//! them is the other modules' business.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+
+use switchboard_core::error::BackendError;
+
+use crate::scripts::LoadScript;
+use crate::{maintenance_error, RedisSetupError};
+
+/// Where Redis is: the instance's `--redis-url` or `--redis-cluster`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One Redis (`redis://`, `rediss://` or `redis+unix://`).
+    Single(String),
+    /// Seed nodes of a Redis Cluster (Redis ≥ 7): any reachable one is
+    /// enough to learn the rest.
+    Cluster(Vec<String>),
+}
+
+impl RedisTarget {
+    /// Whether this is a cluster: channels are sharded, multi-key work is
+    /// split by slot.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisTarget::Cluster(_))
+    }
+}
+
+/// Opens a cluster client with RESP3 and `push` as its push sender (if any).
+/// `retries` bounds the client's own retries of a command (redirections and
+/// reconnections); the backend still times every message-path command.
+pub(crate) fn cluster_client(
+    seeds: &[String],
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    retries: u32,
+    push: Option<impl redis::aio::AsyncPushSender>,
+) -> Result<ClusterClient, RedisSetupError> {
+    let mut builder = redis::cluster::ClusterClientBuilder::new(seeds.iter().map(String::as_str))
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .connection_timeout(connect_timeout)
+        .response_timeout(response_timeout)
+        .retries(retries)
+        .min_retry_wait(10)
+        .max_retry_wait(250);
+    if let Some(push) = push {
+        builder = builder.push_sender(push);
+    }
+    builder.build().map_err(RedisSetupError::Url)
+}
+
+/// Connects a cluster connection, bounded by `bound`.
+pub(crate) async fn cluster_connect(
+    client: &ClusterClient,
+    what: &'static str,
+    bound: Duration,
+) -> Result<ClusterConnection, RedisSetupError> {
+    match tokio::time::timeout(bound, client.get_async_connection()).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(source)) => Err(RedisSetupError::Connect { what, source }),
+        Err(_) => Err(RedisSetupError::Connect {
+            what,
+            source: redis::RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no connection within {bound:?}"),
+            )),
+        }),
+    }
+}
+
+/// The message-path connection: one multiplexed connection to one Redis, or
+/// the cluster client's (one multiplexed connection per node, commands
+/// routed by slot). Cheap to clone.
+#[derive(Clone)]
+pub(crate) enum MessageConn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// A maintenance connection: from the small pool, or (cluster) the
+/// maintenance cluster connection, separate from the message path's so a
+/// 20,000-user resync never queues in front of a DM.
+pub(crate) enum MaintenanceConn {
+    Pooled(deadpool_redis::Connection),
+    Cluster(ClusterConnection),
+}
+
+macro_rules! delegate_connection_like {
+    ($ty:ident, $a:ident, $b:ident) => {
+        impl ConnectionLike for $ty {
+            fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+                match self {
+                    $ty::$a(c) => c.req_packed_command(cmd),
+                    $ty::$b(c) => c.req_packed_command(cmd),
+                }
+            }
+
+            fn req_packed_commands<'a>(
+                &'a mut self,
+                pipeline: &'a Pipeline,
+                offset: usize,
+                count: usize,
+            ) -> RedisFuture<'a, Vec<Value>> {
+                match self {
+                    $ty::$a(c) => c.req_packed_commands(pipeline, offset, count),
+                    $ty::$b(c) => c.req_packed_commands(pipeline, offset, count),
+                }
+            }
+
+            fn get_db(&self) -> i64 {
+                match self {
+                    $ty::$a(c) => c.get_db(),
+                    $ty::$b(c) => c.get_db(),
+                }
+            }
+        }
+    };
+}
+
+delegate_connection_like!(MessageConn, Single, Cluster);
+delegate_connection_like!(MaintenanceConn, Pooled, Cluster);
+
+impl MessageConn {
+    /// `WAIT replicas timeout` on the connection (on a cluster: the node
+    /// connection serving `key`'s slot) that just wrote `key`: how many
+    /// replicas have this connection's writes so far.
+    pub(crate) async fn wait_replicas(
+        &mut self,
+        key: &str,
+        replicas: u32,
+        timeout: Duration,
+    ) -> redis::RedisResult<u32> {
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(replicas).arg(timeout.as_millis() as u64);
+        match self {
+            MessageConn::Single(conn) => wait.query_async(conn).await,
+            MessageConn::Cluster(conn) => {
+                use redis::cluster_routing::{Route, SingleNodeRoutingInfo, Slot, SlotAddr};
+                let route = Route::with_slot(Slot::for_key(key), SlotAddr::Master);
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                let reply = conn.route_command(wait, routing).await?;
+                Ok(redis::from_redis_value(reply)?)
+            }
+        }
+    }
+}
+
+/// `SCRIPT LOAD` on one Redis, or routed to the master of `key`'s slot.
+async fn load_script_at(
+    conn: &mut impl ConnectionLike,
+    cluster: Option<&mut ClusterConnection>,
+    code: &str,
+    key: &[u8],
+) -> redis::RedisResult<()> {
+    let mut load = redis::cmd("SCRIPT");
+    load.arg("LOAD").arg(code);
+    match cluster {
+        None => load.query_async::<String>(conn).await.map(|_| ()),
+        Some(cluster) => {
+            use redis::cluster_routing::{Route, SingleNodeRoutingInfo, Slot, SlotAddr};
+            let route = Route::with_slot(Slot::for_key(key), SlotAddr::Master);
+            let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+            cluster.route_command(load, routing).await.map(|_| ())
+        }
+    }
+}
+
+impl LoadScript for MessageConn {
+    fn load_script<'a>(&'a mut self, code: &'a str, key: &'a [u8]) -> RedisFuture<'a, ()> {
+        Box::pin(async move {
+            match self {
+                MessageConn::Single(conn) => load_script_at(conn, None, code, key).await,
+                MessageConn::Cluster(conn) => {
+                    let mut routed = conn.clone();
+                    load_script_at(conn, Some(&mut routed), code, key).await
+                }
+            }
+        })
+    }
+}
+
+impl LoadScript for MaintenanceConn {
+    fn load_script<'a>(&'a mut self, code: &'a str, key: &'a [u8]) -> RedisFuture<'a, ()> {
+        Box::pin(async move {
+            match self {
+                MaintenanceConn::Pooled(conn) => load_script_at(conn, None, code, key).await,
+                MaintenanceConn::Cluster(conn) => {
+                    let mut routed = conn.clone();
+                    load_script_at(conn, Some(&mut routed), code, key).await
+                }
+            }
+        })
+    }
+}
+
+/// Commands sent at most this many at a time when a batch is split by slot.
+const SPLIT_CONCURRENCY: usize = 256;
+
+impl MaintenanceConn {
+    /// Runs `cmds` (each a single-key command) and discards their answers
+    /// (see [`query_each`]).
+    pub(crate) async fn run_all(&mut self, cmds: Vec<Cmd>) -> Result<(), BackendError> {
+        let result = match self {
+            MaintenanceConn::Pooled(conn) => query_each(conn, None, cmds).await,
+            MaintenanceConn::Cluster(conn) => query_each(&mut conn.clone(), Some(conn), cmds).await,
+        };
+        result.map(|_| ()).map_err(maintenance_error)
+    }
+}
+
+impl MessageConn {
+    /// Runs single-key `cmds` and returns their answers in order (see
+    /// [`query_each`]).
+    pub(crate) async fn query_each(&mut self, cmds: Vec<Cmd>) -> redis::RedisResult<Vec<Value>> {
+        match self {
+            MessageConn::Single(conn) => query_each(conn, None, cmds).await,
+            MessageConn::Cluster(conn) => query_each(&mut conn.clone(), Some(conn), cmds).await,
+        }
+    }
+}
+
+/// Runs single-key `cmds`: one pipeline on one Redis; on a cluster
+/// (`cluster` given) each command on its own — a cluster pipeline must stay
+/// in one slot — up to [`SPLIT_CONCURRENCY`] in flight, so the client still
+/// pipelines them per node. Answers come back in the order of `cmds`.
+async fn query_each(
+    conn: &mut impl ConnectionLike,
+    cluster: Option<&ClusterConnection>,
+    cmds: Vec<Cmd>,
+) -> redis::RedisResult<Vec<Value>> {
+    use futures_util::stream::{self, StreamExt, TryStreamExt};
+    let Some(cluster) = cluster else {
+        let mut pipe = redis::pipe();
+        for cmd in cmds {
+            pipe.add_command(cmd);
+        }
+        return pipe.query_async(conn).await;
+    };
+    stream::iter(cmds.into_iter().map(|cmd| {
+        let mut conn = cluster.clone();
+        async move { cmd.query_async::<Value>(&mut conn).await }
+    }))
+    .buffered(SPLIT_CONCURRENCY)
+    .try_collect()
+    .await
+}
+
+/// PINGs every master of the cluster: the cluster is whole only if each
+/// answers (a master that died and whose replica was not yet promoted leaves
+/// its slots unserved).
+pub(crate) async fn ping_all_masters(conn: &mut ClusterConnection) -> redis::RedisResult<()> {
+    conn.route_command(
+        redis::cmd("PING"),
+        RoutingInfo::MultiNode((
+            MultipleNodeRoutingInfo::AllMasters,
+            Some(ResponsePolicy::AllSucceeded),
+        )),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// The masters as the cluster describes itself (`CLUSTER SHARDS` would do
+/// as well; `CLUSTER NODES` is one line per node): the sorted ids of the
+/// nodes flagged master and not failed. A change between two heartbeats is a
+/// failover or a topology change: writes acknowledged by a master that
+/// failed may not have reached its replica, so presence is re-asserted.
+pub(crate) async fn master_fingerprint(conn: &mut ClusterConnection) -> redis::RedisResult<String> {
+    let nodes: String = redis::cmd("CLUSTER").arg("NODES").query_async(conn).await?;
+    Ok(masters_of(&nodes))
+}
+
+fn masters_of(nodes: &str) -> String {
+    let mut masters: Vec<&str> = nodes
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let id = fields.next()?;
+            let _addr = fields.next()?;
+            let flags = fields.next()?;
+            let is_master = flags.split(',').any(|f| f == "master");
+            let failed = flags.split(',').any(|f| f == "fail" || f == "fail?");
+            (is_master && !failed).then_some(id)
+        })
+        .collect();
+    masters.sort_unstable();
+    masters.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fingerprint_lists_live_masters_only() {
+        let nodes = "\
+b 127.0.0.1:30002@40002 master - 0 1 2 connected 5461-10922
+a 127.0.0.1:30001@40001 myself,master - 0 0 1 connected 0-5460
+c 127.0.0.1:30003@40003 master,fail - 0 1 3 disconnected
+d 127.0.0.1:30004@40004 slave a 0 1 1 connected
+e 127.0.0.1:30005@40005 master,fail? - 0 1 3 connected
+";
+        assert_eq!(masters_of(nodes), "a,b");
+    }
+}
