@@ -60,35 +60,26 @@ fn subscribe_error(e: redis::RedisError) -> BackendError {
 }
 
 impl RedisBackend {
-    /// [`Bus::route_direct`] on a cluster: the holders from one HGETALL on
-    /// the recipient's slot, then one SPUBLISH per other holder on its
-    /// personal channel's slot, all in flight at once.
-    async fn route_direct_sharded(
+    /// The instances a DM is routed to (the other live holders not yet
+    /// covered) and its payload, whose covered list adds them; `None` when
+    /// there is nobody to send it to.
+    fn direct_targets<'f>(
         &self,
         route: &DirectRoute<'_>,
-        key: &str,
-    ) -> Result<Vec<Reached>, BackendError> {
-        let mut conn = self.message_path()?;
-        let mut hgetall = redis::cmd("HGETALL");
-        hgetall.arg(key);
-        let fields: Vec<(String, i64)> = self.timed(hgetall.query_async(&mut conn)).await?;
+        fields: impl Iterator<Item = (&'f str, i64)>,
+    ) -> Option<(Vec<&'f str>, Bytes)> {
         let live = self.live_view();
-        let targets: Vec<String> = fields
-            .into_iter()
-            .filter(|(id, n)| *n > 0 && id != route.caller && !route.covered.contains(&id.as_str()))
-            .filter(|(id, _)| live.may_be_alive(id))
-            .map(|(id, _)| id)
+        let targets: Vec<&str> = fields
+            .filter(|(_, n)| *n > 0)
+            .map(|(instance, _)| instance)
+            .filter(|id| *id != route.caller && !route.covered.contains(id))
+            .filter(|id| live.may_be_alive(id))
             .collect();
         if targets.is_empty() {
-            return Ok(Vec::new());
+            return None;
         }
-        let covered = Envelope::covered_field(
-            route
-                .covered
-                .iter()
-                .copied()
-                .chain(targets.iter().map(String::as_str)),
-        );
+        let covered =
+            Envelope::covered_field(route.covered.iter().copied().chain(targets.iter().copied()));
         let payload = Envelope::Direct {
             to: route.to,
             hop: route.hop,
@@ -98,23 +89,56 @@ impl RedisBackend {
             prev: None,
         }
         .encode(route.frame);
-        let publishes = targets.iter().map(|target| {
+        Some((targets, payload))
+    }
+
+    /// Cluster: SPUBLISHes `payload` on each instance's personal channel
+    /// (each in its own slot), all in flight at once; one answer per
+    /// instance, in order. SPUBLISH's count is exact: sharded channels have
+    /// no pattern subscribers.
+    pub(crate) async fn spublish_each(
+        &self,
+        instances: &[&str],
+        payload: &[u8],
+    ) -> Result<Vec<Result<usize, BackendError>>, BackendError> {
+        let conn = self.message_path()?;
+        let publishes = instances.iter().map(|instance| {
             let mut conn = conn.clone();
             let mut publish = redis::cmd("SPUBLISH");
             publish
-                .arg(self.keys.personal_channel(target))
-                .arg(payload.as_ref());
+                .arg(self.keys.personal_channel(instance))
+                .arg(payload);
             async move { self.timed(publish.query_async::<usize>(&mut conn)).await }
         });
-        let receivers = futures_util::future::try_join_all(publishes).await?;
-        Ok(targets
-            .into_iter()
-            .zip(receivers)
-            .map(|(instance, receivers)| Reached {
-                instance,
-                receivers,
-            })
-            .collect())
+        Ok(futures_util::future::join_all(publishes).await)
+    }
+
+    /// [`Bus::route_direct`] on a cluster: the holders from one HGETALL on
+    /// the recipient's slot, then one SPUBLISH per target.
+    async fn route_direct_sharded(
+        &self,
+        route: &DirectRoute<'_>,
+        key: &str,
+    ) -> Result<Vec<Reached>, BackendError> {
+        let mut conn = self.message_path()?;
+        let mut hgetall = redis::cmd("HGETALL");
+        hgetall.arg(key);
+        let fields: Vec<(String, i64)> = self.timed(hgetall.query_async(&mut conn)).await?;
+        let holders = fields.iter().map(|(id, n)| (id.as_str(), *n));
+        let Some((targets, payload)) = self.direct_targets(route, holders) else {
+            return Ok(Vec::new());
+        };
+        let mut reached = Vec::with_capacity(targets.len());
+        for (instance, receivers) in targets
+            .iter()
+            .zip(self.spublish_each(&targets, &payload).await?)
+        {
+            reached.push(Reached {
+                instance: (*instance).to_owned(),
+                receivers: receivers?,
+            });
+        }
+        Ok(reached)
     }
 
     /// Reads `key`'s presence fields with tracking on (both on one
@@ -177,28 +201,10 @@ impl Bus for RedisBackend {
                 self.read_tracked(&key).await?
             }
         };
-        let live = self.live_view();
-        let targets: Vec<&str> = fields
-            .iter()
-            .filter(|(_, n)| *n > 0)
-            .map(|(instance, _)| &**instance)
-            .filter(|id| *id != route.caller && !route.covered.contains(id))
-            .filter(|id| live.may_be_alive(id))
-            .collect();
-        if targets.is_empty() {
+        let holders = fields.iter().map(|(id, n)| (&**id, *n));
+        let Some((targets, payload)) = self.direct_targets(route, holders) else {
             return Ok(Vec::new());
-        }
-        let covered =
-            Envelope::covered_field(route.covered.iter().copied().chain(targets.iter().copied()));
-        let payload = Envelope::Direct {
-            to: route.to,
-            hop: route.hop,
-            origin: route.origin,
-            covered: Covered::from_field(&covered),
-            seq: None,
-            prev: None,
-        }
-        .encode(route.frame);
+        };
         let mut pipe = redis::pipe();
         for target in &targets {
             let channel = self.keys.personal_channel(target);

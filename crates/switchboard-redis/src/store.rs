@@ -330,12 +330,11 @@ fn optional_seq(value: &Value) -> Result<Option<Seq>, BackendError> {
 }
 
 impl RedisBackend {
-    /// Cluster: SPUBLISHes an appended DM's payload on each holder's
-    /// personal channel (each in its own slot), all in flight at once.
-    /// SPUBLISH's count is exact: sharded channels have no pattern
-    /// subscribers. The DM is stored already: a failure here is reported
-    /// as that holder not reached (its instance reads the inbox on a hole
-    /// or at the next connect), not as a failed send.
+    /// Cluster: SPUBLISHes an appended DM's payload to each holder (see
+    /// [`RedisBackend::spublish_each`]). The DM is stored already: a
+    /// failure here is reported as that holder not reached (its instance
+    /// reads the inbox on a hole, a catch-up or the next connect), not as a
+    /// failed send.
     async fn publish_to_holders(
         &self,
         holders: Vec<String>,
@@ -345,30 +344,18 @@ impl RedisBackend {
             Value::BulkString(bytes) => bytes.as_slice(),
             _ => return Err(malformed("payload")),
         };
-        let conn = self.message_path()?;
-        let publishes = holders.iter().map(|holder| {
-            let mut conn = conn.clone();
-            let mut publish = redis::cmd("SPUBLISH");
-            publish.arg(self.keys.personal_channel(holder)).arg(payload);
-            async move {
-                self.timed(publish.query_async::<usize>(&mut conn))
-                    .await
-                    .unwrap_or(0)
-            }
-        });
-        let receivers = futures_util::future::join_all(publishes).await;
+        let instances: Vec<&str> = holders.iter().map(String::as_str).collect();
+        let receivers = self.spublish_each(&instances, payload).await?;
         Ok(holders
             .into_iter()
             .zip(receivers)
             .map(|(instance, receivers)| Reached {
                 instance,
-                receivers,
+                receivers: receivers.unwrap_or(0),
             })
             .collect())
     }
-}
 
-impl RedisBackend {
     /// The append script's reply, as an [`Appended`] (on a cluster, after
     /// publishing it to the holders).
     async fn appended(
