@@ -58,8 +58,11 @@ pub struct Config {
     #[arg(long, env = "SWITCHBOARD_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// Redis URL (redis://, rediss://, redis+unix://). Absent: embedded
-    /// single-node mode with an in-process bus and presence store.
+    /// Redis URL (redis://, rediss://, redis+unix://), or a Sentinel-managed
+    /// primary: redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER_NAME (the
+    /// sentinels, then the name they monitor it under; the instance follows
+    /// the sentinels' failovers). Absent: embedded single-node mode with an
+    /// in-process bus and presence store.
     #[arg(long, env = "SWITCHBOARD_REDIS_URL", conflicts_with = "redis_cluster")]
     pub redis_url: Option<String>,
 
@@ -315,6 +318,9 @@ pub enum ConfigError {
     /// An inbox must keep at least one entry for at least a second.
     #[error("--inbox-max-len and --inbox-ttl-s must be at least 1")]
     Inbox,
+    /// A `redis+sentinel://` URL that does not name sentinels and a master.
+    #[error(transparent)]
+    SentinelUrl(switchboard_redis::SentinelUrlError),
     /// Timeouts of zero would fail every command.
     #[error("--redis-connect-timeout-ms and --redis-response-timeout-ms must be at least 10")]
     RedisTimeouts,
@@ -328,9 +334,11 @@ impl Config {
                 self.redis_cluster.clone(),
             ));
         }
-        self.redis_url
-            .clone()
-            .map(switchboard_redis::RedisTarget::Single)
+        // Checked by `validate`; an unparsable one would fail to connect.
+        self.redis_url.as_deref().map(|url| {
+            switchboard_redis::RedisTarget::from_url(url)
+                .unwrap_or_else(|_| switchboard_redis::RedisTarget::Single(url.to_owned()))
+        })
     }
 
     /// Checks cross-field rules clap cannot express and fills the instance id.
@@ -355,6 +363,9 @@ impl Config {
             return Err(ConfigError::EmptyQueue);
         }
         self.redis_cluster.retain(|seed| !seed.trim().is_empty());
+        if let Some(url) = &self.redis_url {
+            switchboard_redis::RedisTarget::from_url(url).map_err(ConfigError::SentinelUrl)?;
+        }
         if self.inbox_max_len == 0 || self.inbox_ttl_s == 0 {
             return Err(ConfigError::Inbox);
         }

@@ -235,7 +235,11 @@ impl Bus for RedisBackend {
         let name = self.channel_name(channel);
         // Wanted before asked for: a slot move meanwhile resubscribes it.
         self.subscriptions.insert(name.clone(), ());
-        let subscribed = self.subscriber.subscribe(&name, self.sharded(&name)).await;
+        let subscribed = self
+            .links()
+            .subscriber
+            .subscribe(&name, self.sharded(&name))
+            .await;
         if let Err(e) = subscribed {
             self.subscriptions.remove(&name);
             return Err(subscribe_error(e));
@@ -246,7 +250,8 @@ impl Bus for RedisBackend {
     async fn unsubscribe(&self, channel: Channel<'_>) -> Result<(), BackendError> {
         let name = self.channel_name(channel);
         self.subscriptions.remove(&name);
-        self.subscriber
+        self.links()
+            .subscriber
             .unsubscribe(&name, self.sharded(&name))
             .await
             .map_err(subscribe_error)

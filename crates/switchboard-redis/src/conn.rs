@@ -28,9 +28,55 @@ pub enum RedisTarget {
     /// Seed nodes of a Redis Cluster (Redis ≥ 7): any reachable one is
     /// enough to learn the rest.
     Cluster(Vec<String>),
+    /// A primary managed by Redis Sentinel: the sentinels' URLs and the
+    /// monitored master's name (`redis+sentinel://H:P[,H:P…]/NAME`).
+    Sentinel {
+        /// `redis://H:P` of each sentinel.
+        sentinels: Vec<String>,
+        /// The name the sentinels monitor the master under.
+        service: String,
+    },
+}
+
+/// Why a `redis+sentinel://` URL was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid sentinel url {url:?}: expected redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER_NAME"
+)]
+pub struct SentinelUrlError {
+    url: String,
 }
 
 impl RedisTarget {
+    /// The target a `--redis-url` names: `redis+sentinel://` is a
+    /// Sentinel-managed primary, anything else one Redis.
+    pub fn from_url(url: &str) -> Result<RedisTarget, SentinelUrlError> {
+        let Some(rest) = url.strip_prefix("redis+sentinel://") else {
+            return Ok(RedisTarget::Single(url.to_owned()));
+        };
+        let refused = || SentinelUrlError {
+            url: url.to_owned(),
+        };
+        let (hosts, service) = rest.split_once('/').ok_or_else(refused)?;
+        let service = service.trim_end_matches('/');
+        let sentinels: Vec<String> = hosts
+            .split(',')
+            .map(|host| {
+                let (name, port) = host.rsplit_once(':')?;
+                let port: u16 = port.parse().ok()?;
+                (!name.is_empty()).then(|| format!("redis://{name}:{port}"))
+            })
+            .collect::<Option<_>>()
+            .ok_or_else(refused)?;
+        if sentinels.is_empty() || service.is_empty() || service.contains('/') {
+            return Err(refused());
+        }
+        Ok(RedisTarget::Sentinel {
+            sentinels,
+            service: service.to_owned(),
+        })
+    }
+
     /// Whether this is a cluster: channels are sharded, multi-key work is
     /// split by slot.
     pub fn is_cluster(&self) -> bool {
@@ -302,6 +348,34 @@ fn masters_of(nodes: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sentinel_urls_name_the_sentinels_and_the_master() {
+        assert_eq!(
+            RedisTarget::from_url("redis+sentinel://127.0.0.1:26379,localhost:26380/mymaster"),
+            Ok(RedisTarget::Sentinel {
+                sentinels: vec![
+                    "redis://127.0.0.1:26379".to_owned(),
+                    "redis://localhost:26380".to_owned()
+                ],
+                service: "mymaster".to_owned(),
+            })
+        );
+        assert_eq!(
+            RedisTarget::from_url("redis://127.0.0.1:6379"),
+            Ok(RedisTarget::Single("redis://127.0.0.1:6379".to_owned()))
+        );
+        for bad in [
+            "redis+sentinel://127.0.0.1:26379",
+            "redis+sentinel://127.0.0.1:26379/",
+            "redis+sentinel://127.0.0.1/mymaster",
+            "redis+sentinel://:26379/mymaster",
+            "redis+sentinel://127.0.0.1:x/mymaster",
+            "redis+sentinel:///mymaster",
+        ] {
+            assert!(RedisTarget::from_url(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn the_fingerprint_lists_live_masters_only() {

@@ -67,8 +67,8 @@ use switchboard_core::metrics::Metrics;
 use switchboard_core::queue::BoundedSender;
 use switchboard_core::store::StoreLimits;
 
-pub use conn::RedisTarget;
 use conn::{MaintenanceConn, MessageConn};
+pub use conn::{RedisTarget, SentinelUrlError};
 use keys::Keys;
 use presence_cache::PresenceCache;
 use subscriber::Subscriber;
@@ -188,12 +188,13 @@ impl LiveView {
 
 /// Presence store and message bus over one Redis deployment.
 pub struct RedisBackend {
-    /// The message-path connection (see the module documentation).
-    commands: MessageConn,
-    /// Maintenance connections: a pool (one Redis) or a cluster connection.
-    maintenance: Maintenance,
-    /// The subscription connection.
-    subscriber: Subscriber,
+    /// The three connections (see the module documentation); replaced as a
+    /// whole when Sentinel names a new master.
+    links: RwLock<Arc<Links>>,
+    /// Sentinel: where the master is, asked at every heartbeat.
+    sentinel: Option<SentinelWatch>,
+    /// What opening connections again takes.
+    wiring: Wiring,
     /// Redis Cluster: sharded channels, work split by slot, no presence cache.
     cluster: bool,
     /// Cluster: every master answered the last heartbeat's PING.
@@ -257,7 +258,70 @@ impl std::fmt::Debug for RedisBackend {
     }
 }
 
+/// The three connections of one deployment.
+struct Links {
+    /// The message path.
+    commands: MessageConn,
+    /// Maintenance connections: a pool (one Redis) or a cluster connection.
+    maintenance: Maintenance,
+    /// The subscription connection.
+    subscriber: Subscriber,
+}
+
+/// What the connections are opened with: shared with their push callbacks,
+/// and kept so they can be opened again (a Sentinel failover).
+#[derive(Clone)]
+pub(crate) struct Wiring {
+    pub(crate) keys: Keys,
+    pub(crate) presence_cache: Arc<PresenceCache>,
+    pub(crate) signals: Arc<SubscriberSignals>,
+    pub(crate) subscriptions: Arc<DashMap<String, ()>>,
+    pub(crate) inbox: BoundedSender<Inbound>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) settings: RedisSettings,
+}
+
+/// A Sentinel-managed primary: the sentinels to ask, and the master in use.
+struct SentinelWatch {
+    client: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+    /// `host:port` of the master the connections go to.
+    current: Mutex<String>,
+}
+
+impl SentinelWatch {
+    fn new(sentinels: &[String], service: &str) -> Result<SentinelWatch, RedisSetupError> {
+        let client = redis::sentinel::SentinelClient::build(
+            sentinels.to_vec(),
+            service.to_owned(),
+            None,
+            redis::sentinel::SentinelServerType::Master,
+        )
+        .map_err(RedisSetupError::Url)?;
+        Ok(SentinelWatch {
+            client: tokio::sync::Mutex::new(client),
+            current: Mutex::new(String::new()),
+        })
+    }
+
+    /// The master the sentinels name now (checked with `ROLE` by the crate).
+    async fn master(&self) -> redis::RedisResult<redis::ConnectionInfo> {
+        let client = self.client.lock().await.async_get_client().await?;
+        Ok(client.get_connection_info().clone())
+    }
+
+    fn set_current(&self, info: &redis::ConnectionInfo) {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        *current = info.addr().to_string();
+    }
+
+    fn is_current(&self, info: &redis::ConnectionInfo) -> bool {
+        let current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        *current == info.addr().to_string()
+    }
+}
+
 /// Where maintenance connections come from.
+#[derive(Clone)]
 enum Maintenance {
     Pool(deadpool_redis::Pool),
     Cluster(ClusterConnection),
@@ -306,46 +370,45 @@ impl RedisBackend {
         inbox: BoundedSender<Inbound>,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, RedisSetupError> {
-        let keys = Keys::new(&settings.prefix);
-        let presence_cache = Arc::new(PresenceCache::default());
-        let signals = Arc::new(SubscriberSignals::default());
-        let subscriptions: Arc<DashMap<String, ()>> = Arc::default();
-        let bus_inbox = inbox.clone();
-        let (commands, maintenance, subscriber) = match &settings.target {
+        let wiring = Wiring {
+            keys: Keys::new(&settings.prefix),
+            presence_cache: Arc::new(PresenceCache::default()),
+            signals: Arc::new(SubscriberSignals::default()),
+            subscriptions: Arc::default(),
+            inbox,
+            metrics: metrics.clone(),
+            settings: settings.clone(),
+        };
+        let (links, sentinel) = match &settings.target {
             RedisTarget::Single(url) => {
-                Self::connect_single(
-                    url,
-                    &keys,
-                    &settings,
-                    &presence_cache,
-                    &signals,
-                    &subscriptions,
-                    inbox,
-                    &metrics,
-                )
-                .await?
+                let info = url
+                    .as_str()
+                    .into_connection_info()
+                    .map_err(RedisSetupError::Url)?;
+                (Self::connect_single(info, &wiring).await?, None)
             }
-            RedisTarget::Cluster(seeds) => {
-                Self::connect_cluster(
-                    seeds,
-                    &keys,
-                    &settings,
-                    &signals,
-                    &subscriptions,
-                    inbox,
-                    &metrics,
-                )
-                .await?
+            RedisTarget::Cluster(seeds) => (Self::connect_cluster(seeds, &wiring).await?, None),
+            RedisTarget::Sentinel { sentinels, service } => {
+                let watch = SentinelWatch::new(sentinels, service)?;
+                let info = watch
+                    .master()
+                    .await
+                    .map_err(|source| RedisSetupError::Connect {
+                        what: "the master, through the sentinels",
+                        source,
+                    })?;
+                let links = Self::connect_single(info.clone(), &wiring).await?;
+                watch.set_current(&info);
+                (links, Some(watch))
             }
         };
         let backend = Arc::new(RedisBackend {
-            commands,
-            maintenance,
-            subscriber,
+            links: RwLock::new(Arc::new(links)),
+            sentinel,
             cluster: settings.target.is_cluster(),
             cluster_whole: AtomicBool::new(true),
             masters: Mutex::new(String::new()),
-            keys,
+            keys: wiring.keys.clone(),
             instance: Arc::from(settings.instance.as_str()),
             token: format!("{:016x}.{}", rand::random::<u64>(), std::process::id()),
             lease: settings.lease,
@@ -357,12 +420,12 @@ impl RedisBackend {
             resync_needed: AtomicBool::new(false),
             lease_ok: AtomicBool::new(false),
             taken_over: CancellationToken::new(),
-            signals,
+            signals: wiring.signals.clone(),
             probe_ok: AtomicBool::new(true),
             probe_sent: AtomicU64::new(0),
-            subscriptions,
-            bus_inbox,
-            presence_cache,
+            subscriptions: wiring.subscriptions.clone(),
+            bus_inbox: wiring.inbox.clone(),
+            presence_cache: wiring.presence_cache.clone(),
             adjust_presence: scripts::Lua::new(scripts::ADJUST_PRESENCE),
             claim_lease: scripts::Lua::new(scripts::CLAIM_LEASE),
             refresh_lease: scripts::Lua::new(scripts::REFRESH_LEASE),
@@ -372,6 +435,7 @@ impl RedisBackend {
             store_limits: settings.store,
             store_scripts: store::StoreScripts::default(),
             wait: settings.wait,
+            wiring,
         });
         backend.claim_instance_id().await?;
         backend
@@ -393,18 +457,11 @@ impl RedisBackend {
 
     /// One Redis: the command connection (with the presence cache's
     /// tracking pushes), the maintenance pool, the subscriber.
-    #[allow(clippy::too_many_arguments)]
     async fn connect_single(
-        url: &str,
-        keys: &Keys,
-        settings: &RedisSettings,
-        presence_cache: &Arc<PresenceCache>,
-        signals: &Arc<SubscriberSignals>,
-        subscriptions: &Arc<DashMap<String, ()>>,
-        inbox: BoundedSender<Inbound>,
-        metrics: &Arc<Metrics>,
-    ) -> Result<(MessageConn, Maintenance, Subscriber), RedisSetupError> {
-        let info = url.into_connection_info().map_err(RedisSetupError::Url)?;
+        info: redis::ConnectionInfo,
+        wiring: &Wiring,
+    ) -> Result<Links, RedisSetupError> {
+        let settings = &wiring.settings;
         // RESP3, so the connection manager learns of a lost connection from
         // its disconnection push and reconnects at once: a command sent after
         // a crash then fails as refused (surely not carried out) rather than
@@ -419,7 +476,7 @@ impl RedisBackend {
         // No retries: a command during an outage fails at once (refused) and
         // the next one tries again. No client-side response timeout: each
         // command is timed by the backend, which tells the two apart.
-        let invalidations = presence_cache.clone();
+        let invalidations = wiring.presence_cache.clone();
         // Pushes on the command connection: Redis's invalidations of the
         // presence keys it read (CLIENT TRACKING), and the loss of the
         // connection (which loses those too).
@@ -469,34 +526,18 @@ impl RedisBackend {
             .build()
             .map_err(RedisSetupError::Pool)?;
 
-        let subscriber = subscriber::connect(
-            subscriber::Target::Single(&info),
-            keys,
-            settings,
-            signals.clone(),
-            subscriptions.clone(),
-            inbox,
-            metrics,
-        )
-        .await?;
-        Ok((
-            MessageConn::Single(commands),
-            Maintenance::Pool(pool),
+        let subscriber = subscriber::connect(subscriber::Target::Single(&info), wiring).await?;
+        Ok(Links {
+            commands: MessageConn::Single(commands),
+            maintenance: Maintenance::Pool(pool),
             subscriber,
-        ))
+        })
     }
 
     /// A Redis Cluster: three cluster connections (message path,
     /// maintenance, subscriber), each learning the topology from the seeds.
-    async fn connect_cluster(
-        seeds: &[String],
-        keys: &Keys,
-        settings: &RedisSettings,
-        signals: &Arc<SubscriberSignals>,
-        subscriptions: &Arc<DashMap<String, ()>>,
-        inbox: BoundedSender<Inbound>,
-        metrics: &Arc<Metrics>,
-    ) -> Result<(MessageConn, Maintenance, Subscriber), RedisSetupError> {
+    async fn connect_cluster(seeds: &[String], wiring: &Wiring) -> Result<Links, RedisSetupError> {
+        let settings = &wiring.settings;
         let bound = settings.connect_timeout.saturating_mul(3);
         // The message path retries a little (a redirection after a slot
         // moved is a retry); every command is still timed by the backend.
@@ -518,21 +559,12 @@ impl RedisBackend {
         )?;
         let maintenance =
             conn::cluster_connect(&maintenance, "maintenance connection", bound).await?;
-        let subscriber = subscriber::connect(
-            subscriber::Target::Cluster(seeds),
-            keys,
-            settings,
-            signals.clone(),
-            subscriptions.clone(),
-            inbox,
-            metrics,
-        )
-        .await?;
-        Ok((
-            MessageConn::Cluster(commands),
-            Maintenance::Cluster(maintenance),
+        let subscriber = subscriber::connect(subscriber::Target::Cluster(seeds), wiring).await?;
+        Ok(Links {
+            commands: MessageConn::Cluster(commands),
+            maintenance: Maintenance::Cluster(maintenance),
             subscriber,
-        ))
+        })
     }
 
     /// Whether the instance can serve cross-instance traffic right now.
@@ -567,7 +599,15 @@ impl RedisBackend {
                 "redis is unreachable (the last heartbeat failed)",
             ));
         }
-        Ok(self.commands.clone())
+        Ok(self.links().commands.clone())
+    }
+
+    /// The connections in use now (replaced when Sentinel names a new master).
+    fn links(&self) -> Arc<Links> {
+        self.links
+            .read()
+            .map(|links| links.clone())
+            .unwrap_or_else(|poisoned| poisoned.into_inner().clone())
     }
 
     /// Runs one message-path command under the response timeout, timing it.
@@ -589,7 +629,7 @@ impl RedisBackend {
 
     /// A maintenance connection from the pool.
     async fn maintenance(&self) -> Result<MaintenanceConn, BackendError> {
-        match &self.maintenance {
+        match &self.links().maintenance {
             Maintenance::Pool(pool) => pool
                 .get()
                 .await

@@ -18,6 +18,7 @@
 //! and writes them all back).
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -123,6 +124,7 @@ impl RedisBackend {
     /// lease had been lost or a write failed meanwhile. Returns the instances
     /// whose lease expired.
     pub(crate) async fn heartbeat(&self) -> Result<Vec<String>, BackendError> {
+        self.follow_sentinel_master().await?;
         match self.refresh_lease().await? {
             LeaseState::Taken => {
                 self.lease_ok.store(false, Ordering::Relaxed);
@@ -176,17 +178,52 @@ impl RedisBackend {
         Ok(dead)
     }
 
+    /// Sentinel: asks the sentinels where the master is; when it moved (a
+    /// failover), opens all three connections to the new one, swaps them
+    /// in, and re-issues every subscription; presence is re-asserted by this
+    /// heartbeat and connections catch up from their inboxes after the
+    /// next probe. Until the sentinels name a reachable master this fails
+    /// and the instance is not ready.
+    async fn follow_sentinel_master(&self) -> Result<(), BackendError> {
+        let Some(watch) = &self.sentinel else {
+            return Ok(());
+        };
+        let info = watch.master().await.map_err(maintenance_error)?;
+        if watch.is_current(&info) {
+            return Ok(());
+        }
+        let links = Self::connect_single(info.clone(), &self.wiring)
+            .await
+            .map_err(|e| BackendError::unavailable(e.to_string()))?;
+        tracing::warn!(
+            master = %info.addr(),
+            "the sentinels name a new redis master (failover); reconnecting, re-asserting \
+             presence and subscriptions"
+        );
+        if let Ok(mut current) = self.links.write() {
+            *current = Arc::new(links);
+        }
+        watch.set_current(&info);
+        self.presence_cache.clear();
+        self.metrics.cluster_topology_changes.inc();
+        self.resync_needed.store(true, Ordering::Relaxed);
+        self.signals.catch_up_pending.store(true, Ordering::Relaxed);
+        self.resubscribe_all().await;
+        Ok(())
+    }
+
     /// PINGs the message-path connection, twice if need be: a connection the
     /// manager has not yet seen die fails the first PING and is replaced, so
     /// the second goes over a fresh one. After a Redis restart, the messages
     /// that follow then find a working connection instead of the dead one.
     async fn check_message_path(&self) -> Result<(), BackendError> {
-        if let MessageConn::Cluster(conn) = &self.commands {
+        let links = self.links();
+        if let MessageConn::Cluster(conn) = &links.commands {
             return self.check_cluster(conn.clone()).await;
         }
         let mut last = None;
         for _ in 0..2 {
-            let mut conn = self.commands.clone();
+            let mut conn = links.commands.clone();
             let ping = tokio::time::timeout(
                 self.response_timeout,
                 redis::cmd("PING").query_async::<String>(&mut conn),
@@ -492,7 +529,7 @@ impl RedisBackend {
         let channels: Vec<String> = self.subscriptions.iter().map(|e| e.key().clone()).collect();
         for channel in channels {
             let sharded = self.sharded(&channel);
-            if let Err(e) = self.subscriber.subscribe(&channel, sharded).await {
+            if let Err(e) = self.links().subscriber.subscribe(&channel, sharded).await {
                 tracing::warn!(error = %e, channel, "resubscribe failed");
                 return;
             }

@@ -8,22 +8,18 @@
 //! subscription because its slot moved to another node.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use dashmap::DashMap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{ConnectionInfo, ProtocolVersion, PushInfo, PushKind, RedisResult, Value};
 
 use switchboard_core::bus::{ChannelKind, Inbound};
-use switchboard_core::metrics::Metrics;
-use switchboard_core::queue::{BoundedSender, Refused};
+use switchboard_core::queue::Refused;
 
 use crate::conn::{cluster_client, cluster_connect};
-use crate::keys::Keys;
-use crate::{RedisSettings, RedisSetupError, SubscriberSignals};
+use crate::{RedisSetupError, Wiring};
 
 /// The subscription connection of either deployment.
 #[derive(Clone)]
@@ -111,13 +107,12 @@ pub(crate) enum Target<'a> {
 /// cluster, also after the topology changed.
 pub(crate) async fn connect(
     target: Target<'_>,
-    keys: &Keys,
-    settings: &RedisSettings,
-    signals: Arc<SubscriberSignals>,
-    wanted: Arc<DashMap<String, ()>>,
-    inbox: BoundedSender<Inbound>,
-    metrics: &Arc<Metrics>,
+    wiring: &Wiring,
 ) -> Result<Subscriber, RedisSetupError> {
+    let (keys, settings) = (&wiring.keys, &wiring.settings);
+    let signals = wiring.signals.clone();
+    let wanted = wiring.subscriptions.clone();
+    let inbox = wiring.inbox.clone();
     signals.up.store(true, Ordering::Relaxed);
     let classifier = ChannelClassifier {
         personal: keys.personal_channel(&settings.instance).into_bytes(),
@@ -126,7 +121,7 @@ pub(crate) async fn connect(
         user_prefix: keys.user_channel_prefix().into_bytes(),
     };
     let cluster = settings.target.is_cluster();
-    let metrics = metrics.clone();
+    let metrics = wiring.metrics.clone();
     let on_push = move |push: PushInfo| -> Result<(), std::convert::Infallible> {
         match push.kind {
             PushKind::Message | PushKind::SMessage => {
