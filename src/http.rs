@@ -120,7 +120,12 @@ fn json_reply(status: StatusCode, value: serde_json::Value) -> Response {
 pub fn routes(
     ctx: HttpContext,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
-    let healthz = warp::path!("healthz").and(warp::get()).map(|| "ok");
+    // Names the instance that answered: a deployment (or a test) that
+    // reused a port can tell whose health it saw.
+    let instance = ctx.session.router.instance().to_owned();
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .map(move || warp::reply::with_header("ok", "x-switchboard-instance", instance.clone()));
 
     let ready = ctx.ready.clone();
     let shutdown = ctx.session.shutdown.clone();

@@ -99,8 +99,16 @@ fn raise_open_files_limit() -> OpenFiles {
 }
 
 async fn serve(config: Config, files: OpenFiles) -> ExitCode {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,redis=error"));
+    // The redis crate warns once per failed reconnect attempt (dozens a
+    // second while a cluster node is down); our own lines say it once. Its
+    // warnings come back with a RUST_LOG directive for it (`redis=warn`).
+    let env = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+    let names_redis = env.split(',').any(|d| d.trim().starts_with("redis"));
+    let filter = if names_redis {
+        EnvFilter::new(env)
+    } else {
+        EnvFilter::new(format!("{env},redis=error"))
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())

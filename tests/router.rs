@@ -311,6 +311,7 @@ over_every_backend!(
     dm_goes_to_the_holding_instance_only,
     offline_and_local,
     multi_device_gets_every_copy,
+    a_device_that_connects_after_the_presence_was_cached_is_reached,
     broadcast_mode_reaches_every_instance_and_delivers_once,
     user_channel_mode_publishes_to_the_users_channel_only,
     rooms_reach_members_only_and_subscriptions_follow_membership,
@@ -767,6 +768,58 @@ async fn multi_device_gets_every_copy(kind: Kind) {
     assert!(
         frames(&mut rx1).is_empty() && frames(&mut rx2).is_empty() && frames(&mut rx3).is_empty()
     );
+}
+
+/// The routing path's presence cache must learn of a device that connects
+/// elsewhere after the recipient's presence was cached: Redis's
+/// invalidation push (on a cluster, from the node serving the key's slot)
+/// drops the entry. Without it the new device would never be reached.
+async fn a_device_that_connects_after_the_presence_was_cached_is_reached(kind: Kind) {
+    let mut c = cluster(kind, 3, RoutingMode::Routed).await;
+    let (alice, _a) = user(&c.routers[0], "alice").await;
+    let (_b2, mut rx2) = user(&c.routers[1], "bob").await;
+    c.routers[0]
+        .send_direct(&alice.user, "bob", &body("\"first\""))
+        .await
+        .expect("sent");
+    c.dispatch(1).await;
+    assert_eq!(one_frame(&mut rx2)["body"], "first");
+    // Routed from the cache now (one Redis and a cluster).
+    c.routers[0]
+        .send_direct(&alice.user, "bob", &body("\"second\""))
+        .await
+        .expect("sent");
+    c.dispatch(1).await;
+    assert_eq!(one_frame(&mut rx2)["body"], "second");
+    let (_b3, mut rx3) = user(&c.routers[2], "bob").await;
+    // The invalidation travels on its own; each try is one more DM.
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let text = format!("\"try {tries}\"");
+        c.routers[0]
+            .send_direct(&alice.user, "bob", &body(&text))
+            .await
+            .expect("sent");
+        c.dispatch(1).await;
+        assert_eq!(one_frame(&mut rx2)["body"], format!("try {tries}"));
+        c.settle(2).await;
+        if !frames(&mut rx3).is_empty() {
+            break;
+        }
+        assert!(tries < 200, "bob's new device on i3 never reached");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    if !matches!(kind, Kind::Local) {
+        // The path under test: the second DM was routed from the cache,
+        // and bob's connect dropped the entry (a miss after it).
+        let m = &c.metrics[0];
+        assert!(m.presence_cache_hits.get() >= 1, "routed from the cache");
+        assert!(
+            m.presence_cache_misses.get() >= 2,
+            "filled, then invalidated"
+        );
+    }
 }
 
 async fn broadcast_mode_reaches_every_instance_and_delivers_once(kind: Kind) {

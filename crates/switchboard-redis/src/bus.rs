@@ -10,10 +10,11 @@
 //! PUBLISH. Redis runs no script and reads no key for a cached recipient.
 //! The receiver count is NUMSUB's, not PUBLISH's: PUBLISH also counts
 //! pattern subscribers (a `PSUBSCRIBE sb:*` monitor would make a crashed
-//! instance look alive). On a cluster there is no cache (tracking is per
-//! node connection, and the cluster client does not say which node answered
-//! a read): the recipient's presence is one HGETALL on their slot, then one
-//! SPUBLISH per holder, each on that holder's slot; SPUBLISH's count is
+//! instance look alive). On a cluster the cache works the same way — the
+//! fill's `CLIENT TRACKING ON` and `HGETALL` are one pipeline, which the
+//! cluster client sends to the node of the key's slot, and each node
+//! connection's invalidations and disconnection reach the same callback —
+//! and each holder gets one SPUBLISH on its own slot; SPUBLISH's count is
 //! exact (sharded channels have no pattern subscribers).
 
 use std::sync::Arc;
@@ -113,32 +114,22 @@ impl RedisBackend {
         Ok(futures_util::future::join_all(publishes).await)
     }
 
-    /// [`Bus::route_direct`] on a cluster: the holders from one HGETALL on
-    /// the recipient's slot, then one SPUBLISH per target.
-    async fn route_direct_sharded(
+    /// One Redis: per target, `PUBSUB NUMSUB` of its personal channel and
+    /// the `PUBLISH`, in one pipeline; the receiver counts are NUMSUB's.
+    async fn publish_with_numsub(
         &self,
-        route: &DirectRoute<'_>,
-        key: &str,
-    ) -> Result<Vec<Reached>, BackendError> {
-        let mut conn = self.message_path()?;
-        let mut hgetall = redis::cmd("HGETALL");
-        hgetall.arg(key);
-        let fields: Vec<(String, i64)> = self.timed(hgetall.query_async(&mut conn)).await?;
-        let holders = fields.iter().map(|(id, n)| (id.as_str(), *n));
-        let Some((targets, payload)) = self.direct_targets(route, holders) else {
-            return Ok(Vec::new());
-        };
-        let mut reached = Vec::with_capacity(targets.len());
-        for (instance, receivers) in targets
-            .iter()
-            .zip(self.spublish_each(&targets, &payload).await?)
-        {
-            reached.push(Reached {
-                instance: (*instance).to_owned(),
-                receivers: receivers?,
-            });
+        targets: &[&str],
+        payload: &[u8],
+    ) -> Result<Vec<usize>, BackendError> {
+        let mut pipe = redis::pipe();
+        for target in targets {
+            let channel = self.keys.personal_channel(target);
+            pipe.cmd("PUBSUB").arg("NUMSUB").arg(&channel);
+            pipe.cmd("PUBLISH").arg(&channel).arg(payload).ignore();
         }
-        Ok(reached)
+        let mut conn = self.message_path()?;
+        let counts: Vec<(String, usize)> = self.timed(pipe.query_async(&mut conn)).await?;
+        Ok(counts.into_iter().map(|(_, n)| n).collect())
     }
 
     /// Reads `key`'s presence fields with tracking on (both on one
@@ -146,12 +137,9 @@ impl RedisBackend {
     /// invalidated them meanwhile.
     async fn read_tracked(&self, key: &str) -> Result<Fields, BackendError> {
         let fill = self.presence_cache.begin_fill(key);
-        let mut pipe = redis::pipe();
-        pipe.cmd("CLIENT").arg("TRACKING").arg("ON").ignore();
-        pipe.cmd("HGETALL").arg(key);
         let read = async {
             let mut conn = self.message_path()?;
-            let (fields,): (Vec<(String, i64)>,) = self.timed(pipe.query_async(&mut conn)).await?;
+            let fields = self.timed(conn.tracked_hgetall(key)).await?;
             Ok::<_, BackendError>(fields)
         }
         .await;
@@ -188,9 +176,6 @@ impl Bus for RedisBackend {
 
     async fn route_direct(&self, route: &DirectRoute<'_>) -> Result<Vec<Reached>, BackendError> {
         let key = self.keys.presence(route.to);
-        if self.cluster {
-            return self.route_direct_sharded(route, &key).await;
-        }
         let fields = match self.presence_cache.get(&key) {
             Some(fields) => {
                 self.metrics.presence_cache_hits.inc();
@@ -205,18 +190,14 @@ impl Bus for RedisBackend {
         let Some((targets, payload)) = self.direct_targets(route, holders) else {
             return Ok(Vec::new());
         };
-        let mut pipe = redis::pipe();
-        for target in &targets {
-            let channel = self.keys.personal_channel(target);
-            pipe.cmd("PUBSUB").arg("NUMSUB").arg(&channel);
-            pipe.cmd("PUBLISH")
-                .arg(&channel)
-                .arg(payload.as_ref())
-                .ignore();
-        }
-        let mut conn = self.message_path()?;
-        let counts: Vec<(String, usize)> = self.timed(pipe.query_async(&mut conn)).await?;
-        let receivers: Vec<usize> = counts.into_iter().map(|(_, n)| n).collect();
+        let receivers = if self.cluster {
+            self.spublish_each(&targets, &payload)
+                .await?
+                .into_iter()
+                .collect::<Result<Vec<usize>, BackendError>>()?
+        } else {
+            self.publish_with_numsub(&targets, &payload).await?
+        };
         if receivers.contains(&0) {
             // A holder that does not listen: its entry is stale; read again next time.
             self.presence_cache.invalidate(&key);

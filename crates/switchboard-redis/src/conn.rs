@@ -179,6 +179,34 @@ delegate_connection_like!(MessageConn, Single, Cluster);
 delegate_connection_like!(MaintenanceConn, Pooled, Cluster);
 
 impl MessageConn {
+    /// `CLIENT TRACKING ON` and `HGETALL key` in one pipeline, so the read
+    /// is tracked on the connection that made it; on a cluster the pipeline
+    /// is routed to the master of `key`'s slot explicitly (the client would
+    /// send `CLIENT` to a random node, and refuse the mix as cross-slot).
+    pub(crate) async fn tracked_hgetall(
+        &mut self,
+        key: &str,
+    ) -> redis::RedisResult<Vec<(String, i64)>> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("CLIENT").arg("TRACKING").arg("ON").ignore();
+        pipe.cmd("HGETALL").arg(key);
+        match self {
+            MessageConn::Single(conn) => {
+                let (fields,): (Vec<(String, i64)>,) = pipe.query_async(conn).await?;
+                Ok(fields)
+            }
+            MessageConn::Cluster(conn) => {
+                use redis::cluster_routing::{Route, SingleNodeRoutingInfo, Slot, SlotAddr};
+                let route = Route::with_slot(Slot::for_key(key), SlotAddr::Master);
+                let mut replies = conn
+                    .route_pipeline(pipe, 0, 2, SingleNodeRoutingInfo::SpecificNode(route))
+                    .await?;
+                let fields = replies.pop().unwrap_or(Value::Nil);
+                Ok(redis::from_redis_value(fields)?)
+            }
+        }
+    }
+
     /// `WAIT replicas timeout` on the connection (on a cluster: the node
     /// connection serving `key`'s slot) that just wrote `key`: how many
     /// replicas have this connection's writes so far.

@@ -195,7 +195,7 @@ pub struct RedisBackend {
     sentinel: Option<SentinelWatch>,
     /// What opening connections again takes.
     wiring: Wiring,
-    /// Redis Cluster: sharded channels, work split by slot, no presence cache.
+    /// Redis Cluster: sharded channels, work split by slot.
     cluster: bool,
     /// Cluster: every master answered the last heartbeat's PING.
     cluster_whole: AtomicBool,
@@ -325,6 +325,35 @@ impl SentinelWatch {
 enum Maintenance {
     Pool(deadpool_redis::Pool),
     Cluster(ClusterConnection),
+}
+
+/// The push callback of the message-path connection (on a cluster, of each
+/// of its node connections): Redis's invalidations of the presence keys it
+/// read (CLIENT TRACKING), and the loss of a connection (which loses those
+/// too, so everything is dropped).
+fn invalidation_pushes(
+    cache: Arc<PresenceCache>,
+) -> impl Fn(redis::PushInfo) -> Result<(), std::convert::Infallible> + Send + Sync + 'static {
+    move |push: redis::PushInfo| {
+        match push.kind {
+            redis::PushKind::Invalidate => match push.data.first() {
+                Some(redis::Value::Array(keys)) => {
+                    for key in keys {
+                        if let redis::Value::BulkString(key) = key {
+                            if let Ok(key) = std::str::from_utf8(key) {
+                                cache.invalidate(key);
+                            }
+                        }
+                    }
+                }
+                // FLUSHALL / FLUSHDB: everything.
+                _ => cache.clear(),
+            },
+            redis::PushKind::Disconnection => cache.clear(),
+            _ => {}
+        }
+        Ok(())
+    }
 }
 
 /// Classifies a failed command: `Unavailable` only when it surely was not
@@ -476,30 +505,7 @@ impl RedisBackend {
         // No retries: a command during an outage fails at once (refused) and
         // the next one tries again. No client-side response timeout: each
         // command is timed by the backend, which tells the two apart.
-        let invalidations = wiring.presence_cache.clone();
-        // Pushes on the command connection: Redis's invalidations of the
-        // presence keys it read (CLIENT TRACKING), and the loss of the
-        // connection (which loses those too).
-        let on_push = move |push: redis::PushInfo| -> Result<(), std::convert::Infallible> {
-            match push.kind {
-                redis::PushKind::Invalidate => match push.data.first() {
-                    Some(redis::Value::Array(keys)) => {
-                        for key in keys {
-                            if let redis::Value::BulkString(key) = key {
-                                if let Ok(key) = std::str::from_utf8(key) {
-                                    invalidations.invalidate(key);
-                                }
-                            }
-                        }
-                    }
-                    // FLUSHALL / FLUSHDB: everything.
-                    _ => invalidations.clear(),
-                },
-                redis::PushKind::Disconnection => invalidations.clear(),
-                _ => {}
-            }
-            Ok(())
-        };
+        let on_push = invalidation_pushes(wiring.presence_cache.clone());
         let commands_config = ConnectionManagerConfig::new()
             .set_push_sender(on_push)
             .set_number_of_retries(0)
@@ -547,7 +553,7 @@ impl RedisBackend {
             settings.connect_timeout,
             settings.response_timeout,
             3,
-            no_push,
+            Some(invalidation_pushes(wiring.presence_cache.clone())),
         )?;
         let commands = conn::cluster_connect(&commands, "command connection", bound).await?;
         let maintenance = conn::cluster_client(
@@ -620,11 +626,17 @@ impl RedisBackend {
         self.metrics
             .redis_latency
             .observe(started.elapsed().as_secs_f64());
-        match result {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(classify(e)),
-            Err(elapsed) => Err(BackendError::Timeout(Box::new(elapsed))),
+        let result = match result {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(e)) => classify(e),
+            Err(elapsed) => BackendError::Timeout(Box::new(elapsed)),
+        };
+        if self.cluster && self.cluster_whole.load(Ordering::Relaxed) {
+            // A master may be down: the heartbeat checks every master now,
+            // rather than at its next period (then every 100-200 ms).
+            self.signals.restored.notify_one();
         }
+        Err(result)
     }
 
     /// A maintenance connection from the pool.

@@ -65,10 +65,13 @@ end
 /// window_ms, to, origin, mode (`h`: publish on the holders' personal
 /// channels; `s`: return the holders and the payload, for the caller to
 /// SPUBLISH (cluster); `c`: one channel), channel prefix (h, s) or channel
-/// (c), the publish command for `c` (`PUBLISH` or `SPUBLISH`).
+/// (c), the publish command for `c` (`PUBLISH` or `SPUBLISH`), `cluster`
+/// or `single`.
 /// Returns `{'dup', 'MSG_ID SEQ STATUS'}` or `{'ok', seq or '', any,
 /// {instance, receivers, ...}}` (h, c) or `{'ok', seq or '', any,
-/// {instance, ...}, payload}` (s; `any` is 1 when a holder is listed).
+/// {instance, ...}, payload}` (s; `any` is 1 when a holder is listed); in
+/// mode c with `SPUBLISH`, the payload follows when it reached nobody while
+/// the user is online (see [`RedisBackend::publish_again`]).
 /// The payload's header ends with the seq and its predecessor.
 ///
 /// Few calls on purpose (each `redis.call` costs Redis more than most
@@ -119,6 +122,7 @@ else
 end
 local reached = {}
 local any = 0
+local unheard
 if ARGV[9] == 'h' then
   local fields = redis.call('HGETALL', presence)
   for i = 1, #fields, 2 do
@@ -142,8 +146,16 @@ elseif ARGV[9] == 's' then
     end
   end
 else
-  if redis.call(ARGV[11], ARGV[10], payload) > 0 and redis.call('EXISTS', presence) == 1 then
+  local n = redis.call(ARGV[11], ARGV[10], payload)
+  -- A classic PUBLISH on a cluster counts this node's subscribers only
+  -- (the others get it over the cluster bus): there, online is the answer.
+  if ARGV[12] == 'cluster' and ARGV[11] == 'PUBLISH' then n = 1 end
+  if n > 0 and redis.call('EXISTS', presence) == 1 then
     any = 1
+  elseif n == 0 and ARGV[11] == 'SPUBLISH' and redis.call('EXISTS', presence) == 1 then
+    -- Online, but nobody heard it here: this node may be importing the
+    -- slot (see publish_again).
+    unheard = payload
   end
 end
 if idem then
@@ -152,6 +164,7 @@ if idem then
   redis.call('SET', idem, ARGV[1] .. ' ' .. seq .. ' ' .. status, 'PX', ARGV[6])
 end
 if ARGV[9] == 's' then return {'ok', seq, any, reached, payload} end
+if unheard then return {'ok', seq, any, reached, unheard} end
 return {'ok', seq, any, reached}
 "#;
 
@@ -223,16 +236,23 @@ return collect({}, entries, 'r')
 /// KEYS: history. ARGV: tail, max, ttl_ms, room, origin, conn, channel,
 /// publish command (`PUBLISH`, or `SPUBLISH` on a cluster: the channel
 /// shares the history's slot). Records a room message (with its
-/// predecessor, `p`, as in the inbox) and publishes it; returns its seq.
+/// predecessor, `p`, as in the inbox) and publishes it; returns `{seq}`,
+/// or `{seq, payload}` when a `SPUBLISH` reached nobody (see
+/// [`RedisBackend::publish_again`]).
 const ROOM_APPEND: &str = r#"
 local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local prev = '0-0'
 if newest[1] then prev = newest[1][1] end
 local seq = redis.call('XADD', KEYS[1], 'MAXLEN', '=', ARGV[2], '*', 'f', ARGV[1], 'p', prev)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call(ARGV[8], ARGV[7], 'R ' .. ARGV[4] .. ' ' .. ARGV[5] .. ' ' .. ARGV[6] .. ' ' .. seq
-  .. '\n{"type":"room","seq":"' .. seq .. '"' .. ARGV[1])
-return seq
+local payload = 'R ' .. ARGV[4] .. ' ' .. ARGV[5] .. ' ' .. ARGV[6] .. ' ' .. seq
+  .. '\n{"type":"room","seq":"' .. seq .. '"' .. ARGV[1]
+if redis.call(ARGV[8], ARGV[7], payload) == 0 and ARGV[8] == 'SPUBLISH' then
+  -- Nobody heard it here: on a cluster this node may be importing the
+  -- slot, its subscribers still on the node that serves it.
+  return {seq, payload}
+end
+return {seq}
 "#;
 
 /// KEYS: history. ARGV: after, limit. Returns `{recovered (0/1), id, f,
@@ -251,6 +271,13 @@ elseif ARGV[1] ~= '0-0' then
 end
 return collect({recovered}, redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2]), 'f')
 ";
+
+/// Waits between the tries of [`RedisBackend::publish_again`].
+const REPUBLISH_DELAYS: [std::time::Duration; 3] = [
+    std::time::Duration::from_millis(2),
+    std::time::Duration::from_millis(5),
+    std::time::Duration::from_millis(12),
+];
 
 /// The scripts, compiled once.
 #[derive(Debug)]
@@ -356,12 +383,50 @@ impl RedisBackend {
             .collect())
     }
 
+    /// A script on a cluster published on a sharded channel of its own slot
+    /// and reached nobody: while a slot migrates, a script on a moved key
+    /// runs on the importing node (an `ASK` redirection), but the channel's
+    /// subscribers are still on the node serving the slot, which a plain
+    /// `SPUBLISH`, routed by the slot map, reaches. Right after the move
+    /// completes the subscribers are being moved to the new node (Redis
+    /// told them with `sunsubscribe`; they subscribe again within a
+    /// millisecond or so), so a publish that reached nobody is tried a few
+    /// more times, [`REPUBLISH_DELAYS`] apart. A publish that reached
+    /// nobody was received by nobody, so trying again never duplicates.
+    /// When nobody listens anywhere this costs those tries (about 20 ms,
+    /// and only on a cluster). Returns how many it reached; a failure
+    /// reached nobody.
+    async fn publish_again(&self, channel: &str, payload: &Value) -> usize {
+        let Value::BulkString(payload) = payload else {
+            return 0;
+        };
+        for delay in std::iter::once(None).chain(REPUBLISH_DELAYS.iter().map(Some)) {
+            if let Some(delay) = delay {
+                tokio::time::sleep(*delay).await;
+            }
+            let Ok(mut conn) = self.message_path() else {
+                return 0;
+            };
+            let mut publish = redis::cmd("SPUBLISH");
+            publish.arg(channel).arg(payload.as_slice());
+            let reached = self
+                .timed(publish.query_async::<usize>(&mut conn))
+                .await
+                .unwrap_or(0);
+            if reached > 0 {
+                return reached;
+            }
+        }
+        0
+    }
+
     /// The append script's reply, as an [`Appended`] (on a cluster, after
     /// publishing it to the holders).
     async fn appended(
         &self,
         dm: &Append<'_>,
         mode: &str,
+        channel: &str,
         reply: Value,
     ) -> Result<Appended, BackendError> {
         let reply = array(reply).ok_or_else(|| malformed("not an array"))?;
@@ -408,7 +473,10 @@ impl RedisBackend {
             }
             Some("ok") => {
                 let seq = optional_seq(reply.get(1).ok_or_else(|| malformed("seq"))?)?;
-                let reached_any = reply.get(2).and_then(int) == Some(1);
+                let mut reached_any = reply.get(2).and_then(int) == Some(1);
+                if let Some(unheard) = reply.get(4) {
+                    reached_any = self.publish_again(channel, unheard).await > 0;
+                }
                 let mut reached = Vec::new();
                 if let Some(list) = reply.get(3).cloned().and_then(array) {
                     for pair in list.chunks(2) {
@@ -467,10 +535,11 @@ impl Store for RedisBackend {
             .arg(dm.origin)
             .arg(mode)
             .arg(&channel)
-            .arg(publish);
+            .arg(publish)
+            .arg(if self.cluster { "cluster" } else { "single" });
         let mut conn = self.message_path()?;
         let reply: Value = self.timed(invocation.invoke_async(&mut conn)).await?;
-        let appended = self.appended(dm, mode, reply).await?;
+        let appended = self.appended(dm, mode, &channel, reply).await?;
         if let (Some(wait), Some(_)) = (self.wait, appended.seq) {
             // Replication is asynchronous: "stored" waits for the replicas.
             let inbox = self.keys.inbox(dm.to);
@@ -546,9 +615,16 @@ impl Store for RedisBackend {
             .arg(self.publish_command(&channel));
         let mut conn = self.message_path()?;
         let reply: Value = self.timed(invocation.invoke_async(&mut conn)).await?;
-        text(&reply)
+        let reply = array(reply).ok_or_else(|| malformed("not an array"))?;
+        let seq = reply
+            .first()
+            .and_then(text)
             .and_then(Seq::parse)
-            .ok_or_else(|| malformed("a room seq"))
+            .ok_or_else(|| malformed("a room seq"))?;
+        if let Some(payload) = reply.get(1) {
+            self.publish_again(&channel, payload).await;
+        }
+        Ok(seq)
     }
 
     async fn read_room(

@@ -331,8 +331,23 @@ impl Instance {
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if instance.http_status("/healthz").await == Some(200) {
-                return Ok(instance);
+            let health = try_http_request(addr, "GET", "/healthz", &[], b"").await;
+            if let Ok(health) = health.as_ref().map_err(|_| ()) {
+                // (A binary from before the header, SWITCHBOARD_TEST_BIN,
+                // sends none: taken as ours.)
+                let answered_by = health.header("x-switchboard-instance");
+                let ours = answered_by.is_none_or(|id| id == opts.instance_id);
+                if health.status == 200 && ours {
+                    return Ok(instance);
+                }
+                if health.status == 200 {
+                    // Another instance holds this port (two free_port()
+                    // calls returned the same one): ours failed to bind.
+                    return Err(ExitedEarly(format!(
+                        "port {addr} answered /healthz as {answered_by:?}, not {}",
+                        opts.instance_id
+                    )));
+                }
             }
             if let Ok(Some(status)) = instance.child.0.try_wait() {
                 return Err(ExitedEarly(format!(
