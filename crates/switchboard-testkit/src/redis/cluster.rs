@@ -23,8 +23,10 @@ use crate::process::{log_tail, ChildGuard};
 pub const SLOTS: u16 = 16384;
 
 /// Client ports are drawn from here; the bus port is the client port +
-/// 10000, so both stay below 55535 and clear of well-known ports.
-const PORT_RANGE: std::ops::Range<u16> = 20000..45000;
+/// 10000, so both stay below the kernel's ephemeral range (32768 and up
+/// here): a port handed to a test's `free_port()` or to an outgoing
+/// connection is never one a node wants, and the reverse.
+const PORT_RANGE: std::ops::Range<u16> = 20000..22768;
 /// The cluster bus port of a node is its client port plus this.
 const BUS_OFFSET: u16 = 10000;
 /// Attempts at starting one node on a fresh random port before giving up
