@@ -13,6 +13,9 @@
 #   scripts/bench.sh --find-max --nodes 2,4            # highest sustained rate per cell
 #   scripts/bench.sh --modes routed --nodes 2,4 --rate 5000 --dm-store true,false
 #                                                      # stored and "store":false DMs, rows side by side
+#   scripts/bench.sh --modes routed,broadcast,user-channel --nodes 4,8 --redis-cluster 0,3
+#                                                      # one redis-server and a 3-master Redis Cluster
+#                                                      # (rows <mode>-cluster3; needs redis-cli), per-node figures
 #   scripts/bench.sh --workload room --rooms 20 --room-members 10 --room-spread 2
 #   scripts/bench.sh --workload churn --churn-rate 20
 #   scripts/bench.sh --nodes 2,4 --name dm-2-4 --publish  # results into bench/results/ too

@@ -13,6 +13,7 @@ use switchboard_bench_schema::{PassRule, Workload};
 
 pub use switchboard_core::router::RoutingMode;
 
+use crate::redis_server::{ClusterShape, RedisTopology};
 use crate::system::{Peer, PeerAdapter, System};
 
 /// Parses a routing mode by the name `switchboard --routing` takes.
@@ -161,6 +162,29 @@ pub struct Cli {
         value_name = "BOOL,..."
     )]
     pub dm_store: Vec<bool>,
+
+    /// Switchboard rows: the Redis each runs on, one row per value,
+    /// comma-separated: `M` (3 to 16) starts a Redis Cluster of M masters
+    /// on 127.0.0.1 (`redis-cli --cluster create`, no replicas unless
+    /// --redis-cluster-replicas) and starts the instances with
+    /// `--redis-cluster` and every master as a seed, rows named
+    /// `<row>-cluster<M>`; `1` is one cluster node serving every slot (cluster
+    /// mode without a second process: a control); `0` is one redis-server, as
+    /// without the flag (`0,3`: the single-Redis baseline and the cluster side
+    /// by side, per N).
+    /// Redis figures are then the sums over the nodes; the report adds each
+    /// node's CPU, bytes, cluster-bus messages and PUBLISH / SPUBLISH calls.
+    #[arg(long, value_delimiter = ',', value_name = "MASTERS,...")]
+    pub redis_cluster: Vec<usize>,
+
+    /// --redis-cluster: replicas per master (`--cluster-replicas`); rows
+    /// are then named `<row>-cluster<M>r<R>`.
+    #[arg(long, default_value_t = 0)]
+    pub redis_cluster_replicas: usize,
+
+    /// The redis-cli binary (creates the Redis Cluster of --redis-cluster).
+    #[arg(long, default_value = "redis-cli")]
+    pub redis_cli: PathBuf,
 
     /// Extra argument handed verbatim to every switchboard instance (repeatable).
     #[arg(long = "server-arg", allow_hyphen_values = true)]
@@ -357,14 +381,19 @@ pub enum BenchAuth {
 pub const MAX_PER_SOURCE_ADDR: u64 = 25_000;
 
 /// A row's name: the system's, with `-stored` or `-ephemeral` when it ran
-/// with an explicit --dm-store.
-pub fn row_name(system: System, dm_store: Option<bool>) -> String {
-    match dm_store {
-        None => system.name(),
-        Some(true) => format!("{}-stored", system.name()),
-        Some(false) => format!("{}-ephemeral", system.name()),
-    }
+/// with an explicit --dm-store, and `-cluster<M>` when its Redis was a
+/// Redis Cluster of M masters.
+pub fn row_name(system: System, dm_store: Option<bool>, redis: RedisTopology) -> String {
+    let store = match dm_store {
+        None => "",
+        Some(true) => "-stored",
+        Some(false) => "-ephemeral",
+    };
+    format!("{}{store}{}", system.name(), redis.row_suffix())
 }
+
+/// The largest Redis Cluster --redis-cluster starts (masters x (1 + replicas)).
+const MAX_CLUSTER_NODES: usize = 32;
 
 /// Where `--publish` writes, relative to the repository root.
 pub const PUBLISH_DIR: &str = "bench/results";
@@ -456,7 +485,74 @@ impl Cli {
         if self.workload == Workload::Connections {
             self.validate_connections()?;
         }
+        self.validate_redis_cluster()
+    }
+
+    /// The checks of --redis-cluster and --redis-cluster-replicas.
+    fn validate_redis_cluster(&self) -> Result<(), String> {
+        let clusters = self.redis_cluster.iter().any(|&m| m > 0);
+        if self.redis_cluster_replicas > 0 && !clusters {
+            return Err("--redis-cluster-replicas needs --redis-cluster M".into());
+        }
+        if !clusters {
+            return Ok(());
+        }
+        if let Some(m) = self.redis_cluster.iter().find(|&&m| m == 2 || m > 16) {
+            return Err(format!(
+                "--redis-cluster: {m} masters; 1 (every slot on one node) or 3 to 16 here \
+                 (0: one redis-server)"
+            ));
+        }
+        if self.redis_cluster.contains(&1) && self.redis_cluster_replicas > 0 {
+            return Err("--redis-cluster 1 takes no --redis-cluster-replicas".into());
+        }
+        let total = self.redis_cluster.iter().max().copied().unwrap_or(0)
+            * (1 + self.redis_cluster_replicas);
+        if total > MAX_CLUSTER_NODES {
+            return Err(format!(
+                "--redis-cluster: {total} nodes; at most {MAX_CLUSTER_NODES} (masters x (1 + replicas))"
+            ));
+        }
+        if self
+            .redis_cluster
+            .iter()
+            .enumerate()
+            .any(|(i, v)| self.redis_cluster[..i].contains(v))
+        {
+            return Err("--redis-cluster: each value once".into());
+        }
+        if self.peer.is_some() {
+            return Err("--redis-cluster measures Switchboard only (no --peer)".into());
+        }
+        if self.workload == Workload::Connections {
+            return Err("--redis-cluster needs a message workload (not connections)".into());
+        }
+        if self
+            .server_args
+            .iter()
+            .any(|a| a.starts_with("--redis-url") || a.starts_with("--redis-cluster"))
+        {
+            return Err("--redis-cluster: the instances' Redis is the benchmark's; no --server-arg=--redis-*".into());
+        }
         Ok(())
+    }
+
+    /// The Redis each Switchboard row runs on, in order: one redis-server
+    /// unless --redis-cluster is given.
+    pub fn redis_topologies(&self, system: System) -> Vec<RedisTopology> {
+        if self.redis_cluster.is_empty() || !matches!(system, System::Switchboard(_)) {
+            return vec![RedisTopology::Single];
+        }
+        self.redis_cluster
+            .iter()
+            .map(|&masters| match masters {
+                0 => RedisTopology::Single,
+                masters => RedisTopology::Cluster(ClusterShape {
+                    masters,
+                    replicas: self.redis_cluster_replicas,
+                }),
+            })
+            .collect()
     }
 
     fn validate_name(&self) -> Result<(), String> {
@@ -725,7 +821,7 @@ mod tests {
                 .flat_map(|s| {
                     cli.dm_store_variants(s)
                         .into_iter()
-                        .map(move |v| row_name(s, v))
+                        .map(move |v| row_name(s, v, RedisTopology::Single))
                 })
                 .collect()
         };
@@ -751,6 +847,59 @@ mod tests {
         assert!(parse(&["--dm-store", "no"]).is_err());
         assert!(parse(&["--dm-store", "false", "--workload", "room"]).is_err());
         assert!(parse(&["--dm-store", "false", "--loader-arg=--dm-store=true"]).is_err());
+    }
+
+    #[test]
+    fn redis_cluster_rows_follow_the_single_redis_rows() {
+        let rows = |args: &[&str]| -> Vec<String> {
+            let cli = parse(args).expect("valid");
+            let mut rows = Vec::new();
+            for system in cli.systems() {
+                for store in cli.dm_store_variants(system) {
+                    for redis in cli.redis_topologies(system) {
+                        rows.push(row_name(system, store, redis));
+                    }
+                }
+            }
+            rows
+        };
+        assert_eq!(
+            rows(&["--modes", "routed,broadcast", "--redis-cluster", "0,3"]),
+            [
+                "routed",
+                "routed-cluster3",
+                "broadcast",
+                "broadcast-cluster3"
+            ]
+        );
+        assert_eq!(
+            rows(&[
+                "--modes",
+                "routed",
+                "--redis-cluster",
+                "3",
+                "--redis-cluster-replicas",
+                "1",
+                "--dm-store",
+                "false"
+            ]),
+            ["routed-ephemeral-cluster3r1"]
+        );
+        for bad in [
+            &["--redis-cluster", "2"][..],
+            &["--redis-cluster", "17"],
+            &["--redis-cluster", "1,3", "--redis-cluster-replicas", "1"],
+            &["--redis-cluster", "3,3"],
+            &["--redis-cluster", "0", "--redis-cluster-replicas", "1"],
+            &["--redis-cluster", "16", "--redis-cluster-replicas", "2"],
+            &["--redis-cluster", "3", "--peer", "socketio"],
+            &["--redis-cluster", "3", "--workload", "connections"],
+            &["--redis-cluster", "3", "--server-arg=--redis-url=redis://x"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} should be refused");
+        }
+        assert!(parse(&["--redis-cluster", "0", "--peer", "socketio"]).is_ok());
+        assert!(parse(&["--redis-cluster", "0,1,3"]).is_ok());
     }
 
     #[test]

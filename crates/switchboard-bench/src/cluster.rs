@@ -1,11 +1,12 @@
-//! One system under test: a fresh redis-server on a reserved loopback port
-//! and N instances pointed at it (`switchboard` in one routing mode, or the
+//! One system under test: a fresh Redis on reserved loopback ports (one
+//! redis-server, or a Redis Cluster: the `redis_server` module) and N
+//! instances pointed at it (`switchboard` in one routing mode, or the
 //! Socket.IO peer's `node server.js` with one adapter), started through the
-//! [`Supervisor`] and waited for until Redis answers PING and every instance
+//! [`Supervisor`] and waited for until Redis serves and every instance
 //! answers its readiness path (`/readyz`, the peer's `/healthz`) with 200.
 //! Stopping is the supervisor's job.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -14,8 +15,15 @@ use crate::error::BenchError;
 use crate::http::HttpProbe;
 use crate::peer::PeerSetup;
 use crate::procs::{reserve_ports, Supervisor};
-use crate::redis_info::RedisProbe;
+use crate::redis_server::{self, ClusterRecord, RedisDeployment, RedisSpec, RedisTopology};
 use crate::system::System;
+
+/// An instance's personal channel, `sb:inst:{ID}` with the id in place of
+/// `ID` (docs/PROTOCOL.md, the Redis data model): a shard channel on the
+/// id's slot in cluster mode.
+fn instance_channel(id: &str) -> String {
+    format!("sb:inst:{{{id}}}")
+}
 
 /// What to start.
 pub struct ClusterSpec<'a> {
@@ -29,6 +37,10 @@ pub struct ClusterSpec<'a> {
     pub peer: Option<&'a PeerSetup>,
     /// The `redis-server` binary.
     pub redis_bin: &'a Path,
+    /// The `redis-cli` binary (creates a Redis Cluster).
+    pub redis_cli: &'a Path,
+    /// One redis-server, or a Redis Cluster (Switchboard only).
+    pub redis: RedisTopology,
     /// Switchboard: `--lease-ms` for the instances, if set.
     pub lease_ms: Option<u64>,
     /// `Some(secret)`: the instances take HS256 tokens signed with it
@@ -57,12 +69,12 @@ pub struct Instance {
 pub struct Cluster {
     /// What the instances are.
     pub system: System,
-    /// Port of the cluster's own redis-server.
-    pub redis_port: u16,
-    /// Its pid.
-    pub redis_pid: u32,
-    /// A connection for INFO readings.
-    pub redis: RedisProbe,
+    /// Its own Redis: one server or a Redis Cluster, with a connection to
+    /// every node for INFO readings.
+    pub redis: RedisDeployment,
+    /// A Redis Cluster: its nodes, and which master serves each instance's
+    /// personal channel.
+    pub redis_cluster: Option<ClusterRecord>,
     /// The client for the instances' readiness and counters.
     pub http: HttpProbe,
     /// The instances, in id order.
@@ -80,6 +92,16 @@ impl Cluster {
             .collect::<Vec<_>>()
             .join(",")
     }
+
+    /// `(name, pid)` of every process of the system: the instances, then
+    /// every Redis node.
+    pub fn processes(&self) -> Vec<(String, u32)> {
+        self.instances
+            .iter()
+            .map(|i| (i.id.clone(), i.pid))
+            .chain(self.redis.processes())
+            .collect()
+    }
 }
 
 /// Starts redis and the instances and waits until all are ready. On error the
@@ -89,46 +111,30 @@ pub async fn start(
     supervisor: &mut Supervisor,
     cancel: &CancellationToken,
 ) -> Result<Cluster, BenchError> {
-    let ports = reserve_ports(spec.nodes + 1)?;
-    let redis_port = ports[0];
-    let redis_dir: PathBuf = spec.dir.join("redis");
-    std::fs::create_dir_all(&redis_dir)
-        .map_err(|e| BenchError::io("create redis dir", &redis_dir, e))?;
-    let redis_args: Vec<String> = [
-        "--port",
-        &redis_port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--daemonize",
-        "no",
-        "--dir",
-        &redis_dir.to_string_lossy(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let redis_pid = supervisor.spawn(
-        "redis",
-        spec.redis_bin,
-        &redis_args,
-        &spec.dir.join("redis.log"),
-        true,
-    )?;
-    let redis = wait_for_redis(redis_port, redis_pid, spec, supervisor, cancel).await?;
+    let redis_spec = RedisSpec {
+        topology: spec.redis,
+        redis_bin: spec.redis_bin,
+        redis_cli: spec.redis_cli,
+        ready_timeout: spec.ready_timeout,
+        dir: spec.dir,
+    };
+    let mut redis = redis_server::start(&redis_spec, supervisor, cancel).await?;
+    let ports = reserve_ports(spec.nodes)?;
+    let ids: Vec<String> = (1..=spec.nodes).map(|k| format!("n{k}")).collect();
+    let channels: Vec<String> = ids.iter().map(|id| instance_channel(id)).collect();
+    let channel_owners = redis.slot_owners(&channels).await?;
+    let redis_cluster = redis.record(channel_owners);
+    let redis_args = redis.server_args();
+    let redis_port = redis.first_port();
 
     let http = HttpProbe::new();
     let mut instances = Vec::with_capacity(spec.nodes);
     let mut instance_command = Vec::new();
-    for (k, &port) in ports[1..].iter().enumerate() {
-        let id = format!("n{}", k + 1);
+    for (id, &port) in ids.into_iter().zip(&ports) {
         let (program, args) = match spec.system {
             System::Switchboard(mode) => (
                 spec.server_bin.to_owned(),
-                switchboard_args(spec, mode.as_str(), &id, port, redis_port),
+                switchboard_args(spec, mode.as_str(), &id, port, &redis_args),
             ),
             System::Socketio(adapter) => {
                 let peer = spec.peer.ok_or_else(|| {
@@ -168,9 +174,8 @@ pub async fn start(
     }
     Ok(Cluster {
         system: spec.system,
-        redis_port,
-        redis_pid,
         redis,
+        redis_cluster,
         http,
         instances,
         instance_command,
@@ -183,13 +188,11 @@ fn switchboard_args(
     routing: &str,
     id: &str,
     port: u16,
-    redis_port: u16,
+    redis_args: &[String],
 ) -> Vec<String> {
-    let mut args: Vec<String> = vec![
-        "--listen".into(),
-        format!("127.0.0.1:{port}"),
-        "--redis-url".into(),
-        format!("redis://127.0.0.1:{redis_port}"),
+    let mut args: Vec<String> = vec!["--listen".into(), format!("127.0.0.1:{port}")];
+    args.extend(redis_args.iter().cloned());
+    args.extend([
         "--routing".into(),
         routing.into(),
         "--instance-id".into(),
@@ -201,50 +204,13 @@ fn switchboard_args(
             "none"
         }
         .into(),
-    ];
+    ]);
     if let Some(lease) = spec.lease_ms {
         args.push("--lease-ms".into());
         args.push(lease.to_string());
     }
     args.extend(spec.extra_args.iter().cloned());
     args
-}
-
-async fn wait_for_redis(
-    port: u16,
-    pid: u32,
-    spec: &ClusterSpec<'_>,
-    supervisor: &mut Supervisor,
-    cancel: &CancellationToken,
-) -> Result<RedisProbe, BenchError> {
-    let started = Instant::now();
-    loop {
-        if cancel.is_cancelled() {
-            return Err(BenchError::Interrupted);
-        }
-        if let Some(status) = supervisor.try_exited(pid) {
-            return Err(BenchError::ExitedEarly {
-                name: "redis".into(),
-                status,
-                log_tail: supervisor.log_tail(pid, 20),
-            });
-        }
-        if let Ok(Ok(mut probe)) =
-            tokio::time::timeout(Duration::from_secs(2), RedisProbe::connect(port)).await
-        {
-            if probe.ping().await.is_ok() {
-                return Ok(probe);
-            }
-        }
-        if started.elapsed() > spec.ready_timeout {
-            return Err(BenchError::NotReady {
-                name: "redis".into(),
-                seconds: spec.ready_timeout.as_secs_f64(),
-                log_tail: supervisor.log_tail(pid, 20),
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn wait_for_ready(

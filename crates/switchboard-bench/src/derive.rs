@@ -12,8 +12,143 @@ use serde::{Deserialize, Serialize};
 use switchboard_bench_schema::{LoaderOutput, PassRule};
 
 use crate::openmetrics::Scrape;
-use crate::snapshot::Snapshot;
+use crate::redis_info::RedisSnapshot;
+use crate::redis_server::NodeRole;
+use crate::snapshot::{RedisNodeReading, Snapshot};
 use crate::system::MetricNames;
+
+/// What one Redis Cluster node did during the window, per delivered message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RedisNodeDelta {
+    /// Its port.
+    pub port: u16,
+    /// Master or replica.
+    pub role: NodeRole,
+    /// CPU seconds in the window (`/proc`).
+    pub cpu_s: Option<f64>,
+    /// CPU µs per delivered message (`/proc`).
+    pub cpu_us_per_msg: Option<f64>,
+    /// Its share of the whole cluster's CPU in the window.
+    pub cpu_share: Option<f64>,
+    /// `total_net_output_bytes` per delivered message (to clients and
+    /// replicas; the cluster bus is not in it).
+    pub out_bytes_per_msg: Option<f64>,
+    /// `total_net_input_bytes` per delivered message.
+    pub in_bytes_per_msg: Option<f64>,
+    /// Cluster-bus messages sent per delivered message (`CLUSTER INFO`
+    /// `cluster_stats_messages_sent`: every type, pings too).
+    pub bus_sent_per_msg: Option<f64>,
+    /// Cluster-bus messages received per delivered message.
+    pub bus_received_per_msg: Option<f64>,
+    /// Of those sent, the pub/sub ones (`publish` and `publishshard`).
+    pub bus_publish_sent_per_msg: Option<f64>,
+    /// Bytes written per delivered message beyond what INFO counts
+    /// (`/proc/PID/io` wchar − `total_net_output_bytes`): the
+    /// cluster bus (each message carries a ≈ 2 KB header), and a few log
+    /// lines.
+    pub bus_bytes_per_msg: Option<f64>,
+    /// PUBLISH calls per delivered message.
+    pub publish_per_msg: Option<f64>,
+    /// SPUBLISH calls per delivered message.
+    pub spublish_per_msg: Option<f64>,
+    /// Commands per delivered message (`total_commands_processed`).
+    pub commands_per_msg: Option<f64>,
+}
+
+/// The whole Redis Cluster's figures of one run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RedisClusterFigures {
+    /// Every node, in port order.
+    pub nodes: Vec<RedisNodeDelta>,
+    /// The busiest master's CPU over the masters' mean (1: evenly spread;
+    /// M for M masters: one master does everything).
+    pub master_cpu_max_over_mean: Option<f64>,
+    /// Cluster-bus messages sent per delivered message, all nodes.
+    pub bus_sent_per_msg: Option<f64>,
+    /// Of those, pub/sub (`publish` and `publishshard`) messages.
+    pub bus_publish_sent_per_msg: Option<f64>,
+    /// Bytes written beyond INFO's counts per delivered message, all nodes
+    /// (see [`RedisNodeDelta::bus_bytes_per_msg`]).
+    pub bus_bytes_per_msg: Option<f64>,
+    /// SPUBLISH calls per delivered message, all nodes (PUBLISH calls are
+    /// [`Derived::command_calls_per_msg`]).
+    pub spublish_per_msg: Option<f64>,
+}
+
+/// The pub/sub messages a node sent over the cluster bus.
+fn bus_publish_sent(s: &RedisSnapshot) -> u64 {
+    s.cluster_stat("cluster_stats_messages_publish_sent")
+        + s.cluster_stat("cluster_stats_messages_publishshard_sent")
+}
+
+/// Bytes a node wrote that INFO does not count (the cluster bus).
+fn uncounted_write_bytes(a: &RedisNodeReading, b: &RedisNodeReading) -> Option<f64> {
+    let written = b.write_bytes? as f64 - a.write_bytes? as f64;
+    // `total_net_output_bytes` includes the replication output (Redis 7).
+    let counted = b.redis.net_output_bytes as f64 - a.redis.net_output_bytes as f64;
+    Some((written - counted).max(0.0))
+}
+
+/// Each node's figures and the cluster's spread, from the nodes' readings
+/// before and after the window, over `msgs` delivered messages.
+pub fn redis_cluster_figures(
+    before: &[RedisNodeReading],
+    after: &[RedisNodeReading],
+    msgs: f64,
+) -> RedisClusterFigures {
+    let delta = |f: &dyn Fn(&RedisSnapshot) -> u64, a: &RedisNodeReading, b: &RedisNodeReading| {
+        f(&b.redis).saturating_sub(f(&a.redis)) as f64
+    };
+    let cpu: Vec<Option<f64>> = before
+        .iter()
+        .zip(after)
+        .map(|(a, b)| Some(b.cpu_s? - a.cpu_s?))
+        .collect();
+    let cpu_total: Option<f64> = cpu.iter().copied().sum();
+    let nodes: Vec<RedisNodeDelta> = before
+        .iter()
+        .zip(after)
+        .zip(&cpu)
+        .map(|((a, b), &cpu_s)| RedisNodeDelta {
+            port: b.port,
+            role: b.role,
+            cpu_s,
+            cpu_us_per_msg: cpu_s.and_then(|c| per(c * 1e6, msgs)),
+            cpu_share: cpu_s.zip(cpu_total).and_then(|(c, t)| per(c, t)),
+            out_bytes_per_msg: per(delta(&|s| s.net_output_bytes, a, b), msgs),
+            in_bytes_per_msg: per(delta(&|s| s.net_input_bytes, a, b), msgs),
+            bus_sent_per_msg: per(
+                delta(&|s| s.cluster_stat("cluster_stats_messages_sent"), a, b),
+                msgs,
+            ),
+            bus_received_per_msg: per(
+                delta(&|s| s.cluster_stat("cluster_stats_messages_received"), a, b),
+                msgs,
+            ),
+            bus_publish_sent_per_msg: per(delta(&bus_publish_sent, a, b), msgs),
+            bus_bytes_per_msg: uncounted_write_bytes(a, b).and_then(|x| per(x, msgs)),
+            publish_per_msg: per(delta(&|s| s.calls("publish"), a, b), msgs),
+            spublish_per_msg: per(delta(&|s| s.calls("spublish"), a, b), msgs),
+            commands_per_msg: per(delta(&|s| s.commands_processed, a, b), msgs),
+        })
+        .collect();
+    let master_cpu: Vec<f64> = nodes
+        .iter()
+        .filter(|n| n.role == NodeRole::Master)
+        .filter_map(|n| n.cpu_s)
+        .collect();
+    let mean = master_cpu.iter().sum::<f64>() / master_cpu.len().max(1) as f64;
+    let max = master_cpu.iter().copied().reduce(f64::max);
+    let sum_of = |f: fn(&RedisNodeDelta) -> Option<f64>| nodes.iter().map(f).sum::<Option<f64>>();
+    RedisClusterFigures {
+        master_cpu_max_over_mean: max.and_then(|m| per(m, mean)),
+        bus_sent_per_msg: sum_of(|n| n.bus_sent_per_msg),
+        bus_publish_sent_per_msg: sum_of(|n| n.bus_publish_sent_per_msg),
+        bus_bytes_per_msg: sum_of(|n| n.bus_bytes_per_msg),
+        spublish_per_msg: sum_of(|n| n.spublish_per_msg),
+        nodes,
+    }
+}
 
 /// What one instance did during the window.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -154,6 +289,10 @@ pub struct Derived {
     pub dropped_by_reason: BTreeMap<String, f64>,
     /// Each instance's deltas.
     pub per_instance: Vec<InstanceDelta>,
+    /// A Redis Cluster: each node's figures and the spread (the Redis
+    /// figures above are then the sums over the nodes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_cluster: Option<RedisClusterFigures>,
     /// Things that make a figure doubtful.
     pub warnings: Vec<String>,
 }
@@ -308,6 +447,17 @@ pub fn derive(
         .sum::<f64>();
     d.publish_per_msg = per(publishes, msgs);
     d.publish_per_sent = per(publishes, d.window_sent);
+    if !after.redis_nodes.is_empty() {
+        if before.redis_nodes.len() == after.redis_nodes.len() {
+            d.redis_cluster = Some(redis_cluster_figures(
+                &before.redis_nodes,
+                &after.redis_nodes,
+                msgs,
+            ));
+        } else {
+            warnings.push("the Redis Cluster's nodes differ between the two snapshots".into());
+        }
+    }
 
     // Instances.
     let mut rx_per_msg = Vec::new();
@@ -382,7 +532,7 @@ mod tests {
     use super::*;
     use crate::probe::MachineCpu;
     use crate::redis_info::{CommandStat, RedisSnapshot};
-    use crate::snapshot::InstanceReading;
+    use crate::snapshot::{InstanceReading, RedisNodeReading};
     use switchboard_bench_schema::{FindMaxRun, FindMaxTag, Quantiles, SingleRun, StepResult};
 
     /// A loader step of 1000 DMs at `rate`/s: `delivered` of them arrived,
@@ -465,9 +615,73 @@ mod tests {
                 commandstats,
                 ..RedisSnapshot::default()
             },
+            redis_nodes: Vec::new(),
             machine: MachineCpu::default(),
             bench_cpu_s: Some(0.0),
         }
+    }
+
+    /// A node's reading: CPU, bytes written, client output, PUBLISH and
+    /// SPUBLISH calls, pub/sub bus messages sent.
+    fn node(
+        port: u16,
+        cpu: f64,
+        written: u64,
+        out: u64,
+        calls: [u64; 2],
+        bus: u64,
+    ) -> RedisNodeReading {
+        let stat = |calls| CommandStat { calls, usec: 0 };
+        RedisNodeReading {
+            port,
+            role: NodeRole::Master,
+            cpu_s: Some(cpu),
+            write_bytes: Some(written),
+            redis: RedisSnapshot {
+                net_output_bytes: out,
+                commandstats: [
+                    ("publish".to_owned(), stat(calls[0])),
+                    ("spublish".to_owned(), stat(calls[1])),
+                ]
+                .into_iter()
+                .collect(),
+                cluster_stats: [
+                    ("cluster_stats_messages_publish_sent".to_owned(), bus),
+                    ("cluster_stats_messages_sent".to_owned(), bus + 10),
+                ]
+                .into_iter()
+                .collect(),
+                ..RedisSnapshot::default()
+            },
+        }
+    }
+
+    #[test]
+    fn cluster_nodes_per_message_and_their_spread() {
+        let before = [
+            node(1, 1.0, 0, 0, [0, 0], 0),
+            node(2, 1.0, 0, 0, [0, 0], 0),
+            node(3, 1.0, 0, 0, [0, 0], 0),
+        ];
+        // 1000 messages: node 1 took every PUBLISH and copied each to the two others.
+        let after = [
+            node(1, 1.4, 2_500_000, 100_000, [1000, 0], 2000),
+            node(2, 1.1, 100_000, 100_000, [0, 500], 0),
+            node(3, 1.1, 100_000, 100_000, [0, 500], 0),
+        ];
+        let c = redis_cluster_figures(&before, &after, 1000.0);
+        let n1 = &c.nodes[0];
+        assert!((n1.cpu_us_per_msg.expect("some") - 400.0).abs() < 1e-6);
+        assert!((n1.cpu_share.expect("some") - 0.4 / 0.6).abs() < 1e-9);
+        assert_eq!(n1.publish_per_msg, Some(1.0));
+        assert_eq!(n1.bus_publish_sent_per_msg, Some(2.0));
+        assert_eq!(n1.bus_bytes_per_msg, Some(2400.0));
+        assert_eq!(c.nodes[1].bus_bytes_per_msg, Some(0.0));
+        assert_eq!(c.spublish_per_msg, Some(1.0));
+        assert_eq!(c.bus_publish_sent_per_msg, Some(2.0));
+        assert_eq!(c.bus_sent_per_msg, Some(2.0));
+        // 0.4 against a mean of 0.2.
+        assert!((c.master_cpu_max_over_mean.expect("some") - 2.0).abs() < 1e-9);
     }
 
     #[test]

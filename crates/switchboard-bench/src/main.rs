@@ -21,7 +21,9 @@
 //! - `system`: what each kind of row runs and where its counters are;
 //! - `peer`: the Socket.IO peer's setup (Node.js, `npm ci`) and its `/stats`;
 //! - `procs`: starting and stopping processes by pid, port reservation;
-//! - `cluster`: redis-server + N instances, readiness;
+//! - `redis_server`: the run's Redis, one redis-server or a Redis Cluster
+//!   (`--redis-cluster`), readiness and the cluster's layout;
+//! - `cluster`: that Redis + N instances, readiness;
 //! - `probe`, `http`, `openmetrics`, `redis_info`: reading `/proc`, fetching
 //!   and parsing `/metrics`, Redis INFO;
 //! - `snapshot`: one reading of everything; `run`: one measured run;
@@ -43,6 +45,7 @@ mod plot;
 mod probe;
 mod procs;
 mod redis_info;
+mod redis_server;
 mod report;
 mod run;
 mod snapshot;
@@ -302,19 +305,23 @@ async fn run_matrix(cli: &Cli, setup: Setup) -> Result<ExitCode, BenchError> {
     let mut runs: Vec<RunRecord> = Vec::new();
     'matrix: for system in cli.systems() {
         for &nodes in &cli.nodes {
-            // --dm-store variants side by side per N (the closest in time).
+            // --dm-store variants and --redis-cluster topologies side by
+            // side per N (the closest in time).
             for dm_store in cli.dm_store_variants(system) {
-                if cancel.is_cancelled() {
-                    break 'matrix;
-                }
-                let row = cli::row_name(system, dm_store);
-                eprintln!("[bench] === {row} N={nodes}");
-                let record = run::run_one(&ctx, system, dm_store, nodes, &cancel).await;
-                print_run(&record);
-                runs.push(record);
-                tokio::select! {
-                    _ = cancel.cancelled() => break 'matrix,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                for redis in cli.redis_topologies(system) {
+                    if cancel.is_cancelled() {
+                        break 'matrix;
+                    }
+                    let row = cli::row_name(system, dm_store, redis);
+                    eprintln!("[bench] === {row} N={nodes}");
+                    let record =
+                        run::run_one(&ctx, (system, dm_store, redis), nodes, &cancel).await;
+                    print_run(&record);
+                    runs.push(record);
+                    tokio::select! {
+                        _ = cancel.cancelled() => break 'matrix,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
                 }
             }
         }
@@ -362,7 +369,7 @@ async fn run_matrix(cli: &Cli, setup: Setup) -> Result<ExitCode, BenchError> {
 fn print_run(r: &RunRecord) {
     match (&r.derived, &r.error) {
         (Some(d), _) => eprintln!(
-            "[bench] {} N={}: {:.0} delivered/s, p50 {} p99 {} ms, instances {} µs/msg, redis {} µs/msg, {} B/msg out, {}{}",
+            "[bench] {} N={}: {:.0} delivered/s, p50 {} p99 {} ms, instances {} µs/msg, redis {} µs/msg, {} B/msg out, {}{}{}",
             r.mode,
             r.nodes,
             d.delivered_per_sec,
@@ -372,6 +379,11 @@ fn print_run(r: &RunRecord) {
             d.redis_cpu_us_per_msg.map_or("-".into(), |v| format!("{v:.1}")),
             d.redis_out_bytes_per_msg.map_or("-".into(), |v| format!("{v:.0}")),
             if d.pass { "PASS" } else { "FAIL" },
+            d.redis_cluster.as_ref().map_or(String::new(), |c| format!(
+                " (cluster: busiest master {} x the mean, {} bus msgs/msg)",
+                c.master_cpu_max_over_mean.map_or("-".into(), |v| format!("{v:.2}")),
+                c.bus_sent_per_msg.map_or("-".into(), |v| format!("{v:.2}")),
+            )),
             r.error.as_ref().map_or(String::new(), |e| format!(" ({})", r.status.clone() + ": " + e)),
         ),
         (None, Some(e)) => eprintln!("[bench] {} N={}: {}: {e}", r.mode, r.nodes, r.status),

@@ -267,6 +267,7 @@ mod tests {
             error: None,
             wall_s: 1.0,
             redis_port: None,
+            redis_cluster: None,
             instance_ports: Vec::new(),
             instance_command: Vec::new(),
             loader_command: Vec::new(),

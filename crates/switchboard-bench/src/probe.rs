@@ -1,5 +1,6 @@
 //! Reading the system without disturbing it, through `procfs`: CPU time of a
-//! process (`/proc/PID/stat`), its resident memory (`/proc/PID/status`),
+//! process (`/proc/PID/stat`), its resident memory (`/proc/PID/status`), the
+//! bytes it wrote (`/proc/PID/io`),
 //! machine-wide CPU time (`/proc/stat`), the CPU model (`/proc/cpuinfo`). Every reading is best effort: a process that is
 //! gone or a file that does not parse reads as `None` (or zeros), and the
 //! report says so where it matters.
@@ -24,6 +25,14 @@ fn cpu_seconds_of(process: &Process) -> Option<f64> {
 pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
     let pid = i32::try_from(pid).ok()?;
     cpu_seconds_of(&Process::new(pid).ok()?)
+}
+
+/// Bytes a process has passed to write(2), send(2) and the like so far
+/// (`wchar` of `/proc/PID/io`), or `None` if it is gone. For redis-server
+/// this counts what `INFO stats` leaves out: cluster-bus traffic.
+pub fn process_write_bytes(pid: u32) -> Option<u64> {
+    let pid = i32::try_from(pid).ok()?;
+    Some(Process::new(pid).ok()?.io().ok()?.wchar)
 }
 
 /// Resident memory of a process, from `/proc/PID/status`.
@@ -132,6 +141,8 @@ mod tests {
         assert!(process_cpu_seconds(std::process::id()).is_some());
         // Beyond pid_max: no such process.
         assert!(process_cpu_seconds(u32::MAX).is_none());
+        assert!(process_write_bytes(std::process::id()).is_some());
+        assert!(process_write_bytes(u32::MAX).is_none());
         let memory = process_memory(std::process::id()).expect("own status reads");
         assert!(memory.rss_kib > 0 && memory.anon_kib.is_some_and(|a| a <= memory.rss_kib));
         assert!(process_memory(u32::MAX).is_none());

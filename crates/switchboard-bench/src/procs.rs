@@ -5,7 +5,8 @@
 //! It never signals a pid it did not start and has not reaped (an unreaped
 //! child keeps its pid, so the pid cannot have been reused).
 //!
-//! Also reserves free loopback ports for the processes to listen on.
+//! Also reserves free loopback ports for the processes to listen on (for a
+//! Redis Cluster node, a port whose port + 10000 is free too).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -306,9 +307,71 @@ pub fn reserve_ports(count: usize) -> Result<Vec<u16>, BenchError> {
         .collect()
 }
 
+/// Where [`reserve_ports_with_bus`] looks: below the ephemeral range
+/// (32768-60999 here) with the bus port too, so no outgoing connection can
+/// take either meanwhile, and well below redis-server's limit (a node's port
+/// + 10000 must be a port).
+const CLUSTER_PORTS: std::ops::RangeInclusive<u16> = 20_000..=22_767;
+/// Redis Cluster's bus listens on the node's port + this.
+pub const CLUSTER_BUS_OFFSET: u16 = 10_000;
+
+/// `count` distinct ports on 127.0.0.1, each free together with its port +
+/// 10000 (a Redis Cluster node's bus), from [`CLUSTER_PORTS`]. The search
+/// starts at an offset drawn from the clock and the pid, so concurrent
+/// benchmarks rarely probe the same ports; as with [`reserve_ports`], all are
+/// bound at once and released for the nodes to bind.
+pub fn reserve_ports_with_bus(count: usize) -> Result<Vec<u16>, BenchError> {
+    let span = u32::from(CLUSTER_PORTS.end() - CLUSTER_PORTS.start()) + 1;
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos())
+        ^ std::process::id().wrapping_mul(2_654_435_761);
+    let mut listeners = Vec::with_capacity(2 * count);
+    let mut ports = Vec::with_capacity(count);
+    for k in 0..span {
+        if ports.len() == count {
+            break;
+        }
+        let offset = u16::try_from((seed.wrapping_add(k)) % span).unwrap_or(0);
+        let port = CLUSTER_PORTS.start() + offset;
+        let (Ok(node), Ok(bus)) = (
+            TcpListener::bind(("127.0.0.1", port)),
+            TcpListener::bind(("127.0.0.1", port + CLUSTER_BUS_OFFSET)),
+        ) else {
+            continue;
+        };
+        listeners.push(node);
+        listeners.push(bus);
+        ports.push(port);
+    }
+    if ports.len() < count {
+        return Err(BenchError::io(
+            "reserve cluster ports",
+            format!("127.0.0.1:{CLUSTER_PORTS:?}"),
+            std::io::Error::other(format!(
+                "only {} of {count} ports free with their port + {CLUSTER_BUS_OFFSET}",
+                ports.len()
+            )),
+        ));
+    }
+    ports.sort_unstable();
+    Ok(ports)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_ports_come_with_their_bus_ports() {
+        let ports = reserve_ports_with_bus(6).expect("six free pairs");
+        assert_eq!(ports.len(), 6);
+        assert!(ports.windows(2).all(|w| w[0] < w[1]), "{ports:?}");
+        for port in ports {
+            assert!(CLUSTER_PORTS.contains(&port));
+            assert!(TcpListener::bind(("127.0.0.1", port + CLUSTER_BUS_OFFSET)).is_ok());
+        }
+    }
 
     #[tokio::test]
     async fn stops_what_it_started_with_sigterm() {

@@ -492,7 +492,190 @@ pub fn markdown(results: &ResultsFile) -> String {
         );
     }
 
-    out + &warnings_section(results)
+    out + &redis_cluster_section(results) + &warnings_section(results)
+}
+
+/// The "Redis Cluster" section (empty when no run had one): per run the
+/// totals and the spread, per node what it did, and the cluster rows'
+/// Redis and total CPU per message against their single-Redis row and the
+/// other modes' rows on the same cluster.
+fn redis_cluster_section(results: &ResultsFile) -> String {
+    let clustered: Vec<(&RunRecord, &crate::derive::RedisClusterFigures)> = results
+        .runs
+        .iter()
+        .filter_map(|r| Some((r, r.derived.as_ref()?.redis_cluster.as_ref()?)))
+        .collect();
+    let mut out = String::new();
+    if clustered.is_empty() {
+        return out;
+    }
+    let _ = writeln!(out, "\n## Redis Cluster\n");
+    let _ = writeln!(
+        out,
+        "Redis figures of a `-cluster<M>` row are sums over its nodes. *Bus*: the cluster bus \
+         between the nodes (`CLUSTER INFO` messages sent, pings included; bytes: what each \
+         node wrote, `/proc/PID/io`, beyond INFO's `total_net_output_bytes`: clients and replicas). \
+         *max / mean*: the busiest master's CPU over the masters' mean (1 = even).\n"
+    );
+    let _ = writeln!(
+        out,
+        "| mode | N | nodes | Redis µs/msg | max / mean master CPU | Redis out B/msg | bus msgs/msg (pub/sub) | bus B/msg | PUBLISH/msg | SPUBLISH/msg |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|");
+    for (r, c) in &clustered {
+        let Some(d) = &r.derived else { continue };
+        let shape = r.redis_cluster.as_ref().map_or("-".to_owned(), |k| {
+            format!(
+                "{} masters, {} replicas each",
+                k.shape.masters, k.shape.replicas
+            )
+        });
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} ({}) | {} | {} | {} |",
+            r.mode,
+            r.nodes,
+            shape,
+            f(d.redis_cpu_us_per_msg, 1),
+            f(c.master_cpu_max_over_mean, 2),
+            f(d.redis_out_bytes_per_msg, 0),
+            f(c.bus_sent_per_msg, 2),
+            f(c.bus_publish_sent_per_msg, 2),
+            f(c.bus_bytes_per_msg, 0),
+            f(d.command_calls_per_msg.get("publish").copied(), 2),
+            f(c.spublish_per_msg, 2),
+        );
+    }
+    let _ = writeln!(out, "\n### Per node\n");
+    let _ = writeln!(
+        out,
+        "| mode | N | node | role, slots | instance channels served | CPU µs/msg | share | out B/msg | bus msgs sent / rx per msg | bus B/msg | PUBLISH/msg | SPUBLISH/msg | commands/msg |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for (r, c) in &clustered {
+        for n in &c.nodes {
+            let info = r
+                .redis_cluster
+                .as_ref()
+                .and_then(|k| k.nodes.iter().find(|i| i.port == n.port));
+            let role = match info {
+                Some(i) if i.role == crate::redis_server::NodeRole::Replica => format!(
+                    "replica of :{}",
+                    i.master_port.map_or("?".to_owned(), |p| p.to_string())
+                ),
+                Some(i) => format!("master {}", i.slots.join(" ")),
+                None => "-".to_owned(),
+            };
+            let channels = r
+                .redis_cluster
+                .as_ref()
+                .map(|k| {
+                    k.channel_owners
+                        .iter()
+                        .filter(|(_, port)| *port == n.port)
+                        .map(|(channel, _)| channel.clone())
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "| {} | {} | :{} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} | {} |",
+                r.mode,
+                r.nodes,
+                n.port,
+                role,
+                channels,
+                f(n.cpu_us_per_msg, 1),
+                n.cpu_share
+                    .filter(|v| v.is_finite())
+                    .map_or("-".to_owned(), |v| format!("{:.0} %", v * 100.0)),
+                f(n.out_bytes_per_msg, 0),
+                f(n.bus_sent_per_msg, 2),
+                f(n.bus_received_per_msg, 2),
+                f(n.bus_bytes_per_msg, 0),
+                f(n.publish_per_msg, 2),
+                f(n.spublish_per_msg, 2),
+                f(n.commands_per_msg, 2),
+            );
+        }
+    }
+    let comparisons = cluster_comparisons(results);
+    if !comparisons.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n### Against the single-Redis row and the other modes\n"
+        );
+        let _ = writeln!(
+            out,
+            "Per delivered message, this row over the other (runs of this file only).\n"
+        );
+        let _ = writeln!(
+            out,
+            "| row | N | over | Redis CPU | total CPU | Redis out B |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|---|");
+        for line in comparisons {
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    out
+}
+
+/// Table lines comparing each cluster row with its single-Redis row (the
+/// same name without the `-cluster<M>` suffix) and with the other routing
+/// modes' rows on the same cluster, at the same N.
+fn cluster_comparisons(results: &ResultsFile) -> Vec<String> {
+    let find = |mode: &str, nodes: usize| {
+        results
+            .runs
+            .iter()
+            .find(|r| r.mode == mode && r.nodes == nodes)
+            .and_then(|r| r.derived.as_ref())
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| f(a.zip(b).and_then(|(a, b)| per_ratio(a, b)), 2);
+    let mut lines = Vec::new();
+    for r in &results.runs {
+        let (Some(k), Some(d)) = (&r.redis_cluster, &r.derived) else {
+            continue;
+        };
+        let suffix = crate::redis_server::RedisTopology::Cluster(k.shape).row_suffix();
+        let Some(base) = r.mode.strip_suffix(&suffix) else {
+            continue;
+        };
+        let mut others = vec![base.to_owned()];
+        let this_mode = crate::cli::RoutingMode::ALL
+            .into_iter()
+            .map(crate::cli::RoutingMode::as_str)
+            .find(|m| base.starts_with(m));
+        if let Some(this_mode) = this_mode {
+            for other in crate::cli::RoutingMode::ALL.map(crate::cli::RoutingMode::as_str) {
+                if other != this_mode {
+                    others.push(r.mode.replacen(this_mode, other, 1));
+                }
+            }
+        }
+        for other in others {
+            let Some(o) = find(&other, r.nodes) else {
+                continue;
+            };
+            lines.push(format!(
+                "| {} | {} | {} | {} | {} | {} |",
+                r.mode,
+                r.nodes,
+                other,
+                ratio(d.redis_cpu_us_per_msg, o.redis_cpu_us_per_msg),
+                ratio(d.total_cpu_us_per_msg, o.total_cpu_us_per_msg),
+                ratio(d.redis_out_bytes_per_msg, o.redis_out_bytes_per_msg),
+            ));
+        }
+    }
+    lines
+}
+
+/// `a / b`, `None` when `b` is not positive.
+fn per_ratio(a: f64, b: f64) -> Option<f64> {
+    (b > 0.0).then(|| a / b)
 }
 
 /// The "Warnings and errors" section (empty when there are none).
@@ -619,6 +802,84 @@ mod tests {
             merged_from: Vec::new(),
             runs,
         }
+    }
+
+    #[test]
+    fn cluster_rows_get_nodes_and_ratios() {
+        use crate::derive::{Derived, RedisClusterFigures, RedisNodeDelta};
+        use crate::redis_server::{ClusterRecord, ClusterShape, NodeInfo, NodeRole};
+        let mut file = results(
+            "c",
+            1000,
+            &["routed", "routed-cluster3", "broadcast-cluster3"],
+        );
+        let node = |port: u16, cpu: f64| RedisNodeDelta {
+            port,
+            role: NodeRole::Master,
+            cpu_s: Some(cpu),
+            cpu_us_per_msg: Some(cpu),
+            cpu_share: Some(0.5),
+            out_bytes_per_msg: Some(100.0),
+            in_bytes_per_msg: None,
+            bus_sent_per_msg: Some(0.0),
+            bus_received_per_msg: Some(0.0),
+            bus_publish_sent_per_msg: Some(0.0),
+            bus_bytes_per_msg: Some(0.0),
+            publish_per_msg: Some(0.0),
+            spublish_per_msg: Some(1.0),
+            commands_per_msg: None,
+        };
+        for (run, redis_cpu) in file.runs.iter_mut().zip([10.0, 12.0, 40.0]) {
+            let clustered = run.mode.contains("cluster");
+            run.derived = Some(Derived {
+                redis_cpu_us_per_msg: Some(redis_cpu),
+                total_cpu_us_per_msg: Some(redis_cpu * 10.0),
+                redis_cluster: clustered.then(|| RedisClusterFigures {
+                    nodes: vec![node(21001, redis_cpu / 2.0), node(21002, redis_cpu / 2.0)],
+                    master_cpu_max_over_mean: Some(1.0),
+                    ..RedisClusterFigures::default()
+                }),
+                ..Derived::default()
+            });
+            run.redis_cluster = clustered.then(|| ClusterRecord {
+                shape: ClusterShape {
+                    masters: 3,
+                    replicas: 0,
+                },
+                nodes: vec![NodeInfo {
+                    port: 21001,
+                    pid: 1,
+                    node_id: "a".into(),
+                    role: NodeRole::Master,
+                    slots: vec!["0-5460".into()],
+                    master_port: None,
+                }],
+                create_command: Vec::new(),
+                channel_owners: vec![
+                    ("sb:inst:{n1}".into(), 21001),
+                    ("sb:inst:{n2}".into(), 21002),
+                ],
+            });
+        }
+        let md = markdown(&file);
+        assert!(md.contains("## Redis Cluster"), "{md}");
+        assert!(
+            md.contains("| routed-cluster3 | 2 | :21001 | master 0-5460 | sb:inst:{n1} | 6.0 |"),
+            "{md}"
+        );
+        // Against the single-Redis row (12 / 10) and broadcast on the cluster (12 / 40).
+        assert!(
+            md.contains("| routed-cluster3 | 2 | routed | 1.20 | 1.20 | - |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| routed-cluster3 | 2 | broadcast-cluster3 | 0.30 | 0.30 | - |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| broadcast-cluster3 | 2 | routed-cluster3 | 3.33 |"),
+            "{md}"
+        );
     }
 
     #[test]

@@ -35,6 +35,7 @@ use crate::derive::{self, Derived};
 use crate::error::BenchError;
 use crate::peer::PeerSetup;
 use crate::procs::{Stopped, Supervisor};
+use crate::redis_server::{ClusterRecord, RedisTopology};
 use crate::snapshot::{self, Snapshot, TimelinePoint};
 use crate::system::System;
 
@@ -88,8 +89,12 @@ pub struct RunRecord {
     pub error: Option<String>,
     /// Wall time of the whole run (start to everything stopped), s.
     pub wall_s: f64,
-    /// Port of the run's redis-server.
+    /// Port of the run's redis-server (a Redis Cluster: its first node's).
     pub redis_port: Option<u16>,
+    /// A Redis Cluster (`--redis-cluster`): its shape, its nodes (role,
+    /// slots, pid) and which master serves each instance's personal channel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_cluster: Option<ClusterRecord>,
     /// `id -> port` of the instances.
     pub instance_ports: Vec<(String, u16)>,
     /// The first instance's command line.
@@ -138,6 +143,7 @@ pub struct RunContext<'a> {
 #[derive(Default)]
 struct Measured {
     redis_port: Option<u16>,
+    redis_cluster: Option<ClusterRecord>,
     instance_ports: Vec<(String, u16)>,
     instance_command: Vec<String>,
     loader_command: Vec<String>,
@@ -151,17 +157,17 @@ struct Measured {
     timeline: Vec<TimelinePoint>,
 }
 
-/// Runs one (system, N) cell of the matrix. Never returns an error: failures
-/// are recorded in the [`RunRecord`] so the matrix can go on.
+/// Runs one (row, N) cell of the matrix: a system with a --dm-store variant
+/// on one Redis. Never returns an error: failures are recorded in the
+/// [`RunRecord`] so the matrix can go on.
 pub async fn run_one(
     ctx: &RunContext<'_>,
-    system: System,
-    dm_store: Option<bool>,
+    (system, dm_store, redis): (System, Option<bool>, RedisTopology),
     nodes: usize,
     cancel: &CancellationToken,
 ) -> RunRecord {
     let started = Instant::now();
-    let row = crate::cli::row_name(system, dm_store);
+    let row = crate::cli::row_name(system, dm_store, redis);
     let dir = ctx.logs_dir.join(format!("{row}-n{nodes}"));
     let mut supervisor = Supervisor::new(Duration::from_secs_f64(ctx.cli.stop_timeout));
     let mut measured = Measured::default();
@@ -169,7 +175,7 @@ pub async fn run_one(
         Ok(()) => {
             measure(
                 ctx,
-                (system, dm_store),
+                (system, dm_store, redis),
                 nodes,
                 &dir,
                 &mut supervisor,
@@ -228,7 +234,8 @@ pub async fn run_one(
             );
         }
         for p in &processes {
-            if p.exited_by_itself && p.name != "loader" {
+            // The loader and `redis-cli --cluster create` are meant to exit.
+            if p.exited_by_itself && p.name != "loader" && p.name != "redis-cli" {
                 d.warnings
                     .push(format!("{} exited during the run: {}", p.name, p.status));
             }
@@ -242,6 +249,7 @@ pub async fn run_one(
         error,
         wall_s: started.elapsed().as_secs_f64(),
         redis_port: measured.redis_port,
+        redis_cluster: measured.redis_cluster,
         instance_ports: measured.instance_ports,
         instance_command: measured.instance_command,
         loader_command: measured.loader_command,
@@ -261,7 +269,7 @@ pub async fn run_one(
 
 async fn measure(
     ctx: &RunContext<'_>,
-    (system, dm_store): (System, Option<bool>),
+    (system, dm_store, redis): (System, Option<bool>, RedisTopology),
     nodes: usize,
     dir: &Path,
     supervisor: &mut Supervisor,
@@ -276,6 +284,8 @@ async fn measure(
         server_bin: &ctx.server_bin,
         peer: ctx.peer.as_ref(),
         redis_bin: &cli.redis_server,
+        redis_cli: &cli.redis_cli,
+        redis,
         lease_ms: cli.lease_ms,
         jwt_secret: None,
         extra_args: cli.server_extra_args(),
@@ -283,7 +293,8 @@ async fn measure(
         dir,
     };
     let mut cluster = cluster::start(&spec, supervisor, cancel).await?;
-    m.redis_port = Some(cluster.redis_port);
+    m.redis_port = Some(cluster.redis.first_port());
+    m.redis_cluster = cluster.redis_cluster.clone();
     m.instance_command = cluster.instance_command.clone();
     m.instance_ports = cluster
         .instances
@@ -491,14 +502,9 @@ async fn loader_timed_out(
     ))
 }
 
-/// Errors if an instance or redis died during the window.
+/// Errors if an instance or a Redis node died during the window.
 fn check_instances_alive(cluster: &Cluster, supervisor: &mut Supervisor) -> Result<(), BenchError> {
-    let pids = cluster
-        .instances
-        .iter()
-        .map(|i| (i.id.clone(), i.pid))
-        .chain(std::iter::once(("redis".to_owned(), cluster.redis_pid)));
-    for (name, pid) in pids {
+    for (name, pid) in cluster.processes() {
         if let Some(status) = supervisor.try_exited(pid) {
             return Err(BenchError::ExitedEarly {
                 name,

@@ -1,6 +1,8 @@
 //! Readings of a running cluster at one instant: CPU seconds of every
 //! instance and of redis-server (`/proc`), each instance's counters
-//! (`/metrics`, or the Socket.IO peer's `/stats`), Redis' INFO counters, machine-wide CPU, and the benchmark's own CPU. A run takes
+//! (`/metrics`, or the Socket.IO peer's `/stats`), Redis' INFO counters, machine-wide CPU, and the benchmark's own CPU.
+//! On a Redis Cluster every node is read (also its `CLUSTER INFO` and the
+//! bytes it wrote, `/proc/PID/io`) and the Redis figures are their sums. A run takes
 //! one before and one after the measured window and subtracts them; a light
 //! timeline (CPU and two gauges) is sampled in between.
 
@@ -14,6 +16,7 @@ use crate::openmetrics::Scrape;
 use crate::peer;
 use crate::probe::{self, MachineCpu};
 use crate::redis_info::RedisSnapshot;
+use crate::redis_server::NodeRole;
 use crate::system::{MetricNames, System};
 
 /// One instance at one instant.
@@ -30,6 +33,23 @@ pub struct InstanceReading {
     pub scrape_error: Option<String>,
 }
 
+/// One Redis Cluster node at one instant.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RedisNodeReading {
+    /// Its port.
+    pub port: u16,
+    /// Master or replica.
+    pub role: NodeRole,
+    /// utime + stime from `/proc/PID/stat`, seconds.
+    pub cpu_s: Option<f64>,
+    /// Bytes it passed to write(2)/send(2) so far (`/proc/PID/io` wchar):
+    /// clients and replicas (INFO's `total_net_output_bytes`) and the
+    /// cluster bus, which INFO does not count.
+    pub write_bytes: Option<u64>,
+    /// Its own counters.
+    pub redis: RedisSnapshot,
+}
+
 /// Everything read at one instant.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -37,10 +57,14 @@ pub struct Snapshot {
     pub t_s: f64,
     /// Every instance, in id order.
     pub instances: Vec<InstanceReading>,
-    /// redis-server's utime + stime from `/proc`, seconds.
+    /// redis-server's utime + stime from `/proc`, seconds (a Redis Cluster:
+    /// the sum over its nodes).
     pub redis_cpu_s: Option<f64>,
-    /// Redis' own counters.
+    /// Redis' own counters (a Redis Cluster: the sum over its nodes).
     pub redis: RedisSnapshot,
+    /// A Redis Cluster: every node, in port order (empty for one redis-server).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redis_nodes: Vec<RedisNodeReading>,
     /// Machine-wide CPU time.
     pub machine: MachineCpu,
     /// This benchmark process's CPU seconds (it should stay near zero in the window).
@@ -72,7 +96,7 @@ pub struct TimelinePoint {
     pub t_s: f64,
     /// CPU seconds of each instance so far.
     pub instance_cpu_s: Vec<Option<f64>>,
-    /// CPU seconds of redis-server so far.
+    /// CPU seconds of redis-server so far (a Redis Cluster: all nodes).
     pub redis_cpu_s: Option<f64>,
     /// Sum over instances of the connections gauge.
     pub connections: f64,
@@ -147,10 +171,42 @@ pub async fn take(cluster: &mut Cluster, run_start: Instant) -> Result<Snapshot,
         .iter()
         .map(|i| probe::process_cpu_seconds(i.pid))
         .collect();
-    let redis_cpu_s = probe::process_cpu_seconds(cluster.redis_pid);
+    let node_cpu: Vec<(Option<f64>, Option<u64>)> = cluster
+        .redis
+        .nodes
+        .iter()
+        .map(|n| {
+            (
+                probe::process_cpu_seconds(n.pid),
+                probe::process_write_bytes(n.pid),
+            )
+        })
+        .collect();
     let machine = probe::machine_cpu();
     let bench_cpu_s = probe::own_cpu_seconds();
-    let redis = cluster.redis.snapshot().await?;
+    let redis_cpu_s = node_cpu.iter().map(|(cpu, _)| *cpu).sum::<Option<f64>>();
+    let mut node_counters = Vec::with_capacity(cluster.redis.nodes.len());
+    for node in &mut cluster.redis.nodes {
+        node_counters.push(node.probe.snapshot().await?);
+    }
+    let (redis, redis_nodes) = match cluster.redis.nodes.as_slice() {
+        [node] if node.info.is_none() => (node_counters.remove(0), Vec::new()),
+        nodes => (
+            RedisSnapshot::total(&node_counters),
+            nodes
+                .iter()
+                .zip(node_cpu)
+                .zip(node_counters)
+                .map(|((node, (cpu_s, write_bytes)), redis)| RedisNodeReading {
+                    port: node.port,
+                    role: node.info.as_ref().map_or(NodeRole::Master, |i| i.role),
+                    cpu_s,
+                    write_bytes,
+                    redis,
+                })
+                .collect(),
+        ),
+    };
     let scrapes = scrape_all(cluster).await;
     let instances = cluster
         .instances
@@ -175,6 +231,7 @@ pub async fn take(cluster: &mut Cluster, run_start: Instant) -> Result<Snapshot,
         instances,
         redis_cpu_s,
         redis,
+        redis_nodes,
         machine,
         bench_cpu_s,
     })
@@ -188,7 +245,12 @@ pub async fn timeline_point(cluster: &Cluster, run_start: Instant) -> TimelinePo
         .iter()
         .map(|i| probe::process_cpu_seconds(i.pid))
         .collect();
-    let redis_cpu_s = probe::process_cpu_seconds(cluster.redis_pid);
+    let redis_cpu_s = cluster
+        .redis
+        .nodes
+        .iter()
+        .map(|n| probe::process_cpu_seconds(n.pid))
+        .sum::<Option<f64>>();
     let scrapes = scrape_all(cluster).await;
     let names = cluster.system.metric_names();
     TimelinePoint {

@@ -33,6 +33,7 @@ use crate::cluster::{self, Cluster, ClusterSpec};
 use crate::error::BenchError;
 use crate::probe::{self, Memory};
 use crate::procs::Supervisor;
+use crate::redis_server::RedisTopology;
 use crate::snapshot;
 use crate::system::System;
 
@@ -117,6 +118,8 @@ impl PhaseEnv {
             server_bin: ctx.server_bin,
             peer: None,
             redis_bin: &cli.redis_server,
+            redis_cli: &cli.redis_cli,
+            redis: RedisTopology::Single,
             lease_ms: cli.lease_ms,
             jwt_secret: ctx.jwt_secret,
             extra_args,
@@ -696,12 +699,7 @@ fn check_alive(
     supervisor: &mut Supervisor,
     except: Option<u32>,
 ) -> Result<(), BenchError> {
-    let pids = cluster
-        .instances
-        .iter()
-        .map(|i| (i.id.clone(), i.pid))
-        .chain(std::iter::once(("redis".to_owned(), cluster.redis_pid)));
-    for (name, pid) in pids {
+    for (name, pid) in cluster.processes() {
         if Some(pid) == except {
             continue;
         }
