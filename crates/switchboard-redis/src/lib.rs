@@ -88,6 +88,19 @@ pub enum RedisSetupError {
         #[source]
         source: RedisError,
     },
+    /// The sentinels did not name a reachable master.
+    #[error(
+        "cannot find the redis master {service:?} through the sentinels {sentinels}: {source}"
+    )]
+    Sentinel {
+        /// The monitored master's name.
+        service: String,
+        /// The sentinels asked.
+        sentinels: String,
+        /// What the client reported.
+        #[source]
+        source: RedisError,
+    },
     /// The maintenance pool could not be built.
     #[error("cannot build the redis connection pool: {0}")]
     Pool(#[source] deadpool_redis::BuildError),
@@ -422,8 +435,9 @@ impl RedisBackend {
                 let info = watch
                     .master()
                     .await
-                    .map_err(|source| RedisSetupError::Connect {
-                        what: "the master, through the sentinels",
+                    .map_err(|source| RedisSetupError::Sentinel {
+                        service: service.clone(),
+                        sentinels: sentinels.join(","),
                         source,
                     })?;
                 let links = Self::connect_single(info.clone(), &wiring).await?;

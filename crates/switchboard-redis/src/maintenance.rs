@@ -450,9 +450,10 @@ impl RedisBackend {
                     }
                     self.resync_needed.store(true, Ordering::Relaxed);
                     failures = failures.saturating_add(1);
-                    // On a cluster a failover ends within a second or so of
-                    // the node timeout: look often, not with growing delays.
-                    wait = if self.cluster {
+                    // On a cluster (or with Sentinel) a failover ends within
+                    // a second or so of the node timeout (down-after): look
+                    // often, not with growing delays.
+                    wait = if self.cluster || self.sentinel.is_some() {
                         retry_delay(failures.min(1), period)
                     } else {
                         retry_delay(failures, period)

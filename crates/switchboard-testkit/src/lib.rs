@@ -4,8 +4,8 @@
 //!
 //! - [`RedisServer`] (a private `redis-server`), its [`Spy`] on the bus and
 //!   a fault-injecting [`RedisProxy`] in front of it; [`RedisCluster`] (a
-//!   private Redis Cluster: failover, slot moves, INFO of every node):
-//!   [`redis`].
+//!   private Redis Cluster: failover, slot moves, INFO of every node);
+//!   [`ReplicatedRedis`] (a master, replicas and Redis Sentinels): [`redis`].
 //! - [`Instance`]: one `switchboard` process started with [`Opts`], built by
 //!   the [`opts!`] macro: [`instance`].
 //! - [`Client`]: a WebSocket client speaking the JSON protocol, and the
@@ -36,6 +36,7 @@ pub mod wait;
 
 mod process;
 
+pub use self::redis::ReplicatedRedis;
 pub use self::redis::{
     cmdstat_calls, info_field, BusMessage, RedisCluster, RedisProxy, RedisServer, Spy,
 };

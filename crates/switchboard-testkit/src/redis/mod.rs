@@ -1,15 +1,18 @@
 //! Redis for tests: a private `redis-server` per test ([`RedisServer`]), a
-//! private Redis Cluster per test ([`RedisCluster`]), a listener that
-//! records what the instances publish on the bus ([`Spy`]), and a proxy that
-//! injects faults between an instance and Redis ([`RedisProxy`]). Key names are the tests' business: this module only
-//! runs commands.
+//! private Redis Cluster per test ([`RedisCluster`]), a Sentinel-managed
+//! master with replicas ([`ReplicatedRedis`]), a listener that records what
+//! the instances publish on the bus ([`Spy`]), and a proxy that injects
+//! faults between an instance and Redis ([`RedisProxy`]). Key names are the
+//! tests' business: this module only runs commands.
 
 mod cluster;
 mod proxy;
+mod replicated;
 mod spy;
 
 pub use cluster::{cmdstat_calls, info_field, RedisCluster};
 pub use proxy::RedisProxy;
+pub use replicated::ReplicatedRedis;
 pub use spy::{BusMessage, Spy};
 
 use std::collections::HashMap;
