@@ -155,3 +155,18 @@ async fn a_log_that_is_not_a_terminal_has_no_colour_codes() {
         "stderr is a pipe, so it has no ANSI escapes: {log:?}"
     );
 }
+
+/// `--redis-url` and `--redis-cluster` name two different deployments:
+/// asking for both is refused before anything is connected.
+#[tokio::test]
+async fn redis_url_and_redis_cluster_together_are_refused() {
+    let opts = opts!("s1")
+        .redis_url("redis://127.0.0.1:1")
+        .flag("--redis-cluster", "redis://127.0.0.1:2");
+    let (status, log) = Instance::run_until_exit(opts, Duration::from_secs(5)).await;
+    assert_eq!(status.code(), Some(2), "a usage error; log:\n{log}");
+    assert!(
+        log.contains("--redis-url") && log.contains("--redis-cluster"),
+        "the log names both flags:\n{log}"
+    );
+}
