@@ -24,18 +24,13 @@
 //! instance in inbox order.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
-use switchboard_testkit::http::try_http_request;
+use serde_json::json;
 use switchboard_testkit::{
-    cmdstat_calls, eventually, opts, unique, Client, Incoming, Instance, Opts, RedisCluster,
-    RECV_TIMEOUT,
+    all_ready, cmdstat_calls, eventually, opts, outcome, unique, Client, Incoming, Instance, Opts,
+    ReadyzWatch, RedisCluster, Traffic, RECV_TIMEOUT,
 };
-use tokio::task::JoinHandle;
 
 const PERSONAL_RX: &str = r#"switchboard_bus_received_total{kind="personal"}"#;
 const BROADCAST_RX: &str = r#"switchboard_bus_received_total{kind="broadcast"}"#;
@@ -111,15 +106,6 @@ fn fields(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         .collect()
 }
 
-/// `ack:<status>` or `error:<code>` for a reply frame.
-fn outcome(reply: &Value) -> String {
-    match reply["type"].as_str() {
-        Some("ack") => format!("ack:{}", reply["status"].as_str().unwrap_or("?")),
-        Some("error") => format!("error:{}", reply["code"].as_str().unwrap_or("?")),
-        _ => format!("unexpected:{reply}"),
-    }
-}
-
 /// Every live node's `INFO commandstats` calls of `command`, by port (0
 /// where Redis has no line for it: never called).
 async fn calls_everywhere(cluster: &RedisCluster, command: &str) -> BTreeMap<u16, u64> {
@@ -129,18 +115,6 @@ async fn calls_everywhere(cluster: &RedisCluster, command: &str) -> BTreeMap<u16
         .into_iter()
         .map(|(port, info)| (port, cmdstat_calls(&info, command).unwrap_or(0)))
         .collect()
-}
-
-/// Waits until every instance answers `/readyz` with 200.
-async fn all_ready(instances: &[Instance]) {
-    for instance in instances {
-        eventually(
-            Duration::from_secs(10),
-            &format!("/readyz of {} is 200", instance.instance_id()),
-            || async { instance.http_status("/readyz").await == Some(200) },
-        )
-        .await;
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -507,458 +481,6 @@ async fn broadcast_mode_publishes_on_the_classic_sb_all_channel() {
     );
 }
 
-// ---------------------------------------------------------------------------
-// Traffic under faults: a sender loop, a receiver loop, a /readyz poller
-// ---------------------------------------------------------------------------
-
-/// One DM the sender loop sent, and what came back.
-#[derive(Clone, Debug)]
-struct Sent {
-    n: u64,
-    sent_at: Instant,
-    /// `ack:routed`, `error:unavailable`, ...
-    outcome: String,
-    /// Acked with `stored: true` (a room message: acked `ok`, so recorded
-    /// in the room's history).
-    stored: bool,
-}
-
-/// What the receiver loop saw.
-#[derive(Default, Debug)]
-struct Received {
-    /// (n, when) of every DM, in arrival order.
-    dms: Vec<(u64, Instant)>,
-    /// Frames that were neither a DM of the loop nor expected (e.g. `gap`).
-    other: Vec<Value>,
-    /// How the connection ended, if it did (it must not).
-    ended: Option<String>,
-}
-
-/// Stored DMs (or room messages) from `sender` (each awaiting its reply),
-/// received by `recipient`; runs until [`Traffic::stop`].
-struct Traffic {
-    /// `dm` or `room`: the frames sent and counted.
-    kind: &'static str,
-    /// When the loops started.
-    started: Instant,
-    stop: Arc<AtomicBool>,
-    sent: Arc<Mutex<Vec<Sent>>>,
-    received: Arc<Mutex<Received>>,
-    sender: JoinHandle<Client>,
-    receiver: JoinHandle<Client>,
-}
-
-impl Traffic {
-    fn start(sender: Client, recipient: Client, to: &str) -> Traffic {
-        let to = to.to_string();
-        Self::start_with(
-            sender,
-            recipient,
-            "dm",
-            Duration::from_millis(20),
-            move |n| json!({"type": "dm", "to": to, "body": {"n": n}}),
-        )
-    }
-
-    /// Room messages to `room` (both clients are members) instead of DMs,
-    /// every 5 ms (a message published while a member instance moves its
-    /// subscription is what this looks for); an `ok` ack (recorded in the
-    /// room's history) counts as stored.
-    fn start_room(sender: Client, recipient: Client, room: &str) -> Traffic {
-        let room = room.to_string();
-        Self::start_with(
-            sender,
-            recipient,
-            "room",
-            Duration::from_millis(5),
-            move |n| json!({"type": "room", "room": room, "body": {"n": n}}),
-        )
-    }
-
-    /// `frame(n)` from `sender`, `pace` apart; `recipient` records the
-    /// frames of type `kind` carrying an `n`.
-    fn start_with(
-        mut sender: Client,
-        mut recipient: Client,
-        kind: &'static str,
-        pace: Duration,
-        frame: impl Fn(u64) -> Value + Send + 'static,
-    ) -> Traffic {
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent: Arc<Mutex<Vec<Sent>>> = Arc::default();
-        let received: Arc<Mutex<Received>> = Arc::default();
-        let sender = {
-            let (stop, sent) = (stop.clone(), sent.clone());
-            tokio::spawn(async move {
-                let mut n = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let sent_at = Instant::now();
-                    let reply = sender.request(frame(n)).await;
-                    let outcome = outcome(&reply);
-                    sent.lock().unwrap().push(Sent {
-                        n,
-                        sent_at,
-                        stored: reply["stored"] == true || (kind == "room" && outcome == "ack:ok"),
-                        outcome,
-                    });
-                    n += 1;
-                    tokio::time::sleep(pace).await;
-                }
-                sender
-            })
-        };
-        let receiver = {
-            let (stop, received) = (stop.clone(), received.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    match recipient.next_event(Duration::from_millis(200)).await {
-                        Incoming::Json(frame) => {
-                            let mut seen = received.lock().unwrap();
-                            match frame["body"]["n"].as_u64() {
-                                Some(n) if frame["type"] == kind => {
-                                    seen.dms.push((n, Instant::now()))
-                                }
-                                _ => seen.other.push(frame),
-                            }
-                        }
-                        Incoming::Timeout => {}
-                        ended => {
-                            received.lock().unwrap().ended = Some(format!("{ended:?}"));
-                            break;
-                        }
-                    }
-                }
-                recipient
-            })
-        };
-        Traffic {
-            kind,
-            started: Instant::now(),
-            stop,
-            sent,
-            received,
-            sender,
-            receiver,
-        }
-    }
-
-    /// When the first DM sent after `t` was delivered, and its n.
-    fn first_delivery_sent_after(&self, t: Instant) -> Option<(u64, Instant)> {
-        let sent_at: HashMap<u64, Instant> = self
-            .sent
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|s| (s.n, s.sent_at))
-            .collect();
-        self.received
-            .lock()
-            .unwrap()
-            .dms
-            .iter()
-            .filter(|(n, _)| sent_at.get(n).is_some_and(|&at| at > t))
-            .min_by_key(|(_, at)| *at)
-            .copied()
-    }
-
-    /// Waits until `count` DMs sent after `t` were delivered.
-    async fn await_deliveries_sent_after(
-        &self,
-        t: Instant,
-        count: usize,
-        timeout: Duration,
-        what: &str,
-    ) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let sent_after: HashSet<u64> = self
-                .sent
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|s| s.sent_at > t)
-                .map(|s| s.n)
-                .collect();
-            let delivered = self
-                .received
-                .lock()
-                .unwrap()
-                .dms
-                .iter()
-                .filter(|(n, _)| sent_after.contains(n))
-                .count();
-            if delivered >= count {
-                return;
-            }
-            self.assert_connected(what);
-            assert!(
-                Instant::now() < deadline,
-                "{what}: only {delivered} of {count} DMs sent after it delivered within {timeout:?}; \
-                 last outcomes: {:?}",
-                self.last_outcomes(10)
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits until a DM sent after `t` is delivered; returns when it was.
-    async fn await_delivery_sent_after(
-        &self,
-        t: Instant,
-        timeout: Duration,
-        what: &str,
-    ) -> Instant {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some((_, at)) = self.first_delivery_sent_after(t) {
-                return at;
-            }
-            self.assert_connected(what);
-            assert!(
-                Instant::now() < deadline,
-                "{what}: no DM sent after the fault was delivered within {timeout:?}; \
-                 last outcomes: {:?}",
-                self.last_outcomes(10)
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits until every message sent so far and acked as stored (a DM
-    /// `routed` or `offline` with `stored: true`, a room message `ok`) was
-    /// delivered, except those in `excused`; panics with the missing ones
-    /// after `timeout`.
-    async fn await_stored_delivered(&self, excused: &HashSet<u64>, timeout: Duration) {
-        let cutoff = Instant::now();
-        let deadline = cutoff + timeout;
-        loop {
-            let missing = self.missing_stored(excused, cutoff);
-            if missing.is_empty() {
-                return;
-            }
-            self.assert_connected("waiting for the stored messages");
-            if Instant::now() >= deadline {
-                let other = format!("{:?}", self.received.lock().unwrap().other);
-                let sent_at: Vec<String> = self
-                    .sent
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .filter(|s| missing.contains(&s.n))
-                    .map(|s| format!("{} at +{:?}", s.n, s.sent_at - self.started))
-                    .collect();
-                let kind = self.kind;
-                panic!(
-                    "{kind} messages acked as stored (recorded) never delivered within \
-                     {timeout:?}: {sent_at:?} (since the traffic began); other frames: {other}; \
-                     outcomes: {:?}",
-                    self.outcome_runs(self.started)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// Messages sent before `cutoff` and acked as stored that have not
-    /// arrived, except `excused`.
-    fn missing_stored(&self, excused: &HashSet<u64>, cutoff: Instant) -> Vec<u64> {
-        let got: HashSet<u64> = self
-            .received
-            .lock()
-            .unwrap()
-            .dms
-            .iter()
-            .map(|(n, _)| *n)
-            .collect();
-        self.sent
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|s| s.sent_at < cutoff && s.stored)
-            .filter(|s| !got.contains(&s.n) && !excused.contains(&s.n))
-            .map(|s| s.n)
-            .collect()
-    }
-
-    /// Stored-acked DMs sent in `[from, to)`.
-    fn stored_between(&self, from: Instant, to: Instant) -> HashSet<u64> {
-        self.sent
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|s| s.stored && s.sent_at >= from && s.sent_at < to)
-            .map(|s| s.n)
-            .collect()
-    }
-
-    fn last_outcomes(&self, k: usize) -> Vec<String> {
-        let sent = self.sent.lock().unwrap();
-        sent.iter()
-            .rev()
-            .take(k)
-            .map(|s| format!("{}:{}", s.n, s.outcome))
-            .collect()
-    }
-
-    /// The sends' outcomes as runs, `first..=last outcome (+ms since t0)`.
-    fn outcome_runs(&self, t0: Instant) -> Vec<String> {
-        let sent = self.sent.lock().unwrap();
-        let mut runs: Vec<(u64, u64, String, Instant)> = Vec::new();
-        for s in sent.iter() {
-            match runs.last_mut() {
-                Some(run) if run.2 == s.outcome => run.1 = s.n,
-                _ => runs.push((s.n, s.n, s.outcome.clone(), s.sent_at)),
-            }
-        }
-        runs.iter()
-            .map(|(first, last, outcome, at)| {
-                let ms = at.saturating_duration_since(t0).as_millis();
-                format!("{first}..={last} {outcome} (+{ms}ms)")
-            })
-            .collect()
-    }
-
-    /// The largest gap between consecutive deliveries after `t`.
-    fn largest_delivery_gap_after(&self, t: Instant) -> Duration {
-        let received = self.received.lock().unwrap();
-        let times: Vec<Instant> = received
-            .dms
-            .iter()
-            .map(|(_, at)| *at)
-            .filter(|&at| at >= t)
-            .collect();
-        let first_gap = times.first().map_or(Duration::ZERO, |&first| first - t);
-        times
-            .windows(2)
-            .map(|w| w[1] - w[0])
-            .fold(first_gap, Duration::max)
-    }
-
-    #[track_caller]
-    fn assert_connected(&self, when: &str) {
-        let ended = self.received.lock().unwrap().ended.clone();
-        if let Some(ended) = ended {
-            panic!("{when}: the recipient's connection ended ({ended}); no client may reconnect");
-        }
-    }
-
-    /// Stops both loops; asserts that the recipient's connection never
-    /// ended, no DM arrived twice and stored DMs arrived in send order.
-    async fn stop(self) -> (Client, Client, Vec<Sent>, Received) {
-        self.stop.store(true, Ordering::Relaxed);
-        let sender = self.sender.await.expect("sender loop");
-        let recipient = self.receiver.await.expect("receiver loop");
-        let sent = self.sent.lock().unwrap().clone();
-        let received = std::mem::take(&mut *self.received.lock().unwrap());
-        if let Some(ended) = &received.ended {
-            panic!("the recipient's connection ended ({ended}); no client may reconnect");
-        }
-        let mut seen = HashSet::new();
-        let duplicates: Vec<u64> = received
-            .dms
-            .iter()
-            .filter(|(n, _)| !seen.insert(*n))
-            .map(|(n, _)| *n)
-            .collect();
-        assert!(duplicates.is_empty(), "DMs delivered twice: {duplicates:?}");
-        let out_of_order: Vec<(u64, u64)> = received
-            .dms
-            .windows(2)
-            .filter(|w| w[1].0 < w[0].0)
-            .map(|w| (w[0].0, w[1].0))
-            .collect();
-        assert!(
-            out_of_order.is_empty(),
-            "stored DMs arrive in send (inbox) order; out of order: {out_of_order:?}"
-        );
-        (sender, recipient, sent, received)
-    }
-}
-
-/// When instance `.1` (by index) started answering `/readyz` with `.2`
-/// (None: no answer).
-type ReadyzChange = (Instant, usize, Option<u16>);
-
-/// Polls `/readyz` of each address every 25 ms and records each change.
-struct ReadyzWatch {
-    stop: Arc<AtomicBool>,
-    changes: Arc<Mutex<Vec<ReadyzChange>>>,
-    task: JoinHandle<()>,
-}
-
-impl ReadyzWatch {
-    fn start(addrs: Vec<SocketAddr>) -> ReadyzWatch {
-        let stop = Arc::new(AtomicBool::new(false));
-        let changes: Arc<Mutex<Vec<ReadyzChange>>> = Arc::default();
-        let task = {
-            let (stop, changes) = (stop.clone(), changes.clone());
-            tokio::spawn(async move {
-                let mut last: Vec<Option<Option<u16>>> = vec![None; addrs.len()];
-                while !stop.load(Ordering::Relaxed) {
-                    for (i, addr) in addrs.iter().enumerate() {
-                        let status = try_http_request(*addr, "GET", "/readyz", &[], b"")
-                            .await
-                            .ok()
-                            .map(|r| r.status);
-                        if last[i] != Some(status) {
-                            last[i] = Some(status);
-                            changes.lock().unwrap().push((Instant::now(), i, status));
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(25)).await;
-                }
-            })
-        };
-        ReadyzWatch {
-            stop,
-            changes,
-            task,
-        }
-    }
-
-    /// Whether instance `i` answered `status` at some point after `t`.
-    fn saw_after(&self, i: usize, status: u16, t: Instant) -> Option<Instant> {
-        self.changes
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|(at, who, s)| *at >= t && *who == i && *s == Some(status))
-            .map(|(at, _, _)| *at)
-    }
-
-    /// The current status of instance `i` as last polled.
-    fn current(&self, i: usize) -> Option<Option<u16>> {
-        self.changes
-            .lock()
-            .unwrap()
-            .iter()
-            .rev()
-            .find(|(_, who, _)| *who == i)
-            .map(|(_, _, s)| *s)
-    }
-
-    /// Waits until every instance's latest status is 200, after `t`.
-    async fn await_all_ready(&self, n: usize, t: Instant, timeout: Duration) -> Instant {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if (0..n).all(|i| self.current(i) == Some(Some(200))) {
-                return Instant::now().max(t);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "/readyz not back to 200 everywhere within {timeout:?}: {:?}",
-                (0..n).map(|i| self.current(i)).collect::<Vec<_>>()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    async fn stop(self) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.task.await.expect("readyz poller");
-    }
-}
-
 /// A user name whose slot's master differs from `avoid`'s (so that two
 /// faults hit two different shards).
 async fn user_on_another_master(cluster: &RedisCluster, base: &str, avoid: &str) -> String {
@@ -1016,9 +538,7 @@ async fn master_failover_under_dm_traffic_without_client_reconnects() {
         )
         .await
         - kill1;
-    readyz
-        .await_all_ready(inst.len(), kill1, Duration::from_secs(15))
-        .await;
+    readyz.await_all_ready(Duration::from_secs(15)).await;
     let ready1 = kill1.elapsed();
     let saw_503_1 =
         (0..inst.len()).find_map(|i| readyz.saw_after(i, 503, kill1).map(|at| (i, at - kill1)));
@@ -1048,9 +568,7 @@ async fn master_failover_under_dm_traffic_without_client_reconnects() {
         )
         .await
         - kill2;
-    readyz
-        .await_all_ready(inst.len(), kill2, Duration::from_secs(15))
-        .await;
+    readyz.await_all_ready(Duration::from_secs(15)).await;
     let ready2 = kill2.elapsed();
     let saw_503_2 =
         (0..inst.len()).find_map(|i| readyz.saw_after(i, 503, kill2).map(|at| (i, at - kill2)));
@@ -1058,14 +576,9 @@ async fn master_failover_under_dm_traffic_without_client_reconnects() {
     // in its last moments may never have reached the replica; if pub/sub
     // did not deliver it either, it is gone. Only those are excused.
     let last_moments = traffic.stored_between(kill2 - Duration::from_secs(1), kill2);
-    traffic
+    let lost = traffic
         .await_stored_delivered(&last_moments, Duration::from_secs(10))
         .await;
-    let lost: Vec<u64> = traffic
-        .missing_stored(&HashSet::new(), Instant::now())
-        .into_iter()
-        .filter(|n| last_moments.contains(n))
-        .collect();
     eprintln!(
         "failover 2 ({key}, slot {slot}): master {killed} killed, {promoted} promoted after {failover2:?}; \
          first DM sent after the kill delivered {delivered2:?} after it; /readyz 503 seen: {saw_503_2:?}; \
@@ -1231,7 +744,7 @@ async fn move_under_traffic(cluster: &RedisCluster, traffic: &Traffic, what: &st
         "moved slot {slot} ({what}, {keys} keys) {from} -> {to} at +{:?} in {took:?}; first \
          message sent after it delivered after {resumed:?}; largest gap between deliveries \
          since the move began: {gap:?}",
-        started - traffic.started
+        started - traffic.started()
     );
     assert!(keys > FILLER_KEYS, "the slot's own keys moved too: {keys}");
     assert!(
@@ -1244,10 +757,19 @@ async fn move_under_traffic(cluster: &RedisCluster, traffic: &Traffic, what: &st
 /// every one was stored and acked (a slot move is no outage). Returns the
 /// two clients.
 async fn finish_traffic(traffic: Traffic, what: &str) -> (Client, Client) {
+    finish_traffic_excusing(traffic, what, &HashSet::new()).await
+}
+
+/// [`finish_traffic`], not waiting for the messages in `excused`.
+async fn finish_traffic_excusing(
+    traffic: Traffic,
+    what: &str,
+    excused: &HashSet<u64>,
+) -> (Client, Client) {
     traffic
-        .await_stored_delivered(&HashSet::new(), Duration::from_secs(10))
+        .await_stored_delivered(excused, Duration::from_secs(10))
         .await;
-    let runs = traffic.outcome_runs(traffic.started);
+    let runs = traffic.outcome_runs(traffic.started());
     let (sender, recipient, sent, received) = traffic.stop().await;
     eprintln!(
         "{what}: {} sent, {} received; outcomes (ms since traffic began): {runs:?}",
@@ -1305,8 +827,15 @@ async fn resharding_under_dm_traffic_loses_nothing() {
     );
 }
 
+/// Room messages have no inbox: they are at-most-once, like pub/sub. What a
+/// slot move may cost them is bounded here: a message published between the
+/// moment one member instance took its subscription on the new owner and
+/// the moment the other did reaches the first only (it reached someone, so
+/// it is not published again). At most one per move is allowed; before the
+/// republish of unheard script publishes, whole runs were lost (dozens of
+/// messages per move).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resharding_a_room_under_room_traffic_loses_nothing() {
+async fn resharding_a_room_under_room_traffic_loses_at_most_the_resubscription_moment() {
     let _serial = SERIAL.write().await;
     let (cluster, inst) = deployment(0, CALM_NODE_TIMEOUT_MS, "routed", &["i1", "i2"]).await;
     let room_channel = "sb:room:{lobby}";
@@ -1334,7 +863,26 @@ async fn resharding_a_room_under_room_traffic_loses_nothing() {
         || async { cluster.shard_numsub(room_channel).await == 2 },
     )
     .await;
-    let (carol, dave) = finish_traffic(rooms, "room messages").await;
+    // Not yet arrived, of all acked so far; those in flight arrive within
+    // milliseconds, the lost ones never.
+    let every: HashSet<u64> = (0..100_000).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lost = loop {
+        let missing = rooms
+            .await_stored_delivered(&every, Duration::from_secs(10))
+            .await;
+        if missing.len() <= 3 || Instant::now() > deadline {
+            break missing;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("room messages lost to the slot moves: {lost:?}");
+    assert!(
+        lost.len() <= 3,
+        "at most one room message per move may be lost (3 moves), lost {lost:?}"
+    );
+    let excused: HashSet<u64> = lost.into_iter().collect();
+    let (carol, dave) = finish_traffic_excusing(rooms, "room messages", &excused).await;
     assert_eq!(
         [carol.conn_id(), dave.conn_id()],
         conns,

@@ -15,6 +15,9 @@
 //!   and resets: [`raw_ws`]; [`RawHttp`], HTTP/1.1 by hand over a socket
 //!   kept open: [`raw_http`].
 //! - [`http_request`] and [`HttpResponse`]: [`http`]; [`Metrics`]: [`metrics`].
+//! - [`Traffic`] (a sender and a receiver loop under a fault: what was
+//!   sent, acked and delivered when) and [`ReadyzWatch`] (every change of
+//!   the instances' `/readyz`): [`traffic`].
 //! - [`mint_jwt`], [`eventually`], [`unique`] and the clocks: [`jwt`],
 //!   [`wait`], [`misc`].
 //!
@@ -32,6 +35,7 @@ pub mod raw_http;
 pub mod raw_ws;
 pub mod redis;
 pub mod sentinel;
+pub mod traffic;
 pub mod wait;
 
 mod process;
@@ -49,6 +53,7 @@ pub use misc::{now_unix_ms, now_unix_secs, unique};
 pub use raw_http::RawHttp;
 pub use raw_ws::{encode_client_frame, Ending, RawFrame, RawReader, RawWriter, RawWs};
 pub use sentinel::Sentinel;
+pub use traffic::{all_ready, outcome, ReadyzWatch, Received, Sent, Traffic};
 pub use wait::{eventually, RECV_TIMEOUT};
 
 /// [`Opts`] for an instance of the `switchboard` binary that cargo built

@@ -8,16 +8,14 @@
 //! What the keys and channels mean is the tests' business.
 
 use std::collections::HashSet;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use ::redis::aio::MultiplexedConnection;
-use ::redis::{AsyncConnectionConfig, FromRedisValue, RedisResult};
+use ::redis::{FromRedisValue, RedisResult};
 use tempfile::TempDir;
 
-use crate::process::{log_tail, ChildGuard};
+use super::node::{self, data_node_args, free_port, none_wrong, poll_until, Kind, Node};
 
 /// Number of hash slots in a Redis Cluster.
 pub const SLOTS: u16 = 16384;
@@ -29,23 +27,8 @@ pub const SLOTS: u16 = 16384;
 const PORT_RANGE: std::ops::Range<u16> = 20000..22768;
 /// The cluster bus port of a node is its client port plus this.
 const BUS_OFFSET: u16 = 10000;
-/// Attempts at starting one node on a fresh random port before giving up
-/// (a clash with another test's node shows up as an early exit).
-const START_ATTEMPTS: usize = 20;
-/// Bound on one admin command, so a frozen or dying node never hangs a test.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// One `redis-server --cluster-enabled yes` process.
-struct Node {
-    /// Its client port on 127.0.0.1 (the bus is on `port + 10000`).
-    port: u16,
-    /// The process; None once [`RedisCluster::kill_node`] killed it.
-    child: Option<ChildGuard>,
-    /// The admin connection [`RedisCluster::cmd`] uses.
-    conn: MultiplexedConnection,
-    /// Its stdout (the redis log), in the cluster's tempdir.
-    log_path: PathBuf,
-}
+/// How often a wait for the cluster's state asks the nodes again.
+const PACE: Duration = Duration::from_millis(50);
 
 /// One line of `CLUSTER NODES`, as far as the kit needs it.
 #[derive(Clone, Debug)]
@@ -73,7 +56,8 @@ struct NodeView {
 /// coverage is required (Redis's default): while a master is down and not
 /// yet replaced, `cluster_state` is `fail` on every node.
 pub struct RedisCluster {
-    /// Every node started, dead ones included, in start order.
+    /// Every node started (`redis-server --cluster-enabled yes`), dead ones
+    /// included, in start order; the bus of each is on its port + 10000.
     nodes: Vec<Node>,
     /// `--cluster-node-timeout` of every node.
     node_timeout: Duration,
@@ -101,7 +85,14 @@ impl RedisCluster {
         let total = masters * (1 + replicas_per_master);
         let mut nodes = Vec::with_capacity(total);
         for _ in 0..total {
-            nodes.push(start_node(dir.path(), node_timeout_ms).await);
+            let node = Node::start(
+                dir.path(),
+                Kind::Data,
+                || free_port(PORT_RANGE, Some(BUS_OFFSET)),
+                |port| node_args(dir.path(), port, node_timeout_ms),
+            )
+            .await;
+            nodes.push(node);
         }
         let mut cluster = RedisCluster {
             nodes,
@@ -153,7 +144,8 @@ impl RedisCluster {
     /// replica's link to its master is up.
     async fn await_formed(&self, masters: usize, total: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        let what = "the redis cluster did not form within 30s";
+        poll_until(deadline, PACE, what, &|| self.log_tails(), || async {
             let mut wrong = Vec::new();
             for node in &self.nodes {
                 let port = node.port;
@@ -177,14 +169,7 @@ impl RedisCluster {
                     }
                     Err(e) => wrong.push(format!("{port}: CLUSTER NODES: {e}")),
                 }
-                match self.try_cmd::<String>(port, &["CLUSTER", "INFO"]).await {
-                    Ok(info) if info_field(&info, "cluster_state") == Some("ok") => {}
-                    Ok(info) => wrong.push(format!(
-                        "{port}: cluster_state {:?}",
-                        info_field(&info, "cluster_state")
-                    )),
-                    Err(e) => wrong.push(format!("{port}: CLUSTER INFO: {e}")),
-                }
+                wrong.extend(self.state_not_ok(port).await);
                 match self.try_cmd::<String>(port, &["INFO", "replication"]).await {
                     Ok(info) => {
                         if info_field(&info, "role") == Some("slave")
@@ -196,16 +181,21 @@ impl RedisCluster {
                     Err(e) => wrong.push(format!("{port}: INFO replication: {e}")),
                 }
             }
-            if wrong.is_empty() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the redis cluster did not form within 30s: {}; nodes:\n{}",
-                wrong.join("; "),
-                self.log_tails()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            none_wrong(wrong)
+        })
+        .await
+    }
+
+    /// What is wrong with the `cluster_state` of the node on `port`, if it
+    /// is not `ok`.
+    async fn state_not_ok(&self, port: u16) -> Option<String> {
+        match self.try_cmd::<String>(port, &["CLUSTER", "INFO"]).await {
+            Ok(info) if info_field(&info, "cluster_state") == Some("ok") => None,
+            Ok(info) => Some(format!(
+                "{port}: cluster_state {:?}",
+                info_field(&info, "cluster_state")
+            )),
+            Err(e) => Some(format!("{port}: CLUSTER INFO: {e}")),
         }
     }
 
@@ -249,7 +239,7 @@ impl RedisCluster {
     pub fn live_ports(&self) -> Vec<u16> {
         self.nodes
             .iter()
-            .filter(|n| n.child.is_some())
+            .filter(|n| n.is_live())
             .map(|n| n.port)
             .collect()
     }
@@ -320,38 +310,23 @@ impl RedisCluster {
     /// answers, until [`RedisCluster::resume_node`]. Past the node timeout
     /// the others mark it failed.
     pub fn freeze_node(&self, port: u16) {
-        self.signal(port, rustix::process::Signal::STOP, "SIGSTOP");
+        self.node(port)
+            .signal(rustix::process::Signal::STOP, "SIGSTOP");
     }
 
     /// SIGCONT after [`RedisCluster::freeze_node`].
     pub fn resume_node(&self, port: u16) {
-        self.signal(port, rustix::process::Signal::CONT, "SIGCONT");
-    }
-
-    fn signal(&self, port: u16, signal: rustix::process::Signal, name: &str) {
-        let child = self
-            .nodes
-            .iter()
-            .find(|n| n.port == port)
-            .and_then(|n| n.child.as_ref())
-            .unwrap_or_else(|| panic!("no live node of this cluster on port {port}"));
-        rustix::process::kill_process(rustix::process::Pid::from_child(&child.0), signal)
-            .unwrap_or_else(|e| panic!("{name} to the redis node on {port}: {e}"));
+        self.node(port)
+            .signal(rustix::process::Signal::CONT, "SIGCONT");
     }
 
     /// SIGKILLs the node on `port` (no shutdown, no save) and reaps it.
     pub fn kill_node(&mut self, port: u16) {
-        let node = self
-            .nodes
+        self.nodes
             .iter_mut()
             .find(|n| n.port == port)
-            .unwrap_or_else(|| panic!("no node of this cluster on port {port}"));
-        let mut child = node
-            .child
-            .take()
-            .unwrap_or_else(|| panic!("the node on port {port} was already killed"));
-        child.0.kill().expect("SIGKILL a redis cluster node");
-        child.0.wait().expect("reap a killed redis cluster node");
+            .unwrap_or_else(|| panic!("no node of this cluster on port {port}"))
+            .kill();
     }
 
     /// Waits until every live node says a live node other than a killed
@@ -361,7 +336,8 @@ impl RedisCluster {
     pub async fn wait_failover(&self, slot: u16, timeout: Duration) -> u16 {
         let deadline = Instant::now() + timeout;
         let live: HashSet<u16> = self.live_ports().into_iter().collect();
-        loop {
+        let what = format!("no failover of slot {slot} within {timeout:?}");
+        poll_until(deadline, PACE, &what, &|| self.log_tails(), || async {
             let mut owners = HashSet::new();
             let mut wrong = Vec::new();
             for &port in &live {
@@ -377,29 +353,17 @@ impl RedisCluster {
                     },
                     Err(e) => wrong.push(format!("{port}: CLUSTER NODES: {e}")),
                 }
-                match self.try_cmd::<String>(port, &["CLUSTER", "INFO"]).await {
-                    Ok(info) if info_field(&info, "cluster_state") == Some("ok") => {}
-                    Ok(info) => wrong.push(format!(
-                        "{port}: cluster_state {:?}",
-                        info_field(&info, "cluster_state")
-                    )),
-                    Err(e) => wrong.push(format!("{port}: CLUSTER INFO: {e}")),
-                }
+                wrong.extend(self.state_not_ok(port).await);
             }
             if wrong.is_empty() && owners.len() == 1 {
-                return owners.into_iter().next().expect("one owner");
+                return Ok(owners.into_iter().next().expect("one owner"));
             }
             if owners.len() > 1 {
                 wrong.push(format!("nodes disagree on the owner: {owners:?}"));
             }
-            assert!(
-                Instant::now() < deadline,
-                "no failover of slot {slot} within {timeout:?}: {}; nodes:\n{}",
-                wrong.join("; "),
-                self.log_tails()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            Err(wrong)
+        })
+        .await
     }
 
     /// Moves one chosen `slot`, with its keys, to the master on `to_port`
@@ -490,7 +454,8 @@ impl RedisCluster {
             }
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+        let what = format!("slot {slot} moved to {to_port}, but not every node agrees after 10s");
+        poll_until(deadline, PACE, &what, &|| self.log_tails(), || async {
             let mut wrong = Vec::new();
             for port in self.live_ports() {
                 match self.node_view(port).await {
@@ -503,41 +468,31 @@ impl RedisCluster {
                     Err(e) => wrong.push(format!("{port}: {e}")),
                 }
             }
-            if wrong.is_empty() {
-                return moved;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "slot {slot} moved to {to_port}, but not every node agrees after 10s: {}",
-                wrong.join("; ")
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            none_wrong(wrong)
+        })
+        .await;
+        moved
     }
 
     /// Runs one command on the node on `port`, panicking with the command
     /// and the error if it fails (or takes over 3 s).
     pub async fn cmd<T: FromRedisValue>(&self, port: u16, args: &[&str]) -> T {
-        match self.try_cmd(port, args).await {
-            Ok(v) => v,
-            Err(e) => panic!("redis command {args:?} on node {port} failed: {e}"),
-        }
+        self.node(port).cmd(args).await
     }
 
     /// Runs one command on the node on `port`, returning Redis's error (a
-    /// `MOVED`, a `CLUSTERDOWN`, a dead node) as it is.
+    /// `MOVED`, a `CLUSTERDOWN`, a dead node) as it is; a command that met
+    /// its connection closed is sent once more on a new one.
     pub async fn try_cmd<T: FromRedisValue>(&self, port: u16, args: &[&str]) -> RedisResult<T> {
-        let node = self
-            .nodes
+        self.node(port).try_cmd(args).await
+    }
+
+    /// The node on `port`, dead or alive.
+    fn node(&self, port: u16) -> &Node {
+        self.nodes
             .iter()
             .find(|n| n.port == port)
-            .unwrap_or_else(|| panic!("no node of this cluster on port {port}"));
-        let mut cmd = ::redis::cmd(args[0]);
-        for arg in &args[1..] {
-            cmd.arg(*arg);
-        }
-        let mut conn = node.conn.clone();
-        cmd.query_async(&mut conn).await
+            .unwrap_or_else(|| panic!("no node of this cluster on port {port}"))
     }
 
     /// Runs one command on the master serving `key`'s slot now (e.g.
@@ -600,20 +555,7 @@ impl RedisCluster {
 
     /// The last lines of every node's log, for panic messages.
     pub fn log_tails(&self) -> String {
-        self.nodes
-            .iter()
-            .map(|n| {
-                let tail = log_tail(&n.log_path);
-                let short = tail
-                    .char_indices()
-                    .rev()
-                    .nth(1500)
-                    .map_or(tail.as_str(), |(i, _)| &tail[i..]);
-                let state = if n.child.is_some() { "" } else { " (killed)" };
-                format!("--- redis node {}{state} ---\n{short}", n.port)
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+        node::log_tails(self.nodes.iter())
     }
 
     /// The cluster's tempdir (node configs and logs).
@@ -675,93 +617,26 @@ pub fn info_field<'a>(info: &'a str, field: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
-/// Starts one cluster node on a fresh random port pair and waits until it
-/// answers PING; another port on a clash (up to [`START_ATTEMPTS`]).
-async fn start_node(dir: &Path, node_timeout_ms: u64) -> Node {
-    let mut last = String::new();
-    for _ in 0..START_ATTEMPTS {
-        let port = free_port_pair();
-        match try_start_node(dir, port, node_timeout_ms).await {
-            Ok(node) => return node,
-            Err(why) => last = why,
-        }
-    }
-    panic!("could not start a redis cluster node in {START_ATTEMPTS} attempts; last: {last}");
-}
-
-/// A random port in [`PORT_RANGE`] such that it and its bus port are both
-/// bindable on 127.0.0.1 right now (another process may still take either
-/// before redis-server binds: then it exits and the caller retries).
-fn free_port_pair() -> u16 {
-    loop {
-        let port = rand::random_range(PORT_RANGE);
-        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
-        if free(port) && free(port + BUS_OFFSET) {
-            return port;
-        }
-    }
-}
-
-async fn try_start_node(dir: &Path, port: u16, node_timeout_ms: u64) -> Result<Node, String> {
-    let log_path = dir.join(format!("node-{port}.log"));
-    let log = std::fs::File::create(&log_path).expect("create a redis node log file");
-    let spawned = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--cluster-enabled", "yes"])
-        .arg("--cluster-config-file")
-        .arg(dir.join(format!("nodes-{port}.conf")))
-        .args(["--cluster-node-timeout", &node_timeout_ms.to_string()])
-        .args(["--cluster-replica-validity-factor", "0"])
-        .args(["--cluster-allow-replica-migration", "no"])
-        .args(["--repl-diskless-sync-delay", "0"])
-        .args(["--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(dir)
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(Stdio::null())
-        .spawn();
-    let mut child = match spawned {
-        Ok(child) => ChildGuard(child),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-            "redis-server not found: install it (Debian: apt-get install redis-server) — see README"
-        ),
-        Err(e) => panic!("failed to start redis-server: {e}"),
-    };
-    let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}"))
-        .expect("a redis://127.0.0.1:PORT url is valid");
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(COMMAND_TIMEOUT))
-        .set_response_timeout(Some(COMMAND_TIMEOUT));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(Some(status)) = child.0.try_wait() {
-            return Err(format!(
-                "redis-server on port {port} exited during start-up ({status}); log:\n{}",
-                log_tail(&log_path)
-            ));
-        }
-        if let Ok(mut conn) = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-        {
-            let pong: RedisResult<String> = ::redis::cmd("PING").query_async(&mut conn).await;
-            if pong.is_ok() {
-                return Ok(Node {
-                    port,
-                    child: Some(child),
-                    conn,
-                    log_path,
-                });
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "redis-server on port {port} did not answer PING within 10s; log:\n{}",
-            log_tail(&log_path)
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// The command line of a cluster node on `port`, its config file in `dir`.
+fn node_args(dir: &Path, port: u16, node_timeout_ms: u64) -> Vec<String> {
+    let config_file = dir.join(format!("nodes-{port}.conf"));
+    let mut args = data_node_args(port);
+    args.extend(
+        [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            &config_file.display().to_string(),
+            "--cluster-node-timeout",
+            &node_timeout_ms.to_string(),
+            "--cluster-replica-validity-factor",
+            "0",
+            "--cluster-allow-replica-migration",
+            "no",
+        ]
+        .map(String::from),
+    );
+    args
 }
 
 /// One `CLUSTER NODES` line: `id ip:port@bus flags master ping pong epoch

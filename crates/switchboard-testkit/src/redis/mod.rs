@@ -4,8 +4,14 @@
 //! the instances publish on the bus ([`Spy`]), and a proxy that injects
 //! faults between an instance and Redis ([`RedisProxy`]). Key names are the
 //! tests' business: this module only runs commands.
+//!
+//! The cluster and the replicated set start and drive their TCP processes
+//! through one private `node` module (a free port, the admin connection,
+//! the log tails, polling for a state); every kit Redis spawns
+//! `redis-server` through one `spawn_redis_server`.
 
 mod cluster;
+mod node;
 mod proxy;
 mod replicated;
 mod spy;
@@ -84,33 +90,25 @@ impl RedisServer {
             .append(true)
             .open(&log_path)
             .expect("create redis-server log file");
-        let spawned = Command::new("redis-server")
-            .arg("--port")
-            .arg("0")
-            .arg("--unixsocket")
-            .arg(&sock)
-            .arg("--unixsocketperm")
-            .arg("700")
-            .arg("--save")
-            .arg("")
-            .args(if durable {
-                ["--appendonly", "yes", "--appendfsync", "always"]
-            } else {
-                ["--appendonly", "no", "--appendfsync", "everysec"]
-            })
-            .arg("--dir")
-            .arg(dir)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(Stdio::null())
-            .spawn();
-        let mut child = match spawned {
-            Ok(child) => ChildGuard(child),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-                "redis-server not found: install it (Debian: apt-get install redis-server) — see README"
-            ),
-            Err(e) => panic!("failed to start redis-server: {e}"),
-        };
+        let mut child = spawn_redis_server(
+            Command::new("redis-server")
+                .arg("--port")
+                .arg("0")
+                .arg("--unixsocket")
+                .arg(&sock)
+                .arg("--unixsocketperm")
+                .arg("700")
+                .arg("--save")
+                .arg("")
+                .args(if durable {
+                    ["--appendonly", "yes", "--appendfsync", "always"]
+                } else {
+                    ["--appendonly", "no", "--appendfsync", "everysec"]
+                })
+                .arg("--dir")
+                .arg(dir),
+            log,
+        );
         let url = unix_url(&sock);
         let client = ::redis::Client::open(url.as_str()).expect("redis url should be valid");
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -262,6 +260,25 @@ impl RedisServer {
             }
         });
         Spy::new(seen, task)
+    }
+}
+
+/// Spawns `command` (a `redis-server` command line) with no stdin, its
+/// stdout (the redis log) to `log` and no stderr. Panics, saying how to
+/// install it, when `redis-server` is not installed (the suite never
+/// skips).
+fn spawn_redis_server(command: &mut Command, log: std::fs::File) -> ChildGuard {
+    let spawned = command
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(Stdio::null())
+        .spawn();
+    match spawned {
+        Ok(child) => ChildGuard(child),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+            "redis-server not found: install it (Debian: apt-get install redis-server) — see README"
+        ),
+        Err(e) => panic!("failed to start redis-server: {e}"),
     }
 }
 

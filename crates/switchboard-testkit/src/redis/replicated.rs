@@ -7,18 +7,14 @@
 //! process (no sentinel client: a test always says which node it asks).
 //! What the keys and channels mean is the tests' business.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ::redis::aio::MultiplexedConnection;
-use ::redis::{AsyncConnectionConfig, FromRedisValue, RedisResult};
+use ::redis::{FromRedisValue, RedisResult};
 use tempfile::TempDir;
 
 use super::cluster::info_field;
-use crate::process::{log_tail, ChildGuard};
+use super::node::{self, data_node_args, free_port, none_wrong, poll_until, Kind, Node};
 
 /// The name the sentinels monitor the master under: the last part of
 /// [`ReplicatedRedis::sentinel_url`].
@@ -28,10 +24,6 @@ const SERVICE: &str = "sbmaster";
 /// by another process between the check and redis-server's bind shows up
 /// as an early exit; the next attempt draws another.
 const PORT_RANGE: std::ops::Range<u16> = 20000..55000;
-/// Attempts at starting one process on a fresh random port before giving up.
-const START_ATTEMPTS: usize = 20;
-/// Bound on one admin command, so a frozen or dying node never hangs a test.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bound on the whole start-up: the replicas' initial syncs and the
 /// sentinels finding each other (their hello messages go every 2 s).
 const FORM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -42,33 +34,10 @@ const FORM_TIMEOUT: Duration = Duration::from_secs(30);
 /// (sentinels that noticed the death in the same millisecond each vote for
 /// themselves) is retried within a test's patience: 6 s later.
 const FAILOVER_TIMEOUT_MS: u64 = 3000;
-
-/// What a process of the set is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    /// A `redis-server` holding data: the master or a replica.
-    Data,
-    /// A `redis-server --sentinel`.
-    Sentinel,
-}
-
-/// One process of the set.
-struct Process {
-    kind: Kind,
-    /// Its port on 127.0.0.1.
-    port: u16,
-    /// The process; None once [`ReplicatedRedis::kill_master`] killed it.
-    child: Option<ChildGuard>,
-    /// Opens [`Process::conn`] again after the process closed it.
-    client: ::redis::Client,
-    /// The admin connection [`ReplicatedRedis::cmd`] uses; None after it
-    /// failed, until the next command opens another. A sentinel closes every
-    /// client connection of a node it promotes or points at a new master
-    /// (`CLIENT KILL TYPE normal`), so this one does not outlive a failover.
-    conn: Mutex<Option<MultiplexedConnection>>,
-    /// Its stdout (the redis log), in the set's tempdir.
-    log_path: PathBuf,
-}
+/// How often a wait for the set's state asks again.
+const PACE: Duration = Duration::from_millis(50);
+/// How often a wait that measures (a failover, a replica's link) asks again.
+const FAST_PACE: Duration = Duration::from_millis(20);
 
 /// A master with `replicas` replicas (asynchronous replication over TCP,
 /// no persistence) and `sentinels` sentinels monitoring it as `sbmaster`
@@ -89,9 +58,9 @@ struct Process {
 /// finishing the last failover takes no part in the next election.
 pub struct ReplicatedRedis {
     /// The data nodes, master first (as started), dead ones included.
-    nodes: Vec<Process>,
+    nodes: Vec<Node>,
     /// The sentinels, in start order.
-    sentinels: Vec<Process>,
+    sentinels: Vec<Node>,
     /// `sentinel down-after-milliseconds` of every sentinel.
     down_after: Duration,
     /// Sentinel configs and every log; removed on drop (after the kills).
@@ -115,14 +84,14 @@ impl ReplicatedRedis {
             dir,
         };
         let master = start_process(set.dir.path(), Kind::Data, |port| {
-            data_node_args(port, None)
+            replica_or_master_args(port, None)
         })
         .await;
         let master_port = master.port;
         set.nodes.push(master);
         for _ in 0..replicas {
             let replica = start_process(set.dir.path(), Kind::Data, |port| {
-                data_node_args(port, Some(master_port))
+                replica_or_master_args(port, Some(master_port))
             })
             .await;
             set.nodes.push(replica);
@@ -163,7 +132,8 @@ impl ReplicatedRedis {
     /// after `timeout`.
     pub async fn wait_settled(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        loop {
+        let what = format!("the set did not settle within {timeout:?}");
+        let master = poll_until(deadline, PACE, &what, &|| self.log_tails(), || async {
             let mut named = Vec::new();
             let mut wrong = Vec::new();
             for sentinel in &self.sentinels {
@@ -187,20 +157,15 @@ impl ReplicatedRedis {
             named.sort_unstable();
             named.dedup();
             if let ([master], true) = (named.as_slice(), wrong.is_empty()) {
-                self.await_replication(*master, deadline).await;
-                return;
+                return Ok(*master);
             }
             if named.len() > 1 {
                 wrong.push(format!("the sentinels disagree: {named:?}"));
             }
-            assert!(
-                Instant::now() < deadline,
-                "the set did not settle within {timeout:?}: {}; logs:\n{}",
-                wrong.join("; "),
-                self.log_tails()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            Err(wrong)
+        })
+        .await;
+        self.await_replication(master, deadline).await;
     }
 
     /// Waits until the master on `master_port` says it has every other live
@@ -212,7 +177,8 @@ impl ReplicatedRedis {
             .filter(|&p| p != master_port)
             .collect();
         let master_port_text = master_port.to_string();
-        loop {
+        let what = format!("replication to {master_port} not up in time");
+        poll_until(deadline, FAST_PACE, &what, &|| self.log_tails(), || async {
             let mut wrong = Vec::new();
             match self
                 .try_cmd::<String>(master_port, &["INFO", "replication"])
@@ -241,24 +207,17 @@ impl ReplicatedRedis {
                     Err(e) => wrong.push(format!("replica {port}: INFO: {e}")),
                 }
             }
-            if wrong.is_empty() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "replication to {master_port} not up in time: {}; logs:\n{}",
-                wrong.join("; "),
-                self.log_tails()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            none_wrong(wrong)
+        })
+        .await
     }
 
     /// Waits until every sentinel sees `master_port` as a healthy master
     /// with `replicas` healthy replicas and every other sentinel.
     async fn await_sentinels(&self, master_port: u16, replicas: usize, deadline: Instant) {
         let others = self.sentinels.len() - 1;
-        loop {
+        let what = format!("the sentinels did not agree on the set within {FORM_TIMEOUT:?}");
+        poll_until(deadline, PACE, &what, &|| self.log_tails(), || async {
             let mut wrong = Vec::new();
             for sentinel in &self.sentinels {
                 if let Err(why) = self
@@ -268,17 +227,9 @@ impl ReplicatedRedis {
                     wrong.push(format!("sentinel {}: {why}", sentinel.port));
                 }
             }
-            if wrong.is_empty() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the sentinels did not agree on the set within {FORM_TIMEOUT:?}: {}; logs:\n{}",
-                wrong.join("; "),
-                self.log_tails()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            none_wrong(wrong)
+        })
+        .await
     }
 
     /// Ok when the sentinel on `port` sees what [`Self::await_sentinels`]
@@ -365,7 +316,7 @@ impl ReplicatedRedis {
     pub fn live_node_ports(&self) -> Vec<u16> {
         self.nodes
             .iter()
-            .filter(|n| n.child.is_some())
+            .filter(|n| n.is_live())
             .map(|n| n.port)
             .collect()
     }
@@ -402,17 +353,11 @@ impl ReplicatedRedis {
     /// and an election: [`ReplicatedRedis::wait_failover`].
     pub async fn kill_master(&mut self) -> u16 {
         let port = self.master_port().await;
-        let node = self
-            .nodes
+        self.nodes
             .iter_mut()
             .find(|n| n.port == port)
-            .unwrap_or_else(|| panic!("the sentinels name {port}, not a node of this set"));
-        let mut child = node
-            .child
-            .take()
-            .unwrap_or_else(|| panic!("the master on {port} was already killed"));
-        child.0.kill().expect("SIGKILL the redis master");
-        child.0.wait().expect("reap the killed redis master");
+            .unwrap_or_else(|| panic!("the sentinels name {port}, not a node of this set"))
+            .kill();
         port
     }
 
@@ -422,7 +367,8 @@ impl ReplicatedRedis {
     /// logs' tails.
     pub async fn wait_failover(&self, old_port: u16, timeout: Duration) -> u16 {
         let deadline = Instant::now() + timeout;
-        loop {
+        let what = format!("no failover from {old_port} within {timeout:?}");
+        poll_until(deadline, FAST_PACE, &what, &|| self.log_tails(), || async {
             let mut named = Vec::new();
             let mut wrong = Vec::new();
             for sentinel in &self.sentinels {
@@ -437,7 +383,7 @@ impl ReplicatedRedis {
             match named.as_slice() {
                 [new] if wrong.is_empty() => {
                     match self.try_cmd::<String>(*new, &["INFO", "replication"]).await {
-                        Ok(info) if info_field(&info, "role") == Some("master") => return *new,
+                        Ok(info) if info_field(&info, "role") == Some("master") => return Ok(*new),
                         Ok(info) => {
                             wrong.push(format!("{new} says role {:?}", info_field(&info, "role")))
                         }
@@ -447,24 +393,16 @@ impl ReplicatedRedis {
                 [] | [_] => {}
                 _ => wrong.push(format!("the sentinels disagree: {named:?}")),
             }
-            assert!(
-                Instant::now() < deadline,
-                "no failover from {old_port} within {timeout:?}: {}; logs:\n{}",
-                wrong.join("; "),
-                self.log_tails()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            Err(wrong)
+        })
+        .await
     }
 
     /// Runs one command on the process (data node or sentinel) on `port`,
     /// panicking with the command and the error if it fails (or takes over
     /// 3 s).
     pub async fn cmd<T: FromRedisValue>(&self, port: u16, args: &[&str]) -> T {
-        match self.try_cmd(port, args).await {
-            Ok(v) => v,
-            Err(e) => panic!("redis command {args:?} on {port} failed: {e}"),
-        }
+        self.process(port).cmd(args).await
     }
 
     /// Runs one command on the process on `port`, returning Redis's error
@@ -473,30 +411,16 @@ impl ReplicatedRedis {
     /// sent once more on a new one: a test's admin commands are reads or
     /// idempotent writes.
     pub async fn try_cmd<T: FromRedisValue>(&self, port: u16, args: &[&str]) -> RedisResult<T> {
-        let process = self
-            .nodes
+        self.process(port).try_cmd(args).await
+    }
+
+    /// The process (data node or sentinel) on `port`, dead or alive.
+    fn process(&self, port: u16) -> &Node {
+        self.nodes
             .iter()
             .chain(&self.sentinels)
             .find(|p| p.port == port)
-            .unwrap_or_else(|| panic!("no process of this set on port {port}"));
-        let mut cmd = ::redis::cmd(args[0]);
-        for arg in &args[1..] {
-            cmd.arg(*arg);
-        }
-        let mut resent = false;
-        loop {
-            let mut conn = process.connection().await?;
-            match cmd.query_async(&mut conn).await {
-                Err(e) if e.is_io_error() || e.is_connection_dropped() => {
-                    process.forget_connection();
-                    if resent || !e.is_connection_dropped() {
-                        return Err(e);
-                    }
-                    resent = true;
-                }
-                reply => return reply,
-            }
-        }
+            .unwrap_or_else(|| panic!("no process of this set on port {port}"))
     }
 
     /// `INFO section` of the process on `port`.
@@ -506,25 +430,7 @@ impl ReplicatedRedis {
 
     /// The last lines of every process's log, for panic messages.
     pub fn log_tails(&self) -> String {
-        self.nodes
-            .iter()
-            .chain(&self.sentinels)
-            .map(|p| {
-                let tail = log_tail(&p.log_path);
-                let short = tail
-                    .char_indices()
-                    .rev()
-                    .nth(1500)
-                    .map_or(tail.as_str(), |(i, _)| &tail[i..]);
-                let kind = match p.kind {
-                    Kind::Data => "redis node",
-                    Kind::Sentinel => "sentinel",
-                };
-                let state = if p.child.is_some() { "" } else { " (killed)" };
-                format!("--- {kind} {}{state} ---\n{short}", p.port)
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+        node::log_tails(self.nodes.iter().chain(&self.sentinels))
     }
 
     /// The set's tempdir (sentinel configs and logs).
@@ -548,151 +454,24 @@ impl Drop for ReplicatedRedis {
     }
 }
 
-impl Process {
-    /// The admin connection, opened now if the last one failed.
-    async fn connection(&self) -> RedisResult<MultiplexedConnection> {
-        if let Some(conn) = self.conn.lock().expect("admin connection mutex").clone() {
-            return Ok(conn);
-        }
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&admin_config())
-            .await?;
-        *self.conn.lock().expect("admin connection mutex") = Some(conn.clone());
-        Ok(conn)
-    }
-
-    fn forget_connection(&self) {
-        *self.conn.lock().expect("admin connection mutex") = None;
-    }
-}
-
-/// Timeouts of an admin connection.
-fn admin_config() -> AsyncConnectionConfig {
-    AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(COMMAND_TIMEOUT))
-        .set_response_timeout(Some(COMMAND_TIMEOUT))
-}
-
 /// A reply of `SENTINEL MASTER` (one entry of `SENTINEL REPLICAS`, ...):
 /// field names and values.
 type Fields = std::collections::HashMap<String, String>;
 
 /// The command line of a data node on `port`: a replica of the master on
 /// `replica_of`, or a master.
-fn data_node_args(port: u16, replica_of: Option<u16>) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--repl-diskless-sync-delay",
-        "0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+fn replica_or_master_args(port: u16, replica_of: Option<u16>) -> Vec<String> {
+    let mut args = data_node_args(port);
     if let Some(master) = replica_of {
-        args.extend([
-            "--replicaof".to_string(),
-            "127.0.0.1".to_string(),
-            master.to_string(),
-        ]);
+        args.extend(["--replicaof", "127.0.0.1", &master.to_string()].map(String::from));
     }
     args
 }
 
-/// Starts one process of `kind` with the arguments `args(port)` on a fresh
-/// random port and waits until it answers PING; another port on a clash
-/// (up to [`START_ATTEMPTS`]).
-async fn start_process(dir: &Path, kind: Kind, args: impl Fn(u16) -> Vec<String>) -> Process {
-    let mut last = String::new();
-    for _ in 0..START_ATTEMPTS {
-        let port = free_port();
-        match try_start_process(dir, kind, port, args(port)).await {
-            Ok(process) => return process,
-            Err(why) => last = why,
-        }
-    }
-    panic!("could not start a {kind:?} redis process in {START_ATTEMPTS} attempts; last: {last}");
-}
-
-/// A random port in [`PORT_RANGE`] bindable on 127.0.0.1 right now
-/// (another process may still take it before redis-server binds: then it
-/// exits and the caller retries).
-fn free_port() -> u16 {
-    loop {
-        let port = rand::random_range(PORT_RANGE);
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-}
-
-async fn try_start_process(
-    dir: &Path,
-    kind: Kind,
-    port: u16,
-    args: Vec<String>,
-) -> Result<Process, String> {
-    let name = match kind {
-        Kind::Data => "node",
-        Kind::Sentinel => "sentinel",
-    };
-    let log_path = dir.join(format!("{name}-{port}.log"));
-    let log = std::fs::File::create(&log_path).expect("create a redis log file");
-    let spawned = Command::new("redis-server")
-        .args(&args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(log)
-        .stderr(Stdio::null())
-        .spawn();
-    let mut child = match spawned {
-        Ok(child) => ChildGuard(child),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-            "redis-server not found: install it (Debian: apt-get install redis-server) — see README"
-        ),
-        Err(e) => panic!("failed to start redis-server: {e}"),
-    };
-    let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}"))
-        .expect("a redis://127.0.0.1:PORT url is valid");
-    let config = admin_config();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Ok(Some(status)) = child.0.try_wait() {
-            return Err(format!(
-                "{name} on port {port} exited during start-up ({status}); log:\n{}",
-                log_tail(&log_path)
-            ));
-        }
-        if let Ok(mut conn) = client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-        {
-            let pong: RedisResult<String> = ::redis::cmd("PING").query_async(&mut conn).await;
-            if pong.is_ok() {
-                return Ok(Process {
-                    kind,
-                    port,
-                    child: Some(child),
-                    client,
-                    conn: Mutex::new(Some(conn)),
-                    log_path,
-                });
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{name} on port {port} did not answer PING within 10s; log:\n{}",
-            log_tail(&log_path)
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+/// Starts one process of `kind` with the arguments `args(port)` on a
+/// fresh random port in [`PORT_RANGE`].
+async fn start_process(dir: &Path, kind: Kind, args: impl Fn(u16) -> Vec<String>) -> Node {
+    Node::start(dir, kind, || free_port(PORT_RANGE, None), args).await
 }
 
 #[cfg(test)]
