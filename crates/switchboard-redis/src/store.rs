@@ -273,10 +273,13 @@ return collect({recovered}, redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', '
 ";
 
 /// Waits between the tries of [`RedisBackend::publish_again`].
-const REPUBLISH_DELAYS: [std::time::Duration; 3] = [
+const REPUBLISH_DELAYS: [std::time::Duration; 6] = [
     std::time::Duration::from_millis(2),
     std::time::Duration::from_millis(5),
-    std::time::Duration::from_millis(12),
+    std::time::Duration::from_millis(10),
+    std::time::Duration::from_millis(20),
+    std::time::Duration::from_millis(40),
+    std::time::Duration::from_millis(80),
 ];
 
 /// The scripts, compiled once.
@@ -390,11 +393,13 @@ impl RedisBackend {
     /// `SPUBLISH`, routed by the slot map, reaches. Right after the move
     /// completes the subscribers are being moved to the new node (Redis
     /// told them with `sunsubscribe`; they subscribe again within a
-    /// millisecond or so), so a publish that reached nobody is tried a few
-    /// more times, [`REPUBLISH_DELAYS`] apart. A publish that reached
-    /// nobody was received by nobody, so trying again never duplicates.
-    /// When nobody listens anywhere this costs those tries (about 20 ms,
-    /// and only on a cluster). Returns how many it reached; a failure
+    /// millisecond or so, tens of milliseconds on a loaded machine), so a
+    /// publish that reached nobody is tried a few more times,
+    /// [`REPUBLISH_DELAYS`] apart (about 160 ms in all). A publish that
+    /// reached nobody was received by nobody, so trying again never
+    /// duplicates. When nobody listens anywhere this costs those tries
+    /// (only on a cluster, only for a room or user channel nobody
+    /// subscribes). Returns how many it reached; a failure
     /// reached nobody.
     async fn publish_again(&self, channel: &str, payload: &Value) -> usize {
         let Value::BulkString(payload) = payload else {
