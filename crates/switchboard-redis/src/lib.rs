@@ -170,8 +170,11 @@ struct SubscriberSignals {
     probe_seen: AtomicU64,
     /// Woken when a probe comes back.
     probe_arrived: Notify,
-    /// Woken when the subscriber reconnected: re-assert presence at once.
-    restored: Notify,
+    /// Wakes the heartbeat at once: the subscriber lost or regained its
+    /// connection, or a message-path command failed on a cluster — learn
+    /// now whether Redis is reachable (and re-assert presence when it is
+    /// back) rather than at the next period.
+    check_now: Notify,
     /// Woken when Redis Cluster dropped a wanted sharded subscription (its
     /// slot moved): subscribe again.
     resubscribe: Notify,
@@ -648,7 +651,7 @@ impl RedisBackend {
         if self.cluster && self.cluster_whole.load(Ordering::Relaxed) {
             // A master may be down: the heartbeat checks every master now,
             // rather than at its next period (then every 100-200 ms).
-            self.signals.restored.notify_one();
+            self.signals.check_now.notify_one();
         }
         Err(result)
     }

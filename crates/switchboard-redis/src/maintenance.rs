@@ -415,7 +415,7 @@ impl RedisBackend {
                 _ = shutdown.cancelled() => return,
                 _ = self.taken_over.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
-                _ = self.signals.restored.notified() => {}
+                _ = self.signals.check_now.notified() => {}
                 _ = self.signals.resubscribe.notified() => {
                     // A slot moved: its channels follow it, nothing else changed.
                     self.metrics.resubscribes.inc();

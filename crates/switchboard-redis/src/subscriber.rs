@@ -157,18 +157,22 @@ pub(crate) async fn connect(
             PushKind::Disconnection if cluster => {
                 tracing::warn!("a redis cluster node connection of the subscriber was lost");
                 signals.catch_up_pending.store(true, Ordering::Relaxed);
-                signals.restored.notify_one();
+                signals.check_now.notify_one();
             }
             PushKind::Disconnection => {
                 signals.up.store(false, Ordering::Relaxed);
                 signals.catch_up_pending.store(true, Ordering::Relaxed);
+                // Redis may be gone: the heartbeat finds out now, so the
+                // message path stops sending to it (`unavailable` at once)
+                // within a round trip instead of a third of a lease.
+                signals.check_now.notify_one();
                 tracing::warn!("redis subscriber connection lost; reconnecting");
             }
             PushKind::Subscribe | PushKind::SSubscribe
                 if !signals.up.swap(true, Ordering::Relaxed) =>
             {
                 tracing::info!("redis subscriber connection restored");
-                signals.restored.notify_one();
+                signals.check_now.notify_one();
             }
             // Redis Cluster drops a sharded subscription when the channel's
             // slot moves to another node (resharding, failover). One this
