@@ -90,6 +90,31 @@ pub struct DirectRoute<'a> {
     pub frame: &'a [u8],
 }
 
+impl DirectRoute<'_> {
+    /// Whether a holder of the recipient is one to publish to: neither the
+    /// caller nor an instance that already has the message. (Every backend
+    /// asks this; whether the holder is alive is the backend's business.)
+    pub fn publishes_to(&self, instance: &str) -> bool {
+        instance != self.caller && !self.covered.contains(&instance)
+    }
+
+    /// The bus payload for publishing to `targets`: the DM's envelope, its
+    /// covered list this route's plus the targets, then the frame.
+    pub fn payload(&self, targets: &[&str]) -> Bytes {
+        let covered =
+            Envelope::covered_field(self.covered.iter().copied().chain(targets.iter().copied()));
+        Envelope::Direct {
+            to: self.to,
+            hop: self.hop,
+            origin: self.origin,
+            covered: Covered::from_field(&covered),
+            seq: None,
+            prev: None,
+        }
+        .encode(self.frame)
+    }
+}
+
 /// One instance a [`Bus::route_direct`] published to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reached {

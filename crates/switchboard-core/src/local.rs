@@ -221,27 +221,13 @@ impl Bus for LocalBackend {
             .into_iter()
             .filter(|h| h.connections > 0)
             .map(|h| h.instance)
-            .filter(|id| **id != *route.caller && !route.covered.contains(&&**id))
+            .filter(|id| route.publishes_to(id))
             .collect();
         if targets.is_empty() {
             return Ok(Vec::new());
         }
-        let covered = Envelope::covered_field(
-            route
-                .covered
-                .iter()
-                .copied()
-                .chain(targets.iter().map(|id| &**id)),
-        );
-        let payload = Envelope::Direct {
-            to: route.to,
-            hop: route.hop,
-            origin: route.origin,
-            covered: Covered::from_field(&covered),
-            seq: None,
-            prev: None,
-        }
-        .encode(route.frame);
+        let ids: Vec<&str> = targets.iter().map(|id| &**id).collect();
+        let payload = route.payload(&ids);
         Ok(targets
             .iter()
             .map(|id| Reached {

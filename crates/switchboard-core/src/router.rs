@@ -520,8 +520,10 @@ impl Router {
     /// [`ConnHandle::repair_wanted`]): reads the inbox after the newest
     /// stored DM the connection has and finishes the replay, which queues
     /// the held DMs behind what was read. Returns whether one ran. An error
-    /// means the inbox could not be read: the caller closes the connection
-    /// (the client resumes with `since`), as after a failed replay.
+    /// means the inbox could not be read: the gate stays replaying (live
+    /// DMs held) and the caller tries again later (see
+    /// [`ConnHandle::rearm_repair`]), closing the connection only if the
+    /// inbox stays unreadable.
     pub async fn repair_inbox(&self, conn: &ConnHandle) -> Result<bool, RouteError> {
         let Some(after) = conn.take_repair() else {
             return Ok(false);

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use switchboard_core::bus::{Bus, Channel, Covered, DirectRoute, Envelope, Reached};
+use switchboard_core::bus::{Bus, Channel, DirectRoute, Reached};
 use switchboard_core::error::BackendError;
 
 use crate::presence_cache::Fields;
@@ -41,7 +41,7 @@ impl RedisBackend {
     /// Whether `channel` is a sharded channel here: on a cluster, all but
     /// the broadcast channel.
     pub(crate) fn sharded(&self, channel: &str) -> bool {
-        self.cluster && channel != self.keys.all_channel()
+        self.cluster && !self.keys.is_all_channel(channel)
     }
 
     /// `PUBLISH`, or `SPUBLISH` for a sharded channel.
@@ -73,23 +73,12 @@ impl RedisBackend {
         let targets: Vec<&str> = fields
             .filter(|(_, n)| *n > 0)
             .map(|(instance, _)| instance)
-            .filter(|id| *id != route.caller && !route.covered.contains(id))
-            .filter(|id| live.may_be_alive(id))
+            .filter(|id| route.publishes_to(id) && live.may_be_alive(id))
             .collect();
         if targets.is_empty() {
             return None;
         }
-        let covered =
-            Envelope::covered_field(route.covered.iter().copied().chain(targets.iter().copied()));
-        let payload = Envelope::Direct {
-            to: route.to,
-            hop: route.hop,
-            origin: route.origin,
-            covered: Covered::from_field(&covered),
-            seq: None,
-            prev: None,
-        }
-        .encode(route.frame);
+        let payload = route.payload(&targets);
         Some((targets, payload))
     }
 

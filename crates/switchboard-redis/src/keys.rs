@@ -7,6 +7,9 @@ pub struct Keys {
     prefix: String,
     /// `PREFIX:room:`, precomputed: room channels are named per message.
     room_channel_prefix: String,
+    /// `PREFIX:all`, precomputed: every publish on a cluster asks whether
+    /// its channel is this one.
+    all_channel: String,
 }
 
 impl Keys {
@@ -15,6 +18,7 @@ impl Keys {
         Keys {
             prefix: prefix.to_owned(),
             room_channel_prefix: format!("{prefix}:room:"),
+            all_channel: format!("{prefix}:all"),
         }
     }
 
@@ -110,7 +114,12 @@ impl Keys {
     /// `sb:all` — the broadcast channel of `--routing broadcast`: a classic
     /// channel on a cluster too (every node sees it; that is the baseline).
     pub fn all_channel(&self) -> String {
-        format!("{}:all", self.prefix)
+        self.all_channel.clone()
+    }
+
+    /// Whether `channel` is [`Keys::all_channel`], without building it.
+    pub fn is_all_channel(&self, channel: &str) -> bool {
+        channel == self.all_channel
     }
 }
 

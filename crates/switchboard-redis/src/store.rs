@@ -332,6 +332,15 @@ fn array(value: Value) -> Option<Vec<Value>> {
     }
 }
 
+/// The elements of an array in a reply, borrowed (none for anything else,
+/// or nothing).
+fn items(value: Option<&Value>) -> &[Value] {
+    match value {
+        Some(Value::Array(items) | Value::Set(items)) => items,
+        _ => &[],
+    }
+}
+
 /// The `id, f, id, f, …` part of a read script's reply, as frames.
 fn frames(
     values: &[Value],
@@ -458,11 +467,7 @@ impl RedisBackend {
             }
             Some("ok") if mode == "s" => {
                 let seq = optional_seq(reply.get(1).ok_or_else(|| malformed("seq"))?)?;
-                let holders: Vec<String> = reply
-                    .get(3)
-                    .cloned()
-                    .and_then(array)
-                    .unwrap_or_default()
+                let holders: Vec<String> = items(reply.get(3))
                     .iter()
                     .filter_map(|v| text(v).map(str::to_owned))
                     .collect();
@@ -483,14 +488,12 @@ impl RedisBackend {
                     reached_any = self.publish_again(channel, unheard).await > 0;
                 }
                 let mut reached = Vec::new();
-                if let Some(list) = reply.get(3).cloned().and_then(array) {
-                    for pair in list.chunks(2) {
-                        if let [instance, n] = pair {
-                            reached.push(Reached {
-                                instance: text(instance).unwrap_or_default().to_owned(),
-                                receivers: int(n).unwrap_or(0).max(0) as usize,
-                            });
-                        }
+                for pair in items(reply.get(3)).chunks(2) {
+                    if let [instance, n] = pair {
+                        reached.push(Reached {
+                            instance: text(instance).unwrap_or_default().to_owned(),
+                            receivers: int(n).unwrap_or(0).max(0) as usize,
+                        });
                     }
                 }
                 Ok(Appended {
