@@ -306,6 +306,34 @@ impl RedisCluster {
         ports
     }
 
+    /// Waits until every replica of the master on `master_port` has
+    /// applied what that master had written when this was called
+    /// (replication is asynchronous: a master killed at once may take a
+    /// just-written or just-migrated key with it). Panics after `timeout`.
+    pub async fn wait_replicated(&self, master_port: u16, timeout: Duration) {
+        let info: String = self.cmd(master_port, &["INFO", "replication"]).await;
+        let written: u64 = info_field(&info, "master_repl_offset")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no master_repl_offset from {master_port}: {info}"));
+        let replicas = self.replicas_of(master_port).await;
+        let deadline = Instant::now() + timeout;
+        let what = format!(
+            "the replicas of {master_port} did not reach offset {written} within {timeout:?}"
+        );
+        poll_until(deadline, PACE, &what, &|| self.log_tails(), || async {
+            let mut wrong = Vec::new();
+            for &replica in &replicas {
+                let info: String = self.cmd(replica, &["INFO", "replication"]).await;
+                match info_field(&info, "slave_repl_offset").and_then(|v| v.parse::<u64>().ok()) {
+                    Some(applied) if applied >= written => {}
+                    other => wrong.push(format!("{replica} is at {other:?}")),
+                }
+            }
+            none_wrong(wrong)
+        })
+        .await;
+    }
+
     /// Freezes the node on `port` (SIGSTOP): its sockets stay open, nobody
     /// answers, until [`RedisCluster::resume_node`]. Past the node timeout
     /// the others mark it failed.
@@ -771,6 +799,7 @@ mod tests {
         );
 
         assert_eq!(cluster.replicas_of(to).await.len(), 1, "one replica each");
+        cluster.wait_replicated(to, Duration::from_secs(10)).await;
         let killed = cluster.kill_master_of(key).await;
         assert_eq!(killed, to);
         let killed_at = Instant::now();
