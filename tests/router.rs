@@ -27,7 +27,7 @@ use switchboard::error::BackendError;
 use switchboard::metrics::Metrics;
 use switchboard::protocol::{DirectStatus, DmOptions, RoomStatus};
 use switchboard::queue::{bounded, BoundedReceiver};
-use switchboard::registry::{ConnHandle, Outbound, QueueLimits};
+use switchboard::registry::{CloseReason, ConnHandle, Outbound, QueueLimits};
 use switchboard::router::{RouteError, Router, RoutingMode};
 use switchboard_core::local::{LocalBackend, LocalHub};
 use switchboard_core::store::{Seq, Store, StoreLimits};
@@ -327,7 +327,112 @@ over_every_backend!(
     idempotent_sends_and_receipts,
     retention_trims_with_a_gap_and_unknown_users_are_not_stored,
     room_history_orders_members_and_replays_after_since,
+    disconnect_closes_the_users_connections_on_the_holders_only,
+    kick_takes_the_user_out_of_one_room_on_every_instance,
 );
+
+/// The server API's disconnect, issued on an instance that does not hold
+/// the user: every connection of the user closes (4002, the given text),
+/// the other user on the same instance stays, and only the two holders
+/// receive anything.
+async fn disconnect_closes_the_users_connections_on_the_holders_only(kind: Kind) {
+    let mut c = cluster(kind, 3, RoutingMode::Routed).await;
+    let (bob0, _b0) = user(&c.routers[0], "bob").await;
+    let (bob1, _b1) = user(&c.routers[1], "bob").await;
+    let (carol, _c) = user(&c.routers[1], "carol").await;
+    let outcome = c.routers[2]
+        .disconnect_user("bob", "spam")
+        .await
+        .expect("disconnect");
+    assert_eq!(outcome.instances, 2, "both holders were told");
+    c.dispatch(0).await;
+    c.dispatch(1).await;
+    for bob in [&bob0, &bob1] {
+        assert_eq!(bob.close_reason(), Some(CloseReason::Disconnected));
+        assert_eq!(bob.close_frame(), Some((4002, "spam")));
+    }
+    assert_eq!(carol.close_reason(), None, "another user stays");
+    assert_eq!(
+        c.settle(2).await,
+        0,
+        "the origin published nothing to itself"
+    );
+    assert_eq!(c.settle(0).await, 0);
+    assert_eq!(c.settle(1).await, 0);
+
+    // Locally, with no reason: the default text.
+    let (bob2, _b2) = user(&c.routers[2], "bob").await;
+    let outcome = c.routers[2]
+        .disconnect_user("bob", "")
+        .await
+        .expect("disconnect");
+    assert!(outcome.instances >= 1, "{outcome:?}");
+    assert_eq!(
+        bob2.close_frame(),
+        Some((4002, "disconnected by the server"))
+    );
+    let nobody = c.routers[0]
+        .disconnect_user("nobody", "x")
+        .await
+        .expect("disconnect");
+    assert_eq!(nobody.instances, 0);
+}
+
+/// The server API's kick: the user leaves that room on every instance
+/// (with a `left` frame), stays in its other rooms, and the room's other
+/// members stay.
+async fn kick_takes_the_user_out_of_one_room_on_every_instance(kind: Kind) {
+    let mut c = cluster(kind, 3, RoutingMode::Routed).await;
+    let (bob0, mut b0) = user(&c.routers[0], "bob").await;
+    let (bob1, mut b1) = user(&c.routers[1], "bob").await;
+    let (alice, mut a) = user(&c.routers[1], "alice").await;
+    for (router, conn) in [(0, &bob0), (1, &bob1), (1, &alice)] {
+        c.routers[router].join(conn, "lobby").await.expect("join");
+    }
+    c.routers[0].join(&bob0, "other").await.expect("join");
+    let outcome = c.routers[0].kick("bob", "lobby").await.expect("kick");
+    assert_eq!(outcome.instances, 2);
+    c.dispatch(1).await;
+    for rx in [&mut b0, &mut b1] {
+        let left = one_frame(rx);
+        assert_eq!(
+            (
+                left["type"].as_str(),
+                left["room"].as_str(),
+                left["reason"].as_str()
+            ),
+            (Some("left"), Some("lobby"), Some("kicked"))
+        );
+    }
+    assert!(!bob0.is_member("lobby") && !bob1.is_member("lobby"));
+    assert!(bob0.is_member("other"), "other rooms stay");
+    assert!(alice.is_member("lobby"), "other members stay");
+    assert_eq!(bob0.close_reason(), None, "a kick is not a disconnect");
+    assert_eq!(
+        c.routers[0]
+            .send_room_as_member(&bob0, "lobby", &body("0"))
+            .await,
+        Err(RouteError::NotMember)
+    );
+    c.routers[1]
+        .send_room_as_member(&alice, "lobby", &body("1"))
+        .await
+        .expect("sent");
+    c.settle(1).await;
+    assert!(
+        frames(&mut b1).is_empty(),
+        "the kicked device hears nothing more"
+    );
+    assert!(frames(&mut a).is_empty(), "the sender gets no echo");
+    // Again, from an instance without bob: both holders are told (the
+    // count is of holders reached), nobody is a member, nothing happens.
+    let again = c.routers[2].kick("bob", "lobby").await.expect("kick");
+    assert_eq!(again.instances, 2);
+    c.dispatch(0).await;
+    c.dispatch(1).await;
+    assert!(frames(&mut b0).is_empty() && frames(&mut b1).is_empty());
+    assert_eq!(c.metrics[0].kicked.get() + c.metrics[1].kicked.get(), 2);
+}
 
 /// With room history, a room message is recorded and published in one
 /// step; every member — on the sender's instance too — gets it from the

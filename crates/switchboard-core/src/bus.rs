@@ -224,6 +224,30 @@ pub enum Envelope<'a> {
         /// after `seq`; see [`Envelope::Direct`]'s `prev`).
         prev: Option<Seq>,
     },
+    /// A command from the server API for every connection of `user` on
+    /// the receiving instance: `C <user> <origin> disconnect` (the frame
+    /// is the close reason text) or `C <user> <origin> kick <room>`.
+    /// Published only to the instances that hold `user`.
+    Control {
+        /// The user it acts on.
+        user: &'a str,
+        /// The instance the API request reached (it acted locally already).
+        origin: &'a str,
+        /// What to do.
+        action: ControlAction<'a>,
+    },
+}
+
+/// What a [`Envelope::Control`] message asks of a user's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlAction<'a> {
+    /// Close every connection (4002).
+    Disconnect,
+    /// Take every connection out of the room (each gets a `left` event).
+    Kick {
+        /// The room.
+        room: &'a str,
+    },
 }
 
 impl Envelope<'_> {
@@ -272,6 +296,18 @@ impl Envelope<'_> {
                 seq,
                 prev,
             } => (format!("R {room} {origin} {conn}"), seq, prev),
+            Envelope::Control {
+                user,
+                origin,
+                action,
+            } => (
+                match action {
+                    ControlAction::Disconnect => format!("C {user} {origin} disconnect"),
+                    ControlAction::Kick { room } => format!("C {user} {origin} kick {room}"),
+                },
+                &None,
+                &None,
+            ),
         };
         // Writing into a String cannot fail.
         if let Some(seq) = seq {
@@ -319,6 +355,24 @@ impl Envelope<'_> {
                     conn,
                     seq,
                     prev,
+                }
+            }
+            "C" => {
+                let (user, origin) = (parts.next()?, parts.next()?);
+                if user.is_empty() || origin.is_empty() {
+                    return None;
+                }
+                let action = match parts.next()? {
+                    "disconnect" => ControlAction::Disconnect,
+                    "kick" => ControlAction::Kick {
+                        room: parts.next().filter(|room| !room.is_empty())?,
+                    },
+                    _ => return None,
+                };
+                Envelope::Control {
+                    user,
+                    origin,
+                    action,
                 }
             }
             _ => return None,
@@ -383,6 +437,41 @@ mod tests {
         };
         let bytes = r.encode(b"{}");
         assert_eq!(Envelope::decode(&bytes).map(|(e, _)| e), Some(r));
+    }
+
+    #[test]
+    fn control_envelopes_round_trip_and_malformed_ones_are_refused() {
+        let d = Envelope::Control {
+            user: "bob",
+            origin: "i1",
+            action: ControlAction::Disconnect,
+        };
+        let bytes = d.encode("banned for spam".as_bytes());
+        assert_eq!(&bytes[..], b"C bob i1 disconnect\nbanned for spam");
+        let (decoded, at) = Envelope::decode(&bytes).expect("decodes");
+        assert_eq!(decoded, d);
+        assert_eq!(&bytes[at..], b"banned for spam");
+        let k = Envelope::Control {
+            user: "bob",
+            origin: "i1",
+            action: ControlAction::Kick { room: "lobby" },
+        };
+        let bytes = k.encode(b"");
+        assert_eq!(Envelope::decode(&bytes).map(|(e, _)| e), Some(k));
+        for bad in [
+            &b"C bob i1 kick\n"[..],
+            b"C bob i1 kick lobby extra\n",
+            b"C bob i1 explode\n",
+            b"C bob\n",
+            b"C  i1 disconnect\n",
+        ] {
+            assert_eq!(
+                Envelope::decode(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

@@ -144,6 +144,18 @@ pub struct Metrics {
     pub closed_flooding: Counter,
     /// Connections closed for sending nothing within the idle timeout.
     pub closed_idle: Counter,
+    /// Connections closed because their token expired unrefreshed (4001).
+    pub closed_token_expired: Counter,
+    /// Connections closed by the server API's disconnect (4002).
+    pub closed_disconnected: Counter,
+    /// Connections closed for refreshing with another user's token (4003).
+    pub closed_other_user: Counter,
+    /// Room memberships ended by the server API's kick.
+    pub kicked: Counter,
+    /// Joins refused by room authorization.
+    pub forbidden_joins: Counter,
+    /// DMs refused by the DM policy.
+    pub forbidden_dms: Counter,
     /// Connection tasks that panicked (the instance kept running).
     pub session_panics: Counter,
     /// Upgrades refused by connection limits or origin checks, by reason.
@@ -274,8 +286,21 @@ impl Metrics {
         let closed = Family::<ReasonLabel, Counter>::default();
         registry.register(
             "switchboard_closed_connections",
-            "Connections closed by the server, by reason (slow_consumer, flooding, idle)",
+            "Connections closed by the server, by reason (slow_consumer, flooding, idle, \
+             token_expired, disconnected, other_user)",
             closed.clone(),
+        );
+        let kicked = Counter::default();
+        registry.register(
+            "switchboard_kicked_memberships",
+            "Room memberships ended by the server API's kick",
+            kicked.clone(),
+        );
+        let forbidden = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "switchboard_forbidden_requests",
+            "Client requests refused by authorization, by kind (join, dm)",
+            forbidden.clone(),
         );
         let session_panics = Counter::default();
         registry.register(
@@ -410,6 +435,18 @@ impl Metrics {
             }),
             closed_flooding: closed.get_or_create_owned(&ReasonLabel { reason: "flooding" }),
             closed_idle: closed.get_or_create_owned(&ReasonLabel { reason: "idle" }),
+            closed_token_expired: closed.get_or_create_owned(&ReasonLabel {
+                reason: "token_expired",
+            }),
+            closed_disconnected: closed.get_or_create_owned(&ReasonLabel {
+                reason: "disconnected",
+            }),
+            closed_other_user: closed.get_or_create_owned(&ReasonLabel {
+                reason: "other_user",
+            }),
+            kicked,
+            forbidden_joins: forbidden.get_or_create_owned(&KindLabel { kind: "join" }),
+            forbidden_dms: forbidden.get_or_create_owned(&KindLabel { kind: "dm" }),
             session_panics,
             refused_limit: refused.get_or_create_owned(&ReasonLabel { reason: "limit" }),
             refused_origin: refused.get_or_create_owned(&ReasonLabel { reason: "origin" }),

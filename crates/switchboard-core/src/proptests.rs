@@ -24,6 +24,7 @@ fn frame_text() -> impl Strategy<Value = String> {
         Just("room"),
         Just("presence"),
         Just("ping"),
+        Just("refresh"),
         Just("x")
     ];
     let value = prop_oneof![
@@ -39,7 +40,7 @@ fn frame_text() -> impl Strategy<Value = String> {
     ];
     prop_oneof![
         (kind, value.clone(), value.clone(), value.clone(), value).prop_map(|(k, to, body, id, users)| {
-            format!(r#"{{"type":"{k}","to":{to},"room":{to},"body":{body},"id":{id},"users":{users},"extra":1}}"#)
+            format!(r#"{{"type":"{k}","to":{to},"room":{to},"body":{body},"id":{id},"users":{users},"token":{body},"extra":1}}"#)
         }),
         any::<String>(),
         proptest::collection::vec(any::<u8>(), 0..200).prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
@@ -72,6 +73,9 @@ proptest! {
                 prop_assert_eq!(crate::store::Seq::parse(&seq.to_string()), Some(seq));
             }
             Ok(Request::Ping) => {}
+            Ok(Request::Refresh { token }) => {
+                prop_assert!(!token.is_empty() && token.len() <= protocol::MAX_TOKEN_LEN);
+            }
             Err(e) => prop_assert!(!e.message.is_empty()),
         }
     }

@@ -82,6 +82,12 @@ pub enum ErrorCode {
     RateLimited,
     /// A per-connection limit (such as rooms joined) is reached.
     LimitExceeded,
+    /// The connection's token (or the join's room token) does not allow
+    /// this room or recipient.
+    Forbidden,
+    /// A `refresh` token that could not be verified, or that does not
+    /// expire later than the current one; the connection keeps its old one.
+    InvalidToken,
 }
 
 /// A request that could not be served, with the `id` to echo when known.
@@ -150,6 +156,9 @@ pub enum Request<'a> {
         room: String,
         /// Replay the room's history after this position first (v1.1).
         since: Option<Seq>,
+        /// A room token minted by the backend for this user and room
+        /// (`--room-auth token`); never logged.
+        token: Option<String>,
     },
     /// Leave a room.
     Leave {
@@ -170,6 +179,12 @@ pub enum Request<'a> {
     },
     /// Application-level keepalive.
     Ping,
+    /// A new connection token for the same user, replacing one that is
+    /// about to expire.
+    Refresh {
+        /// The JWT; never logged.
+        token: String,
+    },
 }
 
 /// The v1.1 options of a DM (and of a server-side publish to a user).
@@ -238,6 +253,8 @@ struct RawFrame<'a> {
     seq: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "present")]
     since: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    token: Option<&'a RawValue>,
 }
 
 /// A field that is present, whatever its value (absent fields take `default`).
@@ -347,6 +364,7 @@ fn parse_request<'a>(raw: &RawFrame<'a>) -> Result<Request<'a>, ProtocolError> {
                 None => None,
                 Some(since) => Some(required_seq(Some(since))?),
             },
+            token: raw.token.map(|t| required_token(Some(t))).transpose()?,
         }),
         "leave" => Ok(Request::Leave {
             room: required_name(raw.room, "room")?,
@@ -359,9 +377,12 @@ fn parse_request<'a>(raw: &RawFrame<'a>) -> Result<Request<'a>, ProtocolError> {
             users: parse_users(raw.users)?,
         }),
         "ping" => Ok(Request::Ping),
+        "refresh" => Ok(Request::Refresh {
+            token: required_token(raw.token)?,
+        }),
         _ => Err(ProtocolError::new(
             ErrorCode::UnknownType,
-            "unknown frame type (expected dm, recv, join, leave, room, presence or ping)",
+            "unknown frame type (expected dm, recv, join, leave, room, presence, ping or refresh)",
         )),
     }
 }
@@ -423,6 +444,21 @@ fn dm_options(
         key,
         receipt,
     })
+}
+
+/// Longest token accepted in a frame, in bytes (a JWT with a few claims
+/// is well under 2 KiB; an RS256 signature alone is 342 characters).
+pub const MAX_TOKEN_LEN: usize = 8192;
+
+fn required_token(raw: Option<&RawValue>) -> Result<String, ProtocolError> {
+    let token = required_string(raw, "token")?;
+    if token.is_empty() || token.len() > MAX_TOKEN_LEN {
+        return Err(ProtocolError::new(
+            ErrorCode::BadRequest,
+            format!("`token` must be 1 to {MAX_TOKEN_LEN} bytes"),
+        ));
+    }
+    Ok(token)
 }
 
 fn required_seq(raw: Option<&RawValue>) -> Result<Seq, ProtocolError> {
@@ -761,6 +797,25 @@ pub enum ServerFrame<'a> {
         /// user -> online anywhere.
         online: std::collections::BTreeMap<&'a str, bool>,
     },
+    /// The connection token (no `room`) or a room token (`room`) expires
+    /// in `in_ms`: send a `refresh` (or join the room again with a new
+    /// room token) before then.
+    TokenExpiring {
+        /// The room whose room token expires; absent for the connection's.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        room: Option<&'a str>,
+        /// Milliseconds until it expires.
+        in_ms: u64,
+    },
+    /// The connection is no longer a member of `room`, without having
+    /// asked: `kicked` (the server API), `token_expired` (its room
+    /// token), `revoked` (a refreshed token no longer allows it).
+    Left {
+        /// The room.
+        room: &'a str,
+        /// Why.
+        reason: &'a str,
+    },
     /// Reply to `ping`.
     Pong {
         /// The request id, when the request had one.
@@ -970,6 +1025,82 @@ mod tests {
         assert!(parse(&format!(r#"{{"type":"dm","to":"bob","body":{ok}}}"#))
             .request
             .is_ok());
+    }
+
+    #[test]
+    fn join_tokens_and_refresh_parse() {
+        match parse(r#"{"type":"join","room":"team-42:x","token":"a.b.c","id":1}"#).request {
+            Ok(Request::Join { room, token, since }) => {
+                assert_eq!(
+                    (room.as_str(), token.as_deref(), since),
+                    ("team-42:x", Some("a.b.c"), None)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(r#"{"type":"join","room":"lobby"}"#).request {
+            Ok(Request::Join { token: None, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        match parse(r#"{"type":"refresh","token":"x.y.z","id":"r"}"#).request {
+            Ok(Request::Refresh { token }) => assert_eq!(token, "x.y.z"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(code_of(r#"{"type":"refresh"}"#), ErrorCode::BadRequest);
+        assert_eq!(
+            code_of(r#"{"type":"refresh","token":""}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code_of(r#"{"type":"refresh","token":7}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code_of(r#"{"type":"join","room":"a","token":null}"#),
+            ErrorCode::BadRequest
+        );
+        let long = format!(
+            r#"{{"type":"refresh","token":"{}"}}"#,
+            "a".repeat(MAX_TOKEN_LEN + 1)
+        );
+        assert_eq!(code_of(&long), ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn token_and_membership_frames_serialize() {
+        let frame = ServerFrame::TokenExpiring {
+            room: None,
+            in_ms: 1500,
+        }
+        .to_text();
+        assert_eq!(frame, r#"{"type":"token_expiring","in_ms":1500}"#);
+        let frame = ServerFrame::TokenExpiring {
+            room: Some("vip"),
+            in_ms: 1,
+        }
+        .to_text();
+        assert_eq!(frame, r#"{"type":"token_expiring","room":"vip","in_ms":1}"#);
+        let frame = ServerFrame::Left {
+            room: "lobby",
+            reason: "kicked",
+        }
+        .to_text();
+        assert_eq!(frame, r#"{"type":"left","room":"lobby","reason":"kicked"}"#);
+        let error = ServerFrame::Error {
+            id: None,
+            code: ErrorCode::Forbidden,
+            message: "no",
+        };
+        assert_eq!(
+            error.to_text(),
+            r#"{"type":"error","code":"forbidden","message":"no"}"#
+        );
+        let error = ServerFrame::Error {
+            id: None,
+            code: ErrorCode::InvalidToken,
+            message: "no",
+        };
+        assert!(error.to_text().contains(r#""code":"invalid_token""#));
     }
 
     #[test]

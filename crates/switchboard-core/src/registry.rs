@@ -65,6 +65,13 @@ pub enum CloseReason {
     /// 1013: the connection's inbox backlog could not be read; reconnect
     /// (with `since`) and it is read again.
     TryAgainLater,
+    /// 4001: the connection token expired and no `refresh` replaced it.
+    TokenExpired,
+    /// 4002: a backend asked for it (`POST /api/v1/disconnect`); the text
+    /// is the one given there ([`ConnHandle::disconnect`]).
+    Disconnected,
+    /// 4003: a `refresh` presented a token for another user.
+    OtherUser,
 }
 
 impl CloseReason {
@@ -78,9 +85,20 @@ impl CloseReason {
             CloseReason::Idle => (1001, "idle timeout"),
             CloseReason::Internal => (1011, "internal error"),
             CloseReason::TryAgainLater => (1013, "inbox unavailable; reconnect"),
+            CloseReason::TokenExpired => (4001, "token expired"),
+            CloseReason::Disconnected => (4002, DISCONNECTED),
+            CloseReason::OtherUser => (4003, "token for another user"),
         }
     }
 }
+
+/// The close reason text of [`CloseReason::Disconnected`] when the request
+/// gave none.
+pub const DISCONNECTED: &str = "disconnected by the server";
+
+/// Longest close reason text a disconnect request may give, in bytes (a
+/// Close frame's reason has 123 bytes at most).
+pub const MAX_DISCONNECT_REASON: usize = 100;
 
 /// One local connection, shared by the registry and the connection's task.
 #[derive(Debug)]
@@ -96,6 +114,8 @@ pub struct ConnHandle {
     closer: CancellationToken,
     /// Why the server closed it; the first reason wins.
     close_reason: OnceLock<CloseReason>,
+    /// The reason text of a [`CloseReason::Disconnected`], when one was given.
+    close_text: OnceLock<Box<str>>,
     /// Rooms this connection has joined (membership checks and cleanup).
     rooms: Mutex<HashSet<Arc<str>>>,
     /// The inbox seam: stored DMs live-delivered while the backlog is being
@@ -392,6 +412,7 @@ impl ConnHandle {
             outbound,
             closer: CancellationToken::new(),
             close_reason: OnceLock::new(),
+            close_text: OnceLock::new(),
             rooms: Mutex::new(HashSet::new()),
             gate: Mutex::new(Gate::Live { last: Seq::ZERO }),
             room_gates: Mutex::new(None),
@@ -627,6 +648,31 @@ impl ConnHandle {
         self.closer.cancel();
     }
 
+    /// Closes with [`CloseReason::Disconnected`] and `text` as the Close
+    /// frame's reason (cut to [`MAX_DISCONNECT_REASON`] bytes at a
+    /// character boundary; empty: [`DISCONNECTED`]).
+    pub fn disconnect(&self, text: &str) {
+        let mut end = text.len().min(MAX_DISCONNECT_REASON);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        if end > 0 && self.close_reason.get().is_none() {
+            let _ = self.close_text.set(Box::from(&text[..end]));
+        }
+        self.close(CloseReason::Disconnected);
+    }
+
+    /// The Close frame's code and reason text for the reason this
+    /// connection was closed with.
+    pub fn close_frame(&self) -> Option<(u16, &str)> {
+        let reason = self.close_reason()?;
+        let (code, text) = reason.code_and_reason();
+        match (reason, self.close_text.get()) {
+            (CloseReason::Disconnected, Some(given)) => Some((code, given)),
+            _ => Some((code, text)),
+        }
+    }
+
     /// Resolves when the server decided to close this connection.
     pub fn closer(&self) -> &CancellationToken {
         &self.closer
@@ -763,6 +809,14 @@ impl Registry {
             shrink_if_sparse(&self.users);
         }
         left
+    }
+
+    /// Every local connection of `user` (a copy: no map lock is held).
+    pub fn connections_of(&self, user: &str) -> Vec<Arc<ConnHandle>> {
+        self.users
+            .get(user)
+            .map(|conns| conns.clone())
+            .unwrap_or_default()
     }
 
     /// Queues `frame` on every local connection of `user`; returns how many.

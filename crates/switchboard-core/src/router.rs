@@ -24,7 +24,9 @@ use bytes::Bytes;
 use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
 
-use crate::bus::{Bus, Channel, ChannelKind, Covered, DirectRoute, Envelope, Inbound, Reached};
+use crate::bus::{
+    Bus, Channel, ChannelKind, ControlAction, Covered, DirectRoute, Envelope, Inbound, Reached,
+};
 use crate::error::BackendError;
 use crate::keyed_lock::KeyedLocks;
 use crate::metrics::{Metrics, SendOutcomes};
@@ -179,6 +181,15 @@ impl Weighed for RerouteJob {
     }
 }
 
+/// What a server-API command ([`Router::disconnect_user`],
+/// [`Router::kick`]) reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControlOutcome {
+    /// Instances that had connections of the user (this one included) and
+    /// were told.
+    pub instances: usize,
+}
+
 /// Routes messages for one instance.
 pub struct Router {
     /// This instance's id: its presence field and personal channel.
@@ -191,7 +202,7 @@ pub struct Router {
     metrics: Arc<Metrics>,
     /// Serializes join/leave of one room with its (un)subscription, so the
     /// subscription always matches "has a local member".
-    room_locks: KeyedLocks,
+    room_locks: Arc<KeyedLocks>,
     /// Same for a user's first connect / last disconnect in user-channel mode.
     user_locks: KeyedLocks,
     /// Source of unique message ids (with the instance id as prefix).
@@ -239,7 +250,7 @@ impl Router {
             bus,
             registry,
             metrics,
-            room_locks: KeyedLocks::new(256),
+            room_locks: Arc::new(KeyedLocks::new(256)),
             user_locks: KeyedLocks::new(256),
             next_msg: AtomicU64::new(0),
             reroutes,
@@ -856,6 +867,115 @@ impl Router {
         }
     }
 
+    /// Closes every connection of `user` on every instance (4002, with
+    /// `reason` as the close text): here at once, elsewhere by a control
+    /// message published only to the instances presence names as holders.
+    /// A connection that is being opened meanwhile is not reached: this
+    /// acts on the connections that exist, it does not ban. An error after
+    /// the local part leaves the rest undone; the request is safe to retry.
+    pub async fn disconnect_user(
+        &self,
+        user: &str,
+        reason: &str,
+    ) -> Result<ControlOutcome, RouteError> {
+        self.control(user, ControlAction::Disconnect, reason).await
+    }
+
+    /// Takes every connection of `user` out of `room` on every instance;
+    /// each gets a `left` frame with reason `kicked`. Routed like
+    /// [`Router::disconnect_user`]. The user may join again if their token
+    /// allows it.
+    pub async fn kick(&self, user: &str, room: &str) -> Result<ControlOutcome, RouteError> {
+        self.control(user, ControlAction::Kick { room }, "").await
+    }
+
+    async fn control(
+        &self,
+        user: &str,
+        action: ControlAction<'_>,
+        text: &str,
+    ) -> Result<ControlOutcome, RouteError> {
+        let mut instances = usize::from(self.apply_control(user, action, text));
+        let holders = self
+            .presence
+            .locate(user)
+            .await
+            .map_err(|e| RouteError::from(&e))?;
+        let envelope = Envelope::Control {
+            user,
+            origin: &self.instance,
+            action,
+        };
+        let payload = envelope.encode(text.as_bytes());
+        for holder in holders.iter().filter(|h| h.instance != self.instance) {
+            let published = self
+                .bus
+                .publish(Channel::Instance(&holder.instance), payload.clone())
+                .await
+                .map_err(|e| RouteError::from(&e))?;
+            // 0: the holder is gone (its lease lapses soon); its
+            // connections went with it.
+            instances += usize::from(published > 0);
+        }
+        Ok(ControlOutcome { instances })
+    }
+
+    /// Carries out a control command on this instance's connections of
+    /// `user`; returns whether it has any (a holder, as the instances a
+    /// control message is published to are). Never awaits: a
+    /// room whose last local member was kicked is unsubscribed by a task.
+    fn apply_control(&self, user: &str, action: ControlAction<'_>, text: &str) -> bool {
+        let conns = self.registry.connections_of(user);
+        match action {
+            ControlAction::Disconnect => {
+                for conn in &conns {
+                    conn.disconnect(text);
+                }
+                !conns.is_empty()
+            }
+            ControlAction::Kick { room } => {
+                let mut kicked = 0u64;
+                let left = ServerFrame::Left {
+                    room,
+                    reason: "kicked",
+                }
+                .to_frame();
+                for conn in &conns {
+                    let change = self.registry.leave(room, conn);
+                    if change == RoomChange::Noop {
+                        continue; // not a member
+                    }
+                    kicked += 1;
+                    conn.send_text(left.clone(), &self.metrics);
+                    if change == RoomChange::LastLeft {
+                        self.release_room_later(room);
+                    }
+                }
+                self.metrics.kicked.inc_by(kicked);
+                !conns.is_empty()
+            }
+        }
+    }
+
+    /// Unsubscribes `room` in a task if it still has no local member once
+    /// the room's lock is held (a join in between keeps the subscription).
+    fn release_room_later(&self, room: &str) {
+        let (locks, registry, bus) = (
+            self.room_locks.clone(),
+            self.registry.clone(),
+            self.bus.clone(),
+        );
+        let room = room.to_owned();
+        tokio::spawn(async move {
+            let _guard = locks.lock(&room).await;
+            if !registry.has_room(&room) {
+                if let Err(e) = bus.unsubscribe(Channel::Room(&room)).await {
+                    tracing::warn!(error = %e, room, "room unsubscribe failed");
+                }
+            }
+        });
+    }
+
     /// The live instances holding `user`, with connection counts.
     pub async fn presence_of(&self, user: &str) -> Result<Vec<Holder>, RouteError> {
         self.presence
@@ -977,6 +1097,17 @@ impl Router {
                 };
                 self.registry
                     .deliver_room_stored(room, Some(conn), seq, &frame, &self.metrics);
+            }
+            Envelope::Control {
+                user,
+                origin,
+                action,
+            } => {
+                if inbound.kind != ChannelKind::Personal || origin == &*self.instance {
+                    return; // only ever sent to holders' personal channels
+                }
+                let text = std::str::from_utf8(&inbound.payload[at..]).unwrap_or("");
+                self.apply_control(user, action, text);
             }
             Envelope::Room {
                 room,
