@@ -6,6 +6,7 @@
 //! server receives an already-validated [`Config`].
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::{PossibleValuesParser, TypedValueParser};
@@ -35,10 +36,29 @@ fn routing_mode() -> impl TypedValueParser<Value = RoutingMode> {
 /// How a WebSocket client proves who it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AuthMode {
-    /// HS256 JWT; `sub` is the user id.
+    /// JWT (HS256 secret, RSA/EC public key or JWKS); `sub` is the user id.
     Jwt,
     /// Development only: the user id is taken from `?user=NAME`.
     None,
+}
+
+/// Who may join a room (`--room-auth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RoomAuth {
+    /// Any connection may join any room.
+    Open,
+    /// A join needs the connection token's `rooms` claim to allow the room,
+    /// or a per-room token.
+    Token,
+}
+
+/// Whom a connection may DM (`--dm-policy`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DmPolicy {
+    /// Anyone.
+    Any,
+    /// Those the connection token's `dm: true` or `dm_to` claim allows.
+    Token,
 }
 
 /// Log output format.
@@ -94,13 +114,61 @@ pub struct Config {
     )]
     pub routing: RoutingMode,
 
-    /// Client authentication: `jwt` (HS256) or `none` (development only).
+    /// Client authentication: `jwt` or `none` (development only). JWTs are
+    /// verified with exactly one of --jwt-secret, --jwt-public-key or
+    /// --jwks-url.
     #[arg(long, env = "SWITCHBOARD_AUTH", value_enum, default_value = "jwt")]
     pub auth: AuthMode,
 
     /// HS256 secret for `--auth jwt`.
     #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+
+    /// PEM file of the public key verifying client JWTs: an RSA key verifies
+    /// RS256 tokens, an EC P-256 key ES256 (P-384: ES384); no other
+    /// algorithm is accepted.
+    #[arg(long, env = "SWITCHBOARD_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// URL (http:// or https://) of a JWKS whose keys verify client JWTs,
+    /// chosen by the token's `kid`, each with its own algorithm (the JWK's
+    /// `alg`, else RS256 for RSA, ES256 for EC P-256).
+    #[arg(long, env = "SWITCHBOARD_JWKS_URL")]
+    pub jwks_url: Option<String>,
+
+    /// Shortest interval between two JWKS fetches, milliseconds: a token
+    /// with an unknown `kid` triggers a fetch at most this often.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_JWKS_MIN_REFRESH_MS",
+        default_value_t = 10_000
+    )]
+    pub jwks_min_refresh_ms: u64,
+
+    /// Age in seconds after which cached JWKS keys are refetched (on the
+    /// next verification; a failed fetch keeps the cached keys).
+    #[arg(long, env = "SWITCHBOARD_JWKS_REFRESH_S", default_value_t = 300)]
+    pub jwks_refresh_s: u64,
+
+    /// Who may join a room: `token` (the connection token's `rooms` claim,
+    /// or a per-room token in the join) or `open` (anyone). Default: `token`
+    /// with --auth jwt, `open` with --auth none.
+    #[arg(long, env = "SWITCHBOARD_ROOM_AUTH", value_enum)]
+    pub room_auth: Option<RoomAuth>,
+
+    /// Whom a connection may DM: `any`, or `token` (those its token's
+    /// `dm: true` or `dm_to` claim allows). Needs --auth jwt.
+    #[arg(long, env = "SWITCHBOARD_DM_POLICY", value_enum, default_value = "any")]
+    pub dm_policy: DmPolicy,
+
+    /// How long before a token's `exp` the server sends `token_expiring`,
+    /// milliseconds.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_TOKEN_EXPIRY_WARNING_MS",
+        default_value_t = 30_000
+    )]
+    pub token_expiry_warning_ms: u64,
 
     /// Prefix of every Redis key and channel, so deployments can share a Redis.
     #[arg(long, env = "SWITCHBOARD_REDIS_PREFIX", default_value = "sb")]
@@ -274,9 +342,21 @@ pub struct Config {
 /// Why a configuration cannot be used.
 #[derive(Debug, PartialEq, thiserror::Error)]
 pub enum ConfigError {
-    /// `--auth jwt` needs a secret to verify tokens with.
-    #[error("--auth jwt needs --jwt-secret (or SWITCHBOARD_JWT_SECRET)")]
+    /// `--auth jwt` needs a key to verify tokens with.
+    #[error(
+        "--auth jwt needs --jwt-secret (or SWITCHBOARD_JWT_SECRET), --jwt-public-key or \
+         --jwks-url"
+    )]
     MissingJwtSecret,
+    /// Two key sources: which one verifies would be ambiguous.
+    #[error("--jwt-secret, --jwt-public-key and --jwks-url are mutually exclusive")]
+    SeveralJwtKeys,
+    /// A `--jwks-url` that is not http(s).
+    #[error("--jwks-url must be an http:// or https:// URL")]
+    JwksUrl,
+    /// Token-based policies with nothing that could sign a token.
+    #[error("--{0} token needs --auth jwt")]
+    PolicyNeedsJwt(&'static str),
     /// The instance id appears in keys and channel names.
     #[error("invalid --instance-id: {0}")]
     InstanceId(NameError),
@@ -343,9 +423,7 @@ impl Config {
 
     /// Checks cross-field rules clap cannot express and fills the instance id.
     pub fn validate(mut self) -> Result<Self, ConfigError> {
-        if self.auth == AuthMode::Jwt && self.jwt_secret.as_deref().unwrap_or("").is_empty() {
-            return Err(ConfigError::MissingJwtSecret);
-        }
+        self.validate_auth()?;
         let id = match self.instance_id.take() {
             Some(id) => id,
             None => default_instance_id(),
@@ -385,6 +463,56 @@ impl Config {
         Ok(self)
     }
 
+    /// The key source and the token policies: exactly one key with
+    /// `--auth jwt`; `token` policies only with `--auth jwt`. Empty values
+    /// (an environment variable set to "") count as absent.
+    fn validate_auth(&mut self) -> Result<(), ConfigError> {
+        self.jwt_secret.take_if(|secret| secret.is_empty());
+        self.jwt_public_key
+            .take_if(|path| path.as_os_str().is_empty());
+        self.jwks_url.take_if(|url| url.trim().is_empty());
+        if let Some(url) = &self.jwks_url {
+            let http = reqwest::Url::parse(url)
+                .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+            if !http {
+                return Err(ConfigError::JwksUrl);
+            }
+        }
+        match self.auth {
+            AuthMode::Jwt => {
+                let sources = usize::from(self.jwt_secret.is_some())
+                    + usize::from(self.jwt_public_key.is_some())
+                    + usize::from(self.jwks_url.is_some());
+                match sources {
+                    0 => Err(ConfigError::MissingJwtSecret),
+                    1 => Ok(()),
+                    _ => Err(ConfigError::SeveralJwtKeys),
+                }
+            }
+            AuthMode::None if self.room_auth == Some(RoomAuth::Token) => {
+                Err(ConfigError::PolicyNeedsJwt("room-auth"))
+            }
+            AuthMode::None if self.dm_policy == DmPolicy::Token => {
+                Err(ConfigError::PolicyNeedsJwt("dm-policy"))
+            }
+            AuthMode::None => Ok(()),
+        }
+    }
+
+    /// `--room-auth` as set, or its default: `token` with `--auth jwt`,
+    /// `open` with `--auth none`.
+    pub fn room_auth(&self) -> RoomAuth {
+        self.room_auth.unwrap_or(match self.auth {
+            AuthMode::Jwt => RoomAuth::Token,
+            AuthMode::None => RoomAuth::Open,
+        })
+    }
+
+    /// `--token-expiry-warning-ms` as a duration.
+    pub fn token_expiry_warning(&self) -> Duration {
+        Duration::from_millis(self.token_expiry_warning_ms)
+    }
+
     /// `--max-connections` as set, or the default of [`DEFAULT_MAX_CONNECTIONS`].
     pub fn max_connections(&self) -> usize {
         self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS)
@@ -416,8 +544,8 @@ impl Config {
     /// Settings that work but that an operator should hear about.
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
-        if self.auth == AuthMode::Jwt {
-            let len = self.jwt_secret.as_deref().unwrap_or("").len();
+        if let (AuthMode::Jwt, Some(secret)) = (self.auth, &self.jwt_secret) {
+            let len = secret.len();
             if len < MIN_HS256_SECRET_BYTES {
                 warnings.push(format!(
                     "--jwt-secret is {len} bytes; HS256 needs at least {MIN_HS256_SECRET_BYTES} \
@@ -459,6 +587,13 @@ impl Config {
             routing: RoutingMode::Routed,
             auth: AuthMode::None,
             jwt_secret: None,
+            jwt_public_key: None,
+            jwks_url: None,
+            jwks_min_refresh_ms: 10_000,
+            jwks_refresh_s: 300,
+            room_auth: None,
+            dm_policy: DmPolicy::Any,
+            token_expiry_warning_ms: 30_000,
             redis_prefix: "sb".to_owned(),
             max_frame_bytes: 65536,
             lease_ms: 10_000,
@@ -489,6 +624,57 @@ impl Config {
             allowed_origins: Vec::new(),
         }
     }
+}
+
+/// `switchboard token`: the flags of the development token minter. The key
+/// decides the algorithm, as on the server: `--jwt-secret` signs HS256,
+/// `--jwt-private-key` RS256 (RSA) or ES256 (EC P-256).
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenArgs {
+    /// The user the token names (`sub`).
+    #[arg(long)]
+    pub user: String,
+
+    /// Rooms the connection may join (`rooms`), comma-separated: exact names
+    /// or prefix patterns ending in `*` (`lobby,team-42:*`; `*` is every room).
+    #[arg(long, value_delimiter = ',', conflicts_with = "room")]
+    pub rooms: Vec<String>,
+
+    /// The connection may DM anyone (`dm: true`).
+    #[arg(long, conflicts_with = "room")]
+    pub dm: bool,
+
+    /// Users the connection may DM (`dm_to`), comma-separated names or
+    /// prefix patterns ending in `*`.
+    #[arg(long, value_delimiter = ',', conflicts_with = "room")]
+    pub dm_to: Vec<String>,
+
+    /// Mint a per-room token for this room (`room`) instead of a connection
+    /// token; the client sends it in its `join`.
+    #[arg(long)]
+    pub room: Option<String>,
+
+    /// Lifetime: `exp` is now plus this (30s, 15m, 1h, 1d).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ttl: Duration,
+
+    /// Audience (`aud`); the server's --jwt-audience by default.
+    #[arg(long, env = "SWITCHBOARD_JWT_AUDIENCE")]
+    pub aud: Option<String>,
+
+    /// HS256 secret (the server's --jwt-secret).
+    #[arg(long, env = "SWITCHBOARD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// PEM private key (PKCS#8, or PKCS#1 RSA) whose public half the server
+    /// has in --jwt-public-key or its JWKS; takes precedence over
+    /// --jwt-secret.
+    #[arg(long, env = "SWITCHBOARD_JWT_PRIVATE_KEY")]
+    pub jwt_private_key: Option<PathBuf>,
+
+    /// Key id put in the header (`kid`), for a server using --jwks-url.
+    #[arg(long)]
+    pub kid: Option<String>,
 }
 
 /// `hostname-xxxxxxxx`: readable in logs, unique per process start.
@@ -560,6 +746,83 @@ mod tests {
         };
         assert_eq!(parse("s3cret").warnings().len(), 1);
         assert!(parse(&"k".repeat(32)).warnings().is_empty());
+    }
+
+    #[test]
+    fn exactly_one_jwt_key_source() {
+        let validate = |args: &[&str]| {
+            let mut argv = vec!["switchboard"];
+            argv.extend_from_slice(args);
+            Config::try_parse_from(argv).expect("parse").validate()
+        };
+        let url = "https://idp.example/.well-known/jwks.json";
+        assert!(validate(&["--jwt-secret", "s"]).is_ok());
+        assert!(validate(&["--jwt-public-key", "/etc/key.pem"]).is_ok());
+        assert!(validate(&["--jwks-url", url]).is_ok());
+        assert!(validate(&["--jwks-url", "http://127.0.0.1:9/jwks"]).is_ok());
+        for several in [
+            &["--jwt-secret", "s", "--jwt-public-key", "/k.pem"][..],
+            &["--jwt-secret", "s", "--jwks-url", url],
+            &["--jwt-public-key", "/k.pem", "--jwks-url", url],
+        ] {
+            assert!(
+                matches!(validate(several), Err(ConfigError::SeveralJwtKeys)),
+                "{several:?}"
+            );
+        }
+        assert!(matches!(
+            validate(&["--jwt-secret", ""]),
+            Err(ConfigError::MissingJwtSecret)
+        ));
+        for bad in ["ftp://idp/jwks", "idp.example/jwks", "file:///jwks.json"] {
+            assert!(
+                matches!(validate(&["--jwks-url", bad]), Err(ConfigError::JwksUrl)),
+                "{bad}"
+            );
+        }
+        // No secret, so no short-secret warning.
+        let cfg = validate(&["--jwt-public-key", "/k.pem"]).expect("valid");
+        assert!(cfg.warnings().is_empty());
+        assert_eq!(cfg.jwks_min_refresh_ms, 10_000);
+        assert_eq!(cfg.jwks_refresh_s, 300);
+    }
+
+    #[test]
+    fn token_policies() {
+        let validate = |args: &[&str]| {
+            let mut argv = vec!["switchboard"];
+            argv.extend_from_slice(args);
+            Config::try_parse_from(argv).expect("parse").validate()
+        };
+        let jwt = validate(&["--jwt-secret", "s"]).expect("valid");
+        assert_eq!(jwt.room_auth(), RoomAuth::Token);
+        assert_eq!(jwt.dm_policy, DmPolicy::Any);
+        assert_eq!(jwt.token_expiry_warning(), Duration::from_secs(30));
+        let none = validate(&["--auth", "none"]).expect("valid");
+        assert_eq!(none.room_auth(), RoomAuth::Open);
+        let open = validate(&["--jwt-secret", "s", "--room-auth", "open"]).expect("valid");
+        assert_eq!(open.room_auth(), RoomAuth::Open);
+        let strict = validate(&[
+            "--jwt-secret",
+            "s",
+            "--dm-policy",
+            "token",
+            "--token-expiry-warning-ms",
+            "5000",
+        ])
+        .expect("valid");
+        assert_eq!(strict.dm_policy, DmPolicy::Token);
+        assert_eq!(strict.token_expiry_warning(), Duration::from_secs(5));
+        assert!(matches!(
+            validate(&["--auth", "none", "--room-auth", "token"]),
+            Err(ConfigError::PolicyNeedsJwt("room-auth"))
+        ));
+        assert!(matches!(
+            validate(&["--auth", "none", "--dm-policy", "token"]),
+            Err(ConfigError::PolicyNeedsJwt("dm-policy"))
+        ));
+        assert!(validate(&["--auth", "none", "--room-auth", "open"]).is_ok());
+        assert_eq!(Config::for_tests("i1").room_auth(), RoomAuth::Open);
     }
 
     #[test]

@@ -41,6 +41,7 @@ use switchboard_core::router::{ReplayStart, RouteError, Router};
 use switchboard_core::store::Seq;
 
 use crate::admission::Admission;
+use crate::auth::{AuthError, Authenticator, Identity};
 
 /// An upgraded WebSocket connection.
 pub type Socket = WebSocketStream<TokioIo<Upgraded>>;
@@ -72,6 +73,21 @@ pub struct SessionLimits {
     pub idle_timeout: Duration,
 }
 
+/// What sessions enforce about tokens, from the configuration.
+#[derive(Debug)]
+pub struct AuthPolicy {
+    /// Verifies `refresh` tokens and room tokens.
+    pub authenticator: Arc<Authenticator>,
+    /// `--room-auth token`: a join needs the connection token's `rooms`
+    /// claim or a room token.
+    pub rooms_need_grant: bool,
+    /// `--dm-policy token`: a DM needs the sender's `dm`/`dm_to` claim.
+    pub dms_need_grant: bool,
+    /// How long before a token's `exp` the client is told
+    /// (`token_expiring`).
+    pub expiry_warning: Duration,
+}
+
 /// What a session needs from its instance.
 #[derive(Debug, Clone)]
 pub struct SessionContext {
@@ -83,6 +99,72 @@ pub struct SessionContext {
     pub limits: SessionLimits,
     /// Cancelled when the instance shuts down.
     pub shutdown: CancellationToken,
+    /// Room authorization, DM policy, token lifetimes.
+    pub auth: Arc<AuthPolicy>,
+}
+
+/// When a token expires, and whether the client was told.
+#[derive(Debug, Clone, Copy)]
+struct Expiry {
+    at: Instant,
+    warned: bool,
+}
+
+impl Expiry {
+    /// `exp_ms` (unix milliseconds) as a point on this process's clock.
+    fn from_unix_ms(exp_ms: u64) -> Expiry {
+        let left = exp_ms.saturating_sub(switchboard_core::router::now_ms());
+        Expiry {
+            at: Instant::now() + Duration::from_millis(left),
+            warned: false,
+        }
+    }
+
+    /// When this needs attention next: the warning, then the expiry.
+    fn next(&self, warning: Duration) -> Instant {
+        if self.warned {
+            self.at
+        } else {
+            self.at.checked_sub(warning).unwrap_or(self.at)
+        }
+    }
+}
+
+/// A session's tokens: who the connection token says it is and allows,
+/// when it expires, and the rooms held by a room token. Boxed in the
+/// session (an idle connection carries a pointer, not the grants).
+#[derive(Debug)]
+struct Tokens {
+    identity: Identity,
+    expiry: Option<Expiry>,
+    /// Rooms joined with a room token, with its expiry (rooms the
+    /// connection token allows are not listed: they last as long as it).
+    rooms: Vec<(Arc<str>, Expiry)>,
+}
+
+impl Tokens {
+    fn new(identity: Identity) -> Tokens {
+        let expiry = identity.expires_at_ms.map(Expiry::from_unix_ms);
+        Tokens {
+            identity,
+            expiry,
+            rooms: Vec::new(),
+        }
+    }
+
+    /// The earliest moment a token needs attention, if any.
+    fn next_deadline(&self, warning: Duration) -> Option<Instant> {
+        let rooms = self.rooms.iter().map(|(_, e)| e.next(warning));
+        self.expiry
+            .iter()
+            .map(|e| e.next(warning))
+            .chain(rooms)
+            .min()
+    }
+
+    fn forget_room(&mut self, room: &str) {
+        self.rooms.retain(|(r, _)| &**r != room);
+    }
 }
 
 /// A token bucket: `rate` frames a second on average, `burst` at once.
@@ -130,11 +212,13 @@ impl TokenBucket {
 /// and the rest of the instance never notices.
 pub async fn serve(
     ws: Socket,
-    user: Arc<str>,
+    identity: Identity,
     since: Option<Seq>,
     ctx: SessionContext,
     admission: Admission,
 ) {
+    let user = identity.user.clone();
+    let tokens = Box::new(Tokens::new(identity));
     let id = ctx.router.registry().next_conn_id(ctx.router.instance());
     // A debug-level span: at the usual `info` level it is disabled and costs
     // nothing, where an enabled span per connection would keep ~0.3 KiB per
@@ -174,7 +258,8 @@ pub async fn serve(
                 inbox_unreadable(&handle, &ctx, e);
             }
         }
-        let session = AssertUnwindSafe(read_loop(&mut stream, &handle, &ctx)).catch_unwind();
+        let session =
+            AssertUnwindSafe(read_loop(&mut stream, &handle, &ctx, tokens)).catch_unwind();
         if session.await.is_err() {
             ctx.metrics.session_panics.inc();
             handle.close(CloseReason::Internal);
@@ -190,6 +275,9 @@ pub async fn serve(
             Some(CloseReason::SlowConsumer) => ctx.metrics.closed_slow_consumer.inc(),
             Some(CloseReason::Flooding) => ctx.metrics.closed_flooding.inc(),
             Some(CloseReason::Idle) => ctx.metrics.closed_idle.inc(),
+            Some(CloseReason::TokenExpired) => ctx.metrics.closed_token_expired.inc(),
+            Some(CloseReason::Disconnected) => ctx.metrics.closed_disconnected.inc(),
+            Some(CloseReason::OtherUser) => ctx.metrics.closed_other_user.inc(),
             _ => 0,
         };
         // Ends the writer: with a reason it sends a close frame first.
@@ -335,6 +423,7 @@ async fn read_loop(
     stream: &mut SplitStream<Socket>,
     handle: &Arc<ConnHandle>,
     ctx: &SessionContext,
+    mut tokens: Box<Tokens>,
 ) {
     let limits = &ctx.limits;
     let mut bucket = TokenBucket::new(limits.rate_limit, limits.rate_burst, Instant::now());
@@ -349,6 +438,7 @@ async fn read_loop(
     loop {
         let idle_deadline = last_heard + limits.idle_timeout;
         let retry_at = repair_retry.as_ref().map_or(idle_deadline, |r| r.at);
+        let token_deadline = tokens.next_deadline(ctx.auth.expiry_warning);
         let next = tokio::select! {
             biased;
             _ = handle.closer().cancelled() => return,
@@ -372,7 +462,15 @@ async fn read_loop(
                 }
                 continue;
             }
-            _ = tokio::time::sleep_until(idle_deadline.into()) => {
+            // One timer for the idle deadline and the tokens' (a sleep is
+            // ~100 bytes of every idle connection's task).
+            _ = tokio::time::sleep_until(token_deadline.map_or(idle_deadline, |t| t.min(idle_deadline)).into()) => {
+                if token_deadline.is_some_and(|t| t <= Instant::now()) {
+                    if !Box::pin(token_deadlines(handle, ctx, &mut tokens)).await {
+                        return;
+                    }
+                    continue;
+                }
                 handle.close(CloseReason::Idle);
                 return;
             }
@@ -422,7 +520,7 @@ async fn read_loop(
             // Boxed: handling a frame (routing, presence reads) is a large
             // state machine; inline, every idle connection would carry its
             // ~7 KB in its task. Boxed, only a frame being handled does.
-            Some(text) => Box::pin(handle_text(text, handle, ctx)).await,
+            Some(text) => Box::pin(handle_text(text, handle, ctx, &mut tokens)).await,
             None => {
                 let error = ProtocolError::new(
                     ErrorCode::BadRequest,
@@ -443,6 +541,7 @@ async fn handle_text(
     text: &str,
     handle: &Arc<ConnHandle>,
     ctx: &SessionContext,
+    tokens: &mut Tokens,
 ) -> Option<TextFrame> {
     let incoming = protocol::parse(text);
     let id = incoming.id.as_ref();
@@ -456,9 +555,10 @@ async fn handle_text(
         Request::Recv { .. } => id.is_some(),
         _ => true,
     };
-    match handle_request(request, id, handle, ctx).await {
+    match handle_request(request, id, handle, ctx, tokens).await {
         Reply::Ok(_) if !wants_ack => None,
         Reply::Ok(frame) | Reply::Notable(frame) => Some(frame),
+        Reply::Sent => None,
     }
 }
 
@@ -467,6 +567,8 @@ async fn handle_text(
 enum Reply {
     Ok(TextFrame),
     Notable(TextFrame),
+    /// Already queued (before a close).
+    Sent,
 }
 
 async fn handle_request(
@@ -474,6 +576,7 @@ async fn handle_request(
     id: Option<&RequestId>,
     handle: &Arc<ConnHandle>,
     ctx: &SessionContext,
+    tokens: &mut Tokens,
 ) -> Reply {
     if let Request::Direct { body, .. } | Request::Room { body, .. } = &request {
         if body.get().len() > ctx.limits.max_body_bytes {
@@ -497,6 +600,16 @@ async fn handle_request(
         .to_frame()
     };
     match request {
+        Request::Direct { to, .. }
+            if ctx.auth.dms_need_grant && !tokens.identity.grants.allows_dm_to(&to) =>
+        {
+            ctx.metrics.forbidden_dms.inc();
+            let message = format!("your token does not allow direct messages to {to}");
+            Reply::Notable(error_frame(
+                id,
+                &ProtocolError::new(ErrorCode::Forbidden, message),
+            ))
+        }
         Request::Direct { to, body, options } => {
             match router.send_dm(&handle.user, &to, body, &options).await {
                 Ok(outcome) => {
@@ -537,31 +650,51 @@ async fn handle_request(
                 &ProtocolError::new(ErrorCode::LimitExceeded, message),
             ))
         }
-        Request::Join { room, since: None } => match router.join(handle, &room).await {
-            Ok(()) => Reply::Ok(ack("ok", None)),
-            Err(e) => Reply::Notable(route_error(id, e)),
-        },
-        Request::Join {
-            room,
-            since: Some(since),
-        } => match Box::pin(replay_room(handle, &room, since, ctx)).await {
-            Ok(recovered) => Reply::Ok(
-                ServerFrame::Ack {
-                    id,
-                    status: "ok",
-                    msg_id: None,
-                    seq: None,
-                    stored: None,
-                    recovered: Some(recovered),
+        Request::Join { room, since, token } => {
+            let room_expiry =
+                match authorize_join(&room, token.as_deref(), handle, ctx, tokens).await {
+                    Ok(expiry) => expiry,
+                    Err(message) => {
+                        ctx.metrics.forbidden_joins.inc();
+                        return Reply::Notable(error_frame(
+                            id,
+                            &ProtocolError::new(ErrorCode::Forbidden, message),
+                        ));
+                    }
+                };
+            let joined = match since {
+                None => router.join(handle, &room).await.map(|()| None),
+                Some(since) => Box::pin(replay_room(handle, &room, since, ctx))
+                    .await
+                    .map(Some),
+            };
+            match joined {
+                Ok(recovered) => {
+                    tokens.forget_room(&room);
+                    if let Some(expiry) = room_expiry {
+                        tokens.rooms.push((Arc::from(room.as_str()), expiry));
+                    }
+                    Reply::Ok(
+                        ServerFrame::Ack {
+                            id,
+                            status: "ok",
+                            msg_id: None,
+                            seq: None,
+                            stored: None,
+                            recovered,
+                        }
+                        .to_frame(),
+                    )
                 }
-                .to_frame(),
-            ),
-            Err(e) => Reply::Notable(route_error(id, e)),
-        },
+                Err(e) => Reply::Notable(route_error(id, e)),
+            }
+        }
         Request::Leave { room } => {
             router.leave(handle, &room).await;
+            tokens.forget_room(&room);
             Reply::Ok(ack("ok", None))
         }
+        Request::Refresh { token } => Box::pin(refresh(&token, id, handle, ctx, tokens)).await,
         Request::Presence { users } => match router.online(&users).await {
             Ok(online) => Reply::Ok(
                 ServerFrame::Presence {
@@ -578,6 +711,154 @@ async fn handle_request(
         },
         Request::Ping => Reply::Ok(ServerFrame::Pong { id }.to_frame()),
     }
+}
+
+/// Whether `room` may be joined: `Ok(None)` when rooms are open or the
+/// connection token allows it, `Ok(Some(expiry))` when a valid room token
+/// does, `Err(why)` (answered `forbidden`) otherwise. A room token that is
+/// given is always checked, even where the connection token would do.
+async fn authorize_join(
+    room: &str,
+    token: Option<&str>,
+    handle: &ConnHandle,
+    ctx: &SessionContext,
+    tokens: &Tokens,
+) -> Result<Option<Expiry>, String> {
+    if !ctx.auth.rooms_need_grant {
+        return Ok(None);
+    }
+    match token {
+        Some(token) => match ctx
+            .auth
+            .authenticator
+            .room_token(token, &handle.user, room)
+            .await
+        {
+            Ok(exp_ms) => Ok(Some(Expiry::from_unix_ms(exp_ms))),
+            Err(e) => Err(format!("room token refused: {e}")),
+        },
+        None if tokens.identity.grants.allows_room(room) => Ok(None),
+        None => Err(format!(
+            "your token does not allow room {room}; join with a room token"
+        )),
+    }
+}
+
+/// A `refresh`: a valid later token for the same user replaces the
+/// connection's (its grants too: rooms they no longer allow, and that no
+/// room token holds, are left with a `left` frame, reason `revoked`). A
+/// token for another user closes the connection (4003).
+async fn refresh(
+    token: &str,
+    id: Option<&RequestId>,
+    handle: &ConnHandle,
+    ctx: &SessionContext,
+    tokens: &mut Tokens,
+) -> Reply {
+    let refused =
+        |code, message: String| Reply::Notable(error_frame(id, &ProtocolError::new(code, message)));
+    if tokens.identity.expires_at_ms.is_none() {
+        return refused(
+            ErrorCode::InvalidToken,
+            "this server does not authenticate with tokens (--auth none)".to_owned(),
+        );
+    }
+    match ctx
+        .auth
+        .authenticator
+        .refresh(token, &tokens.identity)
+        .await
+    {
+        Ok(identity) => {
+            tokens.expiry = identity.expires_at_ms.map(Expiry::from_unix_ms);
+            tokens.identity = identity;
+            if ctx.auth.rooms_need_grant {
+                for room in handle.rooms() {
+                    let by_room_token = tokens.rooms.iter().any(|(r, _)| *r == room);
+                    if !by_room_token && !tokens.identity.grants.allows_room(&room) {
+                        leave_unasked(handle, ctx, &room, "revoked").await;
+                    }
+                }
+            }
+            Reply::Ok(
+                ServerFrame::Ack {
+                    id,
+                    status: "ok",
+                    msg_id: None,
+                    seq: None,
+                    stored: None,
+                    recovered: None,
+                }
+                .to_frame(),
+            )
+        }
+        Err(AuthError::OtherSubject) => {
+            let reply = refused(
+                ErrorCode::Forbidden,
+                "a refresh must be for the same user".to_owned(),
+            );
+            // Queued before the close, so the client reads why.
+            if let Reply::Notable(frame) = reply {
+                handle.send_text(frame, &ctx.metrics);
+            }
+            handle.close(CloseReason::OtherUser);
+            Reply::Sent
+        }
+        Err(e) => refused(ErrorCode::InvalidToken, format!("refresh refused: {e}")),
+    }
+}
+
+/// Takes the connection out of `room` without its asking, telling it why.
+async fn leave_unasked(handle: &ConnHandle, ctx: &SessionContext, room: &str, reason: &str) {
+    ctx.router.leave(handle, room).await;
+    handle.send_text(ServerFrame::Left { room, reason }.to_frame(), &ctx.metrics);
+}
+
+/// Warns of and enforces the token deadlines that have come: the
+/// connection token's (`token_expiring`, then close 4001) and each room
+/// token's (`token_expiring` with the room, then the room is left with
+/// reason `token_expired`). Returns whether the connection stays open.
+async fn token_deadlines(handle: &ConnHandle, ctx: &SessionContext, tokens: &mut Tokens) -> bool {
+    let now = Instant::now();
+    let warning = ctx.auth.expiry_warning;
+    let in_ms = |at: Instant| at.saturating_duration_since(now).as_millis() as u64;
+    if let Some(expiry) = &mut tokens.expiry {
+        if now >= expiry.at {
+            handle.close(CloseReason::TokenExpired);
+            return false;
+        }
+        if !expiry.warned && now >= expiry.next(warning) {
+            expiry.warned = true;
+            let frame = ServerFrame::TokenExpiring {
+                room: None,
+                in_ms: in_ms(expiry.at),
+            };
+            handle.send_text(frame.to_frame(), &ctx.metrics);
+        }
+    }
+    // A room the connection was taken out of by the server (a kick) is
+    // still listed here: it is forgotten, not warned about.
+    tokens.rooms.retain(|(room, _)| handle.is_member(room));
+    let mut expired = Vec::new();
+    for (room, expiry) in &mut tokens.rooms {
+        if now >= expiry.at {
+            expired.push(room.clone());
+        } else if !expiry.warned && now >= expiry.next(warning) {
+            expiry.warned = true;
+            let frame = ServerFrame::TokenExpiring {
+                room: Some(room),
+                in_ms: in_ms(expiry.at),
+            };
+            handle.send_text(frame.to_frame(), &ctx.metrics);
+        }
+    }
+    for room in expired {
+        tokens.forget_room(&room);
+        if handle.is_member(&room) {
+            leave_unasked(handle, ctx, &room, "token_expired").await;
+        }
+    }
+    true
 }
 
 /// The protocol error code for a routing failure.
@@ -691,10 +972,12 @@ async fn write_loop(
                 }
             }
         }
-        let (code, text) = reason.code_and_reason();
+        let (code, text) = handle
+            .close_frame()
+            .unwrap_or_else(|| reason.code_and_reason());
         sink.send(Message::Close(Some(CloseFrame {
             code: CloseCode::from(code),
-            reason: Utf8Bytes::from_static(text),
+            reason: Utf8Bytes::from(text),
         })))
         .await
     })

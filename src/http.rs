@@ -15,7 +15,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use serde_json::json;
+use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -27,11 +27,12 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use switchboard_core::protocol::{self, PublishTarget};
+use switchboard_core::registry::MAX_DISCONNECT_REASON;
 use switchboard_core::router::{RouteError, RoutingMode};
 use switchboard_core::store::Seq;
 
 use crate::admission::{Limits, Refusal};
-use crate::auth::{Authenticator, Credentials};
+use crate::auth::{AuthError, Authenticator, Credentials, Identity};
 use crate::connection::{self, route_error_code, SessionContext};
 
 /// What the accept loop hands to the routes of one HTTP connection: the
@@ -221,7 +222,7 @@ fn websocket(ctx: HttpContext) -> impl Filter<Extract = (Response,), Error = Rej
                   headers: HeaderMap,
                   slot: Option<Arc<UpgradeSlot>>| {
                 let ctx = ctx.clone();
-                async move { upgrade(&ctx, &query, &headers, slot.as_deref()) }
+                async move { upgrade(&ctx, &query, &headers, slot.as_deref()).await }
             },
         )
 }
@@ -233,18 +234,19 @@ fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
 /// Admits the client, then answers 101 and starts its session on the
 /// upgraded connection. Admission (and its reservations) happens before the
 /// 101, so a refused client never becomes a session.
-fn upgrade(
+async fn upgrade(
     ctx: &HttpContext,
     query: &HashMap<String, String>,
     headers: &HeaderMap,
     slot: Option<&UpgradeSlot>,
 ) -> Result<Response, Rejection> {
-    let (user, admission) = admit(
+    let (identity, admission) = admit(
         ctx,
         query,
         header(headers, "authorization"),
         header(headers, "origin"),
-    )?;
+    )
+    .await?;
     let connection_upgrade = header(headers, "connection").is_some_and(|v| {
         v.split(',')
             .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
@@ -302,7 +304,7 @@ fn upgrade(
         let socket =
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
                 .await;
-        connection::serve(socket, user, since, session, admission).await;
+        connection::serve(socket, identity, since, session, admission).await;
         drop(permit);
     });
     let mut response = Response::new(Default::default());
@@ -319,12 +321,12 @@ fn upgrade(
 
 /// Decides whether a WebSocket upgrade may proceed, and as whom; reserves
 /// the session's slots.
-fn admit(
+async fn admit(
     ctx: &HttpContext,
     query: &HashMap<String, String>,
     authorization: Option<&str>,
     origin: Option<&str>,
-) -> Result<(Arc<str>, crate::admission::Admission), Rejection> {
+) -> Result<(Identity, crate::admission::Admission), Rejection> {
     let metrics = &ctx.session.metrics;
     if let Some(origin) = origin {
         if !ctx.allowed_origins.is_empty() && !ctx.allowed_origins.iter().any(|o| o == origin) {
@@ -338,13 +340,28 @@ fn admit(
         authorization,
         query_user: query.get("user").map(String::as_str),
     };
-    let user = ctx.auth.authenticate(&credentials).map_err(|e| {
-        metrics.auth_failures.inc();
-        tracing::info!(reason = %e, "websocket upgrade refused");
-        refuse(StatusCode::UNAUTHORIZED, "invalid or missing credentials")
-    })?;
-    match ctx.limits.admit(&user) {
-        Ok(admission) => Ok((user, admission)),
+    let identity = ctx
+        .auth
+        .authenticate(&credentials)
+        .await
+        .map_err(|e| match e {
+            // The JWKS endpoint could not be read and the token's key is
+            // not cached: the token may be good; the client retries later.
+            AuthError::KeysUnavailable(_) => {
+                tracing::warn!(error = %e, "websocket upgrade refused: token keys unavailable");
+                refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "token keys unavailable; try again",
+                )
+            }
+            e => {
+                metrics.auth_failures.inc();
+                tracing::info!(reason = %e, "websocket upgrade refused");
+                refuse(StatusCode::UNAUTHORIZED, "invalid or missing credentials")
+            }
+        })?;
+    match ctx.limits.admit(&identity.user) {
+        Ok(admission) => Ok((identity, admission)),
         Err(Refusal::InstanceFull) => {
             metrics.refused_limit.inc();
             Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "instance is full"))
@@ -390,6 +407,26 @@ fn api(ctx: HttpContext) -> impl Filter<Extract = (Response,), Error = Rejection
             async move { presence(&ctx, &user).await }
         });
 
+    let disconnect_ctx = ctx.clone();
+    let disconnect = warp::path!("disconnect")
+        .and(warp::post())
+        .and(warp::body::content_length_limit(CONTROL_REQUEST_LIMIT))
+        .and(warp::body::bytes())
+        .then(move |body: Bytes| {
+            let ctx = disconnect_ctx.clone();
+            async move { disconnect(&ctx, &body).await }
+        });
+
+    let kick_ctx = ctx.clone();
+    let kick = warp::path!("rooms" / String / "kick")
+        .and(warp::post())
+        .and(warp::body::content_length_limit(CONTROL_REQUEST_LIMIT))
+        .and(warp::body::bytes())
+        .then(move |room: String, body: Bytes| {
+            let ctx = kick_ctx.clone();
+            async move { kick(&ctx, &room, &body).await }
+        });
+
     let stats = warp::path!("stats").and(warp::get()).map(move || {
         let registry = ctx.session.router.registry();
         json_reply(
@@ -405,7 +442,101 @@ fn api(ctx: HttpContext) -> impl Filter<Extract = (Response,), Error = Rejection
         )
     });
 
-    authorized.and(publish.or(presence).unify().or(stats).unify())
+    authorized.and(
+        publish
+            .or(presence)
+            .unify()
+            .or(disconnect)
+            .unify()
+            .or(kick)
+            .unify()
+            .or(stats)
+            .unify(),
+    )
+}
+
+/// Largest body of a disconnect or kick request.
+const CONTROL_REQUEST_LIMIT: u64 = 4096;
+
+/// The body of `POST /api/v1/disconnect` and `POST /api/v1/rooms/R/kick`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ControlRequest {
+    user: String,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// Reads a control request's body; the error is the 400 answer's body.
+fn control_request(body: &[u8], reason_allowed: bool) -> Result<ControlRequest, Value> {
+    let bad = |message: String| json!({"error": message, "code": "bad_request"});
+    let request: ControlRequest =
+        serde_json::from_slice(body).map_err(|e| bad(format!("expected {{\"user\": …}}: {e}")))?;
+    if let Err(e) = protocol::validate_name(&request.user) {
+        return Err(json!({"error": format!("invalid user: {e}"), "code": "invalid_name"}));
+    }
+    match &request.reason {
+        Some(_) if !reason_allowed => Err(bad("a kick takes no `reason`".to_owned())),
+        Some(reason) if reason.len() > MAX_DISCONNECT_REASON => Err(bad(format!(
+            "`reason` is longer than {MAX_DISCONNECT_REASON} bytes"
+        ))),
+        _ => Ok(request),
+    }
+}
+
+/// `POST /api/v1/disconnect`: closes every connection of the user on
+/// every instance (4002), routed to the instances that hold them.
+async fn disconnect(ctx: &HttpContext, body: &[u8]) -> Response {
+    let request = match control_request(body, true) {
+        Ok(request) => request,
+        Err(answer) => return json_reply(StatusCode::BAD_REQUEST, answer),
+    };
+    let reason = request.reason.as_deref().unwrap_or("");
+    match ctx
+        .session
+        .router
+        .disconnect_user(&request.user, reason)
+        .await
+    {
+        Ok(outcome) => {
+            tracing::info!(user = %request.user, instances = outcome.instances, "disconnect requested by the API");
+            json_reply(
+                StatusCode::OK,
+                json!({"status": "ok", "instances": outcome.instances}),
+            )
+        }
+        Err(e) => route_failure(e),
+    }
+}
+
+/// `POST /api/v1/rooms/R/kick`: takes the user out of the room on every
+/// instance, routed to the instances that hold them.
+async fn kick(ctx: &HttpContext, segment: &str, body: &[u8]) -> Response {
+    let decoded = percent_encoding::percent_decode_str(segment).decode_utf8();
+    let room: &str = match &decoded {
+        Ok(room) => room,
+        Err(_) => segment,
+    };
+    if let Err(e) = protocol::validate_name(room) {
+        return json_reply(
+            StatusCode::BAD_REQUEST,
+            json!({"error": format!("invalid room: {e}"), "code": "invalid_name"}),
+        );
+    }
+    let request = match control_request(body, false) {
+        Ok(request) => request,
+        Err(answer) => return json_reply(StatusCode::BAD_REQUEST, answer),
+    };
+    match ctx.session.router.kick(&request.user, room).await {
+        Ok(outcome) => {
+            tracing::info!(user = %request.user, room, instances = outcome.instances, "kick requested by the API");
+            json_reply(
+                StatusCode::OK,
+                json!({"status": "ok", "instances": outcome.instances}),
+            )
+        }
+        Err(e) => route_failure(e),
+    }
 }
 
 fn check_api_key(key: Option<&str>, authorization: Option<&str>) -> Result<(), Rejection> {

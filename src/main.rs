@@ -1,11 +1,12 @@
 //! The `switchboard` binary: parse configuration, set up logging, bind the
-//! listener and run one instance until SIGINT or SIGTERM.
+//! listener and run one instance until SIGINT or SIGTERM. `switchboard token`
+//! prints a development JWT instead.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
-use switchboard::config::{AuthMode, Config, LogFormat};
+use clap::{Parser, Subcommand};
+use switchboard::config::{AuthMode, Config, LogFormat, TokenArgs};
 use tracing_subscriber::EnvFilter;
 
 #[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
@@ -28,8 +29,34 @@ pub static malloc_conf: &[u8; 60] =
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The command line: the server's flags, or a subcommand.
+#[derive(Debug, Parser)]
+#[command(
+    name = "switchboard",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(flatten)]
+    server: Config,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print a JWT for the configured key and exit (development): a
+    /// connection token, or with --room a per-room token.
+    Token(TokenArgs),
+}
+
 fn main() -> ExitCode {
-    let mut config = match Config::parse().validate() {
+    let cli = Cli::parse();
+    if let Some(Command::Token(args)) = cli.command {
+        return print_token(&args);
+    }
+    let mut config = match cli.server.validate() {
         Ok(config) => config,
         Err(e) => {
             eprintln!("switchboard: {e}");
@@ -58,6 +85,21 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("switchboard: cannot start the runtime: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `switchboard token`: the token on stdout, or the error on stderr (exit 2).
+fn print_token(args: &TokenArgs) -> ExitCode {
+    let now_s = switchboard::router::now_ms() / 1000;
+    match switchboard::auth::mint(args, now_s) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("switchboard token: {e}");
+            ExitCode::from(2)
         }
     }
 }
@@ -192,4 +234,38 @@ async fn shutdown_signal() {
         _ = terminate => {}
     }
     tracing::info!("shutdown signal received");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_subcommand_runs_the_server() {
+        let cli = Cli::try_parse_from(["switchboard", "--auth", "none"]).expect("parse");
+        assert!(cli.command.is_none());
+        assert_eq!(cli.server.auth, AuthMode::None);
+        let cli = Cli::try_parse_from([
+            "switchboard",
+            "token",
+            "--user",
+            "alice",
+            "--rooms",
+            "lobby,team-42:*",
+            "--ttl",
+            "1h",
+            "--jwt-secret",
+            "s",
+        ])
+        .expect("parse");
+        let Some(Command::Token(args)) = cli.command else {
+            panic!("token subcommand");
+        };
+        assert_eq!(args.rooms, ["lobby", "team-42:*"]);
+        assert_eq!(args.ttl, std::time::Duration::from_secs(3600));
+        // Server flags belong before no subcommand.
+        assert!(
+            Cli::try_parse_from(["switchboard", "--auth", "none", "token", "--user", "a"]).is_err()
+        );
+    }
 }

@@ -29,9 +29,9 @@ use switchboard_core::store::{Store, StoreLimits};
 use switchboard_redis::{RedisBackend, RedisSettings, RedisSetupError, INBOX_BYTES, INBOX_ITEMS};
 
 use crate::admission::{refuse_full, Limits};
-use crate::auth::Authenticator;
-use crate::config::Config;
-use crate::connection::{SessionContext, SessionLimits};
+use crate::auth::{AuthSetupError, Authenticator};
+use crate::config::{Config, DmPolicy, RoomAuth};
+use crate::connection::{AuthPolicy, SessionContext, SessionLimits};
 use crate::http::{self, ApiSettings, HttpContext, UpgradeSlot};
 
 /// Longest wait for sessions to finish at shutdown.
@@ -49,6 +49,9 @@ pub enum ServerError {
     /// The bus refused the instance's own subscriptions.
     #[error("subscribing the instance's channels failed: {0}")]
     Subscribe(#[source] BackendError),
+    /// The token keys cannot be set up (an unreadable --jwt-public-key...).
+    #[error(transparent)]
+    Auth(#[from] AuthSetupError),
     /// The backend asked the server to stop (another process took this
     /// instance id over while this one was paused past its lease).
     #[error("stopped: another process took over this instance id")]
@@ -168,6 +171,8 @@ pub async fn run_with_backend(
         stop: backend_stop,
     } = backend;
     let instance = config.instance().to_owned();
+    // Before anything starts: an unreadable key file stops the instance here.
+    let auth = Arc::new(Authenticator::from_config(&config)?);
 
     let tracker = TaskTracker::new();
     let router = Arc::new(
@@ -186,10 +191,6 @@ pub async fn run_with_backend(
     let dispatcher = tokio::spawn(dispatch(router.clone(), inbox, stop_dispatcher.clone()));
 
     let sessions = CancellationToken::new();
-    let mut auth = Authenticator::new(config.auth, config.jwt_secret.as_deref());
-    if let Some(audience) = &config.jwt_audience {
-        auth = auth.with_audience(audience);
-    }
     let limits = Arc::new(Limits::new(
         config.max_connections(),
         config.max_connections_per_user,
@@ -211,8 +212,14 @@ pub async fn run_with_backend(
                 idle_timeout: Duration::from_millis(config.idle_timeout_ms),
             },
             shutdown: sessions.clone(),
+            auth: Arc::new(AuthPolicy {
+                authenticator: auth.clone(),
+                rooms_need_grant: config.room_auth() == RoomAuth::Token,
+                dms_need_grant: config.dm_policy == DmPolicy::Token,
+                expiry_warning: config.token_expiry_warning(),
+            }),
         },
-        auth: Arc::new(auth),
+        auth,
         ready,
         tracker: tracker.clone(),
         max_frame_bytes: config.max_frame_bytes,

@@ -918,8 +918,11 @@ async fn every_answer_conforms_to_the_openapi_description() {
         ),
         Instance::spawn(opts!("o2").redis(&redis)),
     );
-    // A real user for `{user}`, online on o2.
+    // A real user for `{user}`, online on o2; dave (also on o2, in lobby)
+    // is the one the disconnect and kick requests act on.
     let _bob = Client::connect_user(&disabled, "bob").await;
+    let mut dave = Client::connect_user(&disabled, "dave").await;
+    dave.request(json!({"type": "join", "room": "lobby"})).await;
     let api_ref = &api;
     eventually(RECV_TIMEOUT, "o1 is ready", || async move {
         api_ref.http_status("/readyz").await == Some(200)
@@ -1045,6 +1048,86 @@ async fn every_answer_conforms_to_the_openapi_description() {
                         ));
                     }
                 }
+                ("post", "/api/v1/disconnect" | "/api/v1/rooms/{room}/kick") => {
+                    let p = |room: &str| path.replace("{room}", room);
+                    let kick = path.ends_with("/kick");
+                    let good: &[u8] = if kick {
+                        br#"{"user":"dave"}"#
+                    } else {
+                        br#"{"user":"dave","reason":"maintenance"}"#
+                    };
+                    let long_reason = json!({"user": "dave", "reason": "r".repeat(101)})
+                        .to_string()
+                        .into_bytes();
+                    for (label, inst, headers, room, body) in [
+                        (
+                            "a user online elsewhere",
+                            &api,
+                            authorized.to_vec(),
+                            "lobby",
+                            good.to_vec(),
+                        ),
+                        (
+                            "a user nowhere",
+                            &api,
+                            authorized.to_vec(),
+                            "lobby",
+                            br#"{"user":"nobody"}"#.to_vec(),
+                        ),
+                        ("no key", &api, vec![json_ct], "lobby", good.to_vec()),
+                        ("wrong key", &api, wrong.to_vec(), "lobby", good.to_vec()),
+                        (
+                            "API disabled",
+                            &disabled,
+                            authorized.to_vec(),
+                            "lobby",
+                            good.to_vec(),
+                        ),
+                        (
+                            "not JSON",
+                            &api,
+                            authorized.to_vec(),
+                            "lobby",
+                            b"nope".to_vec(),
+                        ),
+                        (
+                            "bad user",
+                            &api,
+                            authorized.to_vec(),
+                            "lobby",
+                            br#"{"user":"a b"}"#.to_vec(),
+                        ),
+                        (
+                            "unknown field",
+                            &api,
+                            authorized.to_vec(),
+                            "lobby",
+                            br#"{"user":"dave","ban":true}"#.to_vec(),
+                        ),
+                        (
+                            "reason too long",
+                            &api,
+                            authorized.to_vec(),
+                            "lobby",
+                            long_reason,
+                        ),
+                        (
+                            "bad room",
+                            &api,
+                            authorized.to_vec(),
+                            "a%20b",
+                            good.to_vec(),
+                        ),
+                    ] {
+                        if label == "bad room" && !kick {
+                            continue;
+                        }
+                        exchanges.push(Exchange::from_http(
+                            label,
+                            inst.http(&m, &p(room), &headers, &body).await,
+                        ));
+                    }
+                }
                 ("get", "/api/v1/stats") => {
                     for (label, inst, headers) in [
                         ("authorized", &api, authorized.to_vec()),
@@ -1112,7 +1195,7 @@ async fn every_answer_conforms_to_the_openapi_description() {
             violations.extend(check_operation(&spec, &op_name, operation, &exchanges));
         }
     }
-    assert_eq!(exercised, 7, "the spec describes 7 operations");
+    assert_eq!(exercised, 9, "the spec describes 9 operations");
 
     // No /api/v1 route the spec lacks (with the right key, so that only
     // routing decides).
@@ -1147,7 +1230,7 @@ async fn every_answer_conforms_to_the_openapi_description() {
     }
     // Documented paths with undocumented methods are not served either.
     for (path, item) in paths {
-        let concrete = path.replace("{user}", "bob");
+        let concrete = path.replace("{user}", "bob").replace("{room}", "lobby");
         for method in ["get", "post", "put", "delete", "patch"] {
             if item.get(method).is_some() {
                 continue;

@@ -109,7 +109,9 @@ async fn jwt_is_the_default_auth_mode() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sender_identity_cannot_be_spoofed() {
-    let inst = jwt_instance().await;
+    // Rooms open to every authenticated user: this test is about `from`
+    // (room authorization has its own tests, tests/security.rs).
+    let inst = Instance::spawn(opts!("a1").jwt(SECRET).flag("--room-auth", "open")).await;
     let mut alice = Client::connect_token(&inst, &mint_jwt(SECRET, "alice", 3600)).await;
     let mut bob = Client::connect_token(&inst, &mint_jwt(SECRET, "bob", 3600)).await;
 

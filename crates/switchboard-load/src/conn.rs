@@ -849,13 +849,17 @@ impl Conn {
     }
 }
 
-/// An HS256 token for `user`, valid `ttl` seconds.
+/// An HS256 token for `user`, valid `ttl` seconds, that may join every
+/// room and DM anyone (`rooms: ["*"]`, `dm: true`: a load test measures
+/// routing, not the server's room authorization or DM policy).
 pub fn mint_token(user: &str, secret: &str, ttl: u64) -> Result<String, String> {
     #[derive(serde::Serialize)]
     struct Claims<'a> {
         sub: &'a str,
         exp: u64,
         iat: u64,
+        rooms: [&'a str; 1],
+        dm: bool,
     }
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -867,6 +871,8 @@ pub fn mint_token(user: &str, secret: &str, ttl: u64) -> Result<String, String> 
             sub: user,
             exp: now + ttl,
             iat: now,
+            rooms: ["*"],
+            dm: true,
         },
         &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
     )
