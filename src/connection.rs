@@ -212,23 +212,23 @@ impl TokenBucket {
 /// and the rest of the instance never notices.
 pub async fn serve(
     ws: Socket,
-    identity: Identity,
+    identity: Box<Identity>,
     since: Option<Seq>,
     ctx: SessionContext,
     admission: Admission,
 ) {
-    let user = identity.user.clone();
-    let tokens = Box::new(Tokens::new(identity));
     let id = ctx.router.registry().next_conn_id(ctx.router.instance());
     // A debug-level span: at the usual `info` level it is disabled and costs
     // nothing, where an enabled span per connection would keep ~0.3 KiB per
     // idle connection in the subscriber's registry. The few events above
     // debug level name the user and connection themselves.
-    let span =
-        tracing::debug_span!("conn", user = %user, conn = %id, instance = %ctx.router.instance());
+    let span = tracing::debug_span!("conn", user = %identity.user, conn = %id, instance = %ctx.router.instance());
     async move {
         let router = &ctx.router;
-        let (handle, outbound) = ConnHandle::new(id, user, ctx.limits.outbound);
+        let (handle, outbound) = ConnHandle::new(id, identity.user.clone(), ctx.limits.outbound);
+        // Made here, not above: the session task keeps every variable it
+        // ever held, and this one is a pointer.
+        let tokens = Box::new(Tokens::new(*identity));
         // Queued before the connection is registered: nothing routed to it
         // can overtake the welcome frame.
         let welcome = ServerFrame::Welcome {
@@ -438,7 +438,9 @@ async fn read_loop(
     loop {
         let idle_deadline = last_heard + limits.idle_timeout;
         let retry_at = repair_retry.as_ref().map_or(idle_deadline, |r| r.at);
-        let token_deadline = tokens.next_deadline(ctx.auth.expiry_warning);
+        let wake_at = tokens
+            .next_deadline(ctx.auth.expiry_warning)
+            .map_or(idle_deadline, |t| t.min(idle_deadline));
         let next = tokio::select! {
             biased;
             _ = handle.closer().cancelled() => return,
@@ -464,8 +466,8 @@ async fn read_loop(
             }
             // One timer for the idle deadline and the tokens' (a sleep is
             // ~100 bytes of every idle connection's task).
-            _ = tokio::time::sleep_until(token_deadline.map_or(idle_deadline, |t| t.min(idle_deadline)).into()) => {
-                if token_deadline.is_some_and(|t| t <= Instant::now()) {
+            _ = tokio::time::sleep_until(wake_at.into()) => {
+                if wake_at < idle_deadline {
                     if !Box::pin(token_deadlines(handle, ctx, &mut tokens)).await {
                         return;
                     }

@@ -247,6 +247,9 @@ async fn upgrade(
         header(headers, "origin"),
     )
     .await?;
+    // Boxed: the session task carries what it captures for its whole life
+    // (8 bytes, not the grants).
+    let identity = Box::new(identity);
     let connection_upgrade = header(headers, "connection").is_some_and(|v| {
         v.split(',')
             .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
@@ -470,6 +473,10 @@ struct ControlRequest {
 /// Reads a control request's body; the error is the 400 answer's body.
 fn control_request(body: &[u8], reason_allowed: bool) -> Result<ControlRequest, Value> {
     let bad = |message: String| json!({"error": message, "code": "bad_request"});
+    // serde would read the struct from an array by position: `["alice"]`.
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return Err(bad("the request body must be a JSON object".to_owned()));
+    }
     let request: ControlRequest =
         serde_json::from_slice(body).map_err(|e| bad(format!("expected {{\"user\": …}}: {e}")))?;
     if let Err(e) = protocol::validate_name(&request.user) {
