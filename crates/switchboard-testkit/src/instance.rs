@@ -28,6 +28,9 @@ pub enum Auth {
     Jwt(String),
     /// No `--auth` flag at all (server default), only `--jwt-secret S`.
     DefaultWithSecret(String),
+    /// No auth flag at all: the server's default (`--auth jwt`) with
+    /// whatever key flags the test adds (`--jwt-public-key`, `--jwks-url`).
+    Default,
 }
 
 /// Command-line options of one instance. Defaults: embedded mode (no Redis),
@@ -210,6 +213,7 @@ impl Opts {
                 push("--jwt-secret", secret.clone());
             }
             Auth::DefaultWithSecret(secret) => push("--jwt-secret", secret.clone()),
+            Auth::Default => {}
         }
         if let Some(n) = self.max_frame_bytes {
             push("--max-frame-bytes", n.to_string());

@@ -28,6 +28,7 @@
 pub mod client;
 pub mod http;
 pub mod instance;
+pub mod jwks;
 pub mod jwt;
 pub mod metrics;
 pub mod misc;
