@@ -157,6 +157,9 @@ for i in $(seq 1 "$n"); do
     echo "node$i:     ws://127.0.0.1:$port/ws?user=NAME   (page http://127.0.0.1:$port/, metrics http://127.0.0.1:$port/metrics)"
   fi
 done
+if [ "$auth" = jwt ]; then
+  echo "token:     JWT=\$($bin token --user alice --rooms 'lobby' --ttl 1h --jwt-secret \"\$JWT_SECRET\")   (--rooms: what it may join)"
+fi
 echo "api key:   $api_key   (development key for /api/v1/*)"
 echo "publish:   curl -sS -H 'Authorization: Bearer $api_key' -H 'Content-Type: application/json' \\"
 echo "             -d '{\"user\":\"bob\",\"from\":\"tickets\",\"body\":{\"text\":\"your ticket was rejected\"}}' \\"

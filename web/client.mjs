@@ -50,7 +50,8 @@
 //   room, presence, error (an error frame that answers no request), frame
 //              (every frame, before the others)
 //   close      { code, reason, opened, wasConnected, description }
-//   fatal      { message, status }: credentials refused; no more reconnects
+//   fatal      { message, status }: credentials refused, or the server closed
+//              with 4001/4002/4003 (status: the close code); no more reconnects
 //
 // Seqs are opaque strings `MS-N`: compare them with `compareSeq` (a pair of
 // integers), never as strings.
@@ -101,6 +102,12 @@ export function describeClose(event) {
       return "the server could not read the inbox";
     case 1006:
       return "connection lost";
+    case 4001:
+      return "the token expired";
+    case 4002:
+      return `disconnected by the server: ${reason || "no reason given"}`;
+    case 4003:
+      return "refused: a token for another user";
     default:
       return reason ? `closed: ${reason} (${code})` : `closed (${code})`;
   }
@@ -457,6 +464,16 @@ export class SwitchboardClient extends EventTarget {
     this.#emit("close", { code: event.code, reason: event.reason, opened, wasConnected, description });
     if (this.#stopped) return;
     let reason = description;
+    // The server ended this session on purpose (expired token, a
+    // backend's disconnect, another user's token): coming straight back
+    // with the same token would undo it.
+    if (opened && event.code >= 4001 && event.code <= 4003) {
+      this.#stopped = true;
+      for (const entry of [...this.#outbox]) this.#settle(entry, failure("closed", description));
+      this.#emit("fatal", { message: description, status: event.code });
+      this.#setState("closed", { reason: description });
+      return;
+    }
     if (!opened && this.#opt.probe) {
       const verdict = await this.probe();
       if (this.#stopped) return;
