@@ -676,17 +676,7 @@ async fn handle_request(
                     if let Some(expiry) = room_expiry {
                         tokens.rooms.push((Arc::from(room.as_str()), expiry));
                     }
-                    Reply::Ok(
-                        ServerFrame::Ack {
-                            id,
-                            status: "ok",
-                            msg_id: None,
-                            seq: None,
-                            stored: None,
-                            recovered,
-                        }
-                        .to_frame(),
-                    )
+                    Reply::Ok(ok_ack(id, recovered))
                 }
                 Err(e) => Reply::Notable(route_error(id, e)),
             }
@@ -713,6 +703,20 @@ async fn handle_request(
         },
         Request::Ping => Reply::Ok(ServerFrame::Pong { id }.to_frame()),
     }
+}
+
+/// `{"type":"ack","status":"ok"}` for a join (with whether its history
+/// reached back, for a join with `since`) or a refresh.
+fn ok_ack(id: Option<&RequestId>, recovered: Option<bool>) -> TextFrame {
+    ServerFrame::Ack {
+        id,
+        status: "ok",
+        msg_id: None,
+        seq: None,
+        stored: None,
+        recovered,
+    }
+    .to_frame()
 }
 
 /// Whether `room` may be joined: `Ok(None)` when rooms are open or the
@@ -782,17 +786,7 @@ async fn refresh(
                     }
                 }
             }
-            Reply::Ok(
-                ServerFrame::Ack {
-                    id,
-                    status: "ok",
-                    msg_id: None,
-                    seq: None,
-                    stored: None,
-                    recovered: None,
-                }
-                .to_frame(),
-            )
+            Reply::Ok(ok_ack(id, None))
         }
         Err(AuthError::OtherSubject) => {
             let reply = refused(
