@@ -147,17 +147,12 @@ impl VerifyingKey {
     /// A public key in PEM (`PUBLIC KEY` or `RSA PUBLIC KEY`): RSA verifies
     /// RS256, EC P-256 ES256, EC P-384 ES384.
     pub fn from_public_key_pem(pem: &[u8]) -> Result<VerifyingKey, KeyError> {
-        let block = pem::parse(pem).map_err(KeyError::NotPem)?;
-        let kind = match block.tag() {
-            "RSA PUBLIC KEY" => KeyKind::Rsa,
-            "PUBLIC KEY" => KeyKind::of(block.contents())?,
-            other => {
-                return Err(KeyError::Label {
-                    found: other.to_owned(),
-                    expected: "\"PUBLIC KEY\" or \"RSA PUBLIC KEY\"",
-                })
-            }
-        };
+        let kind = KeyKind::of_pem(
+            pem,
+            "RSA PUBLIC KEY",
+            "PUBLIC KEY",
+            "\"PUBLIC KEY\" or \"RSA PUBLIC KEY\"",
+        )?;
         let key = match kind {
             KeyKind::Rsa => DecodingKey::from_rsa_pem(pem),
             KeyKind::Ec(_) => DecodingKey::from_ec_pem(pem),
@@ -202,6 +197,26 @@ impl KeyKind {
             Ok(KeyKind::Ec(Algorithm::ES384))
         } else {
             Err(KeyError::Unsupported)
+        }
+    }
+
+    /// The kind of the key in a PEM labelled `pkcs1` (an RSA key) or
+    /// `pkcs8` (a SubjectPublicKeyInfo or PKCS#8 key of either kind); any
+    /// other label is refused, naming the `expected` ones.
+    fn of_pem(
+        pem: &[u8],
+        pkcs1: &str,
+        pkcs8: &str,
+        expected: &'static str,
+    ) -> Result<KeyKind, KeyError> {
+        let block = pem::parse(pem).map_err(KeyError::NotPem)?;
+        match block.tag() {
+            tag if tag == pkcs1 => Ok(KeyKind::Rsa),
+            tag if tag == pkcs8 => KeyKind::of(block.contents()),
+            other => Err(KeyError::Label {
+                found: other.to_owned(),
+                expected,
+            }),
         }
     }
 
@@ -638,18 +653,16 @@ impl TokenSigner {
     /// A private key in PEM: PKCS#8 (`PRIVATE KEY`, RSA or EC P-256/P-384)
     /// or PKCS#1 (`RSA PRIVATE KEY`). RSA signs RS256, EC ES256/ES384.
     pub fn from_private_key_pem(pem: &[u8]) -> Result<TokenSigner, KeyError> {
-        let block = pem::parse(pem).map_err(KeyError::NotPem)?;
-        let kind = match block.tag() {
-            "RSA PRIVATE KEY" => KeyKind::Rsa,
-            "PRIVATE KEY" => KeyKind::of(block.contents())?,
-            "EC PRIVATE KEY" => return Err(KeyError::Sec1),
-            other => {
-                return Err(KeyError::Label {
-                    found: other.to_owned(),
-                    expected: "\"PRIVATE KEY\" (PKCS#8) or \"RSA PRIVATE KEY\"",
-                })
-            }
-        };
+        let kind = KeyKind::of_pem(
+            pem,
+            "RSA PRIVATE KEY",
+            "PRIVATE KEY",
+            "\"PRIVATE KEY\" (PKCS#8) or \"RSA PRIVATE KEY\"",
+        )
+        .map_err(|e| match e {
+            KeyError::Label { found, .. } if found == "EC PRIVATE KEY" => KeyError::Sec1,
+            e => e,
+        })?;
         let key = match kind {
             KeyKind::Rsa => EncodingKey::from_rsa_pem(pem),
             KeyKind::Ec(_) => EncodingKey::from_ec_pem(pem),

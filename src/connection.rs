@@ -583,10 +583,7 @@ async fn handle_request(
     if let Request::Direct { body, .. } | Request::Room { body, .. } = &request {
         if body.get().len() > ctx.limits.max_body_bytes {
             let message = format!("`body` is larger than {} bytes", ctx.limits.max_body_bytes);
-            return Reply::Notable(error_frame(
-                id,
-                &ProtocolError::new(ErrorCode::TooLarge, message),
-            ));
+            return refusal(id, ErrorCode::TooLarge, message);
         }
     }
     let router = &ctx.router;
@@ -607,10 +604,7 @@ async fn handle_request(
         {
             ctx.metrics.forbidden_dms.inc();
             let message = format!("your token does not allow direct messages to {to}");
-            Reply::Notable(error_frame(
-                id,
-                &ProtocolError::new(ErrorCode::Forbidden, message),
-            ))
+            refusal(id, ErrorCode::Forbidden, message)
         }
         Request::Direct { to, body, options } => {
             match router.send_dm(&handle.user, &to, body, &options).await {
@@ -647,10 +641,7 @@ async fn handle_request(
             if handle.room_count() >= ctx.limits.max_rooms && !handle.is_member(&room) =>
         {
             let message = format!("at most {} rooms per connection", ctx.limits.max_rooms);
-            Reply::Notable(error_frame(
-                id,
-                &ProtocolError::new(ErrorCode::LimitExceeded, message),
-            ))
+            refusal(id, ErrorCode::LimitExceeded, message)
         }
         Request::Join { room, since, token } => {
             let room_expiry =
@@ -658,10 +649,7 @@ async fn handle_request(
                     Ok(expiry) => expiry,
                     Err(message) => {
                         ctx.metrics.forbidden_joins.inc();
-                        return Reply::Notable(error_frame(
-                            id,
-                            &ProtocolError::new(ErrorCode::Forbidden, message),
-                        ));
+                        return refusal(id, ErrorCode::Forbidden, message);
                     }
                 };
             let joined = match since {
@@ -703,6 +691,11 @@ async fn handle_request(
         },
         Request::Ping => Reply::Ok(ServerFrame::Pong { id }.to_frame()),
     }
+}
+
+/// A refused request's reply: an error frame, sent even without acks.
+fn refusal(id: Option<&RequestId>, code: ErrorCode, message: String) -> Reply {
+    Reply::Notable(error_frame(id, &ProtocolError::new(code, message)))
 }
 
 /// `{"type":"ack","status":"ok"}` for a join (with whether its history
@@ -761,10 +754,9 @@ async fn refresh(
     ctx: &SessionContext,
     tokens: &mut Tokens,
 ) -> Reply {
-    let refused =
-        |code, message: String| Reply::Notable(error_frame(id, &ProtocolError::new(code, message)));
     if tokens.identity.expires_at_ms.is_none() {
-        return refused(
+        return refusal(
+            id,
             ErrorCode::InvalidToken,
             "this server does not authenticate with tokens (--auth none)".to_owned(),
         );
@@ -789,18 +781,14 @@ async fn refresh(
             Reply::Ok(ok_ack(id, None))
         }
         Err(AuthError::OtherSubject) => {
-            let reply = refused(
-                ErrorCode::Forbidden,
-                "a refresh must be for the same user".to_owned(),
-            );
             // Queued before the close, so the client reads why.
-            if let Reply::Notable(frame) = reply {
-                handle.send_text(frame, &ctx.metrics);
-            }
+            let error =
+                ProtocolError::new(ErrorCode::Forbidden, "a refresh must be for the same user");
+            handle.send_text(error_frame(id, &error), &ctx.metrics);
             handle.close(CloseReason::OtherUser);
             Reply::Sent
         }
-        Err(e) => refused(ErrorCode::InvalidToken, format!("refresh refused: {e}")),
+        Err(e) => refusal(id, ErrorCode::InvalidToken, format!("refresh refused: {e}")),
     }
 }
 

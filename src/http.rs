@@ -7,6 +7,7 @@
 //! is done here rather than by warp's `ws()` filter, so the WebSocket layer's
 //! configuration (frame and message limits, buffers) is ours to set.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
@@ -480,7 +481,7 @@ fn control_request(body: &[u8], reason_allowed: bool) -> Result<ControlRequest, 
     let request: ControlRequest =
         serde_json::from_slice(body).map_err(|e| bad(format!("expected {{\"user\": …}}: {e}")))?;
     if let Err(e) = protocol::validate_name(&request.user) {
-        return Err(json!({"error": format!("invalid user: {e}"), "code": "invalid_name"}));
+        return Err(invalid_name("user", e));
     }
     match &request.reason {
         Some(_) if !reason_allowed => Err(bad("a kick takes no `reason`".to_owned())),
@@ -519,17 +520,11 @@ async fn disconnect(ctx: &HttpContext, body: &[u8]) -> Response {
 /// `POST /api/v1/rooms/R/kick`: takes the user out of the room on every
 /// instance, routed to the instances that hold them.
 async fn kick(ctx: &HttpContext, segment: &str, body: &[u8]) -> Response {
-    let decoded = percent_encoding::percent_decode_str(segment).decode_utf8();
-    let room: &str = match &decoded {
+    let room = match path_name(segment, "room") {
         Ok(room) => room,
-        Err(_) => segment,
+        Err(body) => return json_reply(StatusCode::BAD_REQUEST, body),
     };
-    if let Err(e) = protocol::validate_name(room) {
-        return json_reply(
-            StatusCode::BAD_REQUEST,
-            json!({"error": format!("invalid room: {e}"), "code": "invalid_name"}),
-        );
-    }
+    let room: &str = &room;
     let request = match control_request(body, false) {
         Ok(request) => request,
         Err(answer) => return json_reply(StatusCode::BAD_REQUEST, answer),
@@ -628,19 +623,31 @@ fn route_failure(error: RouteError) -> Response {
     )
 }
 
-async fn presence(ctx: &HttpContext, segment: &str) -> Response {
-    // Clients percent-encode path segments (`bob%40example.com`, `svc%3Ax`).
-    let decoded = percent_encoding::percent_decode_str(segment).decode_utf8();
-    let user: &str = match &decoded {
-        Ok(user) => user,
-        Err(_) => segment,
-    };
-    if let Err(e) = protocol::validate_name(user) {
-        return json_reply(
-            StatusCode::BAD_REQUEST,
-            json!({"error": format!("invalid user: {e}"), "code": "invalid_name"}),
-        );
+/// The 400 body for a `what` (user, room) outside the name rules.
+fn invalid_name(what: &str, error: protocol::NameError) -> Value {
+    json!({"error": format!("invalid {what}: {error}"), "code": "invalid_name"})
+}
+
+/// A user or room named by a path segment. Clients percent-encode path
+/// segments (`bob%40example.com`, `svc%3Ax`); a segment that does not
+/// decode to UTF-8 is taken as written (and then fails the name rules).
+/// The error is the 400 answer's body.
+fn path_name<'s>(segment: &'s str, what: &str) -> Result<Cow<'s, str>, Value> {
+    let name = percent_encoding::percent_decode_str(segment)
+        .decode_utf8()
+        .unwrap_or(Cow::Borrowed(segment));
+    match protocol::validate_name(&name) {
+        Ok(()) => Ok(name),
+        Err(e) => Err(invalid_name(what, e)),
     }
+}
+
+async fn presence(ctx: &HttpContext, segment: &str) -> Response {
+    let user = match path_name(segment, "user") {
+        Ok(user) => user,
+        Err(body) => return json_reply(StatusCode::BAD_REQUEST, body),
+    };
+    let user: &str = &user;
     match ctx.session.router.presence_of(user).await {
         Ok(holders) => {
             let connections: u64 = holders.iter().map(|h| u64::from(h.connections)).sum();
