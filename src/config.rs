@@ -314,6 +314,26 @@ pub struct Config {
     )]
     pub max_rooms_per_connection: usize,
 
+    /// How long a user whose last connection closed stays online (and a
+    /// room member whose last connection in the room left stays a member)
+    /// before watchers are told: a reconnect within it, anywhere, is no
+    /// event. 0 announces at once.
+    #[arg(long, env = "SWITCHBOARD_PRESENCE_GRACE_MS", default_value_t = 2000)]
+    pub presence_grace_ms: u64,
+
+    /// Most users one connection may watch (`limit_exceeded` beyond).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_MAX_WATCHES_PER_CONNECTION",
+        default_value_t = 1000
+    )]
+    pub max_watches_per_connection: usize,
+
+    /// Most members one `members` reply (or `GET /api/v1/rooms/R/members`)
+    /// lists; beyond, the reply says `"truncated": true`.
+    #[arg(long, env = "SWITCHBOARD_MAX_MEMBERS_LISTED", default_value_t = 1000)]
+    pub max_members_listed: usize,
+
     /// A client must send its HTTP request (the WebSocket upgrade) within this
     /// many milliseconds of connecting, or it is disconnected.
     #[arg(
@@ -618,6 +638,9 @@ impl Config {
             max_connections: None,
             max_connections_per_user: 16,
             max_rooms_per_connection: 100,
+            presence_grace_ms: 2000,
+            max_watches_per_connection: 1000,
+            max_members_listed: 1000,
             handshake_timeout_ms: 10_000,
             ping_interval_ms: 20_000,
             idle_timeout_ms: 60_000,

@@ -37,7 +37,7 @@ use switchboard_core::protocol::{
 };
 use switchboard_core::queue::BoundedReceiver;
 use switchboard_core::registry::{CloseReason, ConnHandle, Outbound, QueueLimits, ReplayEnd};
-use switchboard_core::router::{ReplayStart, RouteError, Router};
+use switchboard_core::router::{ReplayStart, RouteError, Router, WatchError};
 use switchboard_core::store::Seq;
 
 use crate::admission::Admission;
@@ -67,6 +67,8 @@ pub struct SessionLimits {
     pub rate_burst: f64,
     /// Most rooms one connection may join.
     pub max_rooms: usize,
+    /// Most users one connection may watch.
+    pub max_watches: usize,
     /// Interval of server pings.
     pub ping_interval: Duration,
     /// Silence after which a connection is closed.
@@ -643,7 +645,12 @@ async fn handle_request(
             let message = format!("at most {} rooms per connection", ctx.limits.max_rooms);
             refusal(id, ErrorCode::LimitExceeded, message)
         }
-        Request::Join { room, since, token } => {
+        Request::Join {
+            room,
+            since,
+            token,
+            events,
+        } => {
             let room_expiry =
                 match authorize_join(&room, token.as_deref(), handle, ctx, tokens).await {
                     Ok(expiry) => expiry,
@@ -652,6 +659,7 @@ async fn handle_request(
                         return refusal(id, ErrorCode::Forbidden, message);
                     }
                 };
+            handle.set_room_events(&room, events);
             let joined = match since {
                 None => router.join(handle, &room).await.map(|()| None),
                 Some(since) => Box::pin(replay_room(handle, &room, since, ctx))
@@ -685,6 +693,53 @@ async fn handle_request(
             ),
             Err(e) => Reply::Notable(route_error(id, e)),
         },
+        Request::Watch { users } => {
+            if ctx.auth.dms_need_grant {
+                if let Some(user) = users
+                    .iter()
+                    .find(|u| !tokens.identity.grants.allows_dm_to(u))
+                {
+                    let message = format!("your token does not allow watching {user}");
+                    return refusal(id, ErrorCode::Forbidden, message);
+                }
+            }
+            match router
+                .watch(handle, id, &users, ctx.limits.max_watches)
+                .await
+            {
+                Ok(()) => Reply::Sent,
+                Err(WatchError::LimitExceeded) => {
+                    let message = format!(
+                        "at most {} watched users per connection",
+                        ctx.limits.max_watches
+                    );
+                    refusal(id, ErrorCode::LimitExceeded, message)
+                }
+                Err(WatchError::Route(e)) => Reply::Notable(route_error(id, e)),
+            }
+        }
+        Request::Unwatch { users } => {
+            router.unwatch(handle, &users).await;
+            Reply::Ok(ack("ok", None))
+        }
+        Request::Members { room } => {
+            if !handle.is_member(&room) && !may_list(&room, ctx, tokens) {
+                let message = format!("your token does not allow the members of {room}");
+                return refusal(id, ErrorCode::Forbidden, message);
+            }
+            match router.members(&room).await {
+                Ok(members) => Reply::Ok(
+                    ServerFrame::Members {
+                        id,
+                        room: &room,
+                        users: &members.users,
+                        truncated: members.truncated,
+                    }
+                    .to_frame(),
+                ),
+                Err(e) => Reply::Notable(route_error(id, e)),
+            }
+        }
         Request::Recv { seq } => match router.ack_inbox(&handle.user, seq).await {
             Ok(()) => Reply::Ok(ack("ok", None)),
             Err(e) => Reply::Notable(route_error(id, e)),
@@ -741,6 +796,12 @@ async fn authorize_join(
             "your token does not allow room {room}; join with a room token"
         )),
     }
+}
+
+/// Whether the connection may list `room`'s members without being one:
+/// when it could join it by its connection token (or rooms are open).
+fn may_list(room: &str, ctx: &SessionContext, tokens: &Tokens) -> bool {
+    !ctx.auth.rooms_need_grant || tokens.identity.grants.allows_room(room)
 }
 
 /// A `refresh`: a valid later token for the same user replaces the

@@ -431,6 +431,14 @@ fn api(ctx: HttpContext) -> impl Filter<Extract = (Response,), Error = Rejection
             async move { kick(&ctx, &room, &body).await }
         });
 
+    let members_ctx = ctx.clone();
+    let members = warp::path!("rooms" / String / "members")
+        .and(warp::get())
+        .then(move |room: String| {
+            let ctx = members_ctx.clone();
+            async move { members(&ctx, &room).await }
+        });
+
     let stats = warp::path!("stats").and(warp::get()).map(move || {
         let registry = ctx.session.router.registry();
         json_reply(
@@ -453,6 +461,8 @@ fn api(ctx: HttpContext) -> impl Filter<Extract = (Response,), Error = Rejection
             .or(disconnect)
             .unify()
             .or(kick)
+            .unify()
+            .or(members)
             .unify()
             .or(stats)
             .unify(),
@@ -662,6 +672,26 @@ async fn presence(ctx: &HttpContext, segment: &str) -> Response {
                 }),
             )
         }
+        Err(e) => route_failure(e),
+    }
+}
+
+/// `GET /api/v1/rooms/R/members`: the room's members, cluster-wide
+/// (user-level, sorted, at most `--max-members-listed`).
+async fn members(ctx: &HttpContext, segment: &str) -> Response {
+    let room = match path_name(segment, "room") {
+        Ok(room) => room,
+        Err(body) => return json_reply(StatusCode::BAD_REQUEST, body),
+    };
+    match ctx.session.router.members(&room).await {
+        Ok(members) => json_reply(
+            StatusCode::OK,
+            json!({
+                "room": &*room,
+                "users": members.users,
+                "truncated": members.truncated,
+            }),
+        ),
         Err(e) => route_failure(e),
     }
 }

@@ -24,7 +24,7 @@ use switchboard_core::metrics::Metrics;
 use switchboard_core::presence::Presence;
 use switchboard_core::queue::{bounded, BoundedReceiver};
 use switchboard_core::registry::{QueueLimits, Registry};
-use switchboard_core::router::Router;
+use switchboard_core::router::{PresenceSettings, Router};
 use switchboard_core::store::{Store, StoreLimits};
 use switchboard_redis::{RedisBackend, RedisSettings, RedisSetupError, INBOX_BYTES, INBOX_ITEMS};
 
@@ -33,6 +33,10 @@ use crate::auth::{AuthSetupError, Authenticator};
 use crate::config::{Config, DmPolicy, RoomAuth};
 use crate::connection::{AuthPolicy, SessionContext, SessionLimits};
 use crate::http::{self, ApiSettings, HttpContext, UpgradeSlot};
+
+/// How much longer than the grace a draining instance waits for its
+/// graces to end (a settle that fails is retried once a second).
+const SETTLE_SLACK: Duration = Duration::from_secs(3);
 
 /// Longest wait for sessions to finish at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -184,7 +188,12 @@ pub async fn run_with_backend(
             Arc::new(Registry::default()),
             metrics.clone(),
         )
-        .with_store(store),
+        .with_store(store)
+        .with_presence_settings(PresenceSettings {
+            grace: Duration::from_millis(config.presence_grace_ms),
+            max_members_listed: config.max_members_listed,
+            reconcile_after: config.lease(),
+        }),
     );
     router.start().await.map_err(ServerError::Subscribe)?;
     let stop_dispatcher = CancellationToken::new();
@@ -208,6 +217,7 @@ pub async fn run_with_backend(
                 rate_limit: config.rate_limit,
                 rate_burst: config.rate_burst,
                 max_rooms: config.max_rooms_per_connection,
+                max_watches: config.max_watches_per_connection,
                 ping_interval: Duration::from_millis(config.ping_interval_ms),
                 idle_timeout: Duration::from_millis(config.idle_timeout_ms),
             },
@@ -277,6 +287,11 @@ pub async fn run_with_backend(
     {
         tracing::warn!("some sessions did not finish in time");
     }
+    // Users who reconnect elsewhere within the grace are no event; the
+    // others are announced gone before this instance withdraws.
+    router
+        .settle_pending(Duration::from_millis(config.presence_grace_ms) + SETTLE_SLACK)
+        .await;
     if let Err(e) = presence.withdraw().await {
         tracing::warn!(error = %e, "could not withdraw presence; the lease will expire");
     }

@@ -1048,6 +1048,23 @@ async fn every_answer_conforms_to_the_openapi_description() {
                         ));
                     }
                 }
+                ("get", "/api/v1/rooms/{room}/members") => {
+                    let p = |room: &str| path.replace("{room}", room);
+                    for (label, inst, headers, room) in [
+                        ("a room", &api, authorized.to_vec(), "lobby"),
+                        ("an empty room", &api, authorized.to_vec(), "nobody-here"),
+                        ("no key", &api, vec![], "lobby"),
+                        ("wrong key", &api, wrong.to_vec(), "lobby"),
+                        ("API disabled", &disabled, authorized.to_vec(), "lobby"),
+                        ("invalid name", &api, authorized.to_vec(), "a%20b"),
+                        ("too long", &api, authorized.to_vec(), long.as_str()),
+                    ] {
+                        exchanges.push(Exchange::from_http(
+                            label,
+                            inst.http(&m, &p(room), &headers, b"").await,
+                        ));
+                    }
+                }
                 ("post", "/api/v1/disconnect" | "/api/v1/rooms/{room}/kick") => {
                     let p = |room: &str| path.replace("{room}", room);
                     let kick = path.ends_with("/kick");
@@ -1195,7 +1212,7 @@ async fn every_answer_conforms_to_the_openapi_description() {
             violations.extend(check_operation(&spec, &op_name, operation, &exchanges));
         }
     }
-    assert_eq!(exercised, 9, "the spec describes 9 operations");
+    assert_eq!(exercised, 10, "the spec describes 10 operations");
 
     // No /api/v1 route the spec lacks (with the right key, so that only
     // routing decides).

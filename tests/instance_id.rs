@@ -117,12 +117,14 @@ async fn a_restart_with_the_id_of_a_crashed_process_clears_what_it_left() {
         },
     )
     .await;
+    // The DM acked `offline` above waited in carol's inbox: she gets it on
+    // connect (read after her presence was written: an ephemeral DM sent
+    // the moment her presence shows may overtake it, so it is awaited
+    // first).
+    assert_eq!(carol.recv_type("dm").await["body"], 1);
     // node2 saw node1's lease expire; it sees the new process alive at its
     // next refresh of the live instances (every third of the lease).
     let n = dm_until_routed(&mut bob, "carol").await;
-    // The DM acked `offline` above waited in carol's inbox: she gets it
-    // first, on connect; then the routed one.
-    assert_eq!(carol.recv_type("dm").await["body"], 1);
     assert_eq!(carol.recv_type("dm").await["body"], n);
 }
 

@@ -28,7 +28,7 @@ use switchboard::metrics::Metrics;
 use switchboard::protocol::{DirectStatus, DmOptions, RoomStatus};
 use switchboard::queue::{bounded, BoundedReceiver};
 use switchboard::registry::{CloseReason, ConnHandle, Outbound, QueueLimits};
-use switchboard::router::{RouteError, Router, RoutingMode};
+use switchboard::router::{PresenceSettings, RouteError, Router, RoutingMode};
 use switchboard_core::local::{LocalBackend, LocalHub};
 use switchboard_core::store::{Seq, Store, StoreLimits};
 use switchboard_redis::{RedisBackend, RedisSettings, RedisTarget};
@@ -36,6 +36,8 @@ use switchboard_testkit::{RedisCluster, RedisServer};
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(5);
+/// The presence grace of every instance here.
+const GRACE: Duration = Duration::from_millis(200);
 const SENTINEL: &[u8] = b"SENTINEL ";
 
 #[derive(Debug, Clone, Copy)]
@@ -92,6 +94,18 @@ struct Cluster {
     _redis: Option<RedisServer>,
     _cluster: Option<RedisCluster>,
     nonce: u64,
+    /// Whether presence and member events (`P`/`M` envelopes) are handled
+    /// like any other bus message; off, they are dropped on receipt, so the
+    /// tests written before them see the bus they were written for.
+    events: bool,
+}
+
+/// Whether a bus message is a presence or member event.
+fn is_event(inbound: &Inbound) -> bool {
+    matches!(
+        Envelope::decode(&inbound.payload),
+        Some((Envelope::Presence { .. } | Envelope::Member { .. }, _))
+    )
 }
 
 /// A cluster whose room messages take the v1 path (no room history): the
@@ -130,6 +144,7 @@ async fn cluster_with(kind: Kind, n: usize, mode: RoutingMode, limits: StoreLimi
         _redis: None,
         _cluster: None,
         nonce: 0,
+        events: false,
     };
     for i in 1..=n {
         let id = format!("i{i}");
@@ -176,7 +191,11 @@ async fn cluster_with(kind: Kind, n: usize, mode: RoutingMode, limits: StoreLimi
                 Arc::default(),
                 metrics.clone(),
             )
-            .with_store(store),
+            .with_store(store)
+            .with_presence_settings(PresenceSettings {
+                grace: GRACE,
+                ..PresenceSettings::default()
+            }),
         );
         router.start().await.expect("start the router");
         c.routers.push(router);
@@ -199,10 +218,15 @@ impl Cluster {
 
     /// Waits for the next bus message of instance `i`, not handled yet.
     async fn receive(&mut self, i: usize) -> Inbound {
-        let inbound = tokio::time::timeout(WAIT, self.inboxes[i].recv())
-            .await
-            .unwrap_or_else(|_| panic!("a bus message for instance {i} within {WAIT:?}"))
-            .expect("inbox open");
+        let inbound = loop {
+            let inbound = tokio::time::timeout(WAIT, self.inboxes[i].recv())
+                .await
+                .unwrap_or_else(|_| panic!("a bus message for instance {i} within {WAIT:?}"))
+                .expect("inbox open");
+            if self.events || !is_event(&inbound) {
+                break inbound;
+            }
+        };
         assert!(
             !inbound.payload.starts_with(SENTINEL),
             "instance {i} got a stray sentinel"
@@ -231,6 +255,8 @@ impl Cluster {
                 .expect("inbox open");
             if inbound.payload == sentinel {
                 sentinels += 1;
+            } else if !self.events && is_event(&inbound) {
+                continue;
             } else {
                 others += 1;
                 self.routers[i].handle_inbound(inbound);
@@ -328,6 +354,9 @@ over_every_backend!(
     retention_trims_with_a_gap_and_unknown_users_are_not_stored,
     room_history_orders_members_and_replays_after_since,
     disconnect_closes_the_users_connections_on_the_holders_only,
+    watchers_hear_user_level_transitions_only,
+    a_reconnect_within_the_grace_is_no_event,
+    room_members_are_listed_and_announced_once_per_user,
     kick_takes_the_user_out_of_one_room_on_every_instance,
 );
 
@@ -335,6 +364,215 @@ over_every_backend!(
 /// the user: every connection of the user closes (4002, the given text),
 /// the other user on the same instance stays, and only the two holders
 /// receive anything.
+/// The next bus message of instance `i`, handled, which must be a presence
+/// event for `user`; returns its online flag.
+async fn presence_event(c: &mut Cluster, i: usize, user: &str) -> bool {
+    let inbound = c.dispatch(i).await;
+    match Envelope::decode(&inbound.payload) {
+        Some((
+            Envelope::Presence {
+                user: u, online, ..
+            },
+            _,
+        )) if u == user => online,
+        other => panic!("a presence event for {user} at instance {i}, got {other:?}"),
+    }
+}
+
+async fn watchers_hear_user_level_transitions_only(kind: Kind) {
+    let mut c = cluster(kind, 3, RoutingMode::Routed).await;
+    c.events = true;
+    let (alice, mut a) = user(&c.routers[0], "alice").await;
+    let watch = vec!["bob".to_owned()];
+    c.routers[0]
+        .watch(&alice, None, &watch, 10)
+        .await
+        .expect("watch");
+    let ack = one_frame(&mut a);
+    assert_eq!(ack["type"], "presence");
+    assert_eq!(ack["online"]["bob"], false);
+
+    let (bob1, _b1) = user(&c.routers[1], "bob").await;
+    assert!(presence_event(&mut c, 0, "bob").await);
+    let got = one_frame(&mut a);
+    assert_eq!(
+        (
+            got["type"].as_str(),
+            got["user"].as_str(),
+            got["online"].as_bool()
+        ),
+        (Some("presence_event"), Some("bob"), Some(true))
+    );
+    assert!(got["ts"].as_u64().is_some_and(|ts| ts > 0));
+
+    // A second device elsewhere, a third here: no transition, no event.
+    let (bob2, _b2) = user(&c.routers[2], "bob").await;
+    let (bob3, _b3) = user(&c.routers[0], "bob").await;
+    c.routers[0].disconnect(&bob3).await;
+    c.routers[1].disconnect(&bob1).await;
+    tokio::time::sleep(GRACE * 2).await;
+    assert_eq!(c.settle(0).await, 0, "bob stayed online on i3: no event");
+    assert!(frames(&mut a).is_empty());
+    // Instances that watch nobody received nothing.
+    assert_eq!(c.settle(1).await, 0);
+
+    // The last device goes: one offline event, after the grace.
+    c.routers[2].disconnect(&bob2).await;
+    assert!(!presence_event(&mut c, 0, "bob").await);
+    let got = one_frame(&mut a);
+    assert_eq!(
+        (got["user"].as_str(), got["online"].as_bool()),
+        (Some("bob"), Some(false))
+    );
+    let online = |m: &Metrics| {
+        (
+            m.presence_transitions_online.get(),
+            m.presence_transitions_offline.get(),
+        )
+    };
+    let totals = c
+        .metrics
+        .iter()
+        .map(|m| online(m))
+        .fold((0, 0), |t, x| (t.0 + x.0, t.1 + x.1));
+    // alice's and bob's first connections; bob's last one.
+    assert_eq!(totals, (2, 1));
+    assert_eq!(c.metrics[0].presence_events_received.get(), 2);
+    for i in 1..3 {
+        assert_eq!(
+            c.metrics[i].presence_events_received.get(),
+            0,
+            "instance {i} watches nobody"
+        );
+    }
+
+    // After unwatch, nothing reaches i1 any more.
+    c.routers[0].unwatch(&alice, &watch).await;
+    let (bob4, _b4) = user(&c.routers[1], "bob").await;
+    assert_eq!(c.settle(0).await, 0, "unwatched: not published here");
+    c.routers[1].disconnect(&bob4).await;
+    assert!(!c.routers[0].is_watched("bob"));
+}
+
+async fn a_reconnect_within_the_grace_is_no_event(kind: Kind) {
+    let mut c = cluster(kind, 2, RoutingMode::Routed).await;
+    c.events = true;
+    let (alice, mut a) = user(&c.routers[0], "alice").await;
+    let (bob, _b) = user(&c.routers[1], "bob").await;
+    let watch = vec!["bob".to_owned(), "carol".to_owned()];
+    c.routers[0]
+        .watch(&alice, None, &watch, 10)
+        .await
+        .expect("watch");
+    let ack = one_frame(&mut a);
+    assert_eq!(
+        (
+            ack["online"]["bob"].as_bool(),
+            ack["online"]["carol"].as_bool()
+        ),
+        (Some(true), Some(false))
+    );
+    // bob's connection drops and comes back on the other instance at once.
+    c.routers[1].disconnect(&bob).await;
+    let (bob, _b) = user(&c.routers[0], "bob").await;
+    tokio::time::sleep(GRACE * 2).await;
+    // A real transition of carol is the sentinel: it is the next event.
+    let (carol, _c) = user(&c.routers[1], "carol").await;
+    let inbound = c.dispatch(0).await;
+    assert!(
+        matches!(
+            Envelope::decode(&inbound.payload),
+            Some((
+                Envelope::Presence {
+                    user: "carol",
+                    online: true,
+                    ..
+                },
+                _
+            ))
+        ),
+        "{inbound:?}"
+    );
+    let got = one_frame(&mut a);
+    assert_eq!(got["user"], "carol");
+    // The limit: 2 watched, at most 2.
+    let more = vec!["dave".to_owned()];
+    assert!(matches!(
+        c.routers[0].watch(&alice, None, &more, 2).await,
+        Err(switchboard::router::WatchError::LimitExceeded)
+    ));
+    c.routers[0].disconnect(&bob).await;
+    c.routers[1].disconnect(&carol).await;
+}
+
+async fn room_members_are_listed_and_announced_once_per_user(kind: Kind) {
+    let mut c = cluster(kind, 2, RoutingMode::Routed).await;
+    c.events = true;
+    let (alice, mut a) = user(&c.routers[0], "alice").await;
+    let (quiet, mut q) = user(&c.routers[0], "quinn").await;
+    c.routers[0].join(&alice, "lobby").await.expect("join");
+    quiet.set_room_events("lobby", false);
+    c.routers[0].join(&quiet, "lobby").await.expect("join");
+    c.settle(0).await; // alice's and quinn's own member_joined
+    frames(&mut a);
+    let (bob1, _b1) = user(&c.routers[1], "bob").await;
+    let (bob2, _b2) = user(&c.routers[1], "bob").await;
+    let (bob3, _b3) = user(&c.routers[0], "bob").await;
+    c.routers[1].join(&bob1, "lobby").await.expect("join");
+    c.routers[1].join(&bob2, "lobby").await.expect("join");
+    c.routers[0].join(&bob3, "lobby").await.expect("join");
+    assert_eq!(
+        c.settle(0).await,
+        1,
+        "one member_joined for bob's three connections"
+    );
+    let got = one_frame(&mut a);
+    assert_eq!(
+        (
+            got["type"].as_str(),
+            got["room"].as_str(),
+            got["user"].as_str()
+        ),
+        (Some("member_joined"), Some("lobby"), Some("bob"))
+    );
+    assert!(
+        frames(&mut q).iter().all(|f| f["type"] != "member_joined"),
+        "events: false"
+    );
+    let members = c.routers[1].members("lobby").await.expect("members");
+    assert_eq!(members.users, ["alice", "bob", "quinn"]);
+    assert!(!members.truncated);
+
+    // bob leaves everywhere: one member_left, after the grace.
+    c.routers[1].leave(&bob1, "lobby").await;
+    c.routers[1].disconnect(&bob2).await;
+    c.routers[0].leave(&bob3, "lobby").await;
+    let inbound = c.dispatch(0).await;
+    assert!(
+        matches!(
+            Envelope::decode(&inbound.payload),
+            Some((
+                Envelope::Member {
+                    room: "lobby",
+                    user: "bob",
+                    joined: false,
+                    ..
+                },
+                _
+            ))
+        ),
+        "{inbound:?}"
+    );
+    let got = one_frame(&mut a);
+    assert_eq!(
+        (got["type"].as_str(), got["user"].as_str()),
+        (Some("member_left"), Some("bob"))
+    );
+    let members = c.routers[0].members("lobby").await.expect("members");
+    assert_eq!(members.users, ["alice", "quinn"]);
+    assert_eq!(c.settle(0).await, 0, "exactly one member_left");
+}
+
 async fn disconnect_closes_the_users_connections_on_the_holders_only(kind: Kind) {
     let mut c = cluster(kind, 3, RoutingMode::Routed).await;
     let (bob0, _b0) = user(&c.routers[0], "bob").await;

@@ -236,6 +236,33 @@ pub enum Envelope<'a> {
         /// What to do.
         action: ControlAction<'a>,
     },
+    /// A user-level presence transition: `P <user> <0|1> <version> <ts>`
+    /// (empty frame), published on the personal channel of every instance
+    /// watching `user`.
+    Presence {
+        /// The user.
+        user: &'a str,
+        /// Online after the transition.
+        online: bool,
+        /// The transition's version (see `presence::Announced`).
+        version: u64,
+        /// When, unix milliseconds.
+        ts_ms: u64,
+    },
+    /// A room membership transition: `M <room> <user> <0|1> <version> <ts>`
+    /// (empty frame), published on the room's channel.
+    Member {
+        /// The room.
+        room: &'a str,
+        /// The user.
+        user: &'a str,
+        /// A member after the transition.
+        joined: bool,
+        /// The transition's version.
+        version: u64,
+        /// When, unix milliseconds.
+        ts_ms: u64,
+    },
 }
 
 /// What a [`Envelope::Control`] message asks of a user's connections.
@@ -308,6 +335,27 @@ impl Envelope<'_> {
                 &None,
                 &None,
             ),
+            Envelope::Presence {
+                user,
+                online,
+                version,
+                ts_ms,
+            } => (
+                format!("P {user} {} {version} {ts_ms}", u8::from(*online)),
+                &None,
+                &None,
+            ),
+            Envelope::Member {
+                room,
+                user,
+                joined,
+                version,
+                ts_ms,
+            } => (
+                format!("M {room} {user} {} {version} {ts_ms}", u8::from(*joined)),
+                &None,
+                &None,
+            ),
         };
         // Writing into a String cannot fail.
         if let Some(seq) = seq {
@@ -375,6 +423,28 @@ impl Envelope<'_> {
                     action,
                 }
             }
+            "P" => {
+                let user = parts.next().filter(|u| !u.is_empty())?;
+                let (online, version, ts_ms) = transition(&mut parts)?;
+                Envelope::Presence {
+                    user,
+                    online,
+                    version,
+                    ts_ms,
+                }
+            }
+            "M" => {
+                let room = parts.next().filter(|r| !r.is_empty())?;
+                let user = parts.next().filter(|u| !u.is_empty())?;
+                let (joined, version, ts_ms) = transition(&mut parts)?;
+                Envelope::Member {
+                    room,
+                    user,
+                    joined,
+                    version,
+                    ts_ms,
+                }
+            }
             _ => return None,
         };
         if parts.next().is_some() {
@@ -382,6 +452,16 @@ impl Envelope<'_> {
         }
         Some((envelope, newline + 1))
     }
+}
+
+/// The `<0|1> <version> <ts>` fields of a transition.
+fn transition<'a>(parts: &mut impl Iterator<Item = &'a str>) -> Option<(bool, u64, u64)> {
+    let on = match parts.next()? {
+        "1" => true,
+        "0" => false,
+        _ => return None,
+    };
+    Some((on, parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 /// The optional position fields at the end of a header, `[<seq> [<prev>]]`;
@@ -401,6 +481,49 @@ fn position<'a>(parts: &mut impl Iterator<Item = &'a str>) -> Option<(Option<Seq
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transitions_round_trip() {
+        for e in [
+            Envelope::Presence {
+                user: "bob",
+                online: true,
+                version: 1_764_633_600_123_456,
+                ts_ms: 1_764_633_600_123,
+            },
+            Envelope::Member {
+                room: "lobby",
+                user: "bob",
+                joined: false,
+                version: 7,
+                ts_ms: 8,
+            },
+        ] {
+            let bytes = e.encode(b"");
+            let (decoded, at) = Envelope::decode(&bytes).expect("decodes");
+            assert_eq!(decoded, e);
+            assert_eq!(at, bytes.len());
+        }
+        assert_eq!(
+            &Envelope::Presence {
+                user: "bob",
+                online: true,
+                version: 1_764_633_600_123_456,
+                ts_ms: 1_764_633_600_123
+            }
+            .encode(b"")[..],
+            b"P bob 1 1764633600123456 1764633600123\n"
+        );
+        for bad in [
+            "P bob 2 1 1\n",
+            "P bob 1 x 1\n",
+            "P bob 1 1\n",
+            "M lobby 1 1 1\n",
+            "P bob 1 1 1 9\n",
+        ] {
+            assert!(Envelope::decode(bad.as_bytes()).is_none(), "{bad}");
+        }
+    }
 
     #[test]
     fn envelopes_round_trip() {

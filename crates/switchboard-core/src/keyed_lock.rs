@@ -30,6 +30,25 @@ impl KeyedLocks {
         self.stripes[index].lock().await
     }
 
+    /// Waits for the locks of every key in `keys`, in stripe order (so two
+    /// callers cannot deadlock): for a write that covers many keys at once.
+    pub async fn lock_many<'k>(
+        &self,
+        keys: impl IntoIterator<Item = &'k str>,
+    ) -> Vec<MutexGuard<'_, ()>> {
+        let mut indices: Vec<usize> = keys
+            .into_iter()
+            .map(|key| (self.hasher.hash_one(key) as usize) % self.stripes.len())
+            .collect();
+        indices.sort_unstable();
+        indices.dedup();
+        let mut guards = Vec::with_capacity(indices.len());
+        for index in indices {
+            guards.push(self.stripes[index].lock().await);
+        }
+        guards
+    }
+
     /// Waits for every lock, always in the same order (so two callers of this
     /// cannot deadlock, and a holder of one key's lock only makes it wait):
     /// for bulk writes that must not interleave with any single-key write.

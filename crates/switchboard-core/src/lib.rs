@@ -24,6 +24,7 @@ pub mod queue;
 pub mod registry;
 pub mod router;
 pub mod store;
+pub mod watch;
 
 #[cfg(test)]
 mod proptests;

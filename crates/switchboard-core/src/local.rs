@@ -11,7 +11,7 @@
 //! inboxes in memory with the same retention limits, the same abuse bound
 //! and the same atomic append-and-publish step as the Redis store.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -21,7 +21,7 @@ use dashmap::DashMap;
 use crate::bus::{Bus, Channel, ChannelKind, Covered, DirectRoute, Envelope, Inbound, Reached};
 use crate::error::BackendError;
 use crate::metrics::Metrics;
-use crate::presence::{Holder, Presence};
+use crate::presence::{Announced, Holder, Members, Presence};
 use crate::queue::{BoundedSender, Refused};
 use crate::router::now_ms;
 use crate::store::{
@@ -47,6 +47,41 @@ pub struct LocalHub {
     /// publishes happen under it, so they are one step as in Redis.
     store: Mutex<Inboxes>,
     limits: StoreLimits,
+    /// Announced states, watchers and room memberships, behind one lock:
+    /// a count change and its announcement are one step, as in a Redis
+    /// script. Locked before `presence` entries, never after.
+    roster: Mutex<Roster>,
+}
+
+/// The hub's side of presence events (see [`Presence`]).
+#[derive(Debug, Default)]
+struct Roster {
+    /// user -> its announced-online state.
+    online: HashMap<String, Announced>,
+    /// user -> the instances watching it.
+    watchers: HashMap<String, HashSet<Arc<str>>>,
+    /// room -> user -> the instances holding a membership.
+    memberships: HashMap<String, HashMap<String, HashSet<Arc<str>>>>,
+    /// room -> its announced members (sorted, for listing).
+    members: HashMap<String, BTreeMap<String, Announced>>,
+    /// The last version handed out: versions strictly increase.
+    last_version: u64,
+}
+
+impl Roster {
+    /// A new transition's state: `max(last + 1, now in µs)`.
+    fn next(&mut self, online: bool) -> Announced {
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        self.last_version = (self.last_version + 1).max(now_us);
+        Announced {
+            online,
+            version: self.last_version,
+            ts_ms: self.last_version / 1000,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -158,6 +193,77 @@ impl LocalHub {
 
     fn inboxes(&self) -> MutexGuard<'_, Inboxes> {
         self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn roster(&self) -> MutexGuard<'_, Roster> {
+        self.roster.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes `state` of `user` to every instance watching it.
+    fn announce_presence(&self, roster: &Roster, user: &str, state: Announced) {
+        let Some(watchers) = roster.watchers.get(user) else {
+            return;
+        };
+        let payload = Envelope::Presence {
+            user,
+            online: state.online,
+            version: state.version,
+            ts_ms: state.ts_ms,
+        }
+        .encode(b"");
+        for instance in watchers {
+            self.publish(Channel::Instance(instance), &payload);
+        }
+    }
+
+    /// Announces `user` offline if it was online and nobody holds it.
+    fn settle_user(&self, roster: &mut Roster, user: &str) -> bool {
+        if self.online(user) || !roster.online.contains_key(user) {
+            return false;
+        }
+        roster.online.remove(user);
+        let state = roster.next(false);
+        self.announce_presence(roster, user, state);
+        true
+    }
+
+    /// Publishes a membership transition on the room's channel.
+    fn announce_member(&self, room: &str, user: &str, state: Announced) {
+        let payload = Envelope::Member {
+            room,
+            user,
+            joined: state.online,
+            version: state.version,
+            ts_ms: state.ts_ms,
+        }
+        .encode(b"");
+        self.publish(Channel::Room(room), &payload);
+    }
+
+    /// Announces `user` gone from `room` if it was an announced member and
+    /// no instance holds a membership.
+    fn settle_membership(&self, roster: &mut Roster, room: &str, user: &str) -> bool {
+        let held = roster
+            .memberships
+            .get(room)
+            .and_then(|m| m.get(user))
+            .is_some_and(|holders| !holders.is_empty());
+        let announced = roster
+            .members
+            .get(room)
+            .is_some_and(|m| m.contains_key(user));
+        if held || !announced {
+            return false;
+        }
+        if let Some(members) = roster.members.get_mut(room) {
+            members.remove(user);
+            if members.is_empty() {
+                roster.members.remove(room);
+            }
+        }
+        let state = roster.next(false);
+        self.announce_member(room, user, state);
+        true
     }
 
     fn online(&self, user: &str) -> bool {
@@ -530,6 +636,7 @@ impl Store for LocalBackend {
 #[async_trait]
 impl Presence for LocalBackend {
     async fn connect(&self, user: &str) -> Result<(), BackendError> {
+        let mut roster = self.hub.roster();
         *self
             .hub
             .presence
@@ -537,10 +644,17 @@ impl Presence for LocalBackend {
             .or_default()
             .entry(self.instance.clone())
             .or_insert(0) += 1;
+        if !roster.online.contains_key(user) {
+            let state = roster.next(true);
+            roster.online.insert(user.to_owned(), state);
+            self.hub.announce_presence(&roster, user, state);
+            self.metrics.presence_transitions_online.inc();
+        }
         Ok(())
     }
 
     async fn disconnect(&self, user: &str) -> Result<(), BackendError> {
+        let _roster = self.hub.roster();
         if let Some(mut entry) = self.hub.presence.get_mut(user) {
             if let Some(n) = entry.get_mut(&self.instance) {
                 *n = n.saturating_sub(1);
@@ -554,6 +668,14 @@ impl Presence for LocalBackend {
         Ok(())
     }
 
+    async fn settle(&self, user: &str) -> Result<(), BackendError> {
+        let mut roster = self.hub.roster();
+        if self.hub.settle_user(&mut roster, user) {
+            self.metrics.presence_transitions_offline.inc();
+        }
+        Ok(())
+    }
+
     async fn locate(&self, user: &str) -> Result<Vec<Holder>, BackendError> {
         Ok(self.holders(user))
     }
@@ -563,11 +685,154 @@ impl Presence for LocalBackend {
     }
 
     async fn withdraw(&self) -> Result<(), BackendError> {
-        self.hub.presence.retain(|_, entry| {
-            entry.remove(&self.instance);
+        let mut roster = self.hub.roster();
+        let mut gone = Vec::new();
+        self.hub.presence.retain(|user, entry| {
+            if entry.remove(&self.instance).is_some() {
+                gone.push(user.clone());
+            }
             !entry.is_empty()
         });
+        // Lingering users are settled by the router before it withdraws.
+        for user in &gone {
+            if self.hub.settle_user(&mut roster, user) {
+                self.metrics.presence_transitions_offline.inc();
+            }
+        }
+        roster.watchers.retain(|_, w| {
+            w.remove(&self.instance);
+            !w.is_empty()
+        });
+        let mut left = Vec::new();
+        for (room, users) in roster.memberships.iter_mut() {
+            users.retain(|user, holders| {
+                if holders.remove(&self.instance) {
+                    left.push((room.clone(), user.clone()));
+                }
+                !holders.is_empty()
+            });
+        }
+        roster.memberships.retain(|_, users| !users.is_empty());
+        for (room, user) in &left {
+            if self.hub.settle_membership(&mut roster, room, user) {
+                self.metrics.member_transitions_left.inc();
+            }
+        }
         Ok(())
+    }
+
+    async fn watch(&self, users: &[String]) -> Result<Vec<Announced>, BackendError> {
+        let mut roster = self.hub.roster();
+        Ok(users
+            .iter()
+            .map(|user| {
+                roster
+                    .watchers
+                    .entry(user.clone())
+                    .or_default()
+                    .insert(self.instance.clone());
+                roster.online.get(user).copied().unwrap_or(Announced::NONE)
+            })
+            .collect())
+    }
+
+    async fn unwatch(&self, users: &[String]) -> Result<(), BackendError> {
+        let mut roster = self.hub.roster();
+        for user in users {
+            if let Some(w) = roster.watchers.get_mut(user) {
+                w.remove(&self.instance);
+                if w.is_empty() {
+                    roster.watchers.remove(user);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn announced(&self, users: &[String]) -> Result<Vec<Announced>, BackendError> {
+        let roster = self.hub.roster();
+        Ok(users
+            .iter()
+            .map(|u| roster.online.get(u).copied().unwrap_or(Announced::NONE))
+            .collect())
+    }
+
+    async fn join_room(&self, room: &str, user: &str) -> Result<(), BackendError> {
+        let mut roster = self.hub.roster();
+        roster
+            .memberships
+            .entry(room.to_owned())
+            .or_default()
+            .entry(user.to_owned())
+            .or_default()
+            .insert(self.instance.clone());
+        let announced = roster
+            .members
+            .get(room)
+            .is_some_and(|m| m.contains_key(user));
+        if !announced {
+            let state = roster.next(true);
+            roster
+                .members
+                .entry(room.to_owned())
+                .or_default()
+                .insert(user.to_owned(), state);
+            self.hub.announce_member(room, user, state);
+            self.metrics.member_transitions_joined.inc();
+        }
+        Ok(())
+    }
+
+    async fn leave_room(&self, room: &str, user: &str) -> Result<(), BackendError> {
+        let mut roster = self.hub.roster();
+        if let Some(users) = roster.memberships.get_mut(room) {
+            if let Some(holders) = users.get_mut(user) {
+                holders.remove(&self.instance);
+                if holders.is_empty() {
+                    users.remove(user);
+                }
+            }
+            if users.is_empty() {
+                roster.memberships.remove(room);
+            }
+        }
+        Ok(())
+    }
+
+    async fn settle_member(&self, room: &str, user: &str) -> Result<(), BackendError> {
+        let mut roster = self.hub.roster();
+        if self.hub.settle_membership(&mut roster, room, user) {
+            self.metrics.member_transitions_left.inc();
+        }
+        Ok(())
+    }
+
+    async fn members(&self, room: &str, limit: usize) -> Result<Members, BackendError> {
+        let roster = self.hub.roster();
+        let Some(members) = roster.members.get(room) else {
+            return Ok(Members::default());
+        };
+        Ok(Members {
+            users: members.keys().take(limit).cloned().collect(),
+            truncated: members.len() > limit,
+        })
+    }
+
+    async fn member_states(
+        &self,
+        room: &str,
+        users: &[String],
+    ) -> Result<Vec<Announced>, BackendError> {
+        let roster = self.hub.roster();
+        let members = roster.members.get(room);
+        Ok(users
+            .iter()
+            .map(|u| {
+                members
+                    .and_then(|m| m.get(u).copied())
+                    .unwrap_or(Announced::NONE)
+            })
+            .collect())
     }
 }
 

@@ -180,6 +180,28 @@ pub struct Metrics {
     pub presence_resyncs: Counter,
     /// Latency of Redis commands on the message path, seconds.
     pub redis_latency: Histogram,
+    /// User-level transitions this instance announced (it won them in the
+    /// backend), by kind.
+    pub presence_transitions_online: Counter,
+    /// See [`Metrics::presence_transitions_online`].
+    pub presence_transitions_offline: Counter,
+    /// Room membership transitions this instance announced, by kind.
+    pub member_transitions_joined: Counter,
+    /// See [`Metrics::member_transitions_joined`].
+    pub member_transitions_left: Counter,
+    /// Presence events (`P` envelopes) received from the bus.
+    pub presence_events_received: Counter,
+    /// Room member events (`M` envelopes) received from the bus.
+    pub member_events_received: Counter,
+    /// Presence event frames queued to local connections.
+    pub presence_events_delivered: Counter,
+    /// Member event frames queued to local connections.
+    pub member_events_delivered: Counter,
+    /// Users watched by at least one local connection.
+    pub watched_users: Gauge,
+    /// Times the watched states were re-read after the bus may have lost
+    /// events.
+    pub presence_reconciles: Counter,
 }
 
 impl Metrics {
@@ -363,6 +385,49 @@ impl Metrics {
             redis_latency.clone(),
         );
 
+        let transitions = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "switchboard_presence_transitions",
+            "User-level presence transitions this instance announced, by kind (online, offline)",
+            transitions.clone(),
+        );
+        let member_transitions = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "switchboard_member_transitions",
+            "Room membership transitions this instance announced, by kind (joined, left)",
+            member_transitions.clone(),
+        );
+        let presence_events_received = Counter::default();
+        registry.register(
+            "switchboard_presence_events_received",
+            "Presence events received from the bus (only instances watching the user receive them)",
+            presence_events_received.clone(),
+        );
+        let member_events_received = Counter::default();
+        registry.register(
+            "switchboard_member_events_received",
+            "Room member events received from the bus",
+            member_events_received.clone(),
+        );
+        let events_delivered = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "switchboard_presence_events_delivered",
+            "Presence and member event frames queued to local connections, by kind (presence, member)",
+            events_delivered.clone(),
+        );
+        let watched_users = Gauge::default();
+        registry.register(
+            "switchboard_watched_users",
+            "Users watched by at least one local connection",
+            watched_users.clone(),
+        );
+        let presence_reconciles = Counter::default();
+        registry.register(
+            "switchboard_presence_reconciles",
+            "Times watched presence and room members were re-read after bus messages may have been lost",
+            presence_reconciles.clone(),
+        );
+
         let bus = |family: &Family<KindLabel, Counter>| BusCounters {
             personal: family.get_or_create_owned(&KindLabel { kind: "personal" }),
             room: family.get_or_create_owned(&KindLabel { kind: "room" }),
@@ -458,6 +523,22 @@ impl Metrics {
             cluster_topology_changes,
             presence_resyncs,
             redis_latency,
+            presence_transitions_online: transitions
+                .get_or_create_owned(&KindLabel { kind: "online" }),
+            presence_transitions_offline: transitions
+                .get_or_create_owned(&KindLabel { kind: "offline" }),
+            member_transitions_joined: member_transitions
+                .get_or_create_owned(&KindLabel { kind: "joined" }),
+            member_transitions_left: member_transitions
+                .get_or_create_owned(&KindLabel { kind: "left" }),
+            presence_events_received,
+            member_events_received,
+            presence_events_delivered: events_delivered
+                .get_or_create_owned(&KindLabel { kind: "presence" }),
+            member_events_delivered: events_delivered
+                .get_or_create_owned(&KindLabel { kind: "member" }),
+            watched_users,
+            presence_reconciles,
             registry,
         })
     }

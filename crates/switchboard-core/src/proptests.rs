@@ -60,11 +60,17 @@ proptest! {
                 prop_assert!(text.contains(body.get()));
                 prop_assert!(serde_json::from_str::<serde_json::Value>(body.get()).is_ok());
             }
-            Ok(Request::Join { room, .. } | Request::Leave { room } | Request::Room { room, .. }) => {
+            Ok(Request::Join { room, .. } | Request::Leave { room } | Request::Room { room, .. } | Request::Members { room }) => {
                 prop_assert!(protocol::validate_name(&room).is_ok());
             }
             Ok(Request::Presence { users }) => {
                 prop_assert!(users.len() <= protocol::MAX_PRESENCE_USERS);
+                for user in users {
+                    prop_assert!(protocol::validate_name(&user).is_ok());
+                }
+            }
+            Ok(Request::Watch { users } | Request::Unwatch { users }) => {
+                prop_assert!(users.len() <= protocol::MAX_WATCH_USERS);
                 for user in users {
                     prop_assert!(protocol::validate_name(&user).is_ok());
                 }

@@ -19,6 +19,9 @@ use crate::store::Seq;
 pub const MAX_NAME_LEN: usize = 64;
 /// Most users one presence query may ask about.
 pub const MAX_PRESENCE_USERS: usize = 100;
+/// Most users one `watch` or `unwatch` frame may name (a contact list in
+/// one frame; the connection's total is `--max-watches-per-connection`).
+pub const MAX_WATCH_USERS: usize = 1000;
 /// Deepest nesting of arrays and objects accepted in a body. serde_json does
 /// not bound the depth of a raw value, and every recipient will parse it.
 pub const MAX_BODY_DEPTH: usize = 64;
@@ -159,6 +162,9 @@ pub enum Request<'a> {
         /// A room token minted by the backend for this user and room
         /// (`--room-auth token`); never logged.
         token: Option<String>,
+        /// Send this connection the room's `member_joined`/`member_left`
+        /// events (`"events": false` for large rooms).
+        events: bool,
     },
     /// Leave a room.
     Leave {
@@ -176,6 +182,22 @@ pub enum Request<'a> {
     Presence {
         /// Validated user ids, at most [`MAX_PRESENCE_USERS`].
         users: Vec<String>,
+    },
+    /// Watch these users: the reply is their state, then a
+    /// `presence_event` on every user-level transition.
+    Watch {
+        /// Validated user ids, at most [`MAX_WATCH_USERS`].
+        users: Vec<String>,
+    },
+    /// Stop watching these users.
+    Unwatch {
+        /// Validated user ids, at most [`MAX_WATCH_USERS`].
+        users: Vec<String>,
+    },
+    /// The room's members, cluster-wide.
+    Members {
+        /// Room name, validated.
+        room: String,
     },
     /// Application-level keepalive.
     Ping,
@@ -255,6 +277,8 @@ struct RawFrame<'a> {
     since: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "present")]
     token: Option<&'a RawValue>,
+    #[serde(default, borrow, deserialize_with = "present")]
+    events: Option<&'a RawValue>,
 }
 
 /// A field that is present, whatever its value (absent fields take `default`).
@@ -365,6 +389,7 @@ fn parse_request<'a>(raw: &RawFrame<'a>) -> Result<Request<'a>, ProtocolError> {
                 Some(since) => Some(required_seq(Some(since))?),
             },
             token: raw.token.map(|t| required_token(Some(t))).transpose()?,
+            events: optional_bool(raw.events, "events", true)?,
         }),
         "leave" => Ok(Request::Leave {
             room: required_name(raw.room, "room")?,
@@ -374,7 +399,16 @@ fn parse_request<'a>(raw: &RawFrame<'a>) -> Result<Request<'a>, ProtocolError> {
             body: required_body(raw.body)?,
         }),
         "presence" => Ok(Request::Presence {
-            users: parse_users(raw.users)?,
+            users: parse_users(raw.users, MAX_PRESENCE_USERS)?,
+        }),
+        "watch" => Ok(Request::Watch {
+            users: parse_users(raw.users, MAX_WATCH_USERS)?,
+        }),
+        "unwatch" => Ok(Request::Unwatch {
+            users: parse_users(raw.users, MAX_WATCH_USERS)?,
+        }),
+        "members" => Ok(Request::Members {
+            room: required_name(raw.room, "room")?,
         }),
         "ping" => Ok(Request::Ping),
         "refresh" => Ok(Request::Refresh {
@@ -382,7 +416,8 @@ fn parse_request<'a>(raw: &RawFrame<'a>) -> Result<Request<'a>, ProtocolError> {
         }),
         _ => Err(ProtocolError::new(
             ErrorCode::UnknownType,
-            "unknown frame type (expected dm, recv, join, leave, room, presence, ping or refresh)",
+            "unknown frame type (expected dm, recv, join, leave, room, presence, watch, unwatch, \
+             members, ping or refresh)",
         )),
     }
 }
@@ -516,16 +551,16 @@ fn nesting_depth(json: &str) -> usize {
     deepest
 }
 
-fn parse_users(raw: Option<&RawValue>) -> Result<Vec<String>, ProtocolError> {
+fn parse_users(raw: Option<&RawValue>, max: usize) -> Result<Vec<String>, ProtocolError> {
     let raw =
         raw.ok_or_else(|| ProtocolError::new(ErrorCode::BadRequest, "missing field `users`"))?;
     let users: Vec<String> = serde_json::from_str(raw.get()).map_err(|_| {
         ProtocolError::new(ErrorCode::BadRequest, "`users` must be an array of strings")
     })?;
-    if users.len() > MAX_PRESENCE_USERS {
+    if users.len() > max {
         return Err(ProtocolError::new(
             ErrorCode::BadRequest,
-            format!("at most {MAX_PRESENCE_USERS} users per presence query"),
+            format!("at most {max} users per frame"),
         ));
     }
     for user in &users {
@@ -797,6 +832,50 @@ pub enum ServerFrame<'a> {
         /// user -> online anywhere.
         online: std::collections::BTreeMap<&'a str, bool>,
     },
+    /// A watched user's user-level transition: online on its first
+    /// connection anywhere, offline when its last one is gone (after the
+    /// grace, or when its instance was declared dead).
+    PresenceEvent {
+        /// The user.
+        user: &'a str,
+        /// Online after the transition.
+        online: bool,
+        /// When it was announced, unix milliseconds.
+        ts: u64,
+    },
+    /// A user became a member of a room (its first connection in the room
+    /// anywhere).
+    MemberJoined {
+        /// The room.
+        room: &'a str,
+        /// The user.
+        user: &'a str,
+        /// When, unix milliseconds.
+        ts: u64,
+    },
+    /// A user is no longer a member of a room (its last connection in the
+    /// room left, after the grace, or its instance was declared dead).
+    MemberLeft {
+        /// The room.
+        room: &'a str,
+        /// The user.
+        user: &'a str,
+        /// When, unix milliseconds.
+        ts: u64,
+    },
+    /// Reply to `members`: the room's members, cluster-wide, sorted.
+    Members {
+        /// The request id, when the request had one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RequestId>,
+        /// The room.
+        room: &'a str,
+        /// User ids, sorted; at most `--max-members-listed`.
+        users: &'a [String],
+        /// Present (true) when more members exist than were listed.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
+    },
     /// The connection token (no `room`) or a room token (`room`) expires
     /// in `in_ms`: send a `refresh` (or join the room again with a new
     /// room token) before then.
@@ -1028,12 +1107,100 @@ mod tests {
     }
 
     #[test]
+    fn watch_members_and_quiet_joins_parse() {
+        match parse(r#"{"type":"watch","users":["bob","carol"],"id":1}"#).request {
+            Ok(Request::Watch { users }) => assert_eq!(users, ["bob", "carol"]),
+            other => panic!("{other:?}"),
+        }
+        match parse(r#"{"type":"unwatch","users":["bob"]}"#).request {
+            Ok(Request::Unwatch { users }) => assert_eq!(users, ["bob"]),
+            other => panic!("{other:?}"),
+        }
+        match parse(r#"{"type":"members","room":"lobby","id":2}"#).request {
+            Ok(Request::Members { room }) => assert_eq!(room, "lobby"),
+            other => panic!("{other:?}"),
+        }
+        match parse(r#"{"type":"join","room":"big","events":false}"#).request {
+            Ok(Request::Join { events, .. }) => assert!(!events),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            code_of(r#"{"type":"join","room":"big","events":"no"}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code_of(r#"{"type":"watch","users":["a b"]}"#),
+            ErrorCode::InvalidName
+        );
+        assert_eq!(code_of(r#"{"type":"watch"}"#), ErrorCode::BadRequest);
+        let many: Vec<String> = (0..=MAX_WATCH_USERS).map(|i| format!("u{i}")).collect();
+        let frame = serde_json::json!({"type": "watch", "users": many}).to_string();
+        assert_eq!(code_of(&frame), ErrorCode::BadRequest);
+        assert_eq!(code_of(r#"{"type":"members"}"#), ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn presence_and_member_frames_serialize() {
+        assert_eq!(
+            ServerFrame::PresenceEvent {
+                user: "bob",
+                online: false,
+                ts: 5
+            }
+            .to_text(),
+            r#"{"type":"presence_event","user":"bob","online":false,"ts":5}"#
+        );
+        assert_eq!(
+            ServerFrame::MemberJoined {
+                room: "lobby",
+                user: "bob",
+                ts: 6
+            }
+            .to_text(),
+            r#"{"type":"member_joined","room":"lobby","user":"bob","ts":6}"#
+        );
+        assert_eq!(
+            ServerFrame::MemberLeft {
+                room: "lobby",
+                user: "bob",
+                ts: 7
+            }
+            .to_text(),
+            r#"{"type":"member_left","room":"lobby","user":"bob","ts":7}"#
+        );
+        let users = ["alice".to_owned(), "bob".to_owned()];
+        assert_eq!(
+            ServerFrame::Members {
+                id: None,
+                room: "lobby",
+                users: &users,
+                truncated: false
+            }
+            .to_text(),
+            r#"{"type":"members","room":"lobby","users":["alice","bob"]}"#
+        );
+        assert!(ServerFrame::Members {
+            id: None,
+            room: "lobby",
+            users: &users,
+            truncated: true
+        }
+        .to_text()
+        .ends_with(r#""truncated":true}"#));
+    }
+
+    #[test]
     fn join_tokens_and_refresh_parse() {
         match parse(r#"{"type":"join","room":"team-42:x","token":"a.b.c","id":1}"#).request {
-            Ok(Request::Join { room, token, since }) => {
+            Ok(Request::Join {
+                room,
+                token,
+                since,
+                events,
+            }) => {
                 assert_eq!(
-                    (room.as_str(), token.as_deref(), since),
-                    ("team-42:x", Some("a.b.c"), None)
+                    (room.as_str(), token.as_deref(), since, events),
+                    ("team-42:x", Some("a.b.c"), None, true)
                 );
             }
             other => panic!("{other:?}"),

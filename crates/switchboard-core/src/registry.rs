@@ -118,6 +118,10 @@ pub struct ConnHandle {
     close_text: OnceLock<Box<str>>,
     /// Rooms this connection has joined (membership checks and cleanup).
     rooms: Mutex<HashSet<Arc<str>>>,
+    /// Rooms joined with `"events": false`: no member events (usually none).
+    quiet_rooms: Mutex<Vec<Arc<str>>>,
+    /// Users this connection watches (the limit, and cleanup).
+    watching: Mutex<HashSet<Arc<str>>>,
     /// The inbox seam: stored DMs live-delivered while the backlog is being
     /// replayed are held here, and every stored DM is queued at most once
     /// and in seq order.
@@ -414,6 +418,8 @@ impl ConnHandle {
             close_reason: OnceLock::new(),
             close_text: OnceLock::new(),
             rooms: Mutex::new(HashSet::new()),
+            quiet_rooms: Mutex::new(Vec::new()),
+            watching: Mutex::new(HashSet::new()),
             gate: Mutex::new(Gate::Live { last: Seq::ZERO }),
             room_gates: Mutex::new(None),
             repair: Notify::new(),
@@ -688,6 +694,72 @@ impl ConnHandle {
         self.rooms.lock().map(|r| r.contains(room)).unwrap_or(false)
     }
 
+    /// Whether this connection gets `room`'s member events.
+    pub fn room_events(&self, room: &str) -> bool {
+        self.quiet_rooms
+            .lock()
+            .map(|q| !q.iter().any(|r| &**r == room))
+            .unwrap_or(true)
+    }
+
+    /// Turns `room`'s member events on or off for this connection.
+    pub fn set_room_events(&self, room: &str, on: bool) {
+        if let Ok(mut quiet) = self.quiet_rooms.lock() {
+            quiet.retain(|r| &**r != room);
+            if !on {
+                quiet.push(Arc::from(room));
+            }
+        }
+    }
+
+    /// Adds `users` to the watched set unless that would exceed `max`;
+    /// returns the users that were not watched yet, or `None` when over.
+    pub fn add_watches(&self, users: &[String], max: usize) -> Option<Vec<Arc<str>>> {
+        let mut watching = self.watching.lock().ok()?;
+        let mut fresh: Vec<Arc<str>> = users
+            .iter()
+            .filter(|u| !watching.contains(u.as_str()))
+            .map(|u| Arc::from(u.as_str()))
+            .collect();
+        fresh.sort_unstable();
+        fresh.dedup();
+        if watching.len() + fresh.len() > max {
+            return None;
+        }
+        watching.extend(fresh.iter().cloned());
+        Some(fresh)
+    }
+
+    /// Removes `users` from the watched set; returns those it held.
+    pub fn remove_watches(&self, users: &[String]) -> Vec<Arc<str>> {
+        let Ok(mut watching) = self.watching.lock() else {
+            return Vec::new();
+        };
+        let mut gone: Vec<Arc<str>> = users
+            .iter()
+            .filter_map(|u| watching.take(u.as_str()))
+            .collect();
+        gone.sort_unstable();
+        gone.dedup();
+        gone
+    }
+
+    /// Every watched user, emptying the set (the connection closes).
+    pub fn take_watches(&self) -> Vec<Arc<str>> {
+        self.watching
+            .lock()
+            .map(|mut w| w.drain().collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether this connection watches `user`.
+    pub fn watches(&self, user: &str) -> bool {
+        self.watching
+            .lock()
+            .map(|w| w.contains(user))
+            .unwrap_or(false)
+    }
+
     fn add_room(&self, room: &Arc<str>) -> bool {
         self.rooms
             .lock()
@@ -889,6 +961,7 @@ impl Registry {
         if !conn.remove_room(room) {
             return RoomChange::Noop;
         }
+        conn.set_room_events(room, true);
         let left = match self.rooms.get_mut(room) {
             Some(mut members) => {
                 members.retain(|c| c.id != conn.id);
@@ -903,6 +976,23 @@ impl Registry {
         } else {
             RoomChange::Unchanged
         }
+    }
+
+    /// How many local connections of `user` are in `room`.
+    pub fn user_members(&self, room: &str, user: &str) -> usize {
+        self.rooms
+            .get(room)
+            .map(|members| members.iter().filter(|c| &*c.user == user).count())
+            .unwrap_or(0)
+    }
+
+    /// Queues a member event on every local member of `room` that wants
+    /// them; returns how many.
+    pub fn deliver_member_event(&self, room: &str, frame: &TextFrame, metrics: &Metrics) -> usize {
+        fan_out(&self.rooms, room, None, metrics, |c| {
+            c.room_events(room) && c.send_text(frame.clone(), metrics)
+        })
+        .0
     }
 
     /// Whether any local connection is in `room`.

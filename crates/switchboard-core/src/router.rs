@@ -30,15 +30,20 @@ use crate::bus::{
 use crate::error::BackendError;
 use crate::keyed_lock::KeyedLocks;
 use crate::metrics::{Metrics, SendOutcomes};
-use crate::presence::{Holder, Presence};
+use crate::presence::{Announced, Holder, Presence};
 use crate::protocol::{DirectStatus, DmOptions, RoomStatus, ServerFrame, TextFrame};
 use crate::queue::{bounded, BoundedReceiver, BoundedSender, Refused, Weighed};
 use crate::registry::{ConnHandle, Registry, ReplayEnd, RoomChange};
 use crate::store::{
     Append, Backlog, Fanout, RoomAppend, RoomBacklog, Seq, Store, DM_HEAD, ROOM_HEAD,
 };
+use crate::watch::Watches;
 
 /// DMs waiting to be re-routed, at most (and [`REROUTE_QUEUE_BYTES`]).
+mod events;
+
+pub use events::{PresenceSettings, WatchError};
+
 const REROUTE_QUEUE_ITEMS: usize = 4096;
 /// Bytes of DMs waiting to be re-routed, at most.
 const REROUTE_QUEUE_BYTES: usize = 16 << 20;
@@ -213,6 +218,14 @@ pub struct Router {
     reroute_queue: Mutex<Option<BoundedReceiver<RerouteJob>>>,
     /// The inbox store; without one every DM is ephemeral (protocol v1).
     store: Option<Arc<dyn Store>>,
+    /// Which local connections watch whom; member states of local rooms.
+    watches: Arc<Watches>,
+    /// Serializes a user's first local watch and last unwatch with the
+    /// backend's registration, so they reach it in order.
+    watch_locks: KeyedLocks,
+    /// Graces running, and what ending one needs.
+    graces: events::Graces,
+    presence_settings: PresenceSettings,
 }
 
 impl std::fmt::Debug for Router {
@@ -246,9 +259,9 @@ impl Router {
         Router {
             instance: Arc::from(instance),
             mode,
-            presence,
+            presence: presence.clone(),
             bus,
-            registry,
+            registry: registry.clone(),
             metrics,
             room_locks: Arc::new(KeyedLocks::new(256)),
             user_locks: KeyedLocks::new(256),
@@ -256,7 +269,24 @@ impl Router {
             reroutes,
             reroute_queue: Mutex::new(Some(reroute_queue)),
             store: None,
+            watches: Arc::default(),
+            watch_locks: KeyedLocks::new(256),
+            graces: events::Graces {
+                presence: presence.clone(),
+                registry: registry.clone(),
+                pending: Arc::default(),
+                grace: PresenceSettings::default().grace,
+            },
+            presence_settings: PresenceSettings::default(),
         }
+    }
+
+    /// Sets the grace, the member listing limit and the reconciliation
+    /// delay (the defaults are the flags' defaults).
+    pub fn with_presence_settings(mut self, settings: PresenceSettings) -> Self {
+        self.presence_settings = settings;
+        self.graces.grace = settings.grace;
+        self
     }
 
     /// Stores DMs in their recipients' inboxes through `store` (protocol
@@ -335,23 +365,29 @@ impl Router {
 
     /// Removes a local connection: leaves its rooms, drops its presence.
     pub async fn disconnect(&self, conn: &Arc<ConnHandle>) {
+        self.end_watches(conn).await;
         for room in conn.rooms() {
             self.leave(conn, &room).await;
         }
-        if self.mode == RoutingMode::UserChannel {
+        let left = if self.mode == RoutingMode::UserChannel {
             let _guard = self.user_locks.lock(&conn.user).await;
-            if self.registry.remove(conn) == 0 {
+            let left = self.registry.remove(conn);
+            if left == 0 {
                 if let Err(e) = self.bus.unsubscribe(Channel::User(&conn.user)).await {
                     tracing::warn!(error = %e, "user channel unsubscribe failed");
                 }
             }
+            left
         } else {
-            self.registry.remove(conn);
-        }
+            self.registry.remove(conn)
+        };
         self.metrics.connections.dec();
         if let Err(e) = self.presence.disconnect(&conn.user).await {
             self.metrics.presence_write_failures.inc();
             tracing::warn!(error = %e, "presence write failed on disconnect; will re-assert when the store is back");
+        }
+        if left == 0 {
+            self.user_gone_later(&conn.user);
         }
     }
 
@@ -809,14 +845,21 @@ impl Router {
     }
 
     /// Adds `conn` to `room`, subscribing the room channel for its first local member.
+    /// The user's first local connection in the room records the
+    /// membership (announced `member_joined` if it is the user's first
+    /// anywhere), after the subscription, so local members hear it too.
     pub async fn join(&self, conn: &Arc<ConnHandle>, room: &str) -> Result<(), RouteError> {
         let _guard = self.room_locks.lock(room).await;
-        if self.registry.join(room, conn) == RoomChange::FirstJoined {
+        let change = self.registry.join(room, conn);
+        if change == RoomChange::FirstJoined {
             if let Err(e) = self.bus.subscribe(Channel::Room(room)).await {
                 tracing::warn!(error = %e, room, "room subscribe failed");
                 self.registry.leave(room, conn);
                 return Err(RouteError::from(&e));
             }
+        }
+        if change != RoomChange::Noop && self.registry.user_members(room, &conn.user) == 1 {
+            self.member_came(room, &conn.user).await;
         }
         Ok(())
     }
@@ -856,14 +899,21 @@ impl Router {
     }
 
     /// Removes `conn` from `room`, unsubscribing when its last local member leaves.
+    /// The user's last local connection in the room ends the membership
+    /// here; it is settled after the grace.
     pub async fn leave(&self, conn: &ConnHandle, room: &str) {
         let _guard = self.room_locks.lock(room).await;
-        if self.registry.leave(room, conn) == RoomChange::LastLeft {
+        let change = self.registry.leave(room, conn);
+        if change == RoomChange::LastLeft {
+            self.watches.forget_room(room);
             // A failed unsubscribe leaves a subscription with no local member:
             // its messages are dropped on arrival; the next join reuses it.
             if let Err(e) = self.bus.unsubscribe(Channel::Room(room)).await {
                 tracing::warn!(error = %e, room, "room unsubscribe failed");
             }
+        }
+        if change != RoomChange::Noop && self.registry.user_members(room, &conn.user) == 0 {
+            self.member_gone(room, &conn.user).await;
         }
     }
 
@@ -947,8 +997,9 @@ impl Router {
                     }
                     kicked += 1;
                     conn.send_text(left.clone(), &self.metrics);
-                    if change == RoomChange::LastLeft {
-                        self.release_room_later(room);
+                    if change == RoomChange::LastLeft || self.registry.user_members(room, user) == 0
+                    {
+                        self.release_room_later(room, user);
                     }
                 }
                 self.metrics.kicked.inc_by(kicked);
@@ -957,18 +1008,26 @@ impl Router {
         }
     }
 
-    /// Unsubscribes `room` in a task if it still has no local member once
-    /// the room's lock is held (a join in between keeps the subscription).
-    fn release_room_later(&self, room: &str) {
-        let (locks, registry, bus) = (
+    /// In a task, once the room's lock is held: ends `user`'s membership
+    /// here if it has no local connection in `room` any more, and
+    /// unsubscribes `room` if it has no local member (a join in between
+    /// keeps either).
+    fn release_room_later(&self, room: &str, user: &str) {
+        let (locks, registry, bus, watches, graces) = (
             self.room_locks.clone(),
             self.registry.clone(),
             self.bus.clone(),
+            self.watches.clone(),
+            self.graces.clone(),
         );
-        let room = room.to_owned();
+        let (room, user): (String, Arc<str>) = (room.to_owned(), Arc::from(user));
         tokio::spawn(async move {
             let _guard = locks.lock(&room).await;
+            if registry.user_members(&room, &user) == 0 {
+                graces.member_gone(&room, &user).await;
+            }
             if !registry.has_room(&room) {
+                watches.forget_room(&room);
                 if let Err(e) = bus.unsubscribe(Channel::Room(&room)).await {
                     tracing::warn!(error = %e, room, "room unsubscribe failed");
                 }
@@ -1008,6 +1067,7 @@ impl Router {
             ChannelKind::Resubscribed => {
                 // Stored DMs may have been lost meanwhile: every connection
                 // reads its inbox after the last it has.
+                self.reconcile_later();
                 if self.store.is_some() {
                     let asked = self.registry.catch_up_all();
                     self.metrics.inbox_catch_ups.inc();
@@ -1097,6 +1157,46 @@ impl Router {
                 };
                 self.registry
                     .deliver_room_stored(room, Some(conn), seq, &frame, &self.metrics);
+            }
+            Envelope::Presence {
+                user,
+                online,
+                version,
+                ts_ms,
+            } => {
+                self.metrics.presence_events_received.inc();
+                if inbound.kind == ChannelKind::Personal {
+                    let state = Announced {
+                        online,
+                        version,
+                        ts_ms,
+                    };
+                    self.watches.presence_event(user, state, &self.metrics);
+                }
+            }
+            Envelope::Member {
+                room,
+                user,
+                joined,
+                version,
+                ts_ms,
+            } => {
+                self.metrics.member_events_received.inc();
+                if inbound.kind == ChannelKind::Room {
+                    let state = Announced {
+                        online: joined,
+                        version,
+                        ts_ms,
+                    };
+                    self.watches.member_event(
+                        &self.registry,
+                        room,
+                        user,
+                        state,
+                        false,
+                        &self.metrics,
+                    );
+                }
             }
             Envelope::Control {
                 user,

@@ -17,7 +17,7 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use switchboard_core::error::BackendError;
 
-use crate::scripts::LoadScript;
+use crate::scripts::{LoadScript, Lua};
 use crate::{maintenance_error, RedisSetupError};
 
 /// Where Redis is: the instance's `--redis-url` or `--redis-cluster`.
@@ -303,6 +303,122 @@ impl MessageConn {
             MessageConn::Cluster(conn) => query_each(&mut conn.clone(), Some(conn), cmds).await,
         }
     }
+}
+
+impl MessageConn {
+    /// [`query_scripts`] on the message path.
+    pub(crate) async fn query_scripts(
+        &mut self,
+        scripts: &[&Lua],
+        cmds: Vec<Cmd>,
+    ) -> redis::RedisResult<Vec<redis::RedisResult<Value>>> {
+        match self {
+            MessageConn::Single(conn) => query_scripts(conn, None, scripts, cmds).await,
+            MessageConn::Cluster(conn) => {
+                query_scripts(&mut conn.clone(), Some(conn), scripts, cmds).await
+            }
+        }
+    }
+}
+
+impl MaintenanceConn {
+    /// [`query_scripts`] on a maintenance connection.
+    pub(crate) async fn query_scripts(
+        &mut self,
+        scripts: &[&Lua],
+        cmds: Vec<Cmd>,
+    ) -> Result<Vec<redis::RedisResult<Value>>, BackendError> {
+        let result = match self {
+            MaintenanceConn::Pooled(conn) => query_scripts(conn, None, scripts, cmds).await,
+            MaintenanceConn::Cluster(conn) => {
+                query_scripts(&mut conn.clone(), Some(conn), scripts, cmds).await
+            }
+        };
+        result.map_err(maintenance_error)
+    }
+}
+
+/// Runs single-key `cmds` among which `EVALSHA`s of `scripts` (see
+/// [`Lua::evalsha`]), and returns each command's own answer or error, in
+/// order: a batch of transitions where one failed still reports the ones
+/// that were announced, so they are published. Sent as [`query_each`]
+/// sends (one pipeline, or split by slot on a cluster). The calls that met
+/// `NOSCRIPT` (a Redis that restarted, a promoted replica: script caches
+/// are not replicated) did not run: the scripts are loaded — on a cluster
+/// on every master — and those calls alone sent again, once. Nothing is
+/// loaded while the scripts are cached, which is always but after a
+/// restart or failover. The outer error is the connection's.
+async fn query_scripts(
+    conn: &mut impl ConnectionLike,
+    cluster: Option<&ClusterConnection>,
+    scripts: &[&Lua],
+    cmds: Vec<Cmd>,
+) -> redis::RedisResult<Vec<redis::RedisResult<Value>>> {
+    let mut replies = send_each(conn, cluster, &cmds).await?;
+    let missing: Vec<usize> = replies
+        .iter()
+        .enumerate()
+        .filter(|(_, reply)| {
+            reply.as_ref().is_err_and(|e| {
+                e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+            })
+        })
+        .map(|(i, _)| i)
+        .collect();
+    if missing.is_empty() {
+        return Ok(replies);
+    }
+    for script in scripts {
+        match cluster {
+            None => {
+                script.load_cmd().query_async::<String>(conn).await?;
+            }
+            Some(cluster) => {
+                cluster
+                    .clone()
+                    .route_command(
+                        script.load_cmd(),
+                        RoutingInfo::MultiNode((
+                            MultipleNodeRoutingInfo::AllMasters,
+                            Some(ResponsePolicy::AllSucceeded),
+                        )),
+                    )
+                    .await?;
+            }
+        }
+    }
+    let again: Vec<Cmd> = missing.iter().map(|&i| cmds[i].clone()).collect();
+    let retried = send_each(conn, cluster, &again).await?;
+    for (i, reply) in missing.into_iter().zip(retried) {
+        replies[i] = reply;
+    }
+    Ok(replies)
+}
+
+/// [`query_each`] keeping each command's error to itself.
+async fn send_each(
+    conn: &mut impl ConnectionLike,
+    cluster: Option<&ClusterConnection>,
+    cmds: &[Cmd],
+) -> redis::RedisResult<Vec<redis::RedisResult<Value>>> {
+    use futures_util::stream::{self, StreamExt};
+    if cmds.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Some(cluster) = cluster else {
+        let mut pipe = redis::pipe();
+        for cmd in cmds {
+            pipe.add_command(cmd.clone());
+        }
+        return pipe.ignore_errors().query_async(conn).await;
+    };
+    Ok(stream::iter(cmds.iter().cloned().map(|cmd| {
+        let mut conn = cluster.clone();
+        async move { cmd.query_async::<Value>(&mut conn).await }
+    }))
+    .buffered(SPLIT_CONCURRENCY)
+    .collect()
+    .await)
 }
 
 /// Runs single-key `cmds`: one pipeline on one Redis; on a cluster

@@ -60,9 +60,61 @@ impl Keys {
         format!("{}:instance:{{{instance}}}", self.prefix)
     }
 
-    /// `sb:instance:{ID}:users` — SET of users with connections on the instance.
+    /// `sb:instance:{ID}:users` — SET of users with connections on the
+    /// instance, and of its lingering users (last connection closed, not yet
+    /// settled): a reaper settles every one of them if the instance dies.
     pub fn instance_users(&self, instance: &str) -> String {
         format!("{}:instance:{{{instance}}}:users", self.prefix)
+    }
+
+    /// `sb:online:{USER}` — STRING `VERSION TS_MS`: it exists exactly while
+    /// the user is announced online (what watchers were told last), written
+    /// only by the presence scripts in the same slot as the presence hash,
+    /// so the count and the announcement change in one atomic step.
+    pub fn online(&self, user: &str) -> String {
+        format!("{}:online:{{{user}}}", self.prefix)
+    }
+
+    /// `sb:watchers:{USER}` — HASH instance id -> 1: the instances with a
+    /// local watcher of the user, the ones its transitions are published to.
+    /// Same slot as the presence hash, so a transition reads it atomically.
+    pub fn watchers(&self, user: &str) -> String {
+        format!("{}:watchers:{{{user}}}", self.prefix)
+    }
+
+    /// `sb:instance:{ID}:watching` — SET of the users instance ID watches:
+    /// where the reaper and the resync find its watcher fields.
+    pub fn instance_watching(&self, instance: &str) -> String {
+        format!("{}:instance:{{{instance}}}:watching", self.prefix)
+    }
+
+    /// `sb:instance:{ID}:rooms` — SET of `ROOM USER`: the room memberships
+    /// instance ID holds, lingering ones (left, not yet settled) included,
+    /// so a reaper settles them if the instance dies.
+    pub fn instance_rooms(&self, instance: &str) -> String {
+        format!("{}:instance:{{{instance}}}:rooms", self.prefix)
+    }
+
+    /// `sb:rmembers:{ROOM}` — HASH `INSTANCE USER` -> 1: which instance
+    /// holds which user's membership of the room (the per-instance truth,
+    /// as the presence hash is for connections).
+    pub fn room_memberships(&self, room: &str) -> String {
+        format!("{}:rmembers:{{{room}}}", self.prefix)
+    }
+
+    /// `sb:rcount:{ROOM}` — HASH USER -> how many instances hold a
+    /// membership of USER in the room (field deleted at zero): the
+    /// "nobody holds it" test of a settle without scanning `rmembers`.
+    pub fn room_counts(&self, room: &str) -> String {
+        format!("{}:rcount:{{{room}}}", self.prefix)
+    }
+
+    /// `sb:members:{ROOM}` — HASH USER -> `VERSION TS_MS`: the announced
+    /// members of the room (what member_joined/member_left told), listed by
+    /// the members query. The room's keys and channel share one slot, so
+    /// the member scripts publish the events themselves.
+    pub fn room_members(&self, room: &str) -> String {
+        format!("{}:members:{{{room}}}", self.prefix)
     }
 
     /// `sb:instances` — ZSET instance id -> lease expiry (Redis clock, ms):
@@ -138,5 +190,40 @@ mod tests {
         assert_eq!(k.user_channel("bob"), "sb:user:{bob}");
         assert_eq!(k.all_channel(), "sb:all");
         assert_eq!(k.instances(), "sb:instances");
+        assert_eq!(k.online("bob"), "sb:online:{bob}");
+        assert_eq!(k.watchers("bob"), "sb:watchers:{bob}");
+        assert_eq!(k.instance_watching("i1"), "sb:instance:{i1}:watching");
+        assert_eq!(k.instance_rooms("i1"), "sb:instance:{i1}:rooms");
+        assert_eq!(k.room_memberships("lobby"), "sb:rmembers:{lobby}");
+        assert_eq!(k.room_counts("lobby"), "sb:rcount:{lobby}");
+        assert_eq!(k.room_members("lobby"), "sb:members:{lobby}");
+    }
+
+    /// The hash tag of a key or channel: the part Redis Cluster hashes.
+    fn tag(name: &str) -> &str {
+        let open = name.find('{').expect("a hash tag");
+        let close = name[open..].find('}').expect("a closed hash tag");
+        &name[open + 1..open + close]
+    }
+
+    #[test]
+    fn each_script_touches_one_slot() {
+        let k = Keys::new("sb");
+        // The presence scripts: the user's presence, online and watchers.
+        for key in [k.online("bob"), k.watchers("bob"), k.inbox("bob")] {
+            assert_eq!(tag(&key), tag(&k.presence("bob")), "{key}");
+        }
+        // The member scripts publish the room channel.
+        for key in [
+            k.room_memberships("lobby"),
+            k.room_counts("lobby"),
+            k.room_channel("lobby"),
+        ] {
+            assert_eq!(tag(&key), tag(&k.room_members("lobby")), "{key}");
+        }
+        // The reaper deletes an instance's three sets with one DEL.
+        for key in [k.instance_watching("i1"), k.instance_rooms("i1")] {
+            assert_eq!(tag(&key), tag(&k.instance_users("i1")), "{key}");
+        }
     }
 }

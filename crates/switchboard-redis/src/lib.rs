@@ -33,6 +33,16 @@
 //! users is split into single-slot commands. What differs is asked of
 //! [`RedisTarget`] in the few places it matters.
 //!
+//! Presence events: besides counting connections, the presence scripts
+//! keep each user's announced state (`sb:online:{U}`) and each room's
+//! announced members (`sb:members:{R}`) and change them atomically with the
+//! counts, so one instance wins each user-level transition and publishes
+//! it (`P` to the watchers' personal channels, `M` on the room channel from
+//! inside the script); see `presence`. Offline and member-left transitions
+//! happen only when the router settles a lingering user a grace after its
+//! last connection, or when the reaper or a withdrawal settles an
+//! instance's users.
+//!
 //! An instance id is claimed with a lease holding a per-process token: a
 //! second process started with the same id waits for a crashed holder's
 //! lease to expire, and refuses to start while a live one refreshes it.
@@ -228,8 +238,30 @@ pub struct RedisBackend {
     live: RwLock<Arc<LiveView>>,
     /// The local truth this instance re-asserts: user -> its connections here.
     desired: DashMap<String, u32>,
+    /// Users whose last connection here closed and that the router has not
+    /// settled yet: still listed in the users set (so a reaper settles them
+    /// if this process dies), never unlisted or settled by a resync.
+    lingering: DashMap<String, ()>,
+    /// The users this instance watches (a local connection watches them):
+    /// the watcher fields a resync re-asserts.
+    watching: DashMap<String, ()>,
+    /// Watch and unwatch share it; a resync's rewrite of the watcher fields
+    /// excludes them, so none interleaves with it.
+    watch_lock: tokio::sync::RwLock<()>,
+    /// The room memberships (`ROOM USER`) this instance holds: a local
+    /// connection of USER is in ROOM.
+    memberships: DashMap<String, ()>,
+    /// Memberships whose last local connection left and that the router
+    /// has not settled yet (as [`RedisBackend::lingering`] for users).
+    lingering_members: DashMap<String, ()>,
     /// Serializes this instance's presence writes for one user.
     user_locks: KeyedLocks,
+    /// Serializes this instance's membership writes for one `ROOM USER`.
+    room_locks: KeyedLocks,
+    /// Dead instances this one claimed but has not finished reaping (a
+    /// failure midway): retried at every heartbeat, since the claim cannot
+    /// be won twice.
+    reaping: DashMap<String, ()>,
     /// Set when a presence write failed or the lease was lost.
     resync_needed: AtomicBool,
     /// The last heartbeat succeeded. While it is false Redis is known to be
@@ -261,6 +293,8 @@ pub struct RedisBackend {
     release_lease: scripts::Lua,
     heartbeat_script: scripts::Lua,
     claim_dead: scripts::Lua,
+    forget_dead: scripts::Lua,
+    presence_scripts: scripts::PresenceScripts,
     store_limits: StoreLimits,
     store_scripts: store::StoreScripts,
     wait: Option<WaitReplicas>,
@@ -462,7 +496,14 @@ impl RedisBackend {
             metrics,
             live: RwLock::new(Arc::default()),
             desired: DashMap::new(),
+            lingering: DashMap::new(),
+            watching: DashMap::new(),
+            watch_lock: tokio::sync::RwLock::new(()),
+            memberships: DashMap::new(),
+            lingering_members: DashMap::new(),
             user_locks: KeyedLocks::new(256),
+            room_locks: KeyedLocks::new(256),
+            reaping: DashMap::new(),
             resync_needed: AtomicBool::new(false),
             lease_ok: AtomicBool::new(false),
             taken_over: CancellationToken::new(),
@@ -478,6 +519,8 @@ impl RedisBackend {
             release_lease: scripts::Lua::new(scripts::RELEASE_LEASE),
             heartbeat_script: scripts::Lua::new(scripts::HEARTBEAT),
             claim_dead: scripts::Lua::new(scripts::CLAIM_DEAD),
+            forget_dead: scripts::Lua::new(scripts::FORGET_DEAD),
+            presence_scripts: scripts::PresenceScripts::default(),
             store_limits: settings.store,
             store_scripts: store::StoreScripts::default(),
             wait: settings.wait,

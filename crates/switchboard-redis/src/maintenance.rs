@@ -10,12 +10,16 @@
 //! promoted replica may lack this instance's latest presence writes, so
 //! presence is re-asserted and every subscription re-issued at once.
 //!
-//! Who writes what: an instance writes its own lease, index entry, users set
-//! and presence fields. The one exception is the reaper, which deletes the
-//! presence fields and users set of an instance whose lease expired, after
-//! winning an atomic claim on it; it never writes a live instance's entries
-//! (a paused instance that resumes after being reaped finds its lease absent
-//! and writes them all back).
+//! Who writes what: an instance writes its own lease, index entry, sets
+//! (users, watching, rooms), presence, watcher and membership fields. The
+//! one exception is the reaper, which deletes those fields and sets of an
+//! instance whose lease expired, after winning an atomic claim on it, and
+//! settles its users and memberships (announcing offline, or member_left,
+//! those no other instance holds); it never writes a live instance's
+//! entries (a paused instance that resumes after being reaped finds its
+//! lease absent and writes them all back). Announced states (online keys,
+//! room members) are written by whichever instance's script wins the
+//! transition.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -30,16 +34,14 @@ use redis::cluster_async::ClusterConnection;
 use switchboard_core::bus::{ChannelKind, Inbound};
 
 use crate::conn::{master_fingerprint, ping_all_masters, MaintenanceConn, MessageConn};
+use crate::presence::{presence_reply, PER_PIPELINE};
+use crate::store::int;
 use crate::subscriber::PROBE_PREFIX;
 use crate::{maintenance_error, LiveView, RedisBackend, RedisSetupError};
 
-/// Users per resync or reap pipeline: big enough that 20,000 users take a
-/// few round trips, small enough that each takes milliseconds.
-const USERS_PER_PIPELINE: usize = 1000;
-
 /// What a lease refresh found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LeaseState {
+pub(crate) enum LeaseState {
     /// This process held it and refreshed it.
     Held,
     /// It had vanished (expired during a pause, or Redis restarted empty);
@@ -48,6 +50,21 @@ enum LeaseState {
     /// Another process holds this instance id now.
     Taken,
 }
+
+/// What a heartbeat learned from the instance index.
+#[derive(Debug)]
+pub(crate) struct Beat {
+    /// The instances whose lease expired (to reap).
+    pub(crate) dead: Vec<String>,
+    /// How long until the earliest lease of another live instance expires
+    /// (Redis's clock): if that instance stopped refreshing it, it can be
+    /// reaped right after, not up to a period later.
+    pub(crate) next_expiry: Option<Duration>,
+}
+
+/// How long after another instance's lease expires the heartbeat looks
+/// again: enough for the expiry to have passed on Redis's clock.
+const REAP_MARGIN: Duration = Duration::from_millis(100);
 
 impl RedisBackend {
     /// Takes the lease on this instance id. A lease held by someone else is
@@ -103,7 +120,8 @@ impl RedisBackend {
         }
     }
 
-    async fn refresh_lease(&self) -> Result<LeaseState, BackendError> {
+    /// Refreshes this process's lease (takes it back if it had vanished).
+    pub(crate) async fn refresh_lease(&self) -> Result<LeaseState, BackendError> {
         let mut conn = self.maintenance().await?;
         let state: String = self
             .refresh_lease
@@ -122,8 +140,9 @@ impl RedisBackend {
 
     /// Refreshes the lease and the live view; re-asserts presence when the
     /// lease had been lost or a write failed meanwhile. Returns the instances
-    /// whose lease expired.
-    pub(crate) async fn heartbeat(&self) -> Result<Vec<String>, BackendError> {
+    /// whose lease expired, and when the next lease of another instance
+    /// expires.
+    pub(crate) async fn heartbeat(&self) -> Result<Beat, BackendError> {
         self.follow_sentinel_master().await?;
         match self.refresh_lease().await? {
             LeaseState::Taken => {
@@ -157,10 +176,13 @@ impl RedisBackend {
             .map_err(maintenance_error)?;
         drop(conn);
         let mut view = LiveView::default();
+        let mut next_expiry: Option<i64> = None;
         for (instance, expiry) in index {
             let alive = expiry >= now;
             if !alive {
                 view.dead.push(instance.clone());
+            } else if *instance != *self.instance {
+                next_expiry = Some(next_expiry.map_or(expiry, |e| e.min(expiry)));
             }
             view.instances.insert(instance, alive);
         }
@@ -175,7 +197,10 @@ impl RedisBackend {
             }
         }
         self.lease_ok.store(true, Ordering::Relaxed);
-        Ok(dead)
+        Ok(Beat {
+            dead,
+            next_expiry: next_expiry.map(|e| Duration::from_millis((e - now).max(0) as u64)),
+        })
     }
 
     /// Sentinel: asks the sentinels where the master is; when it moved (a
@@ -281,11 +306,14 @@ impl RedisBackend {
     }
 
     /// Writes the local truth over this instance's presence fields and users
-    /// set: absolute counts for every local user, and removal of users the set
-    /// still lists but that have no connection here any more. Pipelined,
-    /// [`USERS_PER_PIPELINE`] users per round trip. Each pipeline is written
-    /// while every user lock is held, so no connect or disconnect of those
-    /// users can interleave with it (they wait a few milliseconds).
+    /// set: absolute counts for every local user (announced online where
+    /// Redis lost the state), and settling of users the set still lists but
+    /// that have no connection here any more and are not lingering; then the
+    /// same for its watcher fields and room memberships. Pipelined,
+    /// [`PER_PIPELINE`] users per round trip. Each pipeline is written
+    /// while every user lock (membership lock, the watch lock) is held, so
+    /// no connect or disconnect of those users can interleave with it (they
+    /// wait a few milliseconds).
     pub(crate) async fn resync(&self) -> Result<(), BackendError> {
         self.metrics.presence_resyncs.inc();
         let started = std::time::Instant::now();
@@ -299,102 +327,304 @@ impl RedisBackend {
     }
 
     /// [`RedisBackend::resync`] without counting it: at start-up it clears
-    /// what a previous process with this instance id left behind.
+    /// what a previous process with this instance id left behind (settling
+    /// what nobody else holds).
     pub(crate) async fn write_local_truth(&self) -> Result<(), BackendError> {
-        let users_key = self.keys.instance_users(&self.instance);
         let mut conn = self.maintenance().await?;
-        let listed: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(&users_key)
-            .query_async(&mut conn)
-            .await
-            .map_err(maintenance_error)?;
-        let mut users: Vec<String> = self.desired.iter().map(|e| e.key().clone()).collect();
-        users.extend(listed);
+        self.reassert_users(&mut conn).await?;
+        self.reassert_watches(&mut conn).await?;
+        self.reassert_memberships(&mut conn).await
+    }
+
+    /// The users part of the resync. Every user the set lists or the
+    /// instance knows is, under every user lock for its chunk: connected
+    /// here — listed, then `PRESENCE_ASSERT` (absolute count; announced
+    /// online if Redis lost the state); lingering — listed, field deleted,
+    /// left for the router's settle; neither (left by a failed write, or by
+    /// a previous process with this id) — `PRESENCE_SETTLE` with this
+    /// instance's field, then unlisted. Listed before fields exist and
+    /// unlisted after they are gone, so a reaper always finds them; on a
+    /// cluster the set is in this instance's slot and each user in its own.
+    async fn reassert_users(&self, conn: &mut MaintenanceConn) -> Result<(), BackendError> {
+        let users_key = self.keys.instance_users(&self.instance);
+        let mut users = self.listed_and(conn, &users_key, [&self.lingering]).await?;
+        users.extend(self.desired.iter().map(|e| e.key().clone()));
         users.sort_unstable();
         users.dedup();
-        for chunk in users.chunks(USERS_PER_PIPELINE) {
+        for chunk in users.chunks(PER_PIPELINE) {
             let _all = self.user_locks.lock_all().await;
-            let (present, absent): (Vec<&String>, Vec<&String>) = chunk
-                .iter()
-                .partition(|user| self.desired.get(*user).is_some_and(|c| *c > 0));
-            // Listed before their fields exist, so a reaper always finds
-            // them; unlisted after their fields are gone. On a cluster the
-            // set is in this instance's slot and each field in its user's.
-            if !present.is_empty() {
+            let mut keep = Vec::new();
+            let mut stale = Vec::new();
+            let mut cmds = Vec::with_capacity(chunk.len());
+            // Whose transition each command may announce, if any.
+            let mut announcing = Vec::with_capacity(chunk.len());
+            for user in chunk {
+                let count = self.desired.get(user).map(|c| *c).unwrap_or(0);
+                if count > 0 {
+                    keep.push(user);
+                    cmds.push(self.assert_cmd(user, count));
+                    announcing.push(Some((user, true)));
+                } else if self.lingering.contains_key(user) {
+                    keep.push(user);
+                    let mut hdel = redis::cmd("HDEL");
+                    hdel.arg(self.keys.presence(user)).arg(&*self.instance);
+                    cmds.push(hdel);
+                    announcing.push(None);
+                } else {
+                    cmds.push(self.settle_cmd(user, &self.instance));
+                    announcing.push(Some((user, false)));
+                }
+            }
+            if !keep.is_empty() {
                 let mut sadd = redis::cmd("SADD");
-                sadd.arg(&users_key).arg(&present);
+                sadd.arg(&users_key).arg(&keep);
+                conn.run_all(vec![sadd]).await?;
+            }
+            let scripts = [&self.presence_scripts.assert, &self.presence_scripts.settle];
+            let replies = conn.query_scripts(&scripts, cmds).await?;
+            let mut transitions = Vec::new();
+            let mut failed = None;
+            for (announcing, reply) in announcing.into_iter().zip(replies) {
+                let reply = match reply {
+                    Ok(reply) => reply,
+                    Err(e) => {
+                        failed.get_or_insert(maintenance_error(e));
+                        continue;
+                    }
+                };
+                let Some((user, online)) = announcing else {
+                    continue;
+                };
+                match presence_reply(user, online, reply) {
+                    Ok((_, transition)) => {
+                        transitions.extend(transition);
+                        if !online {
+                            stale.push(user);
+                        }
+                    }
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+            self.announce_batch(conn, &transitions).await;
+            if !stale.is_empty() {
+                let mut srem = redis::cmd("SREM");
+                srem.arg(&users_key).arg(&stale);
+                conn.run_all(vec![srem]).await?;
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// The watches part of the resync: a watcher field (and a listing) for
+    /// every user watched here, none for a listed user that is not, with
+    /// watch and unwatch excluded chunk by chunk.
+    async fn reassert_watches(&self, conn: &mut MaintenanceConn) -> Result<(), BackendError> {
+        let watching_key = self.keys.instance_watching(&self.instance);
+        let users = self
+            .listed_and(conn, &watching_key, [&self.watching])
+            .await?;
+        for chunk in users.chunks(PER_PIPELINE) {
+            let _watches = self.watch_lock.write().await;
+            let (wanted, stale): (Vec<&String>, Vec<&String>) = chunk
+                .iter()
+                .partition(|user| self.watching.contains_key(*user));
+            if !wanted.is_empty() {
+                let mut sadd = redis::cmd("SADD");
+                sadd.arg(&watching_key).arg(&wanted);
                 conn.run_all(vec![sadd]).await?;
             }
             let writes = chunk
                 .iter()
                 .map(|user| {
-                    let count = self.desired.get(user).map(|c| *c).unwrap_or(0);
-                    let write = if count > 0 {
-                        let mut hset = redis::cmd("HSET");
-                        hset.arg(self.keys.presence(user))
+                    let mut write;
+                    if self.watching.contains_key(user) {
+                        write = redis::cmd("HSET");
+                        write
+                            .arg(self.keys.watchers(user))
                             .arg(&*self.instance)
-                            .arg(count);
-                        hset
+                            .arg(1);
                     } else {
-                        let mut hdel = redis::cmd("HDEL");
-                        hdel.arg(self.keys.presence(user)).arg(&*self.instance);
-                        hdel
-                    };
+                        write = redis::cmd("HDEL");
+                        write.arg(self.keys.watchers(user)).arg(&*self.instance);
+                    }
                     write
                 })
                 .collect();
             conn.run_all(writes).await?;
-            if !absent.is_empty() {
+            if !stale.is_empty() {
                 let mut srem = redis::cmd("SREM");
-                srem.arg(&users_key).arg(&absent);
+                srem.arg(&watching_key).arg(&stale);
                 conn.run_all(vec![srem]).await?;
             }
         }
         Ok(())
     }
 
-    /// Removes the presence entries of an instance whose lease expired, if
-    /// this instance wins the claim on it. Its lease key is left to expire by
-    /// itself (it already has): deleting it could delete the lease of a new
-    /// process that just claimed the same id.
+    /// The memberships part of the resync, as [`Self::reassert_users`]:
+    /// held here — listed, `MEMBER_ASSERT` (announced if Redis lost it);
+    /// lingering — listed, `MEMBER_LEAVE`; neither — `MEMBER_SETTLE` with
+    /// this instance's membership, then unlisted. The scripts publish.
+    async fn reassert_memberships(&self, conn: &mut MaintenanceConn) -> Result<(), BackendError> {
+        let rooms_key = self.keys.instance_rooms(&self.instance);
+        let items = self
+            .listed_and(
+                conn,
+                &rooms_key,
+                [&self.memberships, &self.lingering_members],
+            )
+            .await?;
+        for chunk in items.chunks(PER_PIPELINE) {
+            let _all = self.room_locks.lock_all().await;
+            let mut keep = Vec::new();
+            let mut stale = Vec::new();
+            let mut cmds = Vec::with_capacity(chunk.len());
+            // Per command: the membership and whether it settles it.
+            let mut what = Vec::with_capacity(chunk.len());
+            for item in chunk {
+                let Some((room, user)) = item.split_once(' ') else {
+                    // Not a membership (never written so): unlist it.
+                    stale.push(item);
+                    continue;
+                };
+                if self.memberships.contains_key(item) {
+                    keep.push(item);
+                    cmds.push(self.member_cmd(false, &self.instance, room, user));
+                    what.push((item, Some(true)));
+                } else if self.lingering_members.contains_key(item) {
+                    keep.push(item);
+                    cmds.push(self.member_leave_cmd(room, user));
+                    what.push((item, None));
+                } else {
+                    cmds.push(self.member_cmd(true, &self.instance, room, user));
+                    what.push((item, Some(false)));
+                }
+            }
+            if !keep.is_empty() {
+                let mut sadd = redis::cmd("SADD");
+                sadd.arg(&rooms_key).arg(&keep);
+                conn.run_all(vec![sadd]).await?;
+            }
+            let scripts = [
+                &self.presence_scripts.member_up,
+                &self.presence_scripts.member_leave,
+                &self.presence_scripts.member_settle,
+            ];
+            let replies = conn.query_scripts(&scripts, cmds).await?;
+            let mut failed = None;
+            for ((item, joined), reply) in what.into_iter().zip(replies) {
+                match reply {
+                    Ok(reply) => {
+                        let announced = int(&reply) == Some(1);
+                        match joined {
+                            Some(true) if announced => self.metrics.member_transitions_joined.inc(),
+                            Some(false) if announced => self.metrics.member_transitions_left.inc(),
+                            _ => 0,
+                        };
+                        if joined == Some(false) {
+                            stale.push(item);
+                        }
+                    }
+                    Err(e) => {
+                        failed.get_or_insert(maintenance_error(e));
+                    }
+                }
+            }
+            if !stale.is_empty() {
+                let mut srem = redis::cmd("SREM");
+                srem.arg(&rooms_key).arg(&stale);
+                conn.run_all(vec![srem]).await?;
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reaps an instance whose lease expired, if this instance wins the
+    /// claim on it (or won it before and a failure stopped it midway): its
+    /// watcher fields are deleted, then each user and membership it listed
+    /// is settled — its field deleted, and announced gone at once (no
+    /// grace: the instance died) when no other instance holds it — and its
+    /// sets deleted, unless its id is leased again meanwhile. Its lease key
+    /// is left to expire by itself (it already has): deleting it could
+    /// delete the lease of a new process that just claimed the same id.
     async fn reap(&self, dead: &str) -> Result<bool, BackendError> {
         let mut conn = self.maintenance().await?;
-        let claimed: i64 = self
-            .claim_dead
-            .key(self.keys.instances())
-            .arg(dead)
+        if self.reaping.contains_key(dead) {
+            // A retry: if the id is leased again (the instance was only
+            // paused, or a new process took the id), what it lists is its
+            // own again — and it settles what it no longer holds itself.
+            let leased: bool = redis::cmd("EXISTS")
+                .arg(self.keys.lease(dead))
+                .query_async(&mut conn)
+                .await
+                .map_err(maintenance_error)?;
+            if leased {
+                self.reaping.remove(dead);
+                return Ok(false);
+            }
+        } else {
+            let claimed: i64 = self
+                .claim_dead
+                .key(self.keys.instances())
+                .arg(dead)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(maintenance_error)?;
+            if claimed != 1 {
+                return Ok(false);
+            }
+            self.reaping.insert(dead.to_owned(), ());
+        }
+        let users_key = self.keys.instance_users(dead);
+        let watching_key = self.keys.instance_watching(dead);
+        let rooms_key = self.keys.instance_rooms(dead);
+        let watching = self
+            .listed_and(&mut conn, &watching_key, std::iter::empty())
+            .await?;
+        self.drop_watcher_fields(&mut conn, dead, &watching).await?;
+        let users = self
+            .listed_and(&mut conn, &users_key, std::iter::empty())
+            .await?;
+        let (_, failed) = self.settle_users(&mut conn, dead, &users).await;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let rooms = self
+            .listed_and(&mut conn, &rooms_key, std::iter::empty())
+            .await?;
+        let (_, failed) = self.settle_memberships(&mut conn, dead, &rooms).await;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let forgotten: i64 = self
+            .forget_dead
+            .key(self.keys.lease(dead))
+            .key(&users_key)
+            .key(&watching_key)
+            .key(&rooms_key)
             .invoke_async(&mut conn)
             .await
             .map_err(maintenance_error)?;
-        if claimed != 1 {
-            return Ok(false);
+        self.reaping.remove(dead);
+        if forgotten != 1 {
+            tracing::info!(
+                instance = dead,
+                "a reaped instance id is leased again; its sets are left to it"
+            );
         }
-        let users_key = self.keys.instance_users(dead);
-        let users: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(&users_key)
-            .query_async(&mut conn)
-            .await
-            .map_err(maintenance_error)?;
-        for chunk in users.chunks(USERS_PER_PIPELINE) {
-            let deletes = chunk
-                .iter()
-                .map(|user| {
-                    let mut hdel = redis::cmd("HDEL");
-                    hdel.arg(self.keys.presence(user)).arg(dead);
-                    hdel
-                })
-                .collect();
-            conn.run_all(deletes).await?;
-        }
-        redis::cmd("DEL")
-            .arg(&users_key)
-            .query_async::<()>(&mut conn)
-            .await
-            .map_err(maintenance_error)?;
         self.metrics.reaped_instances.inc();
         tracing::info!(
             instance = dead,
             users = users.len(),
+            watching = watching.len(),
+            memberships = rooms.len(),
             "reaped a dead instance"
         );
         Ok(true)
@@ -402,19 +632,21 @@ impl RedisBackend {
 
     /// Runs until `shutdown` (or until another process takes this instance
     /// id over): lease refresh, live view, resync, reaping and the
-    /// subscription probe, every third of the lease. After a failure it
+    /// subscription probe, every third of the lease — and right after
+    /// another instance's lease is due to expire, so a dead instance is
+    /// reaped promptly. After a failure it
     /// retries sooner (capped exponential backoff with jitter), and the moment
     /// the subscriber reconnects it runs at once, so presence is re-asserted
     /// within a second or so of Redis coming back.
     pub async fn run_maintenance(self: std::sync::Arc<Self>, shutdown: CancellationToken) {
         let period = self.lease / 3;
         let mut failures: u32 = 0;
-        let mut wait = period;
+        let mut next = tokio::time::Instant::now() + period;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = self.taken_over.cancelled() => return,
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep_until(next) => {}
                 _ = self.signals.check_now.notified() => {}
                 _ = self.signals.resubscribe.notified() => {
                     // A slot moved: its channels follow it, nothing else changed.
@@ -426,17 +658,30 @@ impl RedisBackend {
                 }
             }
             match self.heartbeat().await {
-                Ok(dead) => {
+                Ok(beat) => {
                     if failures > 0 {
                         tracing::info!("redis heartbeat restored; ready");
                     }
                     failures = 0;
                     // A cluster missing a master: look again soon.
-                    wait = if self.cluster_whole.load(Ordering::Relaxed) {
+                    let mut wait = if self.cluster_whole.load(Ordering::Relaxed) {
                         period
                     } else {
                         retry_delay(1, period)
                     };
+                    // Another instance's lease runs out before the next
+                    // beat (it stopped refreshing it: killed, paused): look
+                    // right after, so it is reaped — and its users announced
+                    // offline — within a few hundred ms of its expiry.
+                    if let Some(expiry) = beat.next_expiry {
+                        wait = wait.min(expiry + REAP_MARGIN);
+                    }
+                    next = tokio::time::Instant::now() + wait;
+                    let mut dead = beat.dead;
+                    // Claimed earlier, not finished: the claim cannot be won again.
+                    dead.extend(self.reaping.iter().map(|e| e.key().clone()));
+                    dead.sort_unstable();
+                    dead.dedup();
                     for instance in dead {
                         if let Err(e) = self.reap(&instance).await {
                             tracing::warn!(error = %e, instance, "reaping failed; will retry");
@@ -453,11 +698,12 @@ impl RedisBackend {
                     // On a cluster (or with Sentinel) a failover ends within
                     // a second or so of the node timeout (down-after): look
                     // often, not with growing delays.
-                    wait = if self.cluster || self.sentinel.is_some() {
+                    let wait = if self.cluster || self.sentinel.is_some() {
                         retry_delay(failures.min(1), period)
                     } else {
                         retry_delay(failures, period)
                     };
+                    next = tokio::time::Instant::now() + wait;
                 }
             }
         }

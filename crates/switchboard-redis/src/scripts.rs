@@ -81,6 +81,188 @@ end
 return 0
 ";
 
+/// Forget a reaped instance: delete its users, watching and rooms sets —
+/// unless its lease is held again (a new process with that id started, or
+/// the instance was only paused and took its lease back: the sets are its
+/// own again, and it settles what it no longer holds itself). The lease and
+/// the sets share the instance's slot.
+/// KEYS = lease, users set, watching set, rooms set. Returns 1 when deleted.
+pub const FORGET_DEAD: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
+return 1
+";
+
+/// Shared by the transition scripts: the version of a new transition,
+/// `max(previous + 1, now in µs)` on Redis's clock (`prev` is the stored
+/// state `VERSION TS_MS`, or false when there is none), and its time in
+/// unix ms. Strictly increasing per user (per room member) while the state
+/// is stored, and past any version handed out before a Redis that lost
+/// everything came back (the clock moved on), so receivers can drop an
+/// event older than the one they hold. Formatted with `%d`: Lua's own
+/// number formatting would print 1.7e+15.
+const TRANSITION: &str = r"
+local function next_version(prev)
+  local t = redis.call('TIME')
+  local v = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  if prev then
+    local p = tonumber(string.match(prev, '^(%d+)'))
+    if p and p + 1 > v then v = p + 1 end
+  end
+  return string.format('%d', v), string.format('%d', math.floor(v / 1000))
+end
+-- Announces the user online (KEYS[2] absent): `{n, v, ts, watcher...}`,
+-- else `{n}`.
+local function announce_online(n)
+  if redis.call('EXISTS', KEYS[2]) == 1 then return {n} end
+  local v, ts = next_version(false)
+  redis.call('SET', KEYS[2], v .. ' ' .. ts)
+  local out = {n, v, ts}
+  for _, w in ipairs(redis.call('HKEYS', KEYS[3])) do out[#out + 1] = w end
+  return out
+end
+-- Removes instance `inst`'s membership of `user` (and its count).
+local function drop_membership(inst, user)
+  if redis.call('HDEL', KEYS[1], inst .. ' ' .. user) == 1 then
+    if redis.call('HINCRBY', KEYS[2], user, -1) <= 0 then
+      redis.call('HDEL', KEYS[2], user)
+    end
+  end
+end
+";
+
+/// A connection of a user on this instance (`connect`): one more in this
+/// instance's field, and the user announced online if it was not. The
+/// count and the announcement are one atomic step, so of two instances
+/// racing to connect a user exactly one announces it.
+/// KEYS = presence, online, watchers (one user's slot); ARGV = instance id.
+/// Returns `{count}` or `{count, version, ts_ms, watcher ids...}` when it
+/// announced; the caller publishes `P USER 1 VERSION TS_MS` to the watchers
+/// (on a cluster their personal channels are in other slots).
+pub const PRESENCE_UP: &str = r"
+return announce_online(redis.call('HINCRBY', KEYS[1], ARGV[1], 1))
+";
+
+/// Re-asserting a user after a resync: this instance's field set to its
+/// local count, and the user announced online if the state was lost (a
+/// Redis that restarted empty: the one re-announcement receivers dedupe by
+/// state). KEYS and reply as [`PRESENCE_UP`]; ARGV = instance id, count.
+pub const PRESENCE_ASSERT: &str = r"
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return announce_online(tonumber(ARGV[2]))
+";
+
+/// Settling a user (a grace after its last connection here closed, or its
+/// instance reaped or withdrawn): first the field of `ARGV[1]` is deleted
+/// (`''`: none), then, if no instance holds the user any more and it was
+/// announced online, the state is deleted and the user announced offline.
+/// Fields of dead instances not yet reaped count as holders: their reaping
+/// settles the user again.
+/// KEYS = presence, online, watchers; ARGV = instance id or `''`.
+/// Returns `{holders}` or `{0, version, ts_ms, watcher ids...}` when it
+/// announced offline.
+pub const PRESENCE_SETTLE: &str = r"
+if ARGV[1] ~= '' then redis.call('HDEL', KEYS[1], ARGV[1]) end
+local holders = redis.call('HLEN', KEYS[1])
+if holders > 0 then return {holders} end
+local prev = redis.call('GET', KEYS[2])
+if not prev then return {0} end
+redis.call('DEL', KEYS[2])
+local v, ts = next_version(prev)
+local out = {0, v, ts}
+for _, w in ipairs(redis.call('HKEYS', KEYS[3])) do out[#out + 1] = w end
+return out
+";
+
+/// This instance starts watching a user: registered as a watcher and the
+/// announced state read in one atomic step, so no transition can fall
+/// between the read and the registration (it is either in the state read
+/// or published to this instance).
+/// KEYS = watchers, online; ARGV = instance id. Returns the state
+/// `VERSION TS_MS`, or nil when the user is not announced online.
+pub const WATCH_USER: &str = r"
+redis.call('HSET', KEYS[1], ARGV[1], 1)
+return redis.call('GET', KEYS[2])
+";
+
+/// A membership of a user in a room held by this instance (the first local
+/// connection of the user joined, or a resync re-asserts it; idempotent):
+/// the `INSTANCE USER` field and, when new, the user's count; the user
+/// announced a member if it was not, with `M ROOM USER 1 VERSION TS_MS` on
+/// the room's channel, which shares the room's slot.
+/// KEYS = rmembers, rcount, members (one room's slot); ARGV = instance id,
+/// user, room, room channel, publish command (`PUBLISH`, `SPUBLISH` on a
+/// cluster). Returns 1 when it announced, else 0.
+pub const MEMBER_UP: &str = r"
+if redis.call('HSETNX', KEYS[1], ARGV[1] .. ' ' .. ARGV[2], 1) == 1 then
+  redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
+end
+if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return 0 end
+local v, ts = next_version(false)
+redis.call('HSET', KEYS[3], ARGV[2], v .. ' ' .. ts)
+redis.call(ARGV[5], ARGV[4], 'M ' .. ARGV[3] .. ' ' .. ARGV[2] .. ' 1 ' .. v .. ' ' .. ts .. '\n')
+return 1
+";
+
+/// The resync's re-assertion of a membership: [`MEMBER_UP`] is idempotent
+/// (the field is set only if absent, the count moves only then), so it is
+/// the same script.
+pub const MEMBER_ASSERT: &str = MEMBER_UP;
+
+/// The last local connection of a user left a room: this instance's
+/// membership removed (and the user's count), never announced — the
+/// membership lingers until settled.
+/// KEYS = rmembers, rcount; ARGV = instance id, user. Returns 0.
+pub const MEMBER_LEAVE: &str = r"
+drop_membership(ARGV[1], ARGV[2])
+return 0
+";
+
+/// [`PRESENCE_SETTLE`] for a membership: the membership of `ARGV[1]` (`''`:
+/// none) removed first; then, if no instance holds one and the user was an
+/// announced member, it is announced gone, `M ROOM USER 0 VERSION TS_MS` on
+/// the room's channel.
+/// KEYS = rmembers, rcount, members; ARGV = instance id or `''`, user, room,
+/// room channel, publish command. Returns 1 when it announced, else 0.
+pub const MEMBER_SETTLE: &str = r"
+if ARGV[1] ~= '' then drop_membership(ARGV[1], ARGV[2]) end
+if redis.call('HEXISTS', KEYS[2], ARGV[2]) == 1 then return 0 end
+local prev = redis.call('HGET', KEYS[3], ARGV[2])
+if not prev then return 0 end
+redis.call('HDEL', KEYS[3], ARGV[2])
+local v, ts = next_version(prev)
+redis.call(ARGV[5], ARGV[4], 'M ' .. ARGV[3] .. ' ' .. ARGV[2] .. ' 0 ' .. v .. ' ' .. ts .. '\n')
+return 1
+";
+
+/// The transition scripts, compiled once, each with the shared
+/// [`TRANSITION`] functions in front.
+#[derive(Debug)]
+pub(crate) struct PresenceScripts {
+    pub(crate) up: Lua,
+    pub(crate) assert: Lua,
+    pub(crate) settle: Lua,
+    pub(crate) watch: Lua,
+    pub(crate) member_up: Lua,
+    pub(crate) member_leave: Lua,
+    pub(crate) member_settle: Lua,
+}
+
+impl Default for PresenceScripts {
+    fn default() -> Self {
+        let with = |body: &str| Lua::new(&format!("{TRANSITION}{body}"));
+        PresenceScripts {
+            up: with(PRESENCE_UP),
+            assert: with(PRESENCE_ASSERT),
+            settle: with(PRESENCE_SETTLE),
+            watch: Lua::new(WATCH_USER),
+            member_up: with(MEMBER_ASSERT),
+            member_leave: with(MEMBER_LEAVE),
+            member_settle: with(MEMBER_SETTLE),
+        }
+    }
+}
+
 /// A Lua script and its source, run by `EVALSHA`. On `NOSCRIPT` (a Redis
 /// that restarted, a replica promoted by a failover: script caches are not
 /// replicated) the source is loaded on the node that will run it — on a
@@ -100,6 +282,23 @@ impl Lua {
             script: redis::Script::new(code),
             code: code.to_owned(),
         }
+    }
+
+    /// `EVALSHA` of this script with `keys`, as a plain command the caller
+    /// adds its arguments to: for batches ([`crate::conn`]'s
+    /// `query_scripts`), which load the script first instead of retrying
+    /// each call on `NOSCRIPT`.
+    pub(crate) fn evalsha(&self, keys: &[&str]) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash()).arg(keys.len()).arg(keys);
+        cmd
+    }
+
+    /// `SCRIPT LOAD` of this script.
+    pub(crate) fn load_cmd(&self) -> redis::Cmd {
+        let mut cmd = redis::cmd("SCRIPT");
+        cmd.arg("LOAD").arg(&self.code);
+        cmd
     }
 
     /// A call with `key` as its first key.

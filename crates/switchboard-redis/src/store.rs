@@ -308,7 +308,7 @@ fn malformed(what: &str) -> BackendError {
     BackendError::unavailable(format!("unexpected reply from an inbox script: {what}"))
 }
 
-fn text(value: &Value) -> Option<&str> {
+pub(crate) fn text(value: &Value) -> Option<&str> {
     match value {
         Value::BulkString(bytes) => std::str::from_utf8(bytes).ok(),
         Value::SimpleString(s) => Some(s),
@@ -317,14 +317,14 @@ fn text(value: &Value) -> Option<&str> {
     }
 }
 
-fn int(value: &Value) -> Option<i64> {
+pub(crate) fn int(value: &Value) -> Option<i64> {
     match value {
         Value::Int(n) => Some(*n),
         _ => text(value)?.parse().ok(),
     }
 }
 
-fn array(value: Value) -> Option<Vec<Value>> {
+pub(crate) fn array(value: Value) -> Option<Vec<Value>> {
     match value {
         Value::Array(items) | Value::Set(items) => Some(items),
         Value::Nil => Some(Vec::new()),

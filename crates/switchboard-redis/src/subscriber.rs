@@ -54,6 +54,18 @@ impl Subscriber {
 /// a valid envelope header, so a probe can never be taken for a message.
 pub(crate) const PROBE_PREFIX: &[u8] = b"P ";
 
+/// The nonce of a probe: `P ` and digits only, nothing else. A presence
+/// event on the personal channel starts with `P ` too (`P <user> <0|1>
+/// <version> <ts>\n`) but always has more fields and a newline, so it is
+/// never taken for a probe.
+fn probe_nonce(payload: &[u8]) -> Option<u64> {
+    let digits = payload.strip_prefix(PROBE_PREFIX)?;
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
 /// Maps a pushed channel name to the kind of channel it is.
 #[derive(Debug)]
 struct ChannelClassifier {
@@ -136,11 +148,8 @@ pub(crate) async fn connect(
                     return Ok(());
                 };
                 if kind == ChannelKind::Personal {
-                    if let Some(nonce) = payload.strip_prefix(PROBE_PREFIX) {
-                        let nonce = std::str::from_utf8(nonce).ok().and_then(|n| n.parse().ok());
-                        signals
-                            .probe_seen
-                            .fetch_max(nonce.unwrap_or(0), Ordering::Relaxed);
+                    if let Some(nonce) = probe_nonce(&payload) {
+                        signals.probe_seen.fetch_max(nonce, Ordering::Relaxed);
                         signals.probe_arrived.notify_waiters();
                         return Ok(());
                     }
@@ -236,5 +245,22 @@ pub(crate) async fn connect(
                 format!("no connection within {bound:?}"),
             )),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_are_told_from_presence_events() {
+        assert_eq!(probe_nonce(b"P 12"), Some(12));
+        assert_eq!(probe_nonce(b"P "), None);
+        assert_eq!(
+            probe_nonce(b"P 12 1 1764633600123456 1764633600123\n"),
+            None
+        );
+        assert_eq!(probe_nonce(b"P bob 0 7 8\n"), None);
+        assert_eq!(probe_nonce(b"D bob 0 i1 -\n{}"), None);
     }
 }

@@ -49,6 +49,12 @@ pub struct Client {
     pub welcome: Value,
     /// `user@instance` (or the URL before the welcome), in panic messages.
     pub(crate) label: String,
+    /// Whether `member_joined`/`member_left` frames are kept. Every join is
+    /// announced to the room's members (protocol §1b); tests about other
+    /// things leave them out, a test that joins through
+    /// [`Client::join`]/[`Client::join_with_events`] (or calls
+    /// [`Client::keep_member_events`]) sees every one.
+    pub(crate) member_events: bool,
 }
 
 impl Client {
@@ -111,6 +117,7 @@ impl Client {
             next_id: 0,
             welcome: Value::Null,
             label: uri,
+            member_events: false,
         };
         let first = client.recv_json().await;
         Ok((client, first))
@@ -154,7 +161,7 @@ impl Client {
         }
     }
 
-    async fn read_incoming(&mut self, timeout: Duration) -> Incoming {
+    pub(crate) async fn read_incoming(&mut self, timeout: Duration) -> Incoming {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             match tokio::time::timeout_at(deadline, self.ws.next()).await {
@@ -162,7 +169,13 @@ impl Client {
                 Ok(None) => return Incoming::Ended("stream ended".to_string()),
                 Ok(Some(Err(e))) => return Incoming::Ended(e.to_string()),
                 Ok(Some(Ok(msg))) => match msg {
-                    Message::Text(text) => match serde_json::from_str(text.as_str()) {
+                    Message::Text(text) => match serde_json::from_str::<Value>(text.as_str()) {
+                        Ok(value)
+                            if !self.member_events
+                                && matches!(
+                                    value["type"].as_str(),
+                                    Some("member_joined" | "member_left")
+                                ) => {}
                         Ok(value) => return Incoming::Json(value),
                         Err(e) => panic!(
                             "[{}] server sent a non-JSON text frame ({e}): {}",
@@ -198,6 +211,12 @@ impl Client {
                 self.label
             ),
         }
+    }
+
+    /// Keeps `member_joined`/`member_left` frames from now on (they are left
+    /// out by default: see [`Client::member_events`]).
+    pub fn keep_member_events(&mut self) {
+        self.member_events = true;
     }
 
     /// Next event (buffered frames first), waiting up to `timeout`; never
