@@ -18,6 +18,8 @@
 //! - [`Traffic`] (a sender and a receiver loop under a fault: what was
 //!   sent, acked and delivered when) and [`ReadyzWatch`] (every change of
 //!   the instances' `/readyz`): [`traffic`].
+//! - Presence watches and room member events (`watch`, `members`, the
+//!   pushed `presence_event` / `member_*` frames): [`presence`].
 //! - [`mint_jwt`], [`eventually`], [`unique`] and the clocks: [`jwt`],
 //!   [`wait`], [`misc`].
 //!
@@ -32,6 +34,7 @@ pub mod jwks;
 pub mod jwt;
 pub mod metrics;
 pub mod misc;
+pub mod presence;
 pub mod raw_http;
 pub mod raw_ws;
 pub mod redis;
@@ -51,6 +54,10 @@ pub use instance::{free_port, Auth, Instance, Opts};
 pub use jwt::{mint_jwt, mint_jwt_claims};
 pub use metrics::Metrics;
 pub use misc::{now_unix_ms, now_unix_secs, unique};
+pub use presence::{
+    member_event, online_map, presence_event, MEMBER_EVENTS, MEMBER_JOINED, MEMBER_LEFT,
+    PRESENCE_EVENT,
+};
 pub use raw_http::RawHttp;
 pub use raw_ws::{encode_client_frame, Ending, RawFrame, RawReader, RawWriter, RawWs};
 pub use sentinel::Sentinel;
