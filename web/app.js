@@ -14,13 +14,18 @@
 // are replayed — shown after a "while you were away" divider — and it
 // acknowledges them (`recv`). The page asks `receipt: true` on its DMs and
 // marks them "✓ delivered" when the recipient's `delivered` receipt comes.
+//
+// Presence (issue #14) is pushed, never polled: the page `watch`es its
+// contacts on every connection (watches end with the connection; the reply
+// gives the current state) and then follows `presence_event` frames. A room
+// shows its members: a `members` query after every join (so after every
+// reconnect too), then `member_joined` / `member_left` frames.
 
 import { SwitchboardClient } from "/client.mjs";
 
 const NAME_RE = /^[A-Za-z0-9_.:@-]{1,64}$/;
 const NAME_RULE = "1–64 characters of A–Z a–z 0–9 _ . : @ -";
-const PRESENCE_EVERY_MS = 2000;
-const PRESENCE_BATCH = 100; // the server's limit per query
+const WATCH_BATCH = 1000; // the server's limit of users per watch frame
 const MAX_BODY_CHARS = 16000; // the server checks the real limit (too_large)
 const LAST_USER_KEY = "switchboard:last-user";
 const HUES = 8;
@@ -101,8 +106,8 @@ const state = {
   countdownTimer: null,
   sent: new Map(), // msg_id -> node of a DM this page sent (for receipts)
   early: new Set(), // msg_ids delivered before their ack came (rare)
-  contacts: new Map(), // name -> { name, presence, unread, row, dot, badge }
-  rooms: new Map(), // name -> { name, joined, unread, row, badge }
+  contacts: new Map(), // name -> { name, presence, unread, row, dot, badge, watch }
+  rooms: new Map(), // name -> { name, joined, unread, row, badge, members }
   convs: new Map(), // "dm:bob" | "room:lobby" -> { kind, peer, nodes }
   active: null, // key of the shown conversation
 };
@@ -140,6 +145,9 @@ const ui = {
   composer: $("composer"),
   composerInput: $("composer-input"),
   composerSend: $("composer-send"),
+  memberBar: $("member-bar"),
+  memberCount: $("member-count"),
+  memberList: $("member-list"),
 };
 
 // ---------------------------------------------------------------------------
@@ -156,6 +164,9 @@ function newClient(creds) {
   client.on("dm", onDirect);
   client.on("room", onRoom);
   client.on("delivered", onDelivered);
+  client.on("presence_event", onPresenceEvent);
+  client.on("member_joined", (frame) => onMemberEvent(frame, true));
+  client.on("member_left", (frame) => onMemberEvent(frame, false));
   client.on("gap", onGap);
   client.on("error", (frame) => notice(`${frame.code}: ${frame.message}`));
   return client;
@@ -178,8 +189,17 @@ function onClientState({ state: name, reason, retryAt, attempt }) {
 
 function onClosed() {
   state.connected = false;
-  for (const contact of state.contacts.values()) setPresence(contact, "unknown");
-  for (const room of state.rooms.values()) setRoomJoined(room, false);
+  // Watches and memberships end with the connection: what the page shows is
+  // unknown until the next connection watches and asks again.
+  for (const contact of state.contacts.values()) {
+    contact.watch = null;
+    setPresence(contact, "unknown");
+  }
+  for (const room of state.rooms.values()) {
+    room.query = null;
+    setMembersStale(room);
+    setRoomJoined(room, false);
+  }
   updateComposer();
 }
 
@@ -227,9 +247,10 @@ function onWelcome(frame) {
   ui.instance.textContent = state.instance;
   ui.instance.title = `instance ${state.instance}, connection ${frame.conn}`;
   setConnState("connected", `connected to ${state.instance}`);
-  // Room membership belongs to the connection: join again after a reconnect.
+  // Room membership and watches belong to the connection: join and watch
+  // again after a reconnect (each join then asks for the members).
   for (const room of state.rooms.values()) joinRoom(room.name, { rejoin: true });
-  pollPresence();
+  watchContacts([...state.contacts.keys()]);
   updateComposer();
 }
 
@@ -299,12 +320,14 @@ function addContact(name, { quiet = false } = {}) {
       "×",
     ),
   );
-  const contact = { name, presence: "unknown", unread: 0, row, dot, badge, presenceText };
+  // watch: null, or the watch request in flight ({ held }: the last event
+  // that came before its reply).
+  const contact = { name, presence: "unknown", unread: 0, row, dot, badge, presenceText, watch: null };
   state.contacts.set(name, contact);
   insertSorted(ui.contactList, row, name);
   show(ui.contactEmpty, false);
   save();
-  if (!quiet) pollPresence([name]);
+  if (!quiet) watchContacts([name]);
   return contact;
 }
 
@@ -313,6 +336,7 @@ function removeContact(name) {
   if (!contact) return;
   contact.row.remove();
   state.contacts.delete(name);
+  request({ type: "unwatch", users: [name] });
   state.convs.delete(`dm:${name}`);
   show(ui.contactEmpty, state.contacts.size === 0);
   if (state.active === `dm:${name}`) select(null);
@@ -324,7 +348,8 @@ function insertSorted(list, row, name) {
   list.insertBefore(row, after || null);
 }
 
-function setPresence(contact, presence) {
+function setPresence(contact, presence, problem) {
+  contact.presenceText.title = problem || "";
   if (contact.presence === presence) return;
   contact.presence = presence;
   contact.row.dataset.presence = presence;
@@ -333,18 +358,50 @@ function setPresence(contact, presence) {
   if (state.active === `dm:${contact.name}`) renderHeader();
 }
 
-function pollPresence(names) {
+/**
+ * Watches these contacts on the current connection: the reply is their
+ * current state, then each transition comes as a `presence_event`. Called for
+ * every contact on every `welcome` and for each contact added while connected.
+ */
+function watchContacts(names) {
   if (!state.connected) return;
-  const users = names || [...state.contacts.keys()];
-  for (let i = 0; i < users.length; i += PRESENCE_BATCH) {
-    request({ type: "presence", users: users.slice(i, i + PRESENCE_BATCH) }, (reply) => {
-      if (!reply || reply.type !== "presence" || !reply.online) return;
-      for (const [name, online] of Object.entries(reply.online)) {
-        const contact = state.contacts.get(name);
-        if (contact) setPresence(contact, online ? "online" : "offline");
+  const users = names.filter((name) => state.contacts.has(name));
+  for (let i = 0; i < users.length; i += WATCH_BATCH) {
+    const batch = users.slice(i, i + WATCH_BATCH);
+    const pending = { held: new Map() };
+    for (const name of batch) state.contacts.get(name).watch = pending;
+    const sent = request({ type: "watch", users: batch }, (reply) => {
+      const mine = batch.map((name) => state.contacts.get(name)).filter((c) => c && c.watch === pending);
+      for (const contact of mine) contact.watch = null;
+      if (!reply) return; // the connection closed: the next welcome watches again
+      if (reply.type === "error") {
+        for (const contact of mine) setPresence(contact, "unknown", `${reply.code}: ${reply.message}`);
+        notice(`Presence: ${reply.code}: ${reply.message}`);
+        return;
+      }
+      if (reply.type !== "presence" || !reply.online) return;
+      for (const contact of mine) {
+        if (Object.hasOwn(reply.online, contact.name)) {
+          setPresence(contact, reply.online[contact.name] ? "online" : "offline");
+        }
+        // An event that overtook the reply is newer than what the reply read
+        // or equal to it: it wins.
+        const held = pending.held.get(contact.name);
+        if (held !== undefined) setPresence(contact, held ? "online" : "offline");
       }
     });
+    if (sent === null) for (const name of batch) state.contacts.get(name).watch = null;
   }
+}
+
+/** `{ type: "presence_event", user, online, ts }`: a watched user's transition. */
+function onPresenceEvent(frame) {
+  const contact = typeof frame.user === "string" && state.contacts.get(frame.user);
+  if (!contact || typeof frame.online !== "boolean") return;
+  // The server tells each connection transitions in order, never the same
+  // state twice: the page applies them as they come (their ts is for show).
+  if (contact.watch) contact.watch.held.set(contact.name, frame.online);
+  setPresence(contact, frame.online ? "online" : "offline");
 }
 
 // ---------------------------------------------------------------------------
@@ -379,7 +436,10 @@ function addRoom(name) {
       "×",
     ),
   );
-  const room = { name, joined: false, unread: 0, row, badge, sub };
+  // members: the room's members (user-level, cluster-wide) as last known, or
+  // null before the first `members` reply; stale: the connection closed since;
+  // query: the `members` request in flight ({ held }: events that overtook it).
+  const room = { name, joined: false, unread: 0, row, badge, sub, members: null, truncated: false, stale: false, query: null };
   state.rooms.set(name, room);
   insertSorted(ui.roomList, row, name);
   show(ui.roomEmpty, false);
@@ -390,12 +450,110 @@ function addRoom(name) {
 function setRoomJoined(room, joined, problem) {
   room.joined = joined;
   room.row.dataset.joined = joined ? "yes" : "no";
-  room.sub.textContent = joined ? "joined" : problem || "not joined";
+  room.problem = problem || null;
   room.row.classList.toggle("problem", Boolean(problem));
+  renderRoomSub(room);
   if (state.active === `room:${room.name}`) {
     renderHeader();
     updateComposer();
   }
+}
+
+function memberCountText(room) {
+  if (!room.members) return "";
+  const n = room.members.size;
+  return `${n}${room.truncated ? "+" : ""} member${n === 1 && !room.truncated ? "" : "s"}`;
+}
+
+function renderRoomSub(room) {
+  if (!room.joined) room.sub.textContent = room.problem || "not joined";
+  else room.sub.textContent = room.members ? `joined · ${memberCountText(room)}` : "joined";
+  room.row.dataset.members = room.members ? String(room.members.size) : "";
+}
+
+/** The member bar under the header of the shown room (textContent only). */
+function renderMembers() {
+  const conv = state.active && conversation(state.active);
+  const room = conv && conv.kind === "room" ? state.rooms.get(conv.peer) : null;
+  show(ui.memberBar, Boolean(room));
+  if (!room) {
+    ui.memberList.replaceChildren();
+    return;
+  }
+  ui.memberBar.dataset.room = room.name;
+  ui.memberBar.dataset.state = !room.members ? "loading" : room.stale ? "stale" : "live";
+  ui.memberBar.title = room.stale ? "not connected: the last known members" : "";
+  ui.memberCount.textContent = room.members ? memberCountText(room) : room.problem || "members…";
+  const names = room.members ? [...room.members].sort() : [];
+  ui.memberList.replaceChildren(
+    ...names.map((name) => {
+      const avatar = h("span", { "aria-hidden": "true" });
+      fillAvatar(avatar, name);
+      avatar.classList.add("tiny");
+      return h(
+        "li",
+        { class: "member", "data-testid": "member", "data-user": name, title: name },
+        avatar,
+        h("span", { class: "member-name" }, name === state.me ? `${name} (you)` : name),
+      );
+    }),
+  );
+}
+
+function membersChanged(room) {
+  renderRoomSub(room);
+  if (state.active === `room:${room.name}`) renderMembers();
+}
+
+function setMembersStale(room) {
+  if (!room.members || room.stale) return;
+  room.stale = true;
+  membersChanged(room);
+}
+
+/**
+ * Asks for the room's members (after each successful join, so after every
+ * reconnect too); member_joined / member_left keep the list from there.
+ */
+function queryMembers(name) {
+  const room = state.rooms.get(name);
+  if (!room) return;
+  const pending = { held: new Map() };
+  room.query = pending;
+  request({ type: "members", room: name }, (reply) => {
+    const now = state.rooms.get(name);
+    if (!now || now.query !== pending) return;
+    now.query = null;
+    if (!reply) return; // the connection closed: the next join asks again
+    if (reply.type === "error") {
+      now.problem = `members: ${reply.code}`;
+      membersChanged(now);
+      return;
+    }
+    if (reply.type !== "members" || !Array.isArray(reply.users)) return;
+    const members = new Set(reply.users.filter((user) => typeof user === "string"));
+    // Events that overtook the reply are as new as what it read, or newer.
+    for (const [user, joined] of pending.held) {
+      if (joined) members.add(user);
+      else members.delete(user);
+    }
+    now.members = members;
+    now.truncated = reply.truncated === true;
+    now.stale = false;
+    now.problem = null;
+    membersChanged(now);
+  });
+}
+
+/** `member_joined` / `member_left` `{ room, user, ts }`. */
+function onMemberEvent(frame, joined) {
+  const room = typeof frame.room === "string" && state.rooms.get(frame.room);
+  if (!room || typeof frame.user !== "string") return;
+  if (room.query) room.query.held.set(frame.user, joined);
+  if (!room.members) return; // the members reply (with the held events) comes next
+  if (joined) room.members.add(frame.user);
+  else room.members.delete(frame.user);
+  membersChanged(room);
 }
 
 function joinRoom(name, { rejoin = false } = {}) {
@@ -406,6 +564,7 @@ function joinRoom(name, { rejoin = false } = {}) {
       const fresh = !room;
       const joined = room || addRoom(name);
       setRoomJoined(joined, true);
+      queryMembers(name);
       if (fresh) select(`room:${name}`);
     } else if (reply.type === "error") {
       if (room) setRoomJoined(room, false, reply.code);
@@ -651,6 +810,7 @@ function select(key) {
     ui.composerInput.focus();
   }
   renderHeader();
+  renderMembers();
   updateComposer();
   updateTitle();
 }
@@ -831,8 +991,6 @@ $("signout").addEventListener("click", () => signOut());
 window.addEventListener("pagehide", () => state.client?.flushRecv());
 $("reconnect-now").addEventListener("click", reconnectNow);
 window.addEventListener("online", reconnectNow);
-
-setInterval(pollPresence, PRESENCE_EVERY_MS);
 
 $("signin-host").textContent = location.host;
 ui.signinUser.value = storageGet(LAST_USER_KEY) || "";

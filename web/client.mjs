@@ -49,6 +49,12 @@
 //              sent with `receipt: true`
 //   room, presence, error (an error frame that answers no request), frame
 //              (every frame, before the others)
+//   presence_event  { user, online, ts }: a watched user's transition (after
+//              a `watch` request; watches end with the connection: watch again
+//              on every `welcome`, the reply gives the current state)
+//   member_joined, member_left  { room, user, ts }: a user-level change of the
+//              members of a room this connection joined (ask `members` on
+//              every join: the reply is the starting list)
 //   close      { code, reason, opened, wasConnected, description }
 //   fatal      { message, status }: credentials refused, or the server closed
 //              with 4001/4002/4003 (status: the close code); no more reconnects
@@ -323,7 +329,8 @@ export class SwitchboardClient extends EventTarget {
   }
 
   /**
-   * Sends any other request (join, leave, room, presence, ping) with a fresh
+   * Sends any other request (join, leave, room, presence, watch, unwatch,
+   * members, ping) with a fresh
    * id; resolves with the reply frame, whatever its type (an `error` frame
    * too); rejects with code `disconnected` when not connected or when the
    * connection closes first, `timeout` when no reply comes in time.
@@ -560,6 +567,9 @@ export class SwitchboardClient extends EventTarget {
       case "delivered":
       case "room":
       case "presence":
+      case "presence_event":
+      case "member_joined":
+      case "member_left":
       case "error":
         this.#emit(frame.type, frame);
         break;

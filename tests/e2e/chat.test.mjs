@@ -1,7 +1,8 @@
 // End-to-end test of the chat page (web/) in a real browser: headless Debian
 // Chromium driven by playwright-core, against a private redis-server and two
-// Switchboard instances started here. Run with `bash tests/e2e/run.sh`, or,
-// once the server is built: `node --test tests/e2e/chat.test.mjs`.
+// Switchboard instances started here (the set-up is in harness.mjs). Run with
+// `bash tests/e2e/run.sh`, or, once the server is built:
+// `node --test tests/e2e/chat.test.mjs`.
 //
 // Environment: SWITCHBOARD_BIN (default target/debug/switchboard),
 // CHROMIUM_PATH (default /usr/bin/chromium), SCREENSHOT_DIR (where the
@@ -9,212 +10,42 @@
 // SB_E2E_UPDATE_SCREENSHOTS=1 to write them to docs/img instead, replacing
 // the README's pictures.
 
-import { after, before, test } from "node:test";
+import { before } from "node:test";
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import fs from "node:fs";
-import net from "node:net";
-import os from "node:os";
 import path from "node:path";
-import { fileURLToPath } from "node:url";
-import { chromium } from "playwright-core";
+import {
+  ROOT,
+  VIEWPORT,
+  attr,
+  browser,
+  byTest,
+  contactRow,
+  freePort,
+  instanceLabel,
+  launchBrowser,
+  openPage,
+  roomRow,
+  signIn,
+  sleep,
+  startInstance,
+  startRedis,
+  step,
+  stop,
+  tail,
+  teardown,
+  until,
+  waitReady,
+} from "./harness.mjs";
 
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
-const BIN = process.env.SWITCHBOARD_BIN || path.join(ROOT, "target/debug/switchboard");
-const CHROMIUM = process.env.CHROMIUM_PATH || "/usr/bin/chromium";
 const SHOTS =
   process.env.SB_E2E_UPDATE_SCREENSHOTS === "1"
     ? path.join(ROOT, "docs/img")
     : process.env.SCREENSHOT_DIR || path.join(ROOT, "target/e2e/screenshots");
-const CHROMIUM_ARGS = [
-  "--headless",
-  "--no-sandbox",
-  "--disable-gpu",
-  "--disable-background-networking",
-  "--disable-component-update",
-  "--no-first-run",
-  "--disable-quic",
-  "--disable-sync",
-];
-const VIEWPORT = { width: 800, height: 600 };
 const XSS = "<img src=x onerror=alert(1)>";
 
-// ---------------------------------------------------------------------------
-// Processes: everything started here is tracked by pid and killed at the end.
-// ---------------------------------------------------------------------------
-
-const work = fs.mkdtempSync(path.join(os.tmpdir(), "switchboard-e2e-"));
-const children = new Set();
-
-function killAll(signal = "SIGKILL") {
-  for (const child of children) {
-    try {
-      process.kill(child.pid, signal);
-    } catch {
-      // already gone
-    }
-  }
-}
-process.on("exit", () => killAll());
-for (const signal of ["SIGINT", "SIGTERM"]) {
-  process.once(signal, () => {
-    killAll();
-    process.exit(130);
-  });
-}
-
-function start(name, command, args) {
-  const log = path.join(work, `${name}.log`);
-  const fd = fs.openSync(log, "a");
-  const child = spawn(command, args, {
-    stdio: ["ignore", fd, fd],
-    env: { ...process.env, RUST_LOG: process.env.RUST_LOG || "info", NO_COLOR: "1" },
-  });
-  fs.closeSync(fd);
-  child.label = name;
-  child.logPath = log;
-  child.exited = new Promise((resolve) => {
-    child.once("exit", (code, signal) => {
-      children.delete(child);
-      resolve({ code, signal });
-    });
-    child.once("error", (error) => {
-      children.delete(child);
-      resolve({ code: null, signal: null, error });
-    });
-  });
-  children.add(child);
-  return child;
-}
-
-async function stop(child, signal = "SIGTERM", ms = 10000) {
-  if (!children.has(child)) return child.exited;
-  process.kill(child.pid, signal);
-  const timer = sleep(ms).then(() => "timeout");
-  if ((await Promise.race([child.exited, timer])) === "timeout") {
-    process.kill(child.pid, "SIGKILL");
-    await child.exited;
-    throw new Error(`${child.label} (pid ${child.pid}) ignored ${signal} for ${ms} ms`);
-  }
-  return child.exited;
-}
-
-function tail(file, lines = 25) {
-  try {
-    return fs.readFileSync(file, "utf8").trimEnd().split("\n").slice(-lines).join("\n");
-  } catch {
-    return "(no log)";
-  }
-}
-
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-/** Polls `probe` until it returns something truthy; fails with `what`. */
-async function until(what, probe, ms = 10000) {
-  const deadline = Date.now() + ms;
-  let last;
-  for (;;) {
-    try {
-      last = await probe();
-      if (last) return last;
-    } catch (error) {
-      last = error;
-    }
-    if (Date.now() > deadline) {
-      throw new Error(`timed out after ${ms} ms waiting for: ${what} (last: ${last})`);
-    }
-    await sleep(100);
-  }
-}
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer();
-    server.once("error", reject);
-    server.listen(0, "127.0.0.1", () => {
-      const { port } = server.address();
-      server.close(() => resolve(port));
-    });
-  });
-}
-
-function redisPing(socket) {
-  return new Promise((resolve) => {
-    const conn = net.createConnection({ path: socket });
-    conn.setTimeout(500);
-    conn.once("connect", () => conn.write("PING\r\n"));
-    conn.once("data", (data) => {
-      conn.destroy();
-      resolve(data.toString().startsWith("+PONG"));
-    });
-    conn.once("error", () => resolve(false));
-    conn.once("timeout", () => {
-      conn.destroy();
-      resolve(false);
-    });
-  });
-}
-
-const redisSocket = path.join(work, "r.sock");
-let redis;
-
-function startInstance(id, port) {
-  const child = start(id, BIN, [
-    "--auth", "none",
-    "--redis-url", `redis+unix://${redisSocket}`,
-    "--instance-id", id,
-    "--listen", `127.0.0.1:${port}`,
-  ]);
-  child.port = port;
-  return child;
-}
-
-async function waitReady(child) {
-  await until(`${child.label} /readyz on port ${child.port}`, async () => {
-    if (!children.has(child)) {
-      throw new Error(`${child.label} exited early:\n${tail(child.logPath)}`);
-    }
-    try {
-      const response = await fetch(`http://127.0.0.1:${child.port}/readyz`);
-      return response.status === 200;
-    } catch {
-      return false;
-    }
-  }, 20000);
-}
-
-// ---------------------------------------------------------------------------
-// Browser
-// ---------------------------------------------------------------------------
-
-let browser;
-const pages = {}; // alice, bob: { page, dialogs, problems }
+const pages = {}; // alice, bob: { page, dialogs, problems, sent }
 const instances = {}; // node1, node2
-let failed = false;
-
-async function openPage(name) {
-  const context = await browser.newContext({ viewport: VIEWPORT, deviceScaleFactor: 1 });
-  const page = await context.newPage();
-  const entry = { page, dialogs: [], problems: [] };
-  page.on("dialog", (dialog) => {
-    entry.dialogs.push(`${dialog.type()}: ${dialog.message()}`);
-    dialog.dismiss().catch(() => {});
-  });
-  page.on("pageerror", (error) => entry.problems.push(`page error: ${error.message}`));
-  page.on("console", (message) => {
-    if (/Content.Security.Policy/i.test(message.text())) {
-      entry.problems.push(`CSP: ${message.text()}`);
-    }
-  });
-  page.setDefaultTimeout(10000);
-  pages[name] = entry;
-  return page;
-}
-
-const byTest = (page, id) => page.locator(`[data-testid="${id}"]`);
-const contactRow = (page, user) => page.locator(`[data-testid="contact-row"][data-user="${user}"]`);
-const roomRow = (page, room) => page.locator(`[data-testid="room-row"][data-room="${room}"]`);
-const attr = (locator, name) => locator.getAttribute(name, { timeout: 1000 });
 
 async function messages(page, list = "message-list") {
   return byTest(page, list).locator('[data-testid="message"]').evaluateAll((nodes) =>
@@ -257,77 +88,21 @@ async function sendAndAck(page, text, list = "message-list") {
   });
 }
 
-async function signIn(page, port, user) {
-  await page.goto(`http://127.0.0.1:${port}/`);
-  await byTest(page, "signin-user").fill(user);
-  await byTest(page, "signin-submit").click();
-  await until(`${user} connected`, async () =>
-    (await attr(byTest(page, "conn-state"), "data-state")) === "connected");
-}
-
-async function instanceLabel(page) {
-  return byTest(page, "instance-label").textContent();
-}
-
 // ---------------------------------------------------------------------------
 // Set-up and tear-down
 // ---------------------------------------------------------------------------
 
 before(async () => {
-  assert.ok(fs.existsSync(BIN), `${BIN} is missing: build it first (cargo build --bin switchboard)`);
-  try {
-    browser = await chromium.launch({
-      executablePath: CHROMIUM,
-      headless: true,
-      args: CHROMIUM_ARGS,
-      timeout: 30000,
-    });
-  } catch (error) {
-    throw new Error(`cannot start Chromium at ${CHROMIUM} (install Debian's chromium package): ${error.message}`);
-  }
-  redis = start("redis", "redis-server", [
-    "--port", "0",
-    "--unixsocket", redisSocket,
-    "--save", "",
-    "--appendonly", "no",
-    "--dir", work,
-  ]);
-  await until("redis-server answering PING", async () => {
-    if (!children.has(redis)) throw new Error(`redis-server exited:\n${tail(redis.logPath)}`);
-    return redisPing(redisSocket);
-  });
+  await launchBrowser();
+  await startRedis();
   instances.node1 = startInstance("node1", await freePort());
   instances.node2 = startInstance("node2", await freePort());
   await Promise.all([waitReady(instances.node1), waitReady(instances.node2)]);
-  await openPage("alice");
-  await openPage("bob");
+  pages.alice = await openPage();
+  pages.bob = await openPage();
 });
 
-after(async () => {
-  if (browser) await browser.close().catch(() => {});
-  const running = [...children].filter((child) => child !== redis);
-  await Promise.all(running.map((child) => stop(child, "SIGTERM", 5000).catch(() => {})));
-  if (redis) await stop(redis, "SIGTERM", 5000).catch(() => {});
-  if (failed) {
-    for (const file of fs.readdirSync(work).filter((f) => f.endsWith(".log"))) {
-      console.log(`---- ${file} (last lines)\n${tail(path.join(work, file))}`);
-    }
-  }
-  fs.rmSync(work, { recursive: true, force: true });
-});
-
-/** A test that stops the sequence at the first failure (later steps fail fast). */
-function step(name, fn, timeout = 30000) {
-  test(name, { timeout }, async () => {
-    if (failed) throw new Error("not run: an earlier step failed");
-    try {
-      await fn();
-    } catch (error) {
-      failed = true;
-      throw error;
-    }
-  });
-}
+teardown();
 
 // ---------------------------------------------------------------------------
 // The scenario
@@ -510,7 +285,8 @@ step("bob closes his tab, alice sends 3 DMs, bob's new tab shows them; alice see
 
   // A new tab (a fresh browser context: no localStorage): the server replays
   // after bob's cursor, which his first tab moved with `recv`.
-  const bob = await openPage("bob");
+  pages.bob = await openPage();
+  const bob = pages.bob.page;
   await signIn(bob, instances.node2.port, "bob");
   const unread = contactRow(bob, "alice").locator('[data-testid="unread"]');
   await until("3 unread from alice on bob's new tab", async () => (await unread.textContent()) === "3");
@@ -545,9 +321,15 @@ step("bob closes his tab, alice sends 3 DMs, bob's new tab shows them; alice see
   await pages.bob.page.mouse.move(600, 20);
 });
 
-step("no script errors and no CSP violations on either page", async () => {
+step("no script errors and no CSP violations on either page; presence is watched, never polled", async () => {
   assert.deepEqual(pages.alice.problems, []);
   assert.deepEqual(pages.bob.problems, []);
+  for (const who of ["alice", "bob"]) {
+    const types = pages[who].sent.map(({ frame }) => frame.type);
+    assert.ok(!types.includes("presence"), `${who}'s page sent no presence query: ${types.join(" ")}`);
+  }
+  const watches = pages.alice.sent.filter(({ frame }) => frame.type === "watch");
+  assert.ok(watches.some(({ frame }) => frame.users.includes("bob")), "alice's page watched bob");
 });
 
 step("screenshots for the README", async () => {

@@ -287,7 +287,10 @@ function client(user, options = {}) {
     ...options,
   });
   c.events = [];
-  for (const type of ["welcome", "synced", "dm", "duplicate", "gap", "delivered", "close", "fatal", "error"]) {
+  for (const type of [
+    "welcome", "synced", "dm", "duplicate", "gap", "delivered", "close", "fatal", "error",
+    "presence_event", "member_joined", "member_left",
+  ]) {
     c.on(type, (detail) => c.events.push({ ...detail, event: type }));
   }
   c.seen = (type) => c.events.filter((e) => e.event === type);
@@ -587,4 +590,32 @@ test("the last seq survives in the injected storage; trimmed entries are reporte
   );
   assert.ok(again.seen("dm").every((d) => d.replayed));
   assert.equal(storage.getItem("switchboard:last-seq:gina6"), acks[59].seq);
+});
+
+test("watch and members: presence_event, member_joined and member_left come as events", async () => {
+  const watcher = await started(client("walt7"));
+  const ack = await watcher.request({ type: "watch", users: ["pam7"] });
+  assert.deepEqual(ack.online, { pam7: false }, JSON.stringify(ack));
+  assert.equal((await watcher.request({ type: "join", room: "hall7" })).status, "ok");
+  const listed = await watcher.request({ type: "members", room: "hall7" });
+  assert.equal(listed.type, "members", JSON.stringify(listed));
+  assert.deepEqual(listed.users, ["walt7"]);
+
+  const pam = await raw("pam7");
+  await until("pam7 online (presence_event)", () => watcher.seen("presence_event").length === 1);
+  const [online] = watcher.seen("presence_event");
+  assert.equal(online.user, "pam7");
+  assert.equal(online.online, true);
+  assert.equal(typeof online.ts, "number");
+  assert.equal((await pam.request({ type: "join", room: "hall7" })).status, "ok");
+  await until("pam7 joined hall7", () => watcher.seen("member_joined").some((e) => e.user === "pam7"));
+  assert.equal(watcher.seen("member_joined").find((e) => e.user === "pam7").room, "hall7");
+
+  // Closing: she leaves the room and goes offline, after the grace.
+  pam.close();
+  await until("pam7 left hall7", () => watcher.seen("member_left").some((e) => e.user === "pam7"));
+  await until("pam7 offline", () => watcher.seen("presence_event").length === 2);
+  assert.equal(watcher.seen("presence_event")[1].online, false);
+  assert.ok(watcher.seen("presence_event")[1].ts >= online.ts);
+  assert.deepEqual(watcher.seen("error"), [], "no unsolicited error frame");
 });

@@ -2,10 +2,11 @@
 # Browser end-to-end test of the chat page (CI entry, called by .ci/run).
 # Installs what it needs when missing (Debian's chromium and redis-server,
 # playwright-core and ws from package-lock.json), builds the server, then runs
-# tests/e2e/chat.test.mjs (the page in Chromium) and tests/e2e/client.test.mjs
-# (the reference client web/client.mjs under Node, through a fault-injecting
-# proxy) under node's test runner. Never skips: a browser that cannot start
-# is a failure.
+# tests/e2e/chat.test.mjs (the page in Chromium), tests/e2e/presence.test.mjs
+# (presence events and room member lists on the page, across three instances,
+# one of them SIGKILLed) and tests/e2e/client.test.mjs (the reference client
+# web/client.mjs under Node, through a fault-injecting proxy) under node's
+# test runner. Never skips: a browser that cannot start is a failure.
 #
 # Screenshots: written to target/e2e/screenshots (untracked), so a run never
 # modifies the committed docs/img/*.png. To refresh the README's pictures,
@@ -54,6 +55,9 @@ status=0
 test_started=$SECONDS
 node --test tests/e2e/chat.test.mjs || status=$?
 echo "(browser e2e: $((SECONDS - test_started)) s)"
+test_started=$SECONDS
+node --test tests/e2e/presence.test.mjs || status=$?
+echo "(presence events e2e: $((SECONDS - test_started)) s)"
 test_started=$SECONDS
 node --test tests/e2e/client.test.mjs || status=$?
 echo "(reference client: $((SECONDS - test_started)) s)"
