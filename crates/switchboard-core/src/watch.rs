@@ -47,14 +47,16 @@ struct Watcher {
 pub struct Watches {
     users: DashMap<Arc<str>, Watched>,
     /// room -> user -> the newest membership state known (for rooms with a
-    /// local member only).
+    /// local member only; forgotten with the last local member, so it holds
+    /// at most the users the room had while this instance was in it).
     rooms: DashMap<Arc<str>, HashMap<Arc<str>, Announced>>,
 }
 
 impl Watches {
-    /// Registers `conn` as a watcher of `users` (not yet told anything);
-    /// returns those that had no local watcher: the backend must learn
-    /// that this instance watches them.
+    /// Registers `conn` as a watcher of `users` (not watched by it yet),
+    /// told nothing until [`Watches::confirm`]; returns those that had no
+    /// local watcher: the backend must learn that this instance watches
+    /// them.
     pub fn add(&self, conn: &Arc<ConnHandle>, users: &[Arc<str>]) -> Vec<Arc<str>> {
         let mut first = Vec::new();
         for user in users {
@@ -87,6 +89,18 @@ impl Watches {
         }
     }
 
+    /// Holds `conn`'s events for `users` until [`Watches::confirm`], so that
+    /// none overtakes a new reply (for users it watched already).
+    pub fn hold(&self, conn: &ConnHandle, users: &[Arc<str>]) {
+        for user in users {
+            if let Some(mut entry) = self.users.get_mut(user) {
+                if let Some(watcher) = entry.conns.iter_mut().find(|w| w.conn.id == conn.id) {
+                    watcher.told = None;
+                }
+            }
+        }
+    }
+
     /// The newest known state of each of `users`, for a watch's reply.
     pub fn current<'u>(&self, users: &'u [String]) -> BTreeMap<&'u str, bool> {
         users
@@ -111,7 +125,7 @@ impl Watches {
                 continue;
             };
             if watcher.told.is_some() {
-                continue; // watched before this request: already live
+                continue; // confirmed already (the user was named twice)
             }
             watcher.told = Some(*said);
             if last.online != *said {
@@ -314,4 +328,70 @@ fn member_frame(room: &str, user: &str, state: Announced) -> TextFrame {
         }
     }
     .to_frame()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::BoundedReceiver;
+    use crate::registry::{Outbound, QueueLimits};
+
+    fn conn(id: &str) -> (Arc<ConnHandle>, BoundedReceiver<Outbound>) {
+        let limits = QueueLimits {
+            frames: 16,
+            bytes: 1 << 16,
+        };
+        ConnHandle::new(Arc::from(id), Arc::from("alice"), limits)
+    }
+
+    fn told(rx: &mut BoundedReceiver<Outbound>) -> Vec<bool> {
+        let mut out = Vec::new();
+        while let Some(Outbound::Text(frame)) = rx.try_recv() {
+            let v: serde_json::Value = serde_json::from_str(frame.as_str()).expect("json");
+            out.push(v["online"].as_bool().expect("online"));
+        }
+        out
+    }
+
+    fn state(online: bool, version: u64) -> Announced {
+        Announced {
+            online,
+            version,
+            ts_ms: version,
+        }
+    }
+
+    #[test]
+    fn older_and_equal_events_are_dropped_and_the_reply_comes_first() {
+        let (metrics, watches) = (Metrics::new(), Watches::default());
+        let (c, mut rx) = conn("i1/0");
+        let bob: Vec<Arc<str>> = vec![Arc::from("bob")];
+        assert_eq!(watches.add(&c, &bob), bob, "the first local watcher");
+        watches.merge(&bob, &[state(false, 10)]);
+        let users = vec!["bob".to_owned()];
+        let replied = watches.current(&users);
+        // An event between the reply's read and its queueing is held...
+        assert_eq!(watches.presence_event("bob", state(true, 11), &metrics), 0);
+        watches.confirm(&c, &replied, &metrics);
+        // ...and told right after the reply.
+        assert_eq!(told(&mut rx), [true]);
+        // Older than known: dropped. Same state, newer: not told again.
+        assert_eq!(watches.presence_event("bob", state(false, 9), &metrics), 0);
+        assert_eq!(watches.presence_event("bob", state(true, 12), &metrics), 0);
+        assert_eq!(watches.presence_event("bob", state(false, 13), &metrics), 1);
+        assert_eq!(told(&mut rx), [false]);
+        // A reconciliation read is the truth whatever its version.
+        assert_eq!(watches.reconcile("bob", Announced::NONE, &metrics), 0);
+        assert_eq!(watches.reconcile("bob", state(true, 1), &metrics), 1);
+        assert_eq!(told(&mut rx), [true]);
+        // Re-watching holds events until the new reply is confirmed.
+        watches.hold(&c, &bob);
+        assert_eq!(watches.presence_event("bob", state(false, 20), &metrics), 0);
+        let replied = watches.current(&users);
+        assert_eq!(replied.get("bob"), Some(&false));
+        watches.confirm(&c, &replied, &metrics);
+        assert!(told(&mut rx).is_empty(), "the reply already says offline");
+        assert_eq!(watches.remove(&c, &bob), bob, "the last local watcher");
+        assert!(watches.is_empty());
+    }
 }

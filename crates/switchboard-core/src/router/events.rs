@@ -168,7 +168,7 @@ impl Router {
         let all: Vec<Arc<str>> = users.iter().map(|u| Arc::from(u.as_str())).collect();
         {
             let _guards = self.watch_locks.lock_many(all.iter().map(|u| &**u)).await;
-            let first = self.watches.add(conn, &all);
+            let first = self.watches.add(conn, &fresh);
             if !first.is_empty() {
                 let names: Vec<String> = first.iter().map(|u| u.to_string()).collect();
                 match self.presence.watch(&names).await {
@@ -186,6 +186,7 @@ impl Router {
             }
         }
         self.metrics.watched_users.set(self.watches.len() as i64);
+        self.watches.hold(conn, &all);
         let replied = self.watches.current(users);
         let reply = ServerFrame::Presence {
             id,
