@@ -116,6 +116,19 @@ async fn expect_presence(
 }
 
 /// Asserts that no presence_event reaches `w` for `quiet`.
+/// Waits for `user`'s offline event at `w` and checks that it came a grace
+/// after the close at `closed` (`closed_ms` on the wall clock), not sooner.
+async fn expect_offline_after_grace(w: &mut Client, user: &str, closed: Instant, closed_ms: i64) {
+    let what = format!("{user}'s offline event");
+    let ts = expect_presence(w, user, false, GRACE + RECV_TIMEOUT, &what).await;
+    let took = closed.elapsed();
+    assert!(
+        took + Duration::from_millis(TS_SLACK_MS as u64) >= GRACE,
+        "{what} came {took:?} after the close, before the {GRACE:?} grace"
+    );
+    assert_ts(ts, closed_ms + GRACE_MS as i64, now_unix_ms(), &what);
+}
+
 async fn expect_no_presence(w: &mut Client, quiet: Duration, what: &str) {
     let got = w.collect_of(&[PRESENCE_EVENT], quiet).await;
     assert!(
@@ -321,25 +334,7 @@ async fn watch_acks_state_and_announces_only_user_level_transitions() {
             "the presence query is the instantaneous truth: bob has no connection"
         );
     }
-    let ts = expect_presence(
-        &mut w,
-        "bob",
-        false,
-        GRACE + RECV_TIMEOUT,
-        "bob's last connection closed",
-    )
-    .await;
-    let took = closed.elapsed();
-    assert!(
-        took + Duration::from_millis(TS_SLACK_MS as u64) >= GRACE,
-        "bob's offline event came {took:?} after his close, before the {GRACE:?} grace"
-    );
-    assert_ts(
-        ts,
-        closed_ms + GRACE_MS as i64,
-        now_unix_ms(),
-        "bob's offline event (a grace after the close)",
-    );
+    expect_offline_after_grace(&mut w, "bob", closed, closed_ms).await;
     assert!(!w.is_online("bob").await, "presence query: bob offline");
     if ack["bob"] {
         expect_presence(
@@ -1247,25 +1242,7 @@ async fn embedded_mode_has_the_same_presence_and_member_semantics() {
     let closed = Instant::now();
     let closed_ms = now_unix_ms();
     bob1.close().await;
-    let ts = expect_presence(
-        &mut w,
-        "bob",
-        false,
-        GRACE + RECV_TIMEOUT,
-        "bob's last close",
-    )
-    .await;
-    let took = closed.elapsed();
-    assert!(
-        took + Duration::from_millis(TS_SLACK_MS as u64) >= GRACE,
-        "bob's offline event {took:?} after his close, before the grace"
-    );
-    assert_ts(
-        ts,
-        closed_ms + GRACE_MS as i64,
-        now_unix_ms(),
-        "bob's offline event",
-    );
+    expect_offline_after_grace(&mut w, "bob", closed, closed_ms).await;
 
     carol.close().await;
     let _carol = connect(&solo, "carol").await;
