@@ -30,6 +30,11 @@
 #                                                      # at 1k/5k/10k/19k, after close, connect rate, drain, storm
 #   scripts/bench.sh --workload connections --steps 1000,5000 --name conn-smoke   # the same, small
 #   scripts/bench.sh --workload connections --phases hold-all --name conn-57k     # 19k on each of 3, held 60 s
+#   scripts/bench.sh --workload presence --nodes 4 --presence-control --name presence-n4
+#                                                      # presence events under churn (issue 14): 200 users
+#                                                      # online/offline at 200/s on all 4, 10 watchers each on
+#                                                      # n1,n2 only; events/s, CPU per event, and n3,n4 must
+#                                                      # receive no event (plus a control row, nobody watching)
 #   scripts/bench.sh --help                            # every flag
 #
 # Every argument goes to target/release/switchboard-bench unchanged.

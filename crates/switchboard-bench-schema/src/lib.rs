@@ -1,8 +1,9 @@
 //! What both sides of a Switchboard benchmark must agree on: the result
 //! document `switchboard-load` writes and `switchboard-bench` reads
 //! ([`LoaderOutput`] and the types inside it; [`ConnectionsRun`] for the
-//! `connections` workload), the workload names both take on their command
-//! lines ([`Workload`]), the protocol the loader speaks to the system under
+//! `connections` workload, [`PresenceRun`] for the `presence` workload),
+//! the workload names both take on their command lines ([`Workload`]), the
+//! protocol the loader speaks to the system under
 //! test ([`Protocol`]: Switchboard's or the Socket.IO peer's), and the pass
 //! rules both apply ([`PassRule`] for messages, [`ReconnectRule`] for a
 //! reconnect storm).
@@ -13,6 +14,7 @@
 
 mod connections;
 mod pass_rule;
+mod presence;
 mod protocol;
 mod reconnect_rule;
 mod result;
@@ -23,6 +25,9 @@ pub use connections::{
     ReconnectSummary,
 };
 pub use pass_rule::PassRule;
+pub use presence::{
+    ChurnPhase, EventTally, PresencePhase, PresenceRun, PresenceTag, WatchPlacement, WatcherSetup,
+};
 pub use protocol::Protocol;
 pub use reconnect_rule::{ReconnectRule, StormTally};
 pub use result::{

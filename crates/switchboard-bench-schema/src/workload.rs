@@ -21,6 +21,11 @@ pub enum Workload {
     /// takes them, hold them, and reconnect the lost ones to
     /// `--reconnect-targets` (the loader writes a `ConnectionsRun`).
     Connections,
+    /// No messages: `--users` churning users go online and offline at
+    /// `--churn-rate` transitions per second while watcher connections on
+    /// some instances watch them and count their `presence_event` frames
+    /// (the loader writes a `PresenceRun`).
+    Presence,
 }
 
 impl Workload {
@@ -32,6 +37,7 @@ impl Workload {
             Workload::Mixed => "mixed",
             Workload::Churn => "churn",
             Workload::Connections => "connections",
+            Workload::Presence => "presence",
         }
     }
 
@@ -59,6 +65,7 @@ mod tests {
             Workload::Mixed,
             Workload::Churn,
             Workload::Connections,
+            Workload::Presence,
         ] {
             let json = serde_json::to_string(&w).unwrap_or_default();
             assert_eq!(json, format!("\"{}\"", w.as_str()));

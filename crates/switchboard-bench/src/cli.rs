@@ -338,6 +338,43 @@ pub struct Cli {
     /// held, seconds.
     #[arg(long, default_value_t = 60.0)]
     pub hold_all_s: f64,
+
+    /// --workload presence: watcher connections per churning user.
+    #[arg(long, default_value_t = 10)]
+    pub watchers_per_user: u32,
+
+    /// --workload presence: watcher connections in all, spread over
+    /// --watcher-instances (each needs at least --watchers-per-user).
+    #[arg(long, default_value_t = 20)]
+    pub watcher_conns: u32,
+
+    /// --workload presence: the instances (1-based: 1 is n1) the watchers are
+    /// on; the churning users connect to all. The others must receive no
+    /// presence event at all.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    pub watcher_instances: Vec<usize>,
+
+    /// --workload presence: handed to every instance (and the loader) as
+    /// --presence-grace-ms; 0 makes every disconnect a transition at once.
+    #[arg(long, default_value_t = 0)]
+    pub presence_grace_ms: u64,
+
+    /// --workload presence: also run a control row per N, the same churn
+    /// with the watchers connected but watching nobody, so the cost of the
+    /// events can be told from the cost of the connects and disconnects.
+    #[arg(long)]
+    pub presence_control: bool,
+
+    /// --workload presence: run the rows (watched, control) this many times
+    /// per N, alternating, each on fresh processes: the spread between
+    /// repeats shows the noise of a shared machine.
+    #[arg(long, default_value_t = 1)]
+    pub presence_repeats: u32,
+
+    /// --workload presence: after the churn phase, wait at most this long
+    /// for the last events, seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub presence_drain_s: f64,
 }
 
 /// A phase of the connections workload.
@@ -484,6 +521,9 @@ impl Cli {
         }
         if self.workload == Workload::Connections {
             self.validate_connections()?;
+        }
+        if self.workload == Workload::Presence {
+            self.validate_presence()?;
         }
         self.validate_redis_cluster()
     }
@@ -654,6 +694,43 @@ impl Cli {
             }
         }
         Ok(())
+    }
+
+    /// The checks of the presence workload's flags (the loader checks the
+    /// rest: the rate against the grace, watches per connection).
+    fn validate_presence(&self) -> Result<(), String> {
+        if self.peer.is_some() {
+            return Err("--workload presence measures Switchboard only (no --peer)".into());
+        }
+        if self.find_max {
+            return Err("--workload presence runs at one --churn-rate (no --find-max)".into());
+        }
+        if self.watcher_instances.is_empty() || self.watcher_instances.contains(&0) {
+            return Err("--watcher-instances: instance numbers from 1 (n1)".into());
+        }
+        let highest = self.watcher_instances.iter().max().copied().unwrap_or(0);
+        if let Some(&n) = self.nodes.iter().find(|&&n| n <= highest) {
+            return Err(format!(
+                "--workload presence: N={n} leaves no instance without watchers (watchers on \
+                 {:?}); use --nodes above {highest}",
+                self.watcher_instances
+            ));
+        }
+        if !(1..=10).contains(&self.presence_repeats) {
+            return Err("--presence-repeats must be in 1..=10".into());
+        }
+        if !(self.presence_drain_s.is_finite() && self.presence_drain_s > 0.0) {
+            return Err("--presence-drain-s must be positive".into());
+        }
+        if self.churn_rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+            return Err("--churn-rate must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// The presence workload's transitions per second (default 200).
+    pub fn presence_rate(&self) -> f64 {
+        self.churn_rate.unwrap_or(200.0)
     }
 
     /// Connections per instance in the drain, storm and hold-all phases.
@@ -900,6 +977,44 @@ mod tests {
         }
         assert!(parse(&["--redis-cluster", "0", "--peer", "socketio"]).is_ok());
         assert!(parse(&["--redis-cluster", "0,1,3"]).is_ok());
+    }
+
+    #[test]
+    fn presence_flags_are_checked() {
+        let ok = parse(&["--workload", "presence", "--nodes", "4"]).expect("valid");
+        assert_eq!(ok.watcher_instances, [1, 2]);
+        assert_eq!(ok.presence_rate(), 200.0);
+        for bad in [
+            &["--workload", "presence"][..],
+            &["--workload", "presence", "--nodes", "2"],
+            &[
+                "--workload",
+                "presence",
+                "--nodes",
+                "4",
+                "--watcher-instances",
+                "0,1",
+            ],
+            &[
+                "--workload",
+                "presence",
+                "--nodes",
+                "4",
+                "--watcher-instances",
+                "1,4",
+            ],
+            &["--workload", "presence", "--nodes", "4", "--find-max"],
+            &[
+                "--workload",
+                "presence",
+                "--nodes",
+                "4",
+                "--churn-rate",
+                "0",
+            ],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} should be refused");
+        }
     }
 
     #[test]

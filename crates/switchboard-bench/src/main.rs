@@ -31,7 +31,10 @@
 //! - `report`, `plot`: the result files;
 //! - `connections`: `--workload connections`, a benchmark of its own (idle
 //!   connections at scale: RSS per connection, connect rate, graceful drain,
-//!   reconnect storm), with its own results file.
+//!   reconnect storm), with its own results file;
+//! - `presence`: `--workload presence`, another (presence events under
+//!   churn: events per second, CPU per event, and the proof that instances
+//!   without watchers receive none), with its own results file.
 
 mod cli;
 mod cluster;
@@ -42,6 +45,7 @@ mod http;
 mod openmetrics;
 mod peer;
 mod plot;
+mod presence;
 mod probe;
 mod procs;
 mod redis_info;
@@ -116,6 +120,7 @@ async fn main() -> ExitCode {
     }
     let outcome = match setup(&cli).await {
         Ok(setup) if cli.workload == Workload::Connections => connections::run(&cli, setup).await,
+        Ok(setup) if cli.workload == Workload::Presence => presence::run(&cli, setup).await,
         Ok(setup) => run_matrix(&cli, setup).await,
         Err(e) => Err(e),
     };
@@ -137,6 +142,9 @@ fn render_only(path: &Path) -> Result<Vec<PathBuf>, BenchError> {
         .and_then(|v| v.get("schema")?.as_str().map(str::to_owned));
     if schema.as_deref() == Some(connections::SCHEMA) {
         return connections::render_only(&text, path);
+    }
+    if schema.as_deref() == Some(presence::SCHEMA) {
+        return presence::render_only(&text, path);
     }
     let results = report::read(path)?;
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
@@ -218,7 +226,7 @@ async fn setup(cli: &Cli) -> Result<Setup, BenchError> {
     let server_bin = sibling_binary(&cli.server_bin, "switchboard")?;
     let loader_bin = sibling_binary(&cli.loader_bin, "switchboard-load")?;
     let systems = cli.systems();
-    let needs_server = cli.workload == Workload::Connections
+    let needs_server = matches!(cli.workload, Workload::Connections | Workload::Presence)
         || systems.iter().any(|s| matches!(s, System::Switchboard(_)));
     for (what, path) in [("server", &server_bin), ("loader", &loader_bin)] {
         if what == "server" && !needs_server {

@@ -503,7 +503,10 @@ async fn loader_timed_out(
 }
 
 /// Errors if an instance or a Redis node died during the window.
-fn check_instances_alive(cluster: &Cluster, supervisor: &mut Supervisor) -> Result<(), BenchError> {
+pub fn check_instances_alive(
+    cluster: &Cluster,
+    supervisor: &mut Supervisor,
+) -> Result<(), BenchError> {
     for (name, pid) in cluster.processes() {
         if let Some(status) = supervisor.try_exited(pid) {
             return Err(BenchError::ExitedEarly {

@@ -233,6 +233,41 @@ pub struct Args {
     #[arg(long)]
     pub hold: Option<f64>,
 
+    /// Presence workload: watcher connections (user names
+    /// <watcher-prefix>0 ..), spread round-robin over --watcher-instances.
+    #[arg(long, default_value_t = 20)]
+    pub watcher_conns: u32,
+
+    /// Presence workload: watcher connections per churning user (0: the
+    /// watchers connect but watch nobody, a control run).
+    #[arg(long, default_value_t = 10)]
+    pub watchers_per_user: u32,
+
+    /// Presence workload: the targets (0-based indices in --targets) the
+    /// watcher connections are on; the churning users connect to every
+    /// target. Users k with k mod (W+1) = i < W are watched from the i-th
+    /// of these W instances only, the others from two of them.
+    #[arg(long, value_delimiter = ',', default_value = "0,1")]
+    pub watcher_instances: Vec<usize>,
+
+    /// Presence workload: prefix of the watchers' user names.
+    #[arg(long, default_value = "w")]
+    pub watcher_prefix: String,
+
+    /// Presence workload: the servers' --presence-grace-ms. A user must stay
+    /// offline longer than it (--users / --churn-rate seconds between two
+    /// transitions of a user) for every disconnect to be a transition; the
+    /// loader refuses a rate that does not leave 200 ms beyond it.
+    #[arg(long, default_value_t = 0)]
+    pub presence_grace_ms: u64,
+
+    /// Presence workload: once every watcher is ready, wait for SIGUSR1
+    /// before churning (at most --connect-timeout), and once drained hold
+    /// every connection until SIGTERM or SIGINT (at most --hold, default
+    /// 120 s), so an orchestrator can read the servers around the window.
+    #[arg(long)]
+    pub wait_for_signal: bool,
+
     /// Runtime worker threads.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
@@ -360,10 +395,16 @@ impl Args {
         if self.workload == Workload::Connections {
             self.validate_connections()?;
         }
+        if self.workload == Workload::Presence {
+            self.validate_presence()?;
+        }
         let auth = self.auth_mode()?;
         if self.protocol == Protocol::Socketio {
-            if self.workload == Workload::Connections {
-                return Err("--workload connections speaks Switchboard's protocol only".into());
+            if matches!(self.workload, Workload::Connections | Workload::Presence) {
+                return Err(format!(
+                    "--workload {} speaks Switchboard's protocol only",
+                    self.workload
+                ));
             }
             if !self.dm_store {
                 return Err("--dm-store false speaks Switchboard's protocol only".into());
@@ -408,6 +449,87 @@ impl Args {
         }
         for t in &self.reconnect_targets {
             parse_target(t.trim(), self.allow_remote)?;
+        }
+        Ok(())
+    }
+
+    /// The checks of the presence workload's own flags.
+    fn validate_presence(&self) -> Result<(), String> {
+        if !(self.churn_rate.is_finite() && self.churn_rate > 0.0) {
+            return Err("--churn-rate must be a positive number".into());
+        }
+        if let Some(hold) = self.hold {
+            if !(hold.is_finite() && hold > 0.0) {
+                return Err("--hold must be a positive number".into());
+            }
+        }
+        if self.conns_per_user != 1 {
+            return Err("--workload presence: one connection per churning user".into());
+        }
+        valid_name_part("--watcher-prefix", &self.watcher_prefix)?;
+        if self.watcher_prefix.is_empty()
+            || self.user_prefix.starts_with(&self.watcher_prefix)
+            || self.watcher_prefix.starts_with(&self.user_prefix)
+        {
+            return Err(
+                "--watcher-prefix and --user-prefix must differ, neither a prefix of the other"
+                    .into(),
+            );
+        }
+        let w = self.watcher_instances.len() as u32;
+        if w == 0 {
+            return Err("--watcher-instances is empty".into());
+        }
+        if self
+            .watcher_instances
+            .iter()
+            .enumerate()
+            .any(|(i, v)| self.watcher_instances[..i].contains(v))
+        {
+            return Err("--watcher-instances: each index once".into());
+        }
+        if let Some(&i) = self
+            .watcher_instances
+            .iter()
+            .find(|&&i| i >= self.targets.len())
+        {
+            return Err(format!(
+                "--watcher-instances: {i} is not a target index (there are {} targets)",
+                self.targets.len()
+            ));
+        }
+        if self.watcher_conns == 0 || self.watcher_conns > 10_000 {
+            return Err("--watcher-conns must be in 1..=10000".into());
+        }
+        // Every user may have all its watchers on one watcher instance.
+        let per_instance = self.watcher_conns / w;
+        if self.watchers_per_user > per_instance {
+            return Err(format!(
+                "--watchers-per-user {} needs at least that many watcher connections per watcher \
+                 instance: --watcher-conns {} over {w} instance(s) gives {per_instance}",
+                self.watchers_per_user, self.watcher_conns
+            ));
+        }
+        // At most 1000 watched users per connection (the server's default
+        // --max-watches-per-connection): the busiest connection watches at
+        // most users x watchers-per-user / per-instance of them.
+        let busiest = u64::from(self.users) * u64::from(self.watchers_per_user)
+            / u64::from(per_instance.max(1))
+            + 1;
+        if busiest > 1000 {
+            return Err(format!(
+                "a watcher connection would watch about {busiest} users, more than the server's \
+                 default 1000: add --watcher-conns"
+            ));
+        }
+        let dwell_s = f64::from(self.users) / self.churn_rate;
+        let grace_s = self.presence_grace_ms as f64 / 1000.0;
+        if dwell_s <= grace_s + 0.2 {
+            return Err(format!(
+                "--users {} / --churn-rate {} leaves a user {dwell_s:.3} s in each state, not \
+                 more than --presence-grace-ms {} + 200 ms: lower the rate or add users",
+                self.users, self.churn_rate, self.presence_grace_ms
+            ));
         }
         Ok(())
     }
@@ -581,6 +703,35 @@ mod tests {
         assert_eq!(parse(&["--dm-store=true"]), Ok(true));
         assert!(parse(&["--dm-store"]).is_err());
         assert!(parse(&["--dm-store", "maybe"]).is_err());
+    }
+
+    #[test]
+    fn presence_flags_are_checked() {
+        let parse = |extra: &[&str]| {
+            let base = [
+                "switchboard-load",
+                "--workload",
+                "presence",
+                "--targets",
+                "ws://127.0.0.1:1,ws://127.0.0.1:2,ws://127.0.0.1:3,ws://127.0.0.1:4",
+            ];
+            Args::try_parse_from(base.iter().chain(extra))
+                .map_err(|e| e.to_string())
+                .and_then(|a| a.validate())
+        };
+        assert_eq!(parse(&[]), Ok(()));
+        assert_eq!(parse(&["--churn-rate", "200", "--users", "200"]), Ok(()));
+        // 200 users at 1000/s: 0.2 s per state, not more than 0 + 200 ms.
+        assert!(parse(&["--churn-rate", "1000"]).is_err());
+        assert!(parse(&["--churn-rate", "100", "--presence-grace-ms", "2000"]).is_err());
+        assert!(parse(&["--watcher-instances", "0,4"]).is_err());
+        assert!(parse(&["--watcher-instances", "1,1"]).is_err());
+        assert!(parse(&["--watcher-conns", "15"]).is_err());
+        assert!(parse(&["--watcher-prefix", "u"]).is_err());
+        assert!(parse(&["--watcher-prefix", "u1"]).is_err());
+        assert!(parse(&["--watchers-per-user", "0"]).is_ok());
+        assert!(parse(&["--users", "5000", "--churn-rate", "10"]).is_err());
+        assert!(parse(&["--protocol", "socketio"]).is_err());
     }
 
     #[test]

@@ -28,13 +28,21 @@
 //! rooms, `conn` a connection's task, `sched` the open-loop sender and churn,
 //! `state` shared counters, `report` the summary, `progress` stderr output,
 //! `wire` frame formats (`socketio` the Socket.IO peer's packets);
-//! `connections` the connections workload and `idle` one of its connections.
+//! `connections` the connections workload and `idle` one of its connections;
+//! `presence` the presence workload.
+//!
+//! `--workload presence` sends no messages either: `--users` churning users
+//! go online and offline at `--churn-rate` transitions per second on every
+//! target while `--watcher-conns` connections on `--watcher-instances` watch
+//! them, and every `presence_event` is checked against the loader's record
+//! of the transitions (a `PresenceRun` document; see the `presence` module).
 
 mod cli;
 mod conn;
 mod connections;
 mod idle;
 mod plan;
+mod presence;
 mod progress;
 mod report;
 mod sched;
@@ -95,6 +103,8 @@ fn main() -> ExitCode {
     };
     let result = if args.workload == Workload::Connections {
         runtime.block_on(connections::run(args, targets))
+    } else if args.workload == Workload::Presence {
+        runtime.block_on(presence::run(args, targets))
     } else {
         runtime.block_on(run(args, targets))
     };

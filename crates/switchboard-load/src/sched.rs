@@ -131,7 +131,7 @@ impl Scheduler {
         let rec = &step.msgs[i as usize];
         let kind = match args.workload {
             // `connections` sends nothing and never reaches the scheduler.
-            Workload::Dm | Workload::Churn | Workload::Connections => Kind::Dm,
+            Workload::Dm | Workload::Churn | Workload::Connections | Workload::Presence => Kind::Dm,
             Workload::Room => Kind::Room,
             Workload::Mixed => {
                 if rng.random::<f64>() < args.room_share {
