@@ -208,7 +208,9 @@ impl Codec {
     }
 
     /// A room join with request id `id` (at least [`JOIN_ID_BASE`]).
-    /// Switchboard: `{"type":"join","room":"r3","id":N}`. Socket.IO:
+    /// Switchboard: `{"type":"join","room":"r3","events":false,"id":N}`
+    /// (the loader measures room messages: no member events, which any
+    /// frame it then got would be counted as unexpected). Socket.IO:
     /// `42M["join",{"room":"r3"}]`, the id moved below 2^53 (see
     /// [`socketio::JOIN_WIRE_BASE`]).
     pub fn join(&self, room: u32, id: u64) -> String {
@@ -218,7 +220,7 @@ impl Codec {
                 s.push_str("{\"type\":\"join\",\"room\":\"");
                 s.push_str(&self.room_prefix);
                 push_u64(&mut s, u64::from(room));
-                s.push_str("\",\"id\":");
+                s.push_str("\",\"events\":false,\"id\":");
                 push_u64(&mut s, id);
                 s.push('}');
             }
@@ -393,7 +395,10 @@ mod tests {
         assert_eq!(v["room"], "r2");
         assert_eq!(
             w.join(5, JOIN_ID_BASE + 9),
-            format!(r#"{{"type":"join","room":"r5","id":{}}}"#, JOIN_ID_BASE + 9)
+            format!(
+                r#"{{"type":"join","room":"r5","events":false,"id":{}}}"#,
+                JOIN_ID_BASE + 9
+            )
         );
         // Too small a body: the fields are kept, no padding.
         let small =
