@@ -357,6 +357,57 @@ pub struct Config {
     /// Requests without an `Origin` header (non-browser clients) are allowed.
     #[arg(long, env = "SWITCHBOARD_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
+
+    /// Redis stream to consume records from (the key as given, no
+    /// --redis-prefix): each entry's field `v` holds a `POST
+    /// /api/v1/publish` body. Needs --redis-url or --redis-cluster. Every
+    /// instance with it is a consumer (named by its instance id) of
+    /// --ingest-group.
+    #[arg(long, env = "SWITCHBOARD_INGEST_STREAM")]
+    pub ingest_stream: Option<String>,
+
+    /// Consumer group of --ingest-stream, created (with the stream) if
+    /// missing.
+    #[arg(long, env = "SWITCHBOARD_INGEST_GROUP", default_value = "switchboard")]
+    pub ingest_group: String,
+
+    /// Where a group created by this instance starts: `earliest` (every
+    /// entry already in the stream) or `latest` (only entries added from
+    /// now on). An existing group keeps its position.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_INGEST_START",
+        value_enum,
+        default_value = "earliest"
+    )]
+    pub ingest_start: IngestStart,
+
+    /// Stream entries pending in a consumer for longer than this (its
+    /// instance died, or is stuck) are claimed by another instance and
+    /// processed there, milliseconds.
+    #[arg(long, env = "SWITCHBOARD_INGEST_CLAIM_MS", default_value_t = 30_000)]
+    pub ingest_claim_ms: u64,
+
+    /// Stream entries read (or claimed) at a time; they are processed in
+    /// order, one at a time.
+    #[arg(long, env = "SWITCHBOARD_INGEST_BATCH", default_value_t = 100)]
+    pub ingest_batch: usize,
+
+    /// Stream malformed entries are copied to (their `v`, and `stream`,
+    /// `id`, `error` fields; capped at about 100,000 entries) before they
+    /// are acknowledged. Unset: they are only counted and logged.
+    #[arg(long, env = "SWITCHBOARD_INGEST_DEAD_LETTER_STREAM")]
+    pub ingest_dead_letter_stream: Option<String>,
+}
+
+/// Where a new consumer group starts (`--ingest-start`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum IngestStart {
+    /// From the first entry of the stream (`XGROUP CREATE … 0`): nothing
+    /// written before the first instance started is lost.
+    Earliest,
+    /// From the next entry (`XGROUP CREATE … $`).
+    Latest,
 }
 
 /// Why a configuration cannot be used.
@@ -424,6 +475,18 @@ pub enum ConfigError {
     /// Timeouts of zero would fail every command.
     #[error("--redis-connect-timeout-ms and --redis-response-timeout-ms must be at least 10")]
     RedisTimeouts,
+    /// A stream needs Redis: the embedded mode has none.
+    #[error(
+        "--ingest-stream needs Redis: set --redis-url or --redis-cluster (the embedded mode has \
+         no streams)"
+    )]
+    IngestNeedsRedis,
+    /// Ingestion settings out of range.
+    #[error(
+        "--ingest-stream and --ingest-group must not be empty, --ingest-batch must be 1 to \
+         10000 and --ingest-claim-ms at least 100"
+    )]
+    IngestSettings,
 }
 
 impl Config {
@@ -480,7 +543,28 @@ impl Config {
             return Err(ConfigError::RedisTimeouts);
         }
         self.allowed_origins.retain(|o| !o.trim().is_empty());
+        self.validate_ingest()?;
         Ok(self)
+    }
+
+    /// `--ingest-*`: a stream needs Redis; empty names count as absent
+    /// for the stream and the dead-letter stream.
+    fn validate_ingest(&mut self) -> Result<(), ConfigError> {
+        self.ingest_stream.take_if(|s| s.is_empty());
+        self.ingest_dead_letter_stream.take_if(|s| s.is_empty());
+        if self.ingest_stream.is_none() {
+            return Ok(());
+        }
+        if self.redis_url.is_none() && self.redis_cluster.is_empty() {
+            return Err(ConfigError::IngestNeedsRedis);
+        }
+        if self.ingest_group.is_empty()
+            || !(1..=10_000).contains(&self.ingest_batch)
+            || self.ingest_claim_ms < 100
+        {
+            return Err(ConfigError::IngestSettings);
+        }
+        Ok(())
     }
 
     /// The key source and the token policies: exactly one key with
@@ -645,6 +729,12 @@ impl Config {
             ping_interval_ms: 20_000,
             idle_timeout_ms: 60_000,
             allowed_origins: Vec::new(),
+            ingest_stream: None,
+            ingest_group: "switchboard".to_owned(),
+            ingest_start: IngestStart::Earliest,
+            ingest_claim_ms: 30_000,
+            ingest_batch: 100,
+            ingest_dead_letter_stream: None,
         }
     }
 }
@@ -728,6 +818,50 @@ mod tests {
     fn jwt_needs_a_secret() {
         let cfg = Config::try_parse_from(["switchboard"]).expect("parse");
         assert!(matches!(cfg.validate(), Err(ConfigError::MissingJwtSecret)));
+    }
+
+    #[test]
+    fn an_ingest_stream_needs_redis_and_sane_bounds() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["switchboard", "--auth", "none"];
+            all.extend_from_slice(args);
+            Config::try_parse_from(all).expect("parse").validate()
+        };
+        assert_eq!(
+            parse(&["--ingest-stream", "events"]).err(),
+            Some(ConfigError::IngestNeedsRedis)
+        );
+        let redis = [
+            "--redis-url",
+            "redis://127.0.0.1:1",
+            "--ingest-stream",
+            "events",
+        ];
+        let cfg = parse(&redis).expect("valid");
+        assert_eq!(
+            (
+                cfg.ingest_group.as_str(),
+                cfg.ingest_batch,
+                cfg.ingest_claim_ms
+            ),
+            ("switchboard", 100, 30_000)
+        );
+        assert_eq!(cfg.ingest_start, IngestStart::Earliest);
+        for bad in [
+            &["--ingest-batch", "0"][..],
+            &["--ingest-claim-ms", "5"][..],
+            &["--ingest-group", ""][..],
+        ] {
+            let mut args = redis.to_vec();
+            args.extend_from_slice(bad);
+            assert_eq!(
+                parse(&args).err(),
+                Some(ConfigError::IngestSettings),
+                "{bad:?}"
+            );
+        }
+        // An empty stream (an unset variable) is no ingestion.
+        assert!(parse(&["--ingest-stream", ""]).is_ok());
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod auth;
 pub mod config;
 pub mod connection;
 pub mod http;
+pub mod ingest;
 pub mod jwks;
 pub mod server;
 

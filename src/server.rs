@@ -6,7 +6,10 @@
 //! Shutdown, in order: stop accepting; close every WebSocket with 1001 after
 //! flushing what it was already sent; wait for every session task (each
 //! removes its own presence as it ends); withdraw whatever presence and lease
-//! this instance still holds; stop the background tasks.
+//! this instance still holds; stop the background tasks. Queue ingestion
+//! (`--ingest-stream`) is started after the router and stopped first: it
+//! finishes its batch and acknowledges what it delivered while the
+//! sessions close.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -33,6 +36,7 @@ use crate::auth::{AuthSetupError, Authenticator};
 use crate::config::{Config, DmPolicy, RoomAuth};
 use crate::connection::{AuthPolicy, SessionContext, SessionLimits};
 use crate::http::{self, ApiSettings, HttpContext, UpgradeSlot};
+use crate::ingest;
 
 /// How much longer than the grace a draining instance waits for its
 /// graces to end (a settle that fails is retried once a second).
@@ -80,6 +84,9 @@ pub struct Backend {
     /// Cancelled when the backend can no longer serve this instance and the
     /// server must stop (see [`ServerError::TakenOver`]).
     pub stop: CancellationToken,
+    /// The Redis backend, when there is one: queue ingestion from a Redis
+    /// stream (`--ingest-stream`) opens its consumer from it.
+    pub redis: Option<Arc<RedisBackend>>,
 }
 
 impl Backend {
@@ -101,6 +108,7 @@ impl Backend {
             inbox,
             metrics,
             stop: CancellationToken::new(),
+            redis: None,
         }
     }
 }
@@ -149,6 +157,7 @@ pub async fn run(
                 inbox,
                 metrics,
                 stop: redis.taken_over().clone(),
+                redis: Some(redis.clone()),
             }
         }
     };
@@ -173,6 +182,7 @@ pub async fn run_with_backend(
         inbox,
         metrics,
         stop: backend_stop,
+        redis,
     } = backend;
     let instance = config.instance().to_owned();
     // Before anything starts: an unreadable key file stops the instance here.
@@ -198,6 +208,9 @@ pub async fn run_with_backend(
     router.start().await.map_err(ServerError::Subscribe)?;
     let stop_dispatcher = CancellationToken::new();
     let dispatcher = tokio::spawn(dispatch(router.clone(), inbox, stop_dispatcher.clone()));
+    // Queue ingestion (--ingest-stream): stopped first at shutdown.
+    let stop_ingest = CancellationToken::new();
+    let ingest_tasks = ingest::start(&config, &router, redis.as_ref(), &metrics, &stop_ingest);
 
     let sessions = CancellationToken::new();
     let limits = Arc::new(Limits::new(
@@ -274,6 +287,9 @@ pub async fn run_with_backend(
     )
     .await;
 
+    // Ingestion finishes the batch in progress (a retry wait is cut short)
+    // and acknowledges what it did, while the sessions close.
+    stop_ingest.cancel();
     // Upgraded connections are not HTTP connections any more: the tracker
     // waits for them.
     tracing::info!(
@@ -286,6 +302,11 @@ pub async fn run_with_backend(
         .is_err()
     {
         tracing::warn!("some sessions did not finish in time");
+    }
+    for task in ingest_tasks {
+        if tokio::time::timeout(DRAIN_TIMEOUT, task).await.is_err() {
+            tracing::warn!("queue ingestion did not stop in time");
+        }
     }
     // Users who reconnect elsewhere within the grace are no event; the
     // others are announced gone before this instance withdraws.

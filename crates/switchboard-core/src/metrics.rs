@@ -35,6 +35,32 @@ struct OutcomeLabel {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceOutcomeLabel {
+    source: &'static str,
+    outcome: &'static str,
+}
+
+/// The counters of one ingestion source (`stream` or `kafka`).
+#[derive(Clone, Debug, Default)]
+pub struct IngestCounters {
+    /// Records routed or stored (then acknowledged to the source).
+    pub delivered: Counter,
+    /// Records refused by the publish rules (counted, logged without the
+    /// body, dead-lettered if configured, acknowledged).
+    pub malformed: Counter,
+    /// Attempts that failed `unavailable` / `timeout` and were retried.
+    pub retried: Counter,
+    /// Records in the source not yet delivered and acknowledged (best
+    /// available: for a stream, the group's lag plus its pending entries).
+    pub lag: Gauge,
+}
+
 /// Counters of the outcomes of one kind of send (DM or room message).
 #[derive(Clone, Debug, Default)]
 pub struct SendOutcomes {
@@ -202,6 +228,13 @@ pub struct Metrics {
     /// Times the watched states were re-read after the bus may have lost
     /// events.
     pub presence_reconciles: Counter,
+    /// Queue ingestion from a Redis stream (`--ingest-stream`).
+    pub ingest_stream: IngestCounters,
+    /// Queue ingestion from Kafka.
+    pub ingest_kafka: IngestCounters,
+    /// Stream entries this instance claimed (`XAUTOCLAIM`) from a consumer
+    /// that left them idle past `--ingest-claim-ms`.
+    pub ingest_claimed: Counter,
 }
 
 impl Metrics {
@@ -428,6 +461,40 @@ impl Metrics {
             presence_reconciles.clone(),
         );
 
+        let ingest_records = Family::<SourceOutcomeLabel, Counter>::default();
+        registry.register(
+            "switchboard_ingest_records",
+            "Records consumed from a queue, by source (stream, kafka) and outcome (delivered: routed or stored, then acknowledged; malformed: refused by the publish rules, acknowledged; retried: an attempt answered unavailable or timeout, retried)",
+            ingest_records.clone(),
+        );
+        let ingest_lag = Family::<SourceLabel, Gauge>::default();
+        registry.register(
+            "switchboard_ingest_lag",
+            "Records in the source not yet delivered and acknowledged, by source (stream: the consumer group's lag plus its pending entries)",
+            ingest_lag.clone(),
+        );
+        let ingest_claimed = Counter::default();
+        registry.register(
+            "switchboard_ingest_claimed",
+            "Stream entries claimed (XAUTOCLAIM) from a consumer that left them idle past --ingest-claim-ms",
+            ingest_claimed.clone(),
+        );
+        let ingest = |source: &'static str| IngestCounters {
+            delivered: ingest_records.get_or_create_owned(&SourceOutcomeLabel {
+                source,
+                outcome: "delivered",
+            }),
+            malformed: ingest_records.get_or_create_owned(&SourceOutcomeLabel {
+                source,
+                outcome: "malformed",
+            }),
+            retried: ingest_records.get_or_create_owned(&SourceOutcomeLabel {
+                source,
+                outcome: "retried",
+            }),
+            lag: ingest_lag.get_or_create_owned(&SourceLabel { source }),
+        };
+
         let bus = |family: &Family<KindLabel, Counter>| BusCounters {
             personal: family.get_or_create_owned(&KindLabel { kind: "personal" }),
             room: family.get_or_create_owned(&KindLabel { kind: "room" }),
@@ -539,6 +606,9 @@ impl Metrics {
                 .get_or_create_owned(&KindLabel { kind: "member" }),
             watched_users,
             presence_reconciles,
+            ingest_stream: ingest("stream"),
+            ingest_kafka: ingest("kafka"),
+            ingest_claimed,
             registry,
         })
     }
@@ -571,5 +641,13 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("switchboard_connections 1"), "{text}");
+        for series in [
+            "switchboard_ingest_records_total{source=\"stream\",outcome=\"delivered\"} 0",
+            "switchboard_ingest_records_total{source=\"kafka\",outcome=\"retried\"} 0",
+            "switchboard_ingest_lag{source=\"stream\"} 0",
+            "switchboard_ingest_claimed_total 0",
+        ] {
+            assert!(text.contains(series), "{series} in {text}");
+        }
     }
 }

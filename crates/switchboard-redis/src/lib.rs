@@ -49,6 +49,7 @@
 
 mod bus;
 mod conn;
+pub mod ingest;
 pub mod keys;
 mod maintenance;
 mod presence;
@@ -79,6 +80,7 @@ use switchboard_core::store::StoreLimits;
 
 use conn::{MaintenanceConn, MessageConn};
 pub use conn::{RedisTarget, SentinelUrlError};
+pub use ingest::{StreamConsumer, StreamSettings, StreamStart};
 use keys::Keys;
 use presence_cache::PresenceCache;
 use subscriber::Subscriber;
