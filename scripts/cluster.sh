@@ -12,6 +12,7 @@
 #   AUTH=jwt JWT_SECRET=s3cret scripts/cluster.sh 2
 #   ROUTING=broadcast scripts/cluster.sh 4
 #   API_KEY=mykey scripts/cluster.sh 2  # server-side API key (default: a fresh development key, printed)
+#   INGEST_STREAM=events scripts/cluster.sh 2  # every instance consumes the Redis stream `events` (--ingest-stream)
 set -euo pipefail
 
 usage() {
@@ -72,6 +73,7 @@ if [ "$masters" -eq 0 ]; then
   done
   redis_flag=(--redis-url "redis+unix://$work/redis.sock")
   redis_desc="redis+unix://$work/redis.sock"
+  redis_cli="redis-cli -s $work/redis.sock"
 else
   # A Redis Cluster: M masters (and REPLICAS replicas each) on consecutive
   # TCP ports from CLUSTER_BASE_PORT; each node also needs its port + 10000
@@ -123,9 +125,14 @@ else
     awk '$3 ~ /master/ && NF > 8 { split($2, a, "@"); printf "%sredis://%s", sep, a[1]; sep = "," }')
   redis_flag=(--redis-cluster "$seeds")
   redis_desc="cluster of $masters masters, $replicas replica(s) each: $seeds (logs $work/redis-*.log)"
+  redis_cli="redis-cli -c -p $cluster_base_port"
 fi
 
 extra=(--api-key "$api_key")
+ingest_stream=${INGEST_STREAM:-}
+if [ -n "$ingest_stream" ]; then
+  extra+=(--ingest-stream "$ingest_stream")
+fi
 if [ "$auth" = jwt ]; then
   extra+=(--auth jwt --jwt-secret "${JWT_SECRET:?set JWT_SECRET for AUTH=jwt}")
 else
@@ -164,6 +171,9 @@ echo "api key:   $api_key   (development key for /api/v1/*)"
 echo "publish:   curl -sS -H 'Authorization: Bearer $api_key' -H 'Content-Type: application/json' \\"
 echo "             -d '{\"user\":\"bob\",\"from\":\"tickets\",\"body\":{\"text\":\"your ticket was rejected\"}}' \\"
 echo "             http://127.0.0.1:$base_port/api/v1/publish"
+if [ -n "$ingest_stream" ]; then
+  echo "stream:    $redis_cli XADD $ingest_stream '*' v '{\"user\":\"bob\",\"body\":{\"ticket\":42,\"status\":\"rejected\"}}'"
+fi
 echo "logs:      $work/node*.log"
 echo "Ctrl-C stops everything."
 wait -n "${pids[@]}" || true
