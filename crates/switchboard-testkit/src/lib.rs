@@ -20,6 +20,8 @@
 //!   the instances' `/readyz`): [`traffic`].
 //! - Presence watches and room member events (`watch`, `members`, the
 //!   pushed `presence_event` / `member_*` frames): [`presence`].
+//! - [`Tansu`]: a private Kafka-compatible broker (memory storage) for the
+//!   Kafka tests, installed by `scripts/install-tansu.sh`: [`tansu`].
 //! - [`mint_jwt`], [`eventually`], [`unique`] and the clocks: [`jwt`],
 //!   [`wait`], [`misc`].
 //!
@@ -39,6 +41,7 @@ pub mod raw_http;
 pub mod raw_ws;
 pub mod redis;
 pub mod sentinel;
+pub mod tansu;
 pub mod traffic;
 pub mod wait;
 
@@ -61,6 +64,7 @@ pub use presence::{
 pub use raw_http::RawHttp;
 pub use raw_ws::{encode_client_frame, Ending, RawFrame, RawReader, RawWriter, RawWs};
 pub use sentinel::Sentinel;
+pub use tansu::{tansu_bin, Tansu};
 pub use traffic::{all_ready, outcome, ReadyzWatch, Received, Sent, Traffic};
 pub use wait::{eventually, RECV_TIMEOUT};
 
