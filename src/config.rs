@@ -398,6 +398,52 @@ pub struct Config {
     /// are acknowledged. Unset: they are only counted and logged.
     #[arg(long, env = "SWITCHBOARD_INGEST_DEAD_LETTER_STREAM")]
     pub ingest_dead_letter_stream: Option<String>,
+
+    /// Kafka brokers to consume records from (`host:port`, comma-separated;
+    /// librdkafka's `bootstrap.servers`). With --kafka-topics, every
+    /// instance is a member of the consumer group --kafka-group; each
+    /// record's value is a `POST /api/v1/publish` body.
+    #[arg(long, env = "SWITCHBOARD_KAFKA_BROKERS", value_delimiter = ',')]
+    pub kafka_brokers: Vec<String>,
+
+    /// Kafka topics to consume (comma-separated; they must exist).
+    #[arg(long, env = "SWITCHBOARD_KAFKA_TOPICS", value_delimiter = ',')]
+    pub kafka_topics: Vec<String>,
+
+    /// Kafka consumer group (classic protocol); a new group starts at the
+    /// earliest offset.
+    #[arg(long, env = "SWITCHBOARD_KAFKA_GROUP", default_value = "switchboard")]
+    pub kafka_group: String,
+
+    /// Kafka topic malformed records are produced to (value and key as
+    /// they were; headers `source-topic`, `source-partition`,
+    /// `source-offset`, `error`). Unset: they are only counted and logged.
+    #[arg(long, env = "SWITCHBOARD_KAFKA_DEAD_LETTER_TOPIC")]
+    pub kafka_dead_letter_topic: Option<String>,
+
+    /// Kafka group session timeout (`session.timeout.ms`): a member that
+    /// died loses its partitions to the others after this long,
+    /// milliseconds.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_KAFKA_SESSION_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub kafka_session_timeout_ms: u64,
+
+    /// A librdkafka setting `KEY=VALUE` for the Kafka consumer and the
+    /// dead-letter producer (repeatable; in the variable, one per line),
+    /// e.g. `security.protocol=SASL_PLAINTEXT`, `sasl.mechanism=PLAIN`,
+    /// `sasl.username=…`, `sasl.password=…`. `group.id`,
+    /// `bootstrap.servers`, `enable.auto.commit` and
+    /// `enable.auto.offset.store` are refused (flags above, or the
+    /// delivery guarantee rests on them).
+    #[arg(
+        long = "kafka-option",
+        env = "SWITCHBOARD_KAFKA_OPTION",
+        value_delimiter = '\n'
+    )]
+    pub kafka_option: Vec<String>,
 }
 
 /// Where a new consumer group starts (`--ingest-start`).
@@ -487,6 +533,18 @@ pub enum ConfigError {
          10000 and --ingest-claim-ms at least 100"
     )]
     IngestSettings,
+    /// Kafka settings incomplete or out of range.
+    #[error(
+        "--kafka-brokers and --kafka-topics go together, --kafka-group must not be empty, \
+         --kafka-session-timeout-ms must be at least 1000 and every --kafka-option KEY=VALUE \
+         (not group.id, bootstrap.servers, metadata.broker.list, enable.auto.commit, \
+         enable.auto.offset.store)"
+    )]
+    KafkaSettings,
+    /// librdkafka refused a `--kafka-option` (unknown key, bad value, or a
+    /// security protocol / SASL mechanism this build lacks).
+    #[error("--kafka-option: {0}")]
+    KafkaOption(String),
 }
 
 impl Config {
@@ -544,7 +602,52 @@ impl Config {
         }
         self.allowed_origins.retain(|o| !o.trim().is_empty());
         self.validate_ingest()?;
+        self.validate_kafka()?;
         Ok(self)
+    }
+
+    /// `--kafka-*`: brokers and topics together (empty entries dropped),
+    /// options well formed and not the reserved ones.
+    fn validate_kafka(&mut self) -> Result<(), ConfigError> {
+        self.kafka_brokers.retain(|b| !b.trim().is_empty());
+        self.kafka_topics.retain(|t| !t.trim().is_empty());
+        self.kafka_option.retain(|o| !o.trim().is_empty());
+        self.kafka_dead_letter_topic.take_if(|t| t.is_empty());
+        if self.kafka_brokers.is_empty() && self.kafka_topics.is_empty() {
+            return Ok(());
+        }
+        let options_ok = self.kafka_option.iter().all(|o| {
+            o.split_once('=').is_some_and(|(k, _)| {
+                !k.trim().is_empty() && !crate::ingest::kafka::RESERVED_OPTIONS.contains(&k.trim())
+            })
+        });
+        if self.kafka_brokers.is_empty()
+            || self.kafka_topics.is_empty()
+            || self.kafka_group.is_empty()
+            || self.kafka_session_timeout_ms < 1000
+            || !options_ok
+        {
+            return Err(ConfigError::KafkaSettings);
+        }
+        if !self.kafka_option.is_empty() {
+            crate::ingest::kafka::check_options(&self.kafka_options())
+                .map_err(ConfigError::KafkaOption)?;
+        }
+        Ok(())
+    }
+
+    /// `--kafka-option`s as (key, value) pairs.
+    pub fn kafka_options(&self) -> Vec<(String, String)> {
+        self.kafka_option
+            .iter()
+            .filter_map(|o| o.split_once('='))
+            .map(|(k, v)| (k.trim().to_owned(), v.to_owned()))
+            .collect()
+    }
+
+    /// Whether the Kafka source is configured.
+    pub fn kafka_enabled(&self) -> bool {
+        !self.kafka_brokers.is_empty() && !self.kafka_topics.is_empty()
     }
 
     /// `--ingest-*`: a stream needs Redis; empty names count as absent
@@ -735,6 +838,12 @@ impl Config {
             ingest_claim_ms: 30_000,
             ingest_batch: 100,
             ingest_dead_letter_stream: None,
+            kafka_brokers: Vec::new(),
+            kafka_topics: Vec::new(),
+            kafka_group: "switchboard".to_owned(),
+            kafka_dead_letter_topic: None,
+            kafka_session_timeout_ms: 10_000,
+            kafka_option: Vec::new(),
         }
     }
 }
@@ -862,6 +971,102 @@ mod tests {
         }
         // An empty stream (an unset variable) is no ingestion.
         assert!(parse(&["--ingest-stream", ""]).is_ok());
+    }
+
+    #[test]
+    fn kafka_flags_go_together_and_refuse_reserved_options() {
+        let parse = |args: &[&str]| {
+            let mut all = vec!["switchboard", "--auth", "none"];
+            all.extend_from_slice(args);
+            Config::try_parse_from(all).expect("parse").validate()
+        };
+        let cfg = parse(&[
+            "--kafka-brokers",
+            "a:9092,b:9092",
+            "--kafka-topics",
+            "events",
+            "--kafka-option",
+            "security.protocol=SASL_PLAINTEXT",
+            "--kafka-option",
+            "sasl.mechanism=PLAIN",
+            "--kafka-option",
+            "sasl.username=sb",
+            "--kafka-option",
+            "sasl.password=a=b",
+        ])
+        .expect("valid");
+        assert!(cfg.kafka_enabled());
+        assert_eq!(cfg.kafka_brokers, ["a:9092", "b:9092"]);
+        assert_eq!(
+            (cfg.kafka_group.as_str(), cfg.kafka_session_timeout_ms),
+            ("switchboard", 10_000)
+        );
+        assert_eq!(
+            cfg.kafka_options(),
+            [
+                ("security.protocol".to_owned(), "SASL_PLAINTEXT".to_owned()),
+                ("sasl.mechanism".to_owned(), "PLAIN".to_owned()),
+                ("sasl.username".to_owned(), "sb".to_owned()),
+                ("sasl.password".to_owned(), "a=b".to_owned())
+            ]
+        );
+        for bad in [
+            &["--kafka-brokers", "a:9092"][..],
+            &["--kafka-topics", "events"][..],
+            &[
+                "--kafka-brokers",
+                "a:1",
+                "--kafka-topics",
+                "t",
+                "--kafka-option",
+                "group.id=x",
+            ][..],
+            &[
+                "--kafka-brokers",
+                "a:1",
+                "--kafka-topics",
+                "t",
+                "--kafka-option",
+                "novalue",
+            ][..],
+            &[
+                "--kafka-brokers",
+                "a:1",
+                "--kafka-topics",
+                "t",
+                "--kafka-session-timeout-ms",
+                "5",
+            ][..],
+        ] {
+            assert_eq!(
+                parse(bad).err(),
+                Some(ConfigError::KafkaSettings),
+                "{bad:?}"
+            );
+        }
+        assert!(!parse(&["--kafka-brokers", ""])
+            .expect("valid")
+            .kafka_enabled());
+        // What this build of librdkafka lacks is refused at start-up.
+        for (option, says) in [
+            ("security.protocol=ssl", "OpenSSL"),
+            ("sasl.mechanism=SCRAM-SHA-256", "SCRAM-SHA-256"),
+            ("no.such.option=1", "no.such.option"),
+        ] {
+            match parse(&[
+                "--kafka-brokers",
+                "a:1",
+                "--kafka-topics",
+                "t",
+                "--kafka-option",
+                "security.protocol=sasl_plaintext",
+                "--kafka-option",
+                option,
+            ]) {
+                Err(ConfigError::KafkaOption(e)) => assert!(e.contains(says), "{option}: {e}"),
+                other => panic!("{option}: {other:?}"),
+            }
+        }
     }
 
     #[test]

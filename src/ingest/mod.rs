@@ -1,5 +1,5 @@
-//! Queue ingestion: records consumed from a queue (a Redis stream today,
-//! Kafka later) are routed like `POST /api/v1/publish` bodies, and
+//! Queue ingestion: records consumed from a queue (a Redis stream,
+//! `stream`, or Kafka topics, `kafka`) are routed like `POST /api/v1/publish` bodies, and
 //! acknowledged to the queue only once the router routed or stored them.
 //!
 //! This module owns the source-independent core: reading a record as a
@@ -9,7 +9,7 @@
 //! position in its source), routing it ([`Router::send_dm`] with the key,
 //! or [`Router::send_room`]), the capped backoff between attempts that
 //! failed `unavailable` / `timeout` (interrupted by shutdown), and
-//! [`start`], which starts the configured sources. Each source (`stream`)
+//! [`start`], which starts the configured sources. Each source (`stream`, `kafka`)
 //! owns its own loop: reading, ordering, acknowledging, dead-lettering.
 //! It must not issue Redis commands (those are
 //! `switchboard_redis::ingest`'s) nor decide routing (the router's).
@@ -20,6 +20,7 @@
 //! idempotency record within `--idempotency-window-s`, never stored
 //! twice); a malformed record is never retried.
 
+pub mod kafka;
 pub mod stream;
 
 use std::sync::Arc;
@@ -255,6 +256,21 @@ pub fn start(
                 "--ingest-stream needs the Redis backend; not consuming"
             ),
         }
+    }
+    if config.kafka_enabled() {
+        let core = Ingest::new(
+            router.clone(),
+            config.max_body_bytes,
+            metrics.ingest_kafka.clone(),
+        );
+        let settings = kafka::settings(config);
+        tracing::info!(
+            brokers = %settings.brokers,
+            topics = %settings.topics.join(","),
+            group = %settings.group,
+            "consuming from kafka"
+        );
+        tasks.push(tokio::spawn(kafka::run(core, settings, stop.clone())));
     }
     tasks
 }

@@ -1,0 +1,458 @@
+//! Queue ingestion from Kafka (issue 15, `--kafka-brokers`), end to end on
+//! a real Tansu broker: keyed records (key = user id) to online and
+//! offline users arrive once each, in per-user order (offline ones on
+//! connect); poison records neither stall the partition nor reach the log,
+//! and are produced to the dead-letter topic; a restarted consumer resumes
+//! from the committed offsets; two consuming instances, one SIGKILLed
+//! mid-way: every record reaches its user exactly once after `seq`
+//! de-duplication, in per-user order.
+//!
+//! Real Tansu, redis-server, instance processes and WebSocket clients; the
+//! test produces with rdkafka like any producer would. Tansu holds a new
+//! group's first join ≈5 s and a rebalance ≈6 s: the tests wait for
+//! assignments (the consumer's log lines) and deliveries, never sleep.
+//! The users of the kill test's records are drawn from a seeded
+//! generator: the seed is printed, `SB_INGEST_SEED=<seed>` replays it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::{json, Value};
+use switchboard_testkit::{
+    eventually, opts, Client, Incoming, Instance, Opts, RedisServer, Tansu, RECV_TIMEOUT,
+};
+
+const TOPIC: &str = "events";
+const DELIVERED: &str = r#"switchboard_ingest_records_total{source="kafka",outcome="delivered"}"#;
+const MALFORMED: &str = r#"switchboard_ingest_records_total{source="kafka",outcome="malformed"}"#;
+const ASSIGNED: &str = "kafka partitions assigned";
+const LEASE_MS: u64 = 1000;
+/// Time for a first group join (≈5 s on Tansu) plus deliveries.
+const JOIN: Duration = Duration::from_secs(30);
+
+fn seed() -> u64 {
+    let seed = std::env::var("SB_INGEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    println!("SB_INGEST_SEED={seed}");
+    seed
+}
+
+/// Numbered records (`{"user":U,"body":{"n":N}}`, N from 1, key U) and
+/// what was sent to whom.
+struct Producer {
+    n: u64,
+    producer: FutureProducer,
+    sent: BTreeMap<String, Vec<u64>>,
+}
+
+impl Producer {
+    fn new(tansu: &Tansu) -> Producer {
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", tansu.brokers())
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .create()
+            .expect("a kafka producer");
+        Producer {
+            n: 0,
+            producer,
+            sent: BTreeMap::new(),
+        }
+    }
+
+    /// Produces `value` with `key` to `topic`.
+    async fn send(&self, topic: &str, key: &str, value: &str) {
+        self.producer
+            .send(
+                FutureRecord::to(topic).key(key).payload(value),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("producing to {topic}: {e}"));
+    }
+
+    /// The next record, to `user` (keyed by the user).
+    async fn record_for(&mut self, user: &str) {
+        self.n += 1;
+        self.sent.entry(user.to_owned()).or_default().push(self.n);
+        let value = json!({"user": user, "body": {"n": self.n}}).to_string();
+        self.send(TOPIC, user, &value).await;
+    }
+
+    /// What `user` was sent, in order.
+    fn sent_to(&self, user: &str) -> Vec<u64> {
+        self.sent.get(user).cloned().unwrap_or_default()
+    }
+}
+
+/// An instance consuming [`TOPIC`] in `group`, with `flags`.
+fn consumer(
+    id: &str,
+    tansu: &Tansu,
+    redis: &RedisServer,
+    group: &str,
+    flags: &[(&str, &str)],
+) -> Opts {
+    let mut opts = opts!(id)
+        .redis(redis)
+        .lease_ms(LEASE_MS)
+        .log_level("warn,switchboard::ingest::kafka=info")
+        .flag("--kafka-brokers", tansu.brokers())
+        .flag("--kafka-topics", TOPIC)
+        .flag("--kafka-group", group)
+        .flag("--kafka-session-timeout-ms", "6000");
+    for (flag, value) in flags {
+        opts = opts.flag(flag, value);
+    }
+    opts
+}
+
+/// Connects once and leaves: the user is "seen", so DMs to them are stored.
+async fn seen(instance: &Instance, user: &str) {
+    let mut client = Client::connect_user(instance, user).await;
+    client.request(json!({"type": "ping"})).await;
+    client.close().await;
+}
+
+/// Waits until `instance` logged `n` assignments.
+async fn assigned(instance: &Instance, n: usize, within: Duration) {
+    eventually(within, "the consumer is assigned partitions", || async {
+        instance.full_log().matches(ASSIGNED).count() >= n
+    })
+    .await;
+}
+
+/// Waits until `instance` counted `n` delivered records.
+async fn delivered(instance: &Instance, n: f64, within: Duration) {
+    eventually(within, "the records are delivered", || async {
+        instance.metric(DELIVERED).await >= n
+    })
+    .await;
+}
+
+/// Reads dm frames until the reply to a ping: what arrived by then.
+async fn frames_until_ping(client: &mut Client, within: Duration) -> Vec<Value> {
+    let deadline = Instant::now() + within;
+    client
+        .send_json(&json!({"type": "ping", "id": "end"}))
+        .await;
+    let mut frames = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match client.next_event(left).await {
+            Incoming::Json(frame) if frame["id"] == "end" => return frames,
+            Incoming::Json(frame) if frame["type"] == "dm" => frames.push(frame),
+            Incoming::Json(_) => {}
+            other => panic!("{} frames, then {other:?}", frames.len()),
+        }
+    }
+}
+
+/// Reads dm frames until `n` distinct seqs arrived; returns them in arrival
+/// order after de-duplication by seq.
+async fn distinct_dms(client: &mut Client, n: usize, within: Duration) -> Vec<Value> {
+    let deadline = Instant::now() + within;
+    let mut seqs = BTreeSet::new();
+    let mut dms = Vec::new();
+    while dms.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match client.next_event(left).await {
+            Incoming::Json(frame) if frame["type"] == "dm" => {
+                let seq = frame["seq"].as_str().unwrap_or_default().to_owned();
+                if seqs.insert(seq) {
+                    dms.push(frame);
+                }
+            }
+            Incoming::Json(_) => {}
+            other => panic!("{} of {n} distinct DMs, then {other:?}", dms.len()),
+        }
+    }
+    dms
+}
+
+fn ns(frames: &[Value]) -> Vec<u64> {
+    frames
+        .iter()
+        .map(|f| {
+            f["body"]["n"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("a numbered body: {f}"))
+        })
+        .collect()
+}
+
+/// Records produced before the consumer joined (a new group starts at the
+/// earliest offset) and after: the online user gets hers live, the offline
+/// one his on connect, once each, in per-user order, from `ingest`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_records_reach_online_and_offline_users_once_in_order() {
+    let (tansu, redis) = tokio::join!(Tansu::start(), RedisServer::start());
+    tansu.create_topic(TOPIC, 4).await;
+    let mut producer = Producer::new(&tansu);
+    for i in 0..20 {
+        producer
+            .record_for(if i % 2 == 0 { "alice" } else { "bob" })
+            .await;
+    }
+    let ingest = Instance::spawn(consumer("k1", &tansu, &redis, "g1", &[])).await;
+    seen(&ingest, "bob").await;
+    let mut alice = Client::connect_user(&ingest, "alice").await;
+    assigned(&ingest, 1, JOIN).await;
+    for i in 0..20 {
+        producer
+            .record_for(if i % 2 == 0 { "alice" } else { "bob" })
+            .await;
+    }
+    delivered(&ingest, 40.0, JOIN).await;
+
+    let got = frames_until_ping(&mut alice, RECV_TIMEOUT).await;
+    assert_eq!(
+        ns(&got),
+        producer.sent_to("alice"),
+        "alice: once each, in order"
+    );
+    assert!(got.iter().all(|d| d["from"] == "ingest"), "{got:?}");
+    let mut bob = Client::connect_user(&ingest, "bob").await;
+    let got = frames_until_ping(&mut bob, RECV_TIMEOUT).await;
+    assert_eq!(
+        ns(&got),
+        producer.sent_to("bob"),
+        "bob on connect: once each, in order"
+    );
+    assert_eq!(ingest.metric(DELIVERED).await, 40.0);
+    assert_eq!(ingest.metric(MALFORMED).await, 0.0);
+}
+
+/// Poison records (not JSON, an array, a bad name, a body over
+/// --max-body-bytes) between good ones of the same key: counted, logged
+/// without their value, produced to the dead-letter topic (value and key
+/// as they were, headers naming where they came from and why), skipped;
+/// the records after them are delivered, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_records_do_not_block_and_reach_the_dead_letter_topic() {
+    let (tansu, redis) = tokio::join!(Tansu::start(), RedisServer::start());
+    tansu.create_topic(TOPIC, 2).await;
+    tansu.create_topic("dead", 1).await;
+    let ingest = Instance::spawn(consumer(
+        "k2",
+        &tansu,
+        &redis,
+        "g2",
+        &[
+            ("--kafka-dead-letter-topic", "dead"),
+            ("--max-body-bytes", "64"),
+        ],
+    ))
+    .await;
+    let mut alice = Client::connect_user(&ingest, "alice").await;
+    let producer = Producer::new(&tansu);
+    let good = |n: u64| json!({"user": "alice", "body": {"n": n}}).to_string();
+    let secret = "SECRET-poison-7f3a";
+    let poison = [
+        format!("not json {secret}"),
+        format!("[\"alice\", \"{secret}\"]"),
+        json!({"user": "a b", "body": secret}).to_string(),
+        json!({"user": "alice", "body": secret.repeat(8)}).to_string(),
+    ];
+    producer.send(TOPIC, "alice", &good(1)).await;
+    for value in &poison {
+        producer.send(TOPIC, "alice", value).await;
+    }
+    producer.send(TOPIC, "alice", &good(2)).await;
+    producer.send(TOPIC, "alice", &good(3)).await;
+
+    let got = distinct_dms(&mut alice, 3, JOIN).await;
+    assert_eq!(
+        ns(&got),
+        [1, 2, 3],
+        "the records after the poison, in order"
+    );
+    eventually(Duration::from_secs(10), "the poison is counted", || async {
+        ingest.metric(MALFORMED).await == 4.0
+    })
+    .await;
+    assert_eq!(ingest.metric(DELIVERED).await, 3.0);
+
+    // The dead-letter topic, read by partition (no group join).
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", tansu.brokers())
+        .set("group.id", "dead-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("a kafka consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset("dead", 0, Offset::Beginning)
+        .expect("partition");
+    reader.assign(&tpl).expect("assign");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut dead = Vec::new();
+    while dead.len() < poison.len() {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} dead letters",
+            dead.len(),
+            poison.len()
+        );
+        let polled = tokio::task::block_in_place(|| reader.poll(Duration::from_millis(200)));
+        if let Some(message) = polled {
+            let message = message.expect("a dead letter");
+            let headers: BTreeMap<String, String> = message
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_owned(),
+                                String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            dead.push((
+                message.key().map(|k| k.to_vec()),
+                String::from_utf8_lossy(message.payload().unwrap_or_default()).into_owned(),
+                headers,
+            ));
+        }
+    }
+    let offsets: BTreeSet<&str> = dead
+        .iter()
+        .map(|(_, _, h)| h["source-offset"].as_str())
+        .collect();
+    assert_eq!(offsets.len(), poison.len(), "distinct offsets: {dead:?}");
+    for ((key, value, headers), want) in dead.iter().zip(&poison) {
+        assert_eq!(key.as_deref(), Some(&b"alice"[..]));
+        assert_eq!(value, want);
+        assert_eq!(headers["source-topic"], TOPIC, "{headers:?}");
+        assert!(
+            headers["source-partition"].parse::<i32>().is_ok(),
+            "{headers:?}"
+        );
+        assert!(!headers["error"].is_empty(), "{headers:?}");
+    }
+    let log = ingest.full_log();
+    assert!(log.contains("malformed record"), "{log}");
+    assert!(!log.contains(secret), "a value reached the log:\n{log}");
+}
+
+/// A consumer stopped after delivering a first batch commits its offsets;
+/// a new one in the same group resumes after them: nothing delivered
+/// twice, nothing lost, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_consumer_resumes_from_the_committed_offsets() {
+    let (tansu, redis) = tokio::join!(Tansu::start(), RedisServer::start());
+    tansu.create_topic(TOPIC, 2).await;
+    let mut producer = Producer::new(&tansu);
+    let mut first = Instance::spawn(consumer("k3a", &tansu, &redis, "g3", &[])).await;
+    seen(&first, "bob").await;
+    for _ in 0..20 {
+        producer.record_for("bob").await;
+    }
+    delivered(&first, 20.0, JOIN).await;
+    // SIGTERM: the stored offsets are committed and the member leaves.
+    let stopping = Instant::now();
+    first.terminate(Duration::from_secs(15)).await;
+    println!("the first consumer stopped in {:?}", stopping.elapsed());
+    for _ in 0..20 {
+        producer.record_for("bob").await;
+    }
+    let second = Instance::spawn(consumer("k3b", &tansu, &redis, "g3", &[])).await;
+    delivered(&second, 20.0, JOIN).await;
+    let mut bob = Client::connect_user(&second, "bob").await;
+    let got = frames_until_ping(&mut bob, RECV_TIMEOUT).await;
+    let seqs: BTreeSet<&str> = got.iter().filter_map(|f| f["seq"].as_str()).collect();
+    assert_eq!(seqs.len(), got.len(), "no seq twice");
+    assert_eq!(ns(&got), producer.sent_to("bob"), "each once, in order");
+    assert_eq!(
+        second.metric(DELIVERED).await,
+        20.0,
+        "the second consumer resumed after the committed offsets"
+    );
+}
+
+/// Two consuming instances; one is SIGKILLed mid-way. Its partitions go to
+/// the survivor (after the session timeout), which resumes from the
+/// committed offsets: every record reaches its user (online on the
+/// survivor, or offline and connecting at the end) exactly once after seq
+/// de-duplication, in per-user order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_members_partitions_are_taken_over_exactly_once_in_order() {
+    let seed = seed();
+    let (tansu, redis) = tokio::join!(Tansu::start(), RedisServer::start());
+    tansu.create_topic(TOPIC, 4).await;
+    let (mut victim, survivor) = tokio::join!(
+        Instance::spawn(consumer("k4a", &tansu, &redis, "g4", &[])),
+        Instance::spawn(consumer("k4b", &tansu, &redis, "g4", &[])),
+    );
+    let users: Vec<String> = (0..50).map(|u| format!("u{u}")).collect();
+    for user in &users {
+        seen(&survivor, user).await;
+    }
+    let mut online = Vec::new();
+    for user in &users[..25] {
+        online.push(Client::connect_user(&survivor, user).await);
+    }
+    // Both members hold partitions (the second join rebalanced the first).
+    eventually(
+        Duration::from_secs(40),
+        "both members are assigned",
+        || async {
+            let (v, s) = (victim.full_log(), survivor.full_log());
+            v.contains(ASSIGNED) && s.contains(ASSIGNED)
+        },
+    )
+    .await;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut producer = Producer::new(&tansu);
+    for _ in 0..1000 {
+        let user = &users[rng.random_range(0..users.len())];
+        producer.record_for(user).await;
+    }
+    eventually(Duration::from_secs(20), "the victim delivers", || async {
+        victim.metric(DELIVERED).await >= 50.0
+    })
+    .await;
+    let at_kill = victim.metric(DELIVERED).await;
+    victim.sigkill();
+    println!("the victim had delivered {at_kill} records when SIGKILLed");
+    for _ in 0..1000 {
+        let user = &users[rng.random_range(0..users.len())];
+        producer.record_for(user).await;
+    }
+    let within = Duration::from_secs(45);
+    for (client, user) in online.iter_mut().zip(&users[..25]) {
+        let want = producer.sent_to(user);
+        let got = distinct_dms(client, want.len(), within).await;
+        assert_eq!(
+            ns(&got),
+            want,
+            "{user}: each once after seq de-dup, in order"
+        );
+    }
+    for user in &users[25..] {
+        // The inbox on connect, then (if the takeover is still going) live.
+        let mut client = Client::connect_user(&survivor, user).await;
+        let want = producer.sent_to(user);
+        let got = distinct_dms(&mut client, want.len(), within).await;
+        assert_eq!(
+            ns(&got),
+            want,
+            "{user}: each once after seq de-dup, in order"
+        );
+    }
+    println!(
+        "the survivor delivered {} of {} records",
+        survivor.metric(DELIVERED).await,
+        producer.n
+    );
+}
