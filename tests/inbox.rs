@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use switchboard_testkit::{opts, Client, Incoming, Instance, RedisServer, RECV_TIMEOUT};
+use switchboard_testkit::{
+    eventually, opts, Client, Incoming, Instance, RedisServer, RECV_TIMEOUT,
+};
 
 /// A seq as its (ms, n) pair, for ordering.
 fn seq_key(seq: &str) -> (u64, u64) {
@@ -367,6 +369,17 @@ async fn a_retry_with_the_same_key_after_unavailable_is_delivered_once() {
     // whose backlog cannot be read is closed with 1013.
     alice.request(json!({"type": "ping"})).await;
     redis.kill();
+    // A DM sent in the moment before the instance learns that Redis died
+    // may be written to the dead connection: `timeout` (it may have been
+    // delivered), which is right. Once its heartbeat failed (not ready),
+    // nothing is sent: `unavailable`, which is what this test is about.
+    let i1_ref = &i1;
+    eventually(
+        RECV_TIMEOUT,
+        "i1 not ready once Redis is gone",
+        || async move { i1_ref.http_status("/readyz").await == Some(503) },
+    )
+    .await;
     let frame = json!({"type": "dm", "to": "bob", "body": "once", "key": "order-17"});
     let refused = alice.request(frame.clone()).await;
     assert_eq!(refused["type"], "error", "{refused}");
