@@ -74,13 +74,18 @@ async fn stored_means_replicated_with_wait_replicas_and_not_without() {
     let mut carol = Client::connect_user(&plain, "carol").await;
     // Bob is seen (his inbox exists), then away: every DM waits in his inbox.
     drop(Client::connect_user(&home, "bob").await);
+    let master = cluster.master_of("sb:inbox:{bob}").await;
+    // The replica in sync first: one still catching up after the cluster
+    // was created would let the first WAIT time out (seen under CI load).
+    cluster
+        .wait_replicated(master, Duration::from_secs(10))
+        .await;
 
     let confirmed = unique("confirmed");
     let ack = alice.request(dm("bob", &confirmed, 1)).await;
     assert_eq!(ack["type"], "ack", "a replica confirms it: {ack}");
     assert_eq!(ack["stored"], true, "{ack}");
 
-    let master = cluster.master_of("sb:inbox:{bob}").await;
     let replica = replica_of(&cluster, master).await;
     let replica_pid = pid_of(&cluster, replica).await;
     signal(&replica_pid, "-STOP");
