@@ -26,7 +26,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use switchboard_testkit::{
-    eventually, opts, Client, Incoming, Instance, Opts, RedisServer, Tansu, RECV_TIMEOUT,
+    eventually, numbered_bodies, opts, Client, Incoming, Instance, Opts, RedisServer, Tansu,
+    RECV_TIMEOUT,
 };
 
 const TOPIC: &str = "events";
@@ -157,39 +158,6 @@ async fn frames_until_ping(client: &mut Client, within: Duration) -> Vec<Value> 
     }
 }
 
-/// Reads dm frames until `n` distinct seqs arrived; returns them in arrival
-/// order after de-duplication by seq.
-async fn distinct_dms(client: &mut Client, n: usize, within: Duration) -> Vec<Value> {
-    let deadline = Instant::now() + within;
-    let mut seqs = BTreeSet::new();
-    let mut dms = Vec::new();
-    while dms.len() < n {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match client.next_event(left).await {
-            Incoming::Json(frame) if frame["type"] == "dm" => {
-                let seq = frame["seq"].as_str().unwrap_or_default().to_owned();
-                if seqs.insert(seq) {
-                    dms.push(frame);
-                }
-            }
-            Incoming::Json(_) => {}
-            other => panic!("{} of {n} distinct DMs, then {other:?}", dms.len()),
-        }
-    }
-    dms
-}
-
-fn ns(frames: &[Value]) -> Vec<u64> {
-    frames
-        .iter()
-        .map(|f| {
-            f["body"]["n"]
-                .as_u64()
-                .unwrap_or_else(|| panic!("a numbered body: {f}"))
-        })
-        .collect()
-}
-
 /// Records produced before the consumer joined (a new group starts at the
 /// earliest offset) and after: the online user gets hers live, the offline
 /// one his on connect, once each, in per-user order, from `ingest`.
@@ -216,7 +184,7 @@ async fn keyed_records_reach_online_and_offline_users_once_in_order() {
 
     let got = frames_until_ping(&mut alice, RECV_TIMEOUT).await;
     assert_eq!(
-        ns(&got),
+        numbered_bodies(&got),
         producer.sent_to("alice"),
         "alice: once each, in order"
     );
@@ -224,7 +192,7 @@ async fn keyed_records_reach_online_and_offline_users_once_in_order() {
     let mut bob = Client::connect_user(&ingest, "bob").await;
     let got = frames_until_ping(&mut bob, RECV_TIMEOUT).await;
     assert_eq!(
-        ns(&got),
+        numbered_bodies(&got),
         producer.sent_to("bob"),
         "bob on connect: once each, in order"
     );
@@ -270,9 +238,9 @@ async fn poison_records_do_not_block_and_reach_the_dead_letter_topic() {
     producer.send(TOPIC, "alice", &good(2)).await;
     producer.send(TOPIC, "alice", &good(3)).await;
 
-    let got = distinct_dms(&mut alice, 3, JOIN).await;
+    let got = alice.distinct_dms(3, JOIN).await;
     assert_eq!(
-        ns(&got),
+        numbered_bodies(&got),
         [1, 2, 3],
         "the records after the poison, in order"
     );
@@ -372,7 +340,11 @@ async fn a_restarted_consumer_resumes_from_the_committed_offsets() {
     let got = frames_until_ping(&mut bob, RECV_TIMEOUT).await;
     let seqs: BTreeSet<&str> = got.iter().filter_map(|f| f["seq"].as_str()).collect();
     assert_eq!(seqs.len(), got.len(), "no seq twice");
-    assert_eq!(ns(&got), producer.sent_to("bob"), "each once, in order");
+    assert_eq!(
+        numbered_bodies(&got),
+        producer.sent_to("bob"),
+        "each once, in order"
+    );
     assert_eq!(
         second.metric(DELIVERED).await,
         20.0,
@@ -432,9 +404,9 @@ async fn a_killed_members_partitions_are_taken_over_exactly_once_in_order() {
     let within = Duration::from_secs(45);
     for (client, user) in online.iter_mut().zip(&users[..25]) {
         let want = producer.sent_to(user);
-        let got = distinct_dms(client, want.len(), within).await;
+        let got = client.distinct_dms(want.len(), within).await;
         assert_eq!(
-            ns(&got),
+            numbered_bodies(&got),
             want,
             "{user}: each once after seq de-dup, in order"
         );
@@ -443,9 +415,9 @@ async fn a_killed_members_partitions_are_taken_over_exactly_once_in_order() {
         // The inbox on connect, then (if the takeover is still going) live.
         let mut client = Client::connect_user(&survivor, user).await;
         let want = producer.sent_to(user);
-        let got = distinct_dms(&mut client, want.len(), within).await;
+        let got = client.distinct_dms(want.len(), within).await;
         assert_eq!(
-            ns(&got),
+            numbered_bodies(&got),
             want,
             "{user}: each once after seq de-dup, in order"
         );

@@ -21,7 +21,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use switchboard_testkit::{
-    eventually, opts, Client, Incoming, Instance, Opts, RedisCluster, RedisServer, RECV_TIMEOUT,
+    eventually, numbered_bodies, opts, Client, Incoming, Instance, Opts, RedisCluster, RedisServer,
+    RECV_TIMEOUT,
 };
 
 const STREAM: &str = "events";
@@ -170,39 +171,6 @@ async fn frames_until_ping(client: &mut Client, within: Duration) -> Vec<Value> 
     }
 }
 
-/// Reads dm frames until `n` distinct seqs arrived; returns them in arrival
-/// order after de-duplication by seq.
-async fn distinct_dms(client: &mut Client, n: usize, within: Duration) -> Vec<Value> {
-    let deadline = Instant::now() + within;
-    let mut seqs = BTreeSet::new();
-    let mut dms = Vec::new();
-    while dms.len() < n {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match client.next_event(left).await {
-            Incoming::Json(frame) if frame["type"] == "dm" => {
-                let seq = frame["seq"].as_str().unwrap_or_default().to_owned();
-                if seqs.insert(seq) {
-                    dms.push(frame);
-                }
-            }
-            Incoming::Json(_) => {}
-            other => panic!("{} of {n} distinct DMs, then {other:?}", dms.len()),
-        }
-    }
-    dms
-}
-
-fn ns(frames: &[Value]) -> Vec<u64> {
-    frames
-        .iter()
-        .map(|f| {
-            f["body"]["n"]
-                .as_u64()
-                .unwrap_or_else(|| panic!("a numbered body: {f}"))
-        })
-        .collect()
-}
-
 /// Records before the first instance starts (the group begins at the
 /// start of the stream) and after: an online user on another instance gets
 /// hers live and across instances, an offline one gets his on connect,
@@ -248,7 +216,11 @@ async fn records_reach_online_and_offline_users_once_in_order() {
     let dms: Vec<Value> = got.iter().filter(|f| f["type"] == "dm").cloned().collect();
     let mut want = producer.sent_to("alice");
     want.push(1000);
-    assert_eq!(ns(&dms), want, "alice: each once, in stream order");
+    assert_eq!(
+        numbered_bodies(&dms),
+        want,
+        "alice: each once, in stream order"
+    );
     assert!(dms[..dms.len() - 1].iter().all(|d| d["from"] == "ingest"));
     assert_eq!(dms[dms.len() - 1]["from"], "tickets");
     let rooms: Vec<&Value> = got.iter().filter(|f| f["type"] == "room").collect();
@@ -261,7 +233,7 @@ async fn records_reach_online_and_offline_users_once_in_order() {
     let mut bob = Client::connect_user(&front, "bob").await;
     let got = frames_until_ping(&mut bob, RECV_TIMEOUT).await;
     assert_eq!(
-        ns(&got),
+        numbered_bodies(&got),
         producer.sent_to("bob"),
         "bob on connect: each once, in order"
     );
@@ -310,9 +282,9 @@ async fn poison_entries_do_not_block_the_stream_and_go_to_the_dead_letter_stream
     xadd(&redis, &good(2)).await;
     xadd(&redis, &good(3)).await;
 
-    let got = distinct_dms(&mut alice, 3, RECV_TIMEOUT).await;
+    let got = alice.distinct_dms(3, RECV_TIMEOUT).await;
     assert_eq!(
-        ns(&got),
+        numbered_bodies(&got),
         [1, 2, 3],
         "the records after the poison, in order"
     );
@@ -412,8 +384,8 @@ async fn a_killed_consumers_entries_are_claimed_by_a_survivor_exactly_once() {
 
     for (client, user) in online.iter_mut().zip(&users[..5]) {
         let want: BTreeSet<u64> = producer.sent_to(user).into_iter().collect();
-        let got = distinct_dms(client, want.len(), RECV_TIMEOUT).await;
-        let got_ns = ns(&got);
+        let got = client.distinct_dms(want.len(), RECV_TIMEOUT).await;
+        let got_ns = numbered_bodies(&got);
         let distinct: BTreeSet<u64> = got_ns.iter().copied().collect();
         assert_eq!(
             distinct.len(),
@@ -429,7 +401,7 @@ async fn a_killed_consumers_entries_are_claimed_by_a_survivor_exactly_once() {
     for user in &users[5..] {
         let want: BTreeSet<u64> = producer.sent_to(user).into_iter().collect();
         let mut client = Client::connect_user(&survivor, user).await;
-        let got = ns(&frames_until_ping(&mut client, RECV_TIMEOUT).await);
+        let got = numbered_bodies(&frames_until_ping(&mut client, RECV_TIMEOUT).await);
         let distinct: BTreeSet<u64> = got.iter().copied().collect();
         assert_eq!(distinct.len(), got.len(), "{user}: each once");
         assert_eq!(distinct, want, "{user}: every record");
@@ -472,7 +444,7 @@ async fn a_restarted_consumer_resumes_after_what_it_acknowledged() {
         "it delivered exactly what it had not acknowledged"
     );
     let mut bob = Client::connect_user(&ingest, "bob").await;
-    let got = ns(&frames_until_ping(&mut bob, Duration::from_secs(10)).await);
+    let got = numbered_bodies(&frames_until_ping(&mut bob, Duration::from_secs(10)).await);
     assert_eq!(
         got,
         (1..=total).collect::<Vec<_>>(),
@@ -492,7 +464,7 @@ async fn a_restarted_consumer_resumes_after_what_it_acknowledged() {
     drained(&redis, &ingest, Duration::from_secs(10)).await;
     assert_eq!(ingest.metric(DELIVERED).await, 10.0);
     let mut bob = Client::connect_user(&ingest, "bob").await;
-    let got = ns(&frames_until_ping(&mut bob, Duration::from_secs(10)).await);
+    let got = numbered_bodies(&frames_until_ping(&mut bob, Duration::from_secs(10)).await);
     assert_eq!(got, (1..=total + 10).collect::<Vec<_>>());
 }
 
@@ -506,7 +478,10 @@ async fn the_group_is_created_again_after_redis_restarted_empty() {
     let mut alice = Client::connect_user(&ingest, "alice").await;
     let mut producer = Producer::new(&["alice"], 0);
     xadd(&redis, &producer.record()).await;
-    assert_eq!(ns(&distinct_dms(&mut alice, 1, RECV_TIMEOUT).await), [1]);
+    assert_eq!(
+        numbered_bodies(&alice.distinct_dms(1, RECV_TIMEOUT).await),
+        [1]
+    );
     redis.kill();
     redis.restart().await;
     // Alice's connection survives; her presence is re-asserted by the
@@ -514,9 +489,9 @@ async fn the_group_is_created_again_after_redis_restarted_empty() {
     for _ in 0..5 {
         xadd(&redis, &producer.record()).await;
     }
-    let got = distinct_dms(&mut alice, 5, Duration::from_secs(15)).await;
+    let got = alice.distinct_dms(5, Duration::from_secs(15)).await;
     assert_eq!(
-        ns(&got),
+        numbered_bodies(&got),
         [2, 3, 4, 5, 6],
         "the records after the restart, in order"
     );
@@ -548,8 +523,8 @@ async fn a_stream_on_a_redis_cluster() {
             .cmd_for_key(STREAM, &["XADD", STREAM, "*", "v", &value])
             .await;
     }
-    let got = distinct_dms(&mut alice, 9, RECV_TIMEOUT).await;
-    assert_eq!(ns(&got), (1..=9).collect::<Vec<_>>());
+    let got = alice.distinct_dms(9, RECV_TIMEOUT).await;
+    assert_eq!(numbered_bodies(&got), (1..=9).collect::<Vec<_>>());
     eventually(Duration::from_secs(10), "the lag drains", || async {
         ingest.metric(LAG).await == 0.0
     })

@@ -213,6 +213,33 @@ impl Client {
         }
     }
 
+    /// Reads dm frames until `n` distinct seqs arrived (the seam's
+    /// de-duplication, as a client does it); returns them in arrival order.
+    /// Panics if they do not arrive `within`.
+    pub async fn distinct_dms(&mut self, n: usize, within: Duration) -> Vec<Value> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut seqs = std::collections::BTreeSet::new();
+        let mut dms = Vec::new();
+        while dms.len() < n {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_event(left).await {
+                Incoming::Json(frame) if frame["type"] == "dm" => {
+                    let seq = frame["seq"].as_str().unwrap_or_default().to_owned();
+                    if seqs.insert(seq) {
+                        dms.push(frame);
+                    }
+                }
+                Incoming::Json(_) => {}
+                other => panic!(
+                    "[{}] {} of {n} distinct DMs, then {other:?}",
+                    self.label,
+                    dms.len()
+                ),
+            }
+        }
+        dms
+    }
+
     /// Keeps `member_joined`/`member_left` frames from now on (they are left
     /// out by default: see [`Client::member_events`]).
     pub fn keep_member_events(&mut self) {
@@ -408,4 +435,16 @@ pub fn assert_error(reply: &Value, code: &str, what: &str) {
         reply["message"].is_string(),
         "{what}: error needs a message: {reply}"
     );
+}
+
+/// The `body.n` of each frame (tests number their bodies `{"n": k}`).
+pub fn numbered_bodies(frames: &[Value]) -> Vec<u64> {
+    frames
+        .iter()
+        .map(|f| {
+            f["body"]["n"]
+                .as_u64()
+                .unwrap_or_else(|| panic!("a numbered body: {f}"))
+        })
+        .collect()
 }

@@ -51,7 +51,7 @@ pub use self::redis::ReplicatedRedis;
 pub use self::redis::{
     cmdstat_calls, info_field, BusMessage, RedisCluster, RedisProxy, RedisServer, Spy,
 };
-pub use client::{assert_error, assert_healthy, ws_request_at, Client, Incoming};
+pub use client::{assert_error, assert_healthy, numbered_bodies, ws_request_at, Client, Incoming};
 pub use http::{http_request, HttpResponse};
 pub use instance::{free_port, Auth, Instance, Opts};
 pub use jwt::{mint_jwt, mint_jwt_claims};
