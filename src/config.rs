@@ -388,10 +388,25 @@ pub struct Config {
     #[arg(long, env = "SWITCHBOARD_INGEST_CLAIM_MS", default_value_t = 30_000)]
     pub ingest_claim_ms: u64,
 
-    /// Stream entries read (or claimed) at a time; they are processed in
-    /// order, one at a time.
+    /// Stream entries read (or claimed) at a time; up to --ingest-inflight
+    /// of them are routed at once (entries for the same user or room one
+    /// after another, in stream order), and the next batch is read once
+    /// this one is done.
     #[arg(long, env = "SWITCHBOARD_INGEST_BATCH", default_value_t = 100)]
     pub ingest_batch: usize,
+
+    /// Records routed at once per Kafka partition (and per stream
+    /// consumer); records for the same user or room go one after another,
+    /// in offset order. A Kafka partition with this many records in flight
+    /// is paused until one is done.
+    #[arg(long, env = "SWITCHBOARD_INGEST_INFLIGHT", default_value_t = 64)]
+    pub ingest_inflight: usize,
+
+    /// Bytes of record values in flight per Kafka partition (and per
+    /// stream consumer); past it the partition is paused as for
+    /// --ingest-inflight. A single larger record is still taken alone.
+    #[arg(long, env = "SWITCHBOARD_INGEST_INFLIGHT_BYTES", default_value_t = 1 << 20)]
+    pub ingest_inflight_bytes: usize,
 
     /// Stream malformed entries are copied to (their `v`, and `stream`,
     /// `id`, `error` fields; capped at about 100,000 entries) before they
@@ -529,8 +544,9 @@ pub enum ConfigError {
     IngestNeedsRedis,
     /// Ingestion settings out of range.
     #[error(
-        "--ingest-stream and --ingest-group must not be empty, --ingest-batch must be 1 to \
-         10000 and --ingest-claim-ms at least 100"
+        "--ingest-stream and --ingest-group must not be empty, --ingest-batch and \
+         --ingest-inflight must be 1 to 10000, --ingest-inflight-bytes at least 1 and \
+         --ingest-claim-ms at least 100"
     )]
     IngestSettings,
     /// Kafka settings incomplete or out of range.
@@ -655,6 +671,9 @@ impl Config {
     fn validate_ingest(&mut self) -> Result<(), ConfigError> {
         self.ingest_stream.take_if(|s| s.is_empty());
         self.ingest_dead_letter_stream.take_if(|s| s.is_empty());
+        if !(1..=10_000).contains(&self.ingest_inflight) || self.ingest_inflight_bytes == 0 {
+            return Err(ConfigError::IngestSettings);
+        }
         if self.ingest_stream.is_none() {
             return Ok(());
         }
@@ -837,6 +856,8 @@ impl Config {
             ingest_start: IngestStart::Earliest,
             ingest_claim_ms: 30_000,
             ingest_batch: 100,
+            ingest_inflight: 64,
+            ingest_inflight_bytes: 1 << 20,
             ingest_dead_letter_stream: None,
             kafka_brokers: Vec::new(),
             kafka_topics: Vec::new(),

@@ -89,6 +89,32 @@ impl Producer {
         self.send(TOPIC, user, &value).await;
     }
 
+    /// Records to each of `users`, in this order, enqueued at once (the
+    /// producer keeps their order per partition), then awaited.
+    async fn records_for(&mut self, users: &[&str]) {
+        let mut pending = Vec::with_capacity(users.len());
+        for user in users {
+            self.n += 1;
+            self.sent
+                .entry((*user).to_owned())
+                .or_default()
+                .push(self.n);
+            let value = json!({"user": user, "body": {"n": self.n}}).to_string();
+            let record = FutureRecord::to(TOPIC).key(*user).payload(&value);
+            match self.producer.send_result(record) {
+                Ok(delivery) => pending.push(delivery),
+                Err((e, _)) => panic!("enqueueing a record: {e}"),
+            }
+        }
+        for delivery in pending {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => panic!("producing a record: {e}"),
+                Err(e) => panic!("producing a record: {e}"),
+            }
+        }
+    }
+
     /// What `user` was sent, in order.
     fn sent_to(&self, user: &str) -> Vec<u64> {
         self.sent.get(user).cloned().unwrap_or_default()
@@ -106,7 +132,7 @@ fn consumer(
     let mut opts = opts!(id)
         .redis(redis)
         .lease_ms(LEASE_MS)
-        .log_level("warn,switchboard::ingest::kafka=info")
+        .log_level("warn,switchboard::ingest::kafka=debug")
         .flag("--kafka-brokers", tansu.brokers())
         .flag("--kafka-topics", TOPIC)
         .flag("--kafka-group", group)
@@ -352,27 +378,32 @@ async fn a_restarted_consumer_resumes_from_the_committed_offsets() {
     );
 }
 
-/// Two consuming instances; one is SIGKILLed mid-way. Its partitions go to
-/// the survivor (after the session timeout), which resumes from the
-/// committed offsets: every record reaches its user (online on the
-/// survivor, or offline and connecting at the end) exactly once after seq
-/// de-duplication, in per-user order.
+/// The issue's scale: 10,000 keyed records for 200 users, half of them
+/// offline, two consuming instances of which one is SIGKILLed mid-way; the
+/// online users are connected to a third instance that does not consume.
+/// The victim's partitions go to the survivor (after the session
+/// timeout), which resumes from the committed offsets: every record
+/// reaches its user (live, or from the inbox on connect) exactly once
+/// after seq de-duplication, in per-user order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_members_partitions_are_taken_over_exactly_once_in_order() {
+    const USERS: usize = 200;
+    const RECORDS: usize = 10_000;
     let seed = seed();
     let (tansu, redis) = tokio::join!(Tansu::start(), RedisServer::start());
     tansu.create_topic(TOPIC, 4).await;
-    let (mut victim, survivor) = tokio::join!(
+    let (mut victim, survivor, edge) = tokio::join!(
         Instance::spawn(consumer("k4a", &tansu, &redis, "g4", &[])),
         Instance::spawn(consumer("k4b", &tansu, &redis, "g4", &[])),
+        Instance::spawn(opts!("k4c").redis(&redis).lease_ms(LEASE_MS)),
     );
-    let users: Vec<String> = (0..50).map(|u| format!("u{u}")).collect();
+    let users: Vec<String> = (0..USERS).map(|u| format!("u{u}")).collect();
     for user in &users {
-        seen(&survivor, user).await;
+        seen(&edge, user).await;
     }
     let mut online = Vec::new();
-    for user in &users[..25] {
-        online.push(Client::connect_user(&survivor, user).await);
+    for user in &users[..USERS / 2] {
+        online.push(Client::connect_user(&edge, user).await);
     }
     // Both members hold partitions (the second join rebalanced the first).
     eventually(
@@ -386,45 +417,101 @@ async fn a_killed_members_partitions_are_taken_over_exactly_once_in_order() {
     .await;
     let mut rng = StdRng::seed_from_u64(seed);
     let mut producer = Producer::new(&tansu);
-    for _ in 0..1000 {
-        let user = &users[rng.random_range(0..users.len())];
-        producer.record_for(user).await;
-    }
+    let mut draw = |n: usize| -> Vec<String> {
+        (0..n)
+            .map(|_| users[rng.random_range(0..users.len())].clone())
+            .collect()
+    };
+    let first: Vec<String> = draw(RECORDS / 2);
+    producer
+        .records_for(&first.iter().map(String::as_str).collect::<Vec<_>>())
+        .await;
     eventually(Duration::from_secs(20), "the victim delivers", || async {
-        victim.metric(DELIVERED).await >= 50.0
+        victim.metric(DELIVERED).await >= 200.0
     })
     .await;
     let at_kill = victim.metric(DELIVERED).await;
     victim.sigkill();
     println!("the victim had delivered {at_kill} records when SIGKILLed");
-    for _ in 0..1000 {
-        let user = &users[rng.random_range(0..users.len())];
-        producer.record_for(user).await;
-    }
-    let within = Duration::from_secs(45);
-    for (client, user) in online.iter_mut().zip(&users[..25]) {
+    let second: Vec<String> = draw(RECORDS - RECORDS / 2);
+    producer
+        .records_for(&second.iter().map(String::as_str).collect::<Vec<_>>())
+        .await;
+    let within = Duration::from_secs(90);
+    for (client, user) in online.iter_mut().zip(&users[..USERS / 2]) {
         let want = producer.sent_to(user);
         let got = client.distinct_dms(want.len(), within).await;
         assert_eq!(
             numbered_bodies(&got),
             want,
-            "{user}: each once after seq de-dup, in order"
+            "{user} (online): each once after seq de-dup, in order"
         );
     }
-    for user in &users[25..] {
+    for user in &users[USERS / 2..] {
         // The inbox on connect, then (if the takeover is still going) live.
-        let mut client = Client::connect_user(&survivor, user).await;
+        let mut client = Client::connect_user(&edge, user).await;
         let want = producer.sent_to(user);
         let got = client.distinct_dms(want.len(), within).await;
         assert_eq!(
             numbered_bodies(&got),
             want,
-            "{user}: each once after seq de-dup, in order"
+            "{user} (offline): each once after seq de-dup, in order"
         );
     }
+    let total: usize = users.iter().map(|u| producer.sent_to(u).len()).sum();
+    assert_eq!(total, RECORDS);
     println!(
-        "the survivor delivered {} of {} records",
-        survivor.metric(DELIVERED).await,
-        producer.n
+        "the survivor delivered {} of {RECORDS} records",
+        survivor.metric(DELIVERED).await
+    );
+}
+
+/// `--ingest-inflight 4`: a partition with four records in flight is
+/// paused and resumed as they finish (counted); every record still arrives
+/// once, in per-user order, and the partition's lag series drains to 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_partition_is_paused_and_resumed_without_loss() {
+    let (tansu, redis) = tokio::join!(Tansu::start(), RedisServer::start());
+    tansu.create_topic(TOPIC, 1).await;
+    let ingest = Instance::spawn(consumer(
+        "k5",
+        &tansu,
+        &redis,
+        "g5",
+        &[("--ingest-inflight", "4")],
+    ))
+    .await;
+    let users: Vec<String> = (0..10).map(|u| format!("p{u}")).collect();
+    let mut clients = Vec::new();
+    for user in &users {
+        clients.push(Client::connect_user(&ingest, user).await);
+    }
+    assigned(&ingest, 1, JOIN).await;
+    let mut producer = Producer::new(&tansu);
+    let order: Vec<&str> = (0..500).map(|i| users[i % users.len()].as_str()).collect();
+    producer.records_for(&order).await;
+    for (client, user) in clients.iter_mut().zip(&users) {
+        let want = producer.sent_to(user);
+        let got = client.distinct_dms(want.len(), JOIN).await;
+        assert_eq!(numbered_bodies(&got), want, "{user}: once each, in order");
+    }
+    assert_eq!(ingest.metric(DELIVERED).await, 500.0);
+    let paused = r#"switchboard_ingest_paused_total{source="kafka"}"#;
+    assert!(
+        ingest.metric(paused).await >= 1.0,
+        "the partition was paused"
+    );
+    let lag = format!(r#"switchboard_ingest_partition_lag{{topic="{TOPIC}",partition="0"}}"#);
+    eventually(
+        Duration::from_secs(10),
+        "the partition's lag is 0",
+        || async { ingest.metric(&lag).await == 0.0 },
+    )
+    .await;
+    assert_eq!(
+        ingest
+            .metric(r#"switchboard_ingest_in_flight{source="kafka"}"#)
+            .await,
+        0.0
     );
 }

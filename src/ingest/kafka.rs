@@ -20,43 +20,60 @@
 //! starts at the earliest offset (`auto.offset.reset=earliest`: nothing
 //! produced before the first instance started is lost).
 //!
-//! **Order and bounds.** The consumer's stream is processed sequentially,
-//! one record at a time: records of one partition (with key = user id: of
-//! one user) are routed in offset order, and a record that fails
-//! `unavailable` / `timeout` is retried (same key, capped backoff) before
-//! anything after it — which also holds back the other partitions this
-//! instance owns. Nothing is buffered in this module; librdkafka's
-//! prefetch is bounded by `queued.max.messages.kbytes` =
-//! [`QUEUED_MAX_KBYTES`] and `queued.min.messages` = [`QUEUED_MIN_MESSAGES`].
-//! A retry longer than librdkafka's `max.poll.interval.ms` (default 5
-//! minutes) makes this member leave the group; its partitions go to the
-//! others, which resume from the committed offsets.
+//! **Order and bounds.** Records are routed concurrently
+//! ([`super::flight`]): up to `--ingest-inflight` records and
+//! `--ingest-inflight-bytes` bytes of values per partition, the records of
+//! one user (or room) one after another in offset order — with key = user
+//! id, a user's records are in one partition, so per-user order is the
+//! partition's. A partition at its bound is **paused** (librdkafka stops
+//! fetching it, drops what it had prefetched for it, and fetches again from
+//! after the last record handed out once resumed); the record read when it
+//! filled is held and added once the partition is down to half its bound,
+//! then the partition is resumed (hysteresis: a resume costs a fetch round
+//! trip, up to `fetch.wait.max.ms` = [`FETCH_WAIT_MS`]) (`switchboard_ingest_paused_total`
+//! counts the pauses). The other partitions go on meanwhile. A partition's
+//! offset is stored at its **done prefix**: after the last record such that
+//! it and every one before it are done, so a record retried for long
+//! (`unavailable` / `timeout`, capped backoff, same key) holds back its
+//! partition's commits, never the records after it of other users, and
+//! never another partition. librdkafka's own prefetch, before records
+//! reach this module, is bounded by `queued.max.messages.kbytes` =
+//! [`QUEUED_MAX_KBYTES`] and `queued.min.messages` =
+//! [`QUEUED_MIN_MESSAGES`]. A partition revoked while records of it are in
+//! flight lets them finish without storing (its new owner resumes from the
+//! committed offsets: at-least-once).
 //!
 //! **Lag.** `switchboard_ingest_lag{source="kafka"}` is the sum over this
 //! instance's partitions of librdkafka's `consumer_lag_stored` (high
-//! watermark − stored offset), from its statistics every [`STATS_MS`].
+//! watermark − stored offset), and
+//! `switchboard_ingest_partition_lag{topic,partition}` each partition's,
+//! from its statistics every [`STATS_MS`]; a partition's series goes when
+//! the partition leaves this instance.
 //!
 //! `--kafka-option KEY=VALUE` is passed to librdkafka (consumer and
 //! dead-letter producer) after the settings above; the keys this module's
 //! semantics rest on are refused by the configuration.
 
-use std::time::Duration;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
-use rdkafka::{ClientContext, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
-use switchboard_core::metrics::IngestCounters;
+use switchboard_core::metrics::{IngestCounters, PartitionGauges, PartitionLabel};
 use switchboard_core::protocol::MAX_KEY_LEN;
 
-use super::{backoff, wait, worth_logging, Ingest};
+use super::flight::{Finished, Flight, Limits};
+use super::{backoff, wait, worth_logging, Ingest, Record};
 use crate::config::Config;
 
 /// librdkafka's prefetch bound (`queued.max.messages.kbytes`): at most this
@@ -67,6 +84,9 @@ pub const QUEUED_MAX_KBYTES: u32 = 4096;
 pub const QUEUED_MIN_MESSAGES: u32 = 1000;
 /// `auto.commit.interval.ms`: how often stored offsets are committed.
 pub const AUTO_COMMIT_MS: u32 = 1000;
+/// `fetch.wait.max.ms`: how long the broker may hold a fetch with no new
+/// records (librdkafka's default is 500).
+pub const FETCH_WAIT_MS: u32 = 100;
 /// `statistics.interval.ms`: how often the lag gauge is refreshed.
 pub const STATS_MS: u32 = 1000;
 
@@ -119,6 +139,8 @@ pub struct KafkaSettings {
     pub options: Vec<(String, String)>,
     /// `client.id`: the instance id.
     pub client_id: String,
+    /// Records in flight per partition.
+    pub limits: Limits,
 }
 
 /// The consumer's settings from the configuration.
@@ -131,6 +153,7 @@ pub fn settings(config: &Config) -> KafkaSettings {
         session_timeout_ms: config.kafka_session_timeout_ms,
         options: config.kafka_options(),
         client_id: config.instance().to_owned(),
+        limits: super::limits(config),
     }
 }
 
@@ -154,23 +177,45 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 /// The consumer's context: commits stored offsets when partitions are
-/// revoked, logs assignments, and feeds the lag gauge from statistics.
+/// revoked and tells the loop which ones, resumes assigned partitions
+/// (none stays paused from an earlier assignment), logs assignments, and
+/// feeds the lag gauges from statistics.
 struct Context {
     counters: IngestCounters,
+    /// `switchboard_ingest_partition_lag`.
+    partition_lag: PartitionGauges,
+    /// The partitions with a lag series now.
+    lag_series: Mutex<HashSet<PartitionLabel>>,
+    /// Revoked since the loop last looked (it drops their state).
+    revoked: Mutex<Vec<(String, i32)>>,
 }
 
 impl ClientContext for Context {
     fn stats(&self, statistics: Statistics) {
         let mut lag: Option<i64> = None;
-        for topic in statistics.topics.values() {
+        let mut seen = HashSet::new();
+        for (name, topic) in &statistics.topics {
             for partition in topic.partitions.values() {
                 // -1: the internal "unassigned" partition, or not known yet.
                 if partition.partition >= 0 && partition.consumer_lag_stored >= 0 {
                     *lag.get_or_insert(0) += partition.consumer_lag_stored;
+                    let label = PartitionLabel {
+                        topic: name.clone(),
+                        partition: partition.partition,
+                    };
+                    self.partition_lag
+                        .set(&label, partition.consumer_lag_stored);
+                    seen.insert(label);
                 }
             }
         }
         self.counters.lag.set(lag.unwrap_or(0));
+        if let Ok(mut series) = self.lag_series.lock() {
+            for gone in series.difference(&seen) {
+                self.partition_lag.remove(gone);
+            }
+            *series = seen;
+        }
     }
 
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
@@ -197,6 +242,14 @@ impl ConsumerContext for Context {
         match rebalance {
             Rebalance::Revoke(partitions) => {
                 commit(consumer, "revoke");
+                if let Ok(mut revoked) = self.revoked.lock() {
+                    revoked.extend(
+                        partitions
+                            .elements()
+                            .iter()
+                            .map(|p| (p.topic().to_owned(), p.partition())),
+                    );
+                }
                 tracing::info!(partitions = %describe(partitions), "kafka partitions revoked");
             }
             Rebalance::Assign(_) => {}
@@ -204,8 +257,13 @@ impl ConsumerContext for Context {
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(partitions) = rebalance {
+            // The loop starts these afresh; a pause of an earlier
+            // assignment must not outlive it.
+            if let Err(error) = consumer.resume(partitions) {
+                tracing::debug!(%error, "could not resume the assigned kafka partitions");
+            }
             tracing::info!(partitions = %describe(partitions), "kafka partitions assigned");
         }
     }
@@ -266,7 +324,10 @@ fn consumer_config(settings: &KafkaSettings) -> ClientConfig {
         .set("queued.max.messages.kbytes", QUEUED_MAX_KBYTES.to_string())
         .set("queued.min.messages", QUEUED_MIN_MESSAGES.to_string())
         .set("statistics.interval.ms", STATS_MS.to_string())
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // A resumed partition is fetched again once the fetch in progress
+        // returns: at most this long when the partition is caught up.
+        .set("fetch.wait.max.ms", FETCH_WAIT_MS.to_string());
     apply_options(&mut config, settings);
     config
 }
@@ -281,12 +342,57 @@ fn producer_config(settings: &KafkaSettings) -> ClientConfig {
     config
 }
 
-/// Consumes until `stop` is cancelled: the record in progress is finished
-/// (a retry wait is cut short, its offset then not stored), the stored
-/// offsets are committed and the consumer leaves the group.
-pub async fn run(core: Ingest, settings: KafkaSettings, stop: CancellationToken) {
+/// Where a record is: its partition, the partition's generation in this
+/// instance (a partition revoked and assigned again starts afresh), and
+/// its offset.
+type Position = (PartitionId, u64, i64);
+
+/// A partition: topic and number.
+type PartitionId = (Arc<str>, i32);
+
+/// One assigned partition's records in flight.
+#[derive(Default)]
+struct PartitionState {
+    /// Bumped when the partition is revoked: records of an older
+    /// generation finish without touching this state.
+    generation: u64,
+    /// Offsets added and not yet stored, in offset order, each with its
+    /// outcome once finished.
+    offsets: VecDeque<(i64, Option<bool>)>,
+    /// Bytes of their values.
+    bytes: usize,
+    /// The record read when the partition was full; the partition is
+    /// paused until it is added.
+    held: Option<OwnedMessage>,
+}
+
+/// The consumer's loop state; see [`run`].
+struct Dispatcher {
+    core: Ingest,
+    consumer: StreamConsumer<Context>,
+    settings: KafkaSettings,
+    producer: Option<FutureProducer>,
+    stop: CancellationToken,
+    flight: Flight<Position>,
+    partitions: HashMap<PartitionId, PartitionState>,
+    generations: u64,
+}
+
+/// Consumes until `stop` is cancelled: records in flight finish (a retry
+/// wait is cut short and its record, and what follows it in its
+/// partition, is then not stored), the stored offsets are committed and
+/// the consumer leaves the group.
+pub async fn run(
+    core: Ingest,
+    settings: KafkaSettings,
+    partition_lag: PartitionGauges,
+    stop: CancellationToken,
+) {
     let context = Context {
         counters: core.counters().clone(),
+        partition_lag,
+        lag_series: Mutex::new(HashSet::new()),
+        revoked: Mutex::new(Vec::new()),
     };
     let consumer: StreamConsumer<Context> =
         match consumer_config(&settings).create_with_context(context) {
@@ -311,34 +417,20 @@ pub async fn run(core: Ingest, settings: KafkaSettings, stop: CancellationToken)
         tracing::error!(%error, "cannot subscribe to the kafka topics; not consuming");
         return;
     }
-    let mut failures = 0u32;
-    loop {
-        let message = tokio::select! {
-            _ = stop.cancelled() => break,
-            message = consumer.recv() => message,
-        };
-        match message {
-            Ok(message) => {
-                failures = 0;
-                if process(&core, &settings, producer.as_ref(), &message, &stop).await {
-                    if let Err(error) = consumer.store_offset_from_message(&message) {
-                        // Revoked meanwhile: the new owner re-delivers it
-                        // (the key makes that safe).
-                        tracing::debug!(%error, "could not store a kafka offset");
-                    }
-                }
-            }
-            Err(error) => {
-                failures += 1;
-                if worth_logging(failures) {
-                    tracing::warn!(%error, "consuming from kafka failed; retrying");
-                }
-                if !wait(backoff(failures), &stop).await {
-                    break;
-                }
-            }
-        }
-    }
+    let mut dispatcher = Dispatcher {
+        core,
+        consumer,
+        settings,
+        producer,
+        stop,
+        flight: Flight::default(),
+        partitions: HashMap::new(),
+        generations: 0,
+    };
+    dispatcher.consume().await;
+    let Dispatcher {
+        consumer, producer, ..
+    } = dispatcher;
     // Committing and leaving the group block (librdkafka calls): off the
     // async workers.
     let left = tokio::task::spawn_blocking(move || {
@@ -353,46 +445,248 @@ pub async fn run(core: Ingest, settings: KafkaSettings, stop: CancellationToken)
     tracing::info!("stopped consuming from kafka");
 }
 
-/// Processes one record; true when it is done (its offset may be stored),
-/// false when `stop` interrupted a retry.
-async fn process(
-    core: &Ingest,
-    settings: &KafkaSettings,
-    producer: Option<&FutureProducer>,
-    message: &BorrowedMessage<'_>,
-    stop: &CancellationToken,
-) -> bool {
-    let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
-    let key = default_key(topic, partition, offset);
-    let value = message.payload().unwrap_or_default();
-    let publish = match core.parse(value, &key) {
-        Ok(publish) => publish,
-        Err(malformed) => {
-            core.counters().malformed.inc();
-            let reason = malformed.to_string();
-            tracing::warn!(topic, partition, offset, error = %reason, "malformed record; skipped without delivery");
-            if let (Some(producer), Some(dead)) = (producer, &settings.dead_letter) {
-                dead_letter(producer, dead, message, &reason, stop).await;
-            }
-            return true;
-        }
-    };
-    let mut attempt = 0u32;
-    loop {
-        match core.route(&publish).await {
-            Ok(delivered) => {
-                core.counters().delivered.inc();
-                tracing::debug!(topic, partition, offset, ?delivered, "record delivered");
-                return true;
-            }
-            Err(error) => {
-                attempt += 1;
-                let position = format!("{topic}/{partition}/{offset}");
-                if !core.retry_wait(attempt, error, &position, stop).await {
-                    return false;
+impl Dispatcher {
+    /// Reads records and finishes them until `stop`, then lets the records
+    /// in flight finish.
+    async fn consume(&mut self) {
+        let mut failures = 0u32;
+        // After a failed read: when the next one may be made.
+        let mut read_after: Option<Instant> = None;
+        loop {
+            let next_read = read_after;
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                Some(finished) = self.flight.next() => self.finish(finished),
+                _ = sleep_until(next_read), if next_read.is_some() => read_after = None,
+                message = self.consumer.recv(), if next_read.is_none() => {
+                    let message = message.map(|m| m.detach());
+                    self.forget_revoked();
+                    match message {
+                        Ok(message) => {
+                            failures = 0;
+                            self.admit(message).await;
+                        }
+                        Err(error) => {
+                            failures += 1;
+                            if worth_logging(failures) {
+                                tracing::warn!(%error, "consuming from kafka failed; retrying");
+                            }
+                            read_after = Some(Instant::now() + backoff(failures));
+                        }
+                    }
                 }
             }
         }
+        while let Some(finished) = self.flight.next().await {
+            self.finish(finished);
+        }
+    }
+
+    /// Drops the state of partitions revoked since the last look: their
+    /// held record is left to the new owner, their records in flight
+    /// finish without storing (storing for a partition not assigned fails
+    /// anyway).
+    fn forget_revoked(&mut self) {
+        let revoked = match self.consumer.context().revoked.lock() {
+            Ok(mut revoked) => std::mem::take(&mut *revoked),
+            Err(_) => return,
+        };
+        for (topic, partition) in revoked {
+            let id: PartitionId = (Arc::from(topic.as_str()), partition);
+            self.partitions.remove(&id);
+        }
+    }
+
+    /// Adds `message` to the records in flight if its partition has room,
+    /// otherwise pauses the partition and holds it.
+    async fn admit(&mut self, message: OwnedMessage) {
+        let id: PartitionId = (Arc::from(message.topic()), message.partition());
+        if self
+            .partitions
+            .get(&id)
+            .is_some_and(|state| state.held.is_some())
+        {
+            // librdkafka drops what it had fetched for a partition when it
+            // is paused and fetches again from after the last record
+            // handed out on resume, so this is not expected; if it does
+            // happen, wait for room rather than hold two.
+            self.make_room(&id).await;
+        }
+        let size = value_len(&message);
+        let limits = self.settings.limits;
+        let state = self.state(&id);
+        if has_room(state, size, limits) {
+            self.add(id, message);
+        } else {
+            state.held = Some(message);
+            self.core.counters().paused.inc();
+            self.pause_resume(&id, true);
+        }
+    }
+
+    /// The state of partition `id`, created at a new generation.
+    fn state(&mut self, id: &PartitionId) -> &mut PartitionState {
+        let generations = &mut self.generations;
+        self.partitions.entry(id.clone()).or_insert_with(|| {
+            *generations += 1;
+            PartitionState {
+                generation: *generations,
+                ..PartitionState::default()
+            }
+        })
+    }
+
+    /// Finishes records until partition `id` has room for its held record,
+    /// which is then added (and the partition resumed).
+    async fn make_room(&mut self, id: &PartitionId) {
+        while self.partitions.get(id).is_some_and(|s| s.held.is_some()) {
+            match self.flight.next().await {
+                Some(finished) => self.finish(finished),
+                None => {
+                    // Nothing in flight: the held record fits alone.
+                    if let Some(held) = self.partitions.get_mut(id).and_then(|s| s.held.take()) {
+                        self.add(id.clone(), held);
+                        self.pause_resume(id, false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts routing `message` (of partition `id`, which has room).
+    fn add(&mut self, id: PartitionId, message: OwnedMessage) {
+        let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+        let key = default_key(topic, partition, offset);
+        let parsed = self.core.parse(message.payload().unwrap_or_default(), &key);
+        let order_key = parsed.as_ref().ok().map(Record::order_key);
+        let size = value_len(&message);
+        let state = self.state(&id);
+        state.offsets.push_back((offset, None));
+        state.bytes += size;
+        let position = (id, state.generation, offset);
+        self.core.counters().in_flight.inc();
+        let core = self.core.clone();
+        let dead_letter_to = match (&self.producer, &self.settings.dead_letter) {
+            (Some(producer), Some(topic)) => Some((producer.clone(), topic.clone())),
+            _ => None,
+        };
+        let stop = self.stop.clone();
+        let work = async move {
+            match parsed {
+                Ok(record) => {
+                    let position = format!("{}/{}/{}", message.topic(), partition, offset);
+                    core.deliver(&record, &position, &stop).await
+                }
+                Err(malformed) => {
+                    core.counters().malformed.inc();
+                    let reason = malformed.to_string();
+                    tracing::warn!(topic = message.topic(), partition, offset, error = %reason, "malformed record; skipped without delivery");
+                    if let Some((producer, topic)) = dead_letter_to {
+                        dead_letter(&producer, &topic, &message, &reason, &stop).await;
+                    }
+                    true
+                }
+            }
+        };
+        self.flight.add(position, order_key, size, work);
+    }
+
+    /// A record finished: stores the offset after the partition's done
+    /// prefix, and adds the held record if there is room now.
+    fn finish(&mut self, finished: Finished<Position>) {
+        self.core.counters().in_flight.dec();
+        let ((topic, partition), generation, offset) = finished.position;
+        let id: PartitionId = (topic, partition);
+        let limits = self.settings.limits;
+        let Some(state) = self.partitions.get_mut(&id) else {
+            return;
+        };
+        if state.generation != generation {
+            return;
+        }
+        state.bytes = state.bytes.saturating_sub(finished.bytes);
+        if let Ok(i) = state.offsets.binary_search_by_key(&offset, |(o, _)| *o) {
+            state.offsets[i].1 = Some(finished.done);
+        }
+        let mut stored = None;
+        while let Some(&(o, Some(true))) = state.offsets.front() {
+            state.offsets.pop_front();
+            stored = Some(o);
+        }
+        // Resumed at half the bound, not at the first free slot: a resume
+        // costs a fetch round trip, and the half left in flight keeps the
+        // partition busy meanwhile.
+        let release = match &state.held {
+            Some(_) if below_half(state, limits) => state.held.take(),
+            _ => None,
+        };
+        if let Some(done) = stored {
+            self.store(&id, done);
+        }
+        if let Some(held) = release {
+            self.add(id.clone(), held);
+            self.pause_resume(&id, false);
+        }
+    }
+
+    /// Stores `done + 1` as partition `id`'s next offset to commit.
+    fn store(&self, id: &PartitionId, done: i64) {
+        let mut list = TopicPartitionList::new();
+        let stored = list
+            .add_partition_offset(&id.0, id.1, Offset::Offset(done + 1))
+            .and_then(|()| self.consumer.store_offsets(&list));
+        if let Err(error) = stored {
+            // Revoked meanwhile: the new owner re-delivers from the
+            // committed offset (the key makes that safe for stored DMs).
+            tracing::debug!(topic = &*id.0, partition = id.1, %error, "could not store a kafka offset");
+        }
+    }
+
+    /// Pauses (or resumes) fetching partition `id`.
+    fn pause_resume(&self, id: &PartitionId, pause: bool) {
+        let mut list = TopicPartitionList::new();
+        list.add_partition(&id.0, id.1);
+        let result = if pause {
+            self.consumer.pause(&list)
+        } else {
+            self.consumer.resume(&list)
+        };
+        match result {
+            Ok(()) => tracing::debug!(
+                topic = &*id.0,
+                partition = id.1,
+                pause,
+                "kafka partition paused/resumed"
+            ),
+            Err(error) => {
+                tracing::warn!(topic = &*id.0, partition = id.1, pause, %error, "could not pause/resume a kafka partition")
+            }
+        }
+    }
+}
+
+/// The length of a record's value.
+fn value_len(message: &OwnedMessage) -> usize {
+    message.payload().map_or(0, <[u8]>::len)
+}
+
+/// Whether `state` is at most half full, in records and in bytes.
+fn below_half(state: &PartitionState, limits: Limits) -> bool {
+    state.offsets.len() <= limits.items / 2 && state.bytes <= limits.bytes / 2
+}
+
+/// Whether a record of `size` bytes fits in `state` under `limits`.
+fn has_room(state: &PartitionState, size: usize, limits: Limits) -> bool {
+    limits.fit(state.offsets.len(), state.bytes, size)
+}
+
+/// Sleeps until `at`; never resolves without one (the branch is then
+/// disabled anyway).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -402,7 +696,7 @@ async fn process(
 async fn dead_letter(
     producer: &FutureProducer,
     topic: &str,
-    message: &BorrowedMessage<'_>,
+    message: &OwnedMessage,
     reason: &str,
     stop: &CancellationToken,
 ) {

@@ -9,8 +9,10 @@
 //! position in its source), routing it ([`Router::send_dm`] with the key,
 //! or [`Router::send_room`]), the capped backoff between attempts that
 //! failed `unavailable` / `timeout` (interrupted by shutdown), and
-//! [`start`], which starts the configured sources. Each source (`stream`, `kafka`)
-//! owns its own loop: reading, ordering, acknowledging, dead-lettering.
+//! [`start`], which starts the configured sources. [`flight`] runs records
+//! concurrently in per-user (per-room) order. Each source (`stream`,
+//! `kafka`) owns its own loop: reading, bounding what is in flight,
+//! acknowledging, dead-lettering.
 //! It must not issue Redis commands (those are
 //! `switchboard_redis::ingest`'s) nor decide routing (the router's).
 //!
@@ -20,6 +22,7 @@
 //! idempotency record within `--idempotency-window-s`, never stored
 //! twice); a malformed record is never retried.
 
+pub mod flight;
 pub mod kafka;
 pub mod stream;
 
@@ -31,7 +34,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use switchboard_core::metrics::{IngestCounters, Metrics};
-use switchboard_core::protocol::{self, ErrorCode, Publish, PublishTarget, DEFAULT_PUBLISH_FROM};
+use switchboard_core::protocol::{
+    self, DmOptions, ErrorCode, Publish, PublishTarget, DEFAULT_PUBLISH_FROM,
+};
 use switchboard_core::router::{RouteError, Router};
 use switchboard_redis::RedisBackend;
 
@@ -82,6 +87,31 @@ pub struct Ingest {
     counters: IngestCounters,
 }
 
+/// A record read as a publish body, owning what it routes: records in
+/// flight outlive the buffer they were read from.
+#[derive(Debug)]
+pub struct Record {
+    /// The user or room.
+    pub target: PublishTarget,
+    /// The body, as written.
+    pub body: Box<RawValue>,
+    /// `from`: the record's own or [`DEFAULT_FROM`].
+    pub from: String,
+    /// `store` and `key` (the default key when a stored DM names none).
+    pub options: DmOptions,
+}
+
+impl Record {
+    /// What records must not overtake each other for: their user or room
+    /// (`u:<user>`, `r:<room>`).
+    pub fn order_key(&self) -> String {
+        match &self.target {
+            PublishTarget::User(user) => format!("u:{user}"),
+            PublishTarget::Room(room) => format!("r:{room}"),
+        }
+    }
+}
+
 /// How a record was delivered, for logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delivered {
@@ -117,11 +147,7 @@ impl Ingest {
     /// Reads `value` as a publish body. `default_key` (the record's
     /// position) becomes the idempotency key of a stored DM that names
     /// none.
-    pub fn parse<'a>(
-        &self,
-        value: &'a [u8],
-        default_key: &str,
-    ) -> Result<Publish<'a>, MalformedRecord> {
+    pub fn parse(&self, value: &[u8], default_key: &str) -> Result<Record, MalformedRecord> {
         let text = std::str::from_utf8(value).map_err(MalformedRecord::NotUtf8)?;
         let mut publish = protocol::parse_publish(text).map_err(|e| MalformedRecord::Invalid {
             code: e.code,
@@ -141,15 +167,48 @@ impl Ingest {
         {
             publish.options.key = Some(default_key.to_owned());
         }
-        Ok(publish)
+        let Publish {
+            target,
+            body,
+            from,
+            options,
+        } = publish;
+        Ok(Record {
+            target,
+            body: body.to_owned(),
+            from,
+            options,
+        })
+    }
+
+    /// Routes `record` until the router answers Ok: true once done, false
+    /// if `stop` interrupted a retry wait (the record is then not done).
+    /// `position` names the record in logs.
+    pub async fn deliver(&self, record: &Record, position: &str, stop: &CancellationToken) -> bool {
+        let mut attempt = 0u32;
+        loop {
+            match self.route(record).await {
+                Ok(delivered) => {
+                    self.counters.delivered.inc();
+                    tracing::debug!(%position, ?delivered, "record delivered");
+                    return true;
+                }
+                Err(error) => {
+                    attempt += 1;
+                    if !self.retry_wait(attempt, error, position, stop).await {
+                        return false;
+                    }
+                }
+            }
+        }
     }
 
     /// One attempt at routing `publish`.
-    pub async fn route(&self, publish: &Publish<'_>) -> Result<Delivered, RouteError> {
+    pub async fn route(&self, publish: &Record) -> Result<Delivered, RouteError> {
         match &publish.target {
             PublishTarget::User(user) => self
                 .router
-                .send_dm(&publish.from, user, publish.body, &publish.options)
+                .send_dm(&publish.from, user, &publish.body, &publish.options)
                 .await
                 .map(|o| Delivered::Direct {
                     status: o.status.as_str(),
@@ -157,7 +216,7 @@ impl Ingest {
                 }),
             PublishTarget::Room(room) => self
                 .router
-                .send_room(&publish.from, None, room, publish.body)
+                .send_room(&publish.from, None, room, &publish.body)
                 .await
                 .map(|o| Delivered::Room {
                     status: o.status.as_str(),
@@ -180,6 +239,14 @@ impl Ingest {
             tracing::warn!(%position, attempt, %error, "record not delivered; retrying");
         }
         wait(backoff(attempt), stop).await
+    }
+}
+
+/// `--ingest-inflight` and `--ingest-inflight-bytes`.
+pub fn limits(config: &Config) -> flight::Limits {
+    flight::Limits {
+        items: config.ingest_inflight,
+        bytes: config.ingest_inflight_bytes,
     }
 }
 
@@ -247,6 +314,7 @@ pub fn start(
                 tasks.push(tokio::spawn(stream::run(
                     core,
                     consumer,
+                    limits(config),
                     metrics.clone(),
                     stop.clone(),
                 )));
@@ -270,7 +338,12 @@ pub fn start(
             group = %settings.group,
             "consuming from kafka"
         );
-        tasks.push(tokio::spawn(kafka::run(core, settings, stop.clone())));
+        tasks.push(tokio::spawn(kafka::run(
+            core,
+            settings,
+            metrics.ingest_partition_lag.clone(),
+            stop.clone(),
+        )));
     }
     tasks
 }

@@ -7,7 +7,9 @@
 //! half `--ingest-claim-ms` an `XAUTOCLAIM` step over every consumer's
 //! entries idle longer than `--ingest-claim-ms`, otherwise new entries
 //! with a bounded `BLOCK`), processing each batch of at most
-//! `--ingest-batch` entries in stream order, one at a time, and
+//! `--ingest-batch` entries — up to `--ingest-inflight` (and
+//! `--ingest-inflight-bytes`) routed at once, entries for the same user or
+//! room one after another in stream order ([`super::flight`]) — and
 //! acknowledging the done ones; malformed entries are dead-lettered and
 //! acknowledged; the lag gauge. Redis commands are issued by
 //! [`StreamConsumer`] only; what a record means and how it is routed is
@@ -15,9 +17,13 @@
 //!
 //! In flight, at most one batch: nothing is read before the previous batch
 //! is done (or shutdown interrupted it), so no queue grows behind a stalled
-//! record. A record retried for long keeps its batch's entries claimed by
-//! this consumer (`XCLAIM … JUSTID`), so other instances do not take them
-//! over while it is alive.
+//! record. While a batch takes long (a record retried), its done entries
+//! are acknowledged and the others kept claimed by this consumer
+//! (`XCLAIM … JUSTID`) every third of `--ingest-claim-ms`, so other
+//! instances do not take them over while it is alive. Per-user order holds
+//! across the group only with one consumer: with several, entries are
+//! spread over them as read, and two instances may route one user's
+//! entries at the same time.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +35,7 @@ use switchboard_core::protocol::MAX_KEY_LEN;
 use switchboard_redis::ingest::{EntryContent, StreamEntry, VALUE_FIELD};
 use switchboard_redis::{StreamConsumer, StreamSettings, StreamStart};
 
+use super::flight::{Finished, Flight, Limits};
 use super::{backoff, wait, worth_logging, Ingest, MalformedRecord};
 use crate::config::{Config, IngestStart};
 
@@ -106,6 +113,7 @@ enum Next {
 pub async fn run(
     core: Ingest,
     mut consumer: StreamConsumer,
+    limits: Limits,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
@@ -182,73 +190,150 @@ pub async fn run(
             // Continue after the last one; an empty answer ends them.
             own_pending_after = entries.last().map(|e| e.id.clone());
         }
-        let done = process(&core, &mut consumer, &entries, &stop).await;
+        let done = process(&core, &mut consumer, &entries, limits, &stop).await;
         ack(&mut consumer, &done, &stop).await;
     }
     tracing::info!(stream = %settings.stream, "stopped consuming the stream");
 }
 
-/// Processes `entries` in order; returns the ids of those done (delivered,
-/// malformed, deleted). Stops early only when `stop` interrupts a retry.
+/// Processes `entries`: up to `limits` of them routed at once, those
+/// for the same user or room one after another in stream order; returns
+/// the ids of those done (delivered, malformed, deleted) and not yet
+/// acknowledged. While the batch takes long (a record retried), every
+/// third of `--ingest-claim-ms` the done ones are acknowledged and the
+/// others kept claimed by this consumer. Stops early only when `stop`
+/// interrupts retries.
 async fn process(
     core: &Ingest,
     consumer: &mut StreamConsumer,
     entries: &[StreamEntry],
+    limits: Limits,
     stop: &CancellationToken,
 ) -> Vec<String> {
     let stream = consumer.settings().stream.clone();
-    let claim_idle = consumer.settings().claim_idle;
+    let keep_every = consumer.settings().claim_idle / 3;
     let mut done: Vec<String> = Vec::with_capacity(entries.len());
+    let mut finished = vec![false; entries.len()];
+    let mut flight: Flight<usize> = Flight::default();
+    let mut keep_at = Instant::now() + keep_every;
     for (i, entry) in entries.iter().enumerate() {
         let value = match &entry.content {
             EntryContent::Deleted => {
                 done.push(entry.id.clone());
+                finished[i] = true;
                 continue;
             }
             EntryContent::NoValue => Err(MalformedRecord::NoValue { field: VALUE_FIELD }),
             EntryContent::Value(value) => Ok(value),
         };
+        let size = value.as_ref().map_or(0, |v| v.len());
         let key = default_key(&stream, &entry.id);
-        let publish = match value.and_then(|value| core.parse(value, &key)) {
-            Ok(publish) => publish,
+        let record = match value.and_then(|value| core.parse(value, &key)) {
+            Ok(record) => record,
             Err(malformed) => {
                 dead_letter(core, consumer, entry, &malformed, stop).await;
                 done.push(entry.id.clone());
+                finished[i] = true;
                 continue;
             }
         };
-        let mut attempt = 0u32;
-        let mut kept = Instant::now();
-        loop {
-            match core.route(&publish).await {
-                Ok(delivered) => {
-                    core.counters().delivered.inc();
-                    tracing::debug!(stream = %stream, id = %entry.id, ?delivered, "record delivered");
-                    done.push(entry.id.clone());
-                    break;
+        while !limits.fit(flight.len(), flight.bytes(), size) {
+            let Some(finish) = next_finished(
+                &mut flight,
+                &mut keep_at,
+                keep_every,
+                consumer,
+                entries,
+                &finished,
+                &mut done,
+            )
+            .await
+            else {
+                break;
+            };
+            settle(core, finish, entries, &mut finished, &mut done);
+        }
+        let order_key = record.order_key();
+        let position = format!("{stream}/{}", entry.id);
+        let task_core = core.clone();
+        let stop = stop.clone();
+        core.counters().in_flight.inc();
+        flight.add(i, Some(order_key), size, async move {
+            task_core.deliver(&record, &position, &stop).await
+        });
+    }
+    while let Some(finish) = next_finished(
+        &mut flight,
+        &mut keep_at,
+        keep_every,
+        consumer,
+        entries,
+        &finished,
+        &mut done,
+    )
+    .await
+    {
+        settle(core, finish, entries, &mut finished, &mut done);
+    }
+    done
+}
+
+/// Records a finished entry.
+fn settle(
+    core: &Ingest,
+    finish: Finished<usize>,
+    entries: &[StreamEntry],
+    finished: &mut [bool],
+    done: &mut Vec<String>,
+) {
+    core.counters().in_flight.dec();
+    if finish.done {
+        if let (Some(entry), Some(flag)) = (
+            entries.get(finish.position),
+            finished.get_mut(finish.position),
+        ) {
+            done.push(entry.id.clone());
+            *flag = true;
+        }
+    }
+}
+
+/// The next entry of `flight` to finish (`None`: nothing in flight). Each
+/// time `keep_at` passes meanwhile, acknowledges `done` (then cleared) and
+/// keeps the entries not finished claimed (`XCLAIM … JUSTID`), so no other
+/// instance takes them over while this one is alive.
+async fn next_finished(
+    flight: &mut Flight<usize>,
+    keep_at: &mut Instant,
+    keep_every: Duration,
+    consumer: &mut StreamConsumer,
+    entries: &[StreamEntry],
+    finished: &[bool],
+    done: &mut Vec<String>,
+) -> Option<Finished<usize>> {
+    loop {
+        if flight.is_empty() {
+            return None;
+        }
+        tokio::select! {
+            finish = flight.next() => return finish,
+            _ = tokio::time::sleep_until((*keep_at).into()) => {
+                if !done.is_empty() && consumer.ack(done).await.is_ok() {
+                    done.clear();
                 }
-                Err(error) => {
-                    attempt += 1;
-                    if attempt == 1 && !done.is_empty() && consumer.ack(&done).await.is_ok() {
-                        // Acknowledged before a wait of unknown length.
-                        done.clear();
-                    }
-                    if kept.elapsed() >= claim_idle / 3 {
-                        let rest: Vec<String> = entries[i..].iter().map(|e| e.id.clone()).collect();
-                        if let Err(e) = consumer.keep(&rest).await {
-                            tracing::debug!(error = %e, "could not keep the batch's entries claimed");
-                        }
-                        kept = Instant::now();
-                    }
-                    let position = format!("{stream}/{}", entry.id);
-                    if !core.retry_wait(attempt, error, &position, stop).await {
-                        return done;
-                    }
+                let rest: Vec<String> = entries
+                    .iter()
+                    .zip(finished)
+                    .filter(|(_, finished)| !**finished)
+                    .map(|(e, _)| e.id.clone())
+                    .collect();
+                if let Err(e) = consumer.keep(&rest).await {
+                    tracing::debug!(error = %e, "could not keep the batch's entries claimed");
                 }
+                *keep_at = Instant::now() + keep_every;
             }
         }
     }
-    done
 }
 
 /// Counts and logs a malformed entry (never its value) and copies it to

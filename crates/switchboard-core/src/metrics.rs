@@ -40,6 +40,31 @@ struct SourceLabel {
     source: &'static str,
 }
 
+/// One Kafka partition: its topic and number.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabel {
+    /// The topic.
+    pub topic: String,
+    /// The partition number.
+    pub partition: i32,
+}
+
+/// One gauge per Kafka partition (`switchboard_ingest_partition_lag`).
+#[derive(Clone, Debug, Default)]
+pub struct PartitionGauges(Family<PartitionLabel, Gauge>);
+
+impl PartitionGauges {
+    /// Sets `partition`'s gauge, creating its series.
+    pub fn set(&self, partition: &PartitionLabel, value: i64) {
+        self.0.get_or_create(partition).set(value);
+    }
+
+    /// Removes `partition`'s series (it left this instance).
+    pub fn remove(&self, partition: &PartitionLabel) {
+        self.0.remove(partition);
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SourceOutcomeLabel {
     source: &'static str,
@@ -59,6 +84,12 @@ pub struct IngestCounters {
     /// Records in the source not yet delivered and acknowledged (best
     /// available: for a stream, the group's lag plus its pending entries).
     pub lag: Gauge,
+    /// Records read and not yet done (routed, stored, malformed or given
+    /// up at shutdown).
+    pub in_flight: Gauge,
+    /// Times a partition (Kafka) was paused because its records in flight
+    /// reached `--ingest-inflight` or `--ingest-inflight-bytes`.
+    pub paused: Counter,
 }
 
 /// Counters of the outcomes of one kind of send (DM or room message).
@@ -235,6 +266,10 @@ pub struct Metrics {
     /// Stream entries this instance claimed (`XAUTOCLAIM`) from a consumer
     /// that left them idle past `--ingest-claim-ms`.
     pub ingest_claimed: Counter,
+    /// Per Kafka partition this instance owns: high watermark minus the
+    /// stored offset (librdkafka's `consumer_lag_stored`); a partition's
+    /// series is removed when the partition leaves this instance.
+    pub ingest_partition_lag: PartitionGauges,
 }
 
 impl Metrics {
@@ -479,6 +514,24 @@ impl Metrics {
             "Stream entries claimed (XAUTOCLAIM) from a consumer that left them idle past --ingest-claim-ms",
             ingest_claimed.clone(),
         );
+        let ingest_in_flight = Family::<SourceLabel, Gauge>::default();
+        registry.register(
+            "switchboard_ingest_in_flight",
+            "Records read from the source and not yet done (routed, stored or malformed), by source",
+            ingest_in_flight.clone(),
+        );
+        let ingest_paused = Family::<SourceLabel, Counter>::default();
+        registry.register(
+            "switchboard_ingest_paused",
+            "Times a Kafka partition was paused because its records in flight reached --ingest-inflight or --ingest-inflight-bytes",
+            ingest_paused.clone(),
+        );
+        let ingest_partition_lag = PartitionGauges::default();
+        registry.register(
+            "switchboard_ingest_partition_lag",
+            "Per Kafka partition this instance owns: high watermark minus the stored offset",
+            ingest_partition_lag.0.clone(),
+        );
         let ingest = |source: &'static str| IngestCounters {
             delivered: ingest_records.get_or_create_owned(&SourceOutcomeLabel {
                 source,
@@ -493,6 +546,8 @@ impl Metrics {
                 outcome: "retried",
             }),
             lag: ingest_lag.get_or_create_owned(&SourceLabel { source }),
+            in_flight: ingest_in_flight.get_or_create_owned(&SourceLabel { source }),
+            paused: ingest_paused.get_or_create_owned(&SourceLabel { source }),
         };
 
         let bus = |family: &Family<KindLabel, Counter>| BusCounters {
@@ -609,6 +664,7 @@ impl Metrics {
             ingest_stream: ingest("stream"),
             ingest_kafka: ingest("kafka"),
             ingest_claimed,
+            ingest_partition_lag,
             registry,
         })
     }
@@ -646,6 +702,8 @@ mod tests {
             "switchboard_ingest_records_total{source=\"kafka\",outcome=\"retried\"} 0",
             "switchboard_ingest_lag{source=\"stream\"} 0",
             "switchboard_ingest_claimed_total 0",
+            "switchboard_ingest_in_flight{source=\"kafka\"} 0",
+            "switchboard_ingest_paused_total{source=\"kafka\"} 0",
         ] {
             assert!(text.contains(series), "{series} in {text}");
         }
