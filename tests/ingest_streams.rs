@@ -468,6 +468,71 @@ async fn a_restarted_consumer_resumes_after_what_it_acknowledged() {
     assert_eq!(got, (1..=total + 10).collect::<Vec<_>>());
 }
 
+/// Names of the group's consumers.
+async fn consumers(redis: &RedisServer) -> BTreeSet<String> {
+    let list: Vec<HashMap<String, Option<String>>> =
+        redis.cmd(&["XINFO", "CONSUMERS", STREAM, GROUP]).await;
+    list.iter()
+        .filter_map(|c| c.get("name").cloned().flatten())
+        .collect()
+}
+
+/// Consumers left behind — an instance stopped for good, and one that read
+/// an entry and vanished — are removed from the group once idle ten
+/// `--ingest-claim-ms` with nothing pending; the vanished one's entry is
+/// claimed and delivered first, never dropped with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_of_instances_gone_are_removed_from_the_group() {
+    let redis = RedisServer::start().await;
+    let flags = [("--ingest-claim-ms", "200")];
+    let mut gone = Instance::spawn(consumer("gone1", &redis, &flags)).await;
+    seen(&gone, "bob").await;
+    let mut producer = Producer::new(&["bob"], 0);
+    for _ in 0..5 {
+        xadd(&redis, &producer.record()).await;
+    }
+    drained(&redis, &gone, Duration::from_secs(10)).await;
+    gone.terminate(Duration::from_secs(10)).await;
+    // A consumer that read an entry and never acknowledged it.
+    xadd(&redis, &producer.record()).await;
+    let () = redis
+        .cmd(&[
+            "XREADGROUP",
+            "GROUP",
+            GROUP,
+            "ghost",
+            "COUNT",
+            "1",
+            "STREAMS",
+            STREAM,
+            ">",
+        ])
+        .await;
+    assert_eq!(pending_of(&redis, "ghost").await, 1);
+    assert_eq!(
+        consumers(&redis).await,
+        BTreeSet::from(["ghost".to_owned(), "gone1".to_owned()])
+    );
+    let live = Instance::spawn(consumer("live1", &redis, &flags)).await;
+    eventually(
+        Duration::from_secs(20),
+        "only the live consumer is left",
+        || async { consumers(&redis).await == BTreeSet::from(["live1".to_owned()]) },
+    )
+    .await;
+    assert!(
+        live.metric(CLAIMED).await >= 1.0,
+        "the ghost's entry was claimed"
+    );
+    let mut bob = Client::connect_user(&live, "bob").await;
+    let got = numbered_bodies(&frames_until_ping(&mut bob, RECV_TIMEOUT).await);
+    assert_eq!(
+        got,
+        (1..=6).collect::<Vec<_>>(),
+        "every record once, in order"
+    );
+}
+
 /// Redis restarted empty: the stream and the group are gone; the consumer
 /// creates the group again (`NOGROUP`) and delivers the records added
 /// after the restart.

@@ -5,7 +5,9 @@
 //! consumer's own pending entries first — what a previous process with
 //! this instance id read and did not acknowledge —, then at most every
 //! half `--ingest-claim-ms` an `XAUTOCLAIM` step over every consumer's
-//! entries idle longer than `--ingest-claim-ms`, otherwise new entries
+//! entries idle longer than `--ingest-claim-ms` — after a full pass, at
+//! most every [`FORGET_EVERY`], consumers idle ten times that with nothing
+//! pending are removed from the group —, otherwise new entries
 //! with a bounded `BLOCK`), processing each batch of at most
 //! `--ingest-batch` entries — up to `--ingest-inflight` (and
 //! `--ingest-inflight-bytes`) routed at once, entries for the same user or
@@ -42,6 +44,14 @@ use crate::config::{Config, IngestStart};
 /// Longest `BLOCK` of a read of new entries: how long a shutdown may wait
 /// for the read in progress.
 const BLOCK: Duration = Duration::from_millis(500);
+
+/// Consumers idle this many `--ingest-claim-ms` with nothing pending are
+/// removed from the group (instances gone).
+const FORGET_AFTER_CLAIMS: u32 = 10;
+
+/// At most this often, after a full claim pass, idle consumers are looked
+/// for.
+const FORGET_EVERY: Duration = Duration::from_secs(10);
 
 /// How often the lag gauge is refreshed (`XINFO GROUPS`).
 const LAG_EVERY: Duration = Duration::from_secs(1);
@@ -137,6 +147,8 @@ pub async fn run(
     // long enough are taken over without waiting.
     let mut next_claim = Instant::now();
     let mut next_lag = Instant::now();
+    let mut forget_due = false;
+    let mut next_forget = Instant::now();
     while !stop.is_cancelled() {
         let now = Instant::now();
         if now >= next_lag {
@@ -161,12 +173,25 @@ pub async fn run(
                 }
                 if c.cursor == "0-0" {
                     next_claim = Instant::now() + claim_every;
+                    forget_due = true;
                 }
                 claim_cursor = c.cursor;
                 c.entries
             }),
             Next::New => consumer.read_new().await,
         };
+        if forget_due && Instant::now() >= next_forget {
+            forget_due = false;
+            next_forget = Instant::now() + FORGET_EVERY;
+            let idle = settings.claim_idle.saturating_mul(FORGET_AFTER_CLAIMS);
+            match consumer.forget_idle_consumers(idle).await {
+                Ok(0) => {}
+                Ok(n) => {
+                    tracing::info!(stream = %settings.stream, consumers = n, "removed consumers idle with nothing pending")
+                }
+                Err(e) => tracing::debug!(error = %e, "could not remove idle consumers"),
+            }
+        }
         let entries = match read {
             Ok(entries) => {
                 failures = 0;

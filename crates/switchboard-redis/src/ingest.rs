@@ -391,6 +391,28 @@ impl StreamConsumer {
             .map(|_| ())
     }
 
+    /// Removes the group's consumers other than this one that hold no
+    /// pending entry and were idle at least `idle` (instances gone: an
+    /// instance id is new at every start, so each restart leaves one);
+    /// returns how many. One script, so a consumer cannot read between the
+    /// check and the removal (removing a consumer drops its pending
+    /// entries; it has none). A live consumer reads every `BLOCK` and is
+    /// never that idle; one removed anyway is created again by its next
+    /// read.
+    pub async fn forget_idle_consumers(&mut self, idle: Duration) -> Result<usize, BackendError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(FORGET_IDLE_CONSUMERS)
+            .arg(1)
+            .arg(&self.settings.stream)
+            .arg(&self.settings.group)
+            .arg(&self.settings.consumer)
+            .arg(idle.as_millis() as u64);
+        let value = self
+            .run_in_group("XGROUP DELCONSUMER", &cmd, self.response_timeout())
+            .await?;
+        Ok(elements(&value).map_or(0, <[Value]>::len))
+    }
+
     /// `XACK` of `ids` (done entries). Acknowledging an entry that is not
     /// pending any more is harmless.
     pub async fn ack(&mut self, ids: &[String]) -> Result<(), BackendError> {
@@ -462,6 +484,22 @@ impl StreamConsumer {
         parse_groups(value, &self.settings.group)
     }
 }
+
+/// [`StreamConsumer::forget_idle_consumers`]: KEYS[1] the stream, ARGV the
+/// group, this consumer, the idle time in ms. Replies are RESP2 inside a
+/// script: each consumer a flat field/value list.
+const FORGET_IDLE_CONSUMERS: &str = r"
+local removed = {}
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+  if info['name'] ~= ARGV[2] and info['pending'] == 0 and info['idle'] >= tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    removed[#removed + 1] = info['name']
+  end
+end
+return removed
+";
 
 /// A failed command: a missing group is told apart (it is created again).
 enum Failure {
