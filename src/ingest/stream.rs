@@ -37,7 +37,7 @@ use switchboard_core::protocol::MAX_KEY_LEN;
 use switchboard_redis::ingest::{EntryContent, StreamEntry, VALUE_FIELD};
 use switchboard_redis::{StreamConsumer, StreamSettings, StreamStart};
 
-use super::flight::{Finished, Flight, Limits};
+use super::flight::{Flight, Limits};
 use super::{backoff, wait, worth_logging, Ingest, MalformedRecord};
 use crate::config::{Config, IngestStart};
 
@@ -237,15 +237,18 @@ async fn process(
 ) -> Vec<String> {
     let stream = consumer.settings().stream.clone();
     let keep_every = consumer.settings().claim_idle / 3;
-    let mut done: Vec<String> = Vec::with_capacity(entries.len());
-    let mut finished = vec![false; entries.len()];
-    let mut flight: Flight<usize> = Flight::default();
-    let mut keep_at = Instant::now() + keep_every;
+    let mut batch = Batch {
+        entries,
+        finished: vec![false; entries.len()],
+        done: Vec::with_capacity(entries.len()),
+        flight: Flight::default(),
+        keep_every,
+        keep_at: Instant::now() + keep_every,
+    };
     for (i, entry) in entries.iter().enumerate() {
         let value = match &entry.content {
             EntryContent::Deleted => {
-                done.push(entry.id.clone());
-                finished[i] = true;
+                batch.mark_done(i);
                 continue;
             }
             EntryContent::NoValue => Err(MalformedRecord::NoValue { field: VALUE_FIELD }),
@@ -257,105 +260,86 @@ async fn process(
             Ok(record) => record,
             Err(malformed) => {
                 dead_letter(core, consumer, entry, &malformed, stop).await;
-                done.push(entry.id.clone());
-                finished[i] = true;
+                batch.mark_done(i);
                 continue;
             }
         };
-        while !limits.fit(flight.len(), flight.bytes(), size) {
-            let Some(finish) = next_finished(
-                &mut flight,
-                &mut keep_at,
-                keep_every,
-                consumer,
-                entries,
-                &finished,
-                &mut done,
-            )
-            .await
-            else {
+        while !limits.fit(batch.flight.len(), batch.flight.bytes(), size) {
+            if !batch.finish_one(core, consumer).await {
                 break;
-            };
-            settle(core, finish, entries, &mut finished, &mut done);
+            }
         }
         let order_key = record.order_key();
         let position = format!("{stream}/{}", entry.id);
         let task_core = core.clone();
         let stop = stop.clone();
         core.counters().in_flight.inc();
-        flight.add(i, Some(order_key), size, async move {
+        batch.flight.add(i, Some(order_key), size, async move {
             task_core.deliver(&record, &position, &stop).await
         });
     }
-    while let Some(finish) = next_finished(
-        &mut flight,
-        &mut keep_at,
-        keep_every,
-        consumer,
-        entries,
-        &finished,
-        &mut done,
-    )
-    .await
-    {
-        settle(core, finish, entries, &mut finished, &mut done);
-    }
-    done
+    while batch.finish_one(core, consumer).await {}
+    batch.done
 }
 
-/// Records a finished entry.
-fn settle(
-    core: &Ingest,
-    finish: Finished<usize>,
-    entries: &[StreamEntry],
-    finished: &mut [bool],
-    done: &mut Vec<String>,
-) {
-    core.counters().in_flight.dec();
-    if finish.done {
-        if let (Some(entry), Some(flag)) = (
-            entries.get(finish.position),
-            finished.get_mut(finish.position),
-        ) {
-            done.push(entry.id.clone());
+/// One batch being processed.
+struct Batch<'a> {
+    entries: &'a [StreamEntry],
+    /// Per entry: done.
+    finished: Vec<bool>,
+    /// Ids done and not yet acknowledged.
+    done: Vec<String>,
+    /// Entries being routed, by index.
+    flight: Flight<usize>,
+    keep_every: Duration,
+    /// When the done ones are acknowledged and the others kept claimed.
+    keep_at: Instant,
+}
+
+impl Batch<'_> {
+    /// Entry `i` is done.
+    fn mark_done(&mut self, i: usize) {
+        if let (Some(entry), Some(flag)) = (self.entries.get(i), self.finished.get_mut(i)) {
+            self.done.push(entry.id.clone());
             *flag = true;
         }
     }
-}
 
-/// The next entry of `flight` to finish (`None`: nothing in flight). Each
-/// time `keep_at` passes meanwhile, acknowledges `done` (then cleared) and
-/// keeps the entries not finished claimed (`XCLAIM … JUSTID`), so no other
-/// instance takes them over while this one is alive.
-async fn next_finished(
-    flight: &mut Flight<usize>,
-    keep_at: &mut Instant,
-    keep_every: Duration,
-    consumer: &mut StreamConsumer,
-    entries: &[StreamEntry],
-    finished: &[bool],
-    done: &mut Vec<String>,
-) -> Option<Finished<usize>> {
-    loop {
-        if flight.is_empty() {
-            return None;
-        }
-        tokio::select! {
-            finish = flight.next() => return finish,
-            _ = tokio::time::sleep_until((*keep_at).into()) => {
-                if !done.is_empty() && consumer.ack(done).await.is_ok() {
-                    done.clear();
+    /// Waits for the next entry in flight to finish and records it; false
+    /// when nothing is in flight. Each time `keep_at` passes meanwhile,
+    /// acknowledges the done ones and keeps the others claimed
+    /// (`XCLAIM … JUSTID`), so no other instance takes them over while
+    /// this one is alive.
+    async fn finish_one(&mut self, core: &Ingest, consumer: &mut StreamConsumer) -> bool {
+        loop {
+            if self.flight.is_empty() {
+                return false;
+            }
+            tokio::select! {
+                finish = self.flight.next() => {
+                    let Some(finish) = finish else { return false };
+                    core.counters().in_flight.dec();
+                    if finish.done {
+                        self.mark_done(finish.position);
+                    }
+                    return true;
                 }
-                let rest: Vec<String> = entries
-                    .iter()
-                    .zip(finished)
-                    .filter(|(_, finished)| !**finished)
-                    .map(|(e, _)| e.id.clone())
-                    .collect();
-                if let Err(e) = consumer.keep(&rest).await {
-                    tracing::debug!(error = %e, "could not keep the batch's entries claimed");
+                _ = tokio::time::sleep_until(self.keep_at.into()) => {
+                    if !self.done.is_empty() && consumer.ack(&self.done).await.is_ok() {
+                        self.done.clear();
+                    }
+                    let rest: Vec<String> = self
+                        .entries
+                        .iter()
+                        .zip(&self.finished)
+                        .filter(|(_, finished)| !**finished)
+                        .map(|(e, _)| e.id.clone())
+                        .collect();
+                    if let Err(e) = consumer.keep(&rest).await {
+                        tracing::debug!(error = %e, "could not keep the batch's entries claimed");
+                    }
+                    self.keep_at = Instant::now() + self.keep_every;
                 }
-                *keep_at = Instant::now() + keep_every;
             }
         }
     }
