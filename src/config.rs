@@ -397,16 +397,26 @@ pub struct Config {
 
     /// Records routed at once per Kafka partition (and per stream
     /// consumer); records for the same user or room go one after another,
-    /// in offset order. A Kafka partition with this many records in flight
-    /// is paused until one is done.
+    /// in offset order.
     #[arg(long, env = "SWITCHBOARD_INGEST_INFLIGHT", default_value_t = 64)]
     pub ingest_inflight: usize,
 
-    /// Bytes of record values in flight per Kafka partition (and per
-    /// stream consumer); past it the partition is paused as for
-    /// --ingest-inflight. A single larger record is still taken alone.
+    /// Bytes of record values read and not done per Kafka partition (past
+    /// it the partition is paused, as for --kafka-partition-buffer), and
+    /// routed at once per stream consumer. A single larger record is still
+    /// taken alone.
     #[arg(long, env = "SWITCHBOARD_INGEST_INFLIGHT_BYTES", default_value_t = 1 << 20)]
     pub ingest_inflight_bytes: usize,
+
+    /// Records read and not done per Kafka partition (routed, or waiting
+    /// for --ingest-inflight); a partition at it is paused until it is down
+    /// to half.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_KAFKA_PARTITION_BUFFER",
+        default_value_t = 1000
+    )]
+    pub kafka_partition_buffer: usize,
 
     /// Stream malformed entries are copied to (their `v`, and `stream`,
     /// `id`, `error` fields; capped at about 100,000 entries) before they
@@ -545,8 +555,8 @@ pub enum ConfigError {
     /// Ingestion settings out of range.
     #[error(
         "--ingest-stream and --ingest-group must not be empty, --ingest-batch and \
-         --ingest-inflight must be 1 to 10000, --ingest-inflight-bytes at least 1 and \
-         --ingest-claim-ms at least 100"
+         --ingest-inflight must be 1 to 10000, --kafka-partition-buffer 1 to 1000000, \
+         --ingest-inflight-bytes at least 1 and --ingest-claim-ms at least 100"
     )]
     IngestSettings,
     /// Kafka settings incomplete or out of range.
@@ -671,7 +681,10 @@ impl Config {
     fn validate_ingest(&mut self) -> Result<(), ConfigError> {
         self.ingest_stream.take_if(|s| s.is_empty());
         self.ingest_dead_letter_stream.take_if(|s| s.is_empty());
-        if !(1..=10_000).contains(&self.ingest_inflight) || self.ingest_inflight_bytes == 0 {
+        if !(1..=10_000).contains(&self.ingest_inflight)
+            || self.ingest_inflight_bytes == 0
+            || !(1..=1_000_000).contains(&self.kafka_partition_buffer)
+        {
             return Err(ConfigError::IngestSettings);
         }
         if self.ingest_stream.is_none() {
@@ -858,6 +871,7 @@ impl Config {
             ingest_batch: 100,
             ingest_inflight: 64,
             ingest_inflight_bytes: 1 << 20,
+            kafka_partition_buffer: 1000,
             ingest_dead_letter_stream: None,
             kafka_brokers: Vec::new(),
             kafka_topics: Vec::new(),

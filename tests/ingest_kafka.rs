@@ -466,9 +466,10 @@ async fn a_killed_members_partitions_are_taken_over_exactly_once_in_order() {
     );
 }
 
-/// `--ingest-inflight 4`: a partition with four records in flight is
-/// paused and resumed as they finish (counted); every record still arrives
-/// once, in per-user order, and the partition's lag series drains to 0.
+/// `--ingest-inflight 4 --kafka-partition-buffer 8`: four records routed
+/// at once, a partition with eight read and not done is paused and resumed
+/// at four (counted); every record still arrives once, in per-user order,
+/// and the partition's lag series drains to 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_partition_is_paused_and_resumed_without_loss() {
     let (tansu, redis) = tokio::join!(Tansu::start(), RedisServer::start());
@@ -478,7 +479,7 @@ async fn a_full_partition_is_paused_and_resumed_without_loss() {
         &tansu,
         &redis,
         "g5",
-        &[("--ingest-inflight", "4")],
+        &[("--ingest-inflight", "4"), ("--kafka-partition-buffer", "8")],
     ))
     .await;
     let users: Vec<String> = (0..10).map(|u| format!("p{u}")).collect();

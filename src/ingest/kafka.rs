@@ -21,27 +21,30 @@
 //! produced before the first instance started is lost).
 //!
 //! **Order and bounds.** Records are routed concurrently
-//! ([`super::flight`]): up to `--ingest-inflight` records and
-//! `--ingest-inflight-bytes` bytes of values per partition, the records of
-//! one user (or room) one after another in offset order — with key = user
-//! id, a user's records are in one partition, so per-user order is the
-//! partition's. A partition at its bound is **paused** (librdkafka stops
-//! fetching it, drops what it had prefetched for it, and fetches again from
-//! after the last record handed out once resumed); the record read when it
-//! filled is held and added once the partition is down to half its bound,
-//! then the partition is resumed (hysteresis: a resume costs a fetch round
-//! trip, up to `fetch.wait.max.ms` = [`FETCH_WAIT_MS`]) (`switchboard_ingest_paused_total`
-//! counts the pauses). The other partitions go on meanwhile. A partition's
-//! offset is stored at its **done prefix**: after the last record such that
-//! it and every one before it are done, so a record retried for long
-//! (`unavailable` / `timeout`, capped backoff, same key) holds back its
-//! partition's commits, never the records after it of other users, and
-//! never another partition. librdkafka's own prefetch, before records
-//! reach this module, is bounded by `queued.max.messages.kbytes` =
-//! [`QUEUED_MAX_KBYTES`] and `queued.min.messages` =
-//! [`QUEUED_MIN_MESSAGES`]. A partition revoked while records of it are in
-//! flight lets them finish without storing (its new owner resumes from the
-//! committed offsets: at-least-once).
+//! ([`super::flight`]): up to `--ingest-inflight` records per partition at
+//! once, the records of one user (or room) one after another in offset
+//! order — with key = user id, a user's records are in one partition, so
+//! per-user order is the partition's. Records read beyond that wait in
+//! their partition, in order. A partition whose records read and not done
+//! reach `--kafka-partition-buffer` records or `--ingest-inflight-bytes`
+//! bytes is **paused** (librdkafka stops fetching it, drops what it had
+//! prefetched for it, and fetches again from after the last record handed
+//! out once resumed) and resumed once it is down to half
+//! (`switchboard_ingest_paused_total` counts the pauses); the other
+//! partitions go on meanwhile. The buffer is what makes pauses rare: each
+//! costs a fetch round trip (up to `fetch.wait.max.ms` = [`FETCH_WAIT_MS`])
+//! and the refetch of what was dropped, so with only the in-flight window
+//! as the bound a backlog drained at ~300 records/s instead of thousands
+//! (docs/BENCHMARKS.md). A partition's offset is stored at its **done
+//! prefix**: after the last record such that it and every one before it
+//! are done, so a record retried for long (`unavailable` / `timeout`,
+//! capped backoff, same key) holds back its partition's commits and its
+//! user's later records, never other users' records or another partition.
+//! librdkafka's own prefetch, before records reach this module, is bounded
+//! by `queued.max.messages.kbytes` = [`QUEUED_MAX_KBYTES`] and
+//! `queued.min.messages` = [`QUEUED_MIN_MESSAGES`]. A partition revoked
+//! while records of it are in flight lets them finish without storing (its
+//! new owner resumes from the committed offsets: at-least-once).
 //!
 //! **Lag.** `switchboard_ingest_lag{source="kafka"}` is the sum over this
 //! instance's partitions of librdkafka's `consumer_lag_stored` (high
@@ -139,8 +142,13 @@ pub struct KafkaSettings {
     pub options: Vec<(String, String)>,
     /// `client.id`: the instance id.
     pub client_id: String,
-    /// Records in flight per partition.
+    /// Records routed at once per partition (`--ingest-inflight`), and
+    /// bytes of values read and not done per partition
+    /// (`--ingest-inflight-bytes`).
     pub limits: Limits,
+    /// Records read and not done per partition before it is paused
+    /// (`--kafka-partition-buffer`).
+    pub buffer: usize,
 }
 
 /// The consumer's settings from the configuration.
@@ -154,6 +162,7 @@ pub fn settings(config: &Config) -> KafkaSettings {
         options: config.kafka_options(),
         client_id: config.instance().to_owned(),
         limits: super::limits(config),
+        buffer: config.kafka_partition_buffer,
     }
 }
 
@@ -350,20 +359,31 @@ type Position = (PartitionId, u64, i64);
 /// A partition: topic and number.
 type PartitionId = (Arc<str>, i32);
 
-/// One assigned partition's records in flight.
+/// One assigned partition's records read and not yet done.
 #[derive(Default)]
 struct PartitionState {
     /// Bumped when the partition is revoked: records of an older
     /// generation finish without touching this state.
     generation: u64,
-    /// Offsets added and not yet stored, in offset order, each with its
+    /// Offsets started and not yet stored, in offset order, each with its
     /// outcome once finished.
     offsets: VecDeque<(i64, Option<bool>)>,
-    /// Bytes of their values.
+    /// Started and not finished (at most `--ingest-inflight`).
+    running: usize,
+    /// Read and not started yet, in offset order.
+    waiting: VecDeque<OwnedMessage>,
+    /// Bytes of the values of the running and waiting records.
     bytes: usize,
-    /// The record read when the partition was full; the partition is
-    /// paused until it is added.
-    held: Option<OwnedMessage>,
+    /// Paused by this module (its records read and not done reached the
+    /// bound); resumed at half.
+    paused: bool,
+}
+
+impl PartitionState {
+    /// Records read and not done.
+    fn held(&self) -> usize {
+        self.running + self.waiting.len()
+    }
 }
 
 /// The consumer's loop state; see [`run`].
@@ -465,7 +485,7 @@ impl Dispatcher {
                     match message {
                         Ok(message) => {
                             failures = 0;
-                            self.admit(message).await;
+                            self.admit(message);
                         }
                         Err(error) => {
                             failures += 1;
@@ -498,30 +518,28 @@ impl Dispatcher {
         }
     }
 
-    /// Adds `message` to the records in flight if its partition has room,
-    /// otherwise pauses the partition and holds it.
-    async fn admit(&mut self, message: OwnedMessage) {
+    /// Takes `message` into its partition: started at once if fewer than
+    /// `--ingest-inflight` of the partition's records are running,
+    /// otherwise waiting; a partition whose records read and not done
+    /// reach `--kafka-partition-buffer` or `--ingest-inflight-bytes` is
+    /// paused.
+    fn admit(&mut self, message: OwnedMessage) {
         let id: PartitionId = (Arc::from(message.topic()), message.partition());
-        if self
-            .partitions
-            .get(&id)
-            .is_some_and(|state| state.held.is_some())
-        {
-            // librdkafka drops what it had fetched for a partition when it
-            // is paused and fetches again from after the last record
-            // handed out on resume, so this is not expected; if it does
-            // happen, wait for room rather than hold two.
-            self.make_room(&id).await;
-        }
         let size = value_len(&message);
-        let limits = self.settings.limits;
         let state = self.state(&id);
-        if has_room(state, size, limits) {
-            self.add(id, message);
-        } else {
-            state.held = Some(message);
-            self.core.counters().paused.inc();
-            self.pause_resume(&id, true);
+        state.bytes += size;
+        state.waiting.push_back(message);
+        self.start_waiting(&id);
+        let (buffer, limits) = (self.settings.buffer, self.settings.limits);
+        if let Some(state) = self.partitions.get_mut(&id) {
+            if !state.paused && (state.held() >= buffer || state.bytes >= limits.bytes) {
+                // librdkafka drops what it had fetched for the partition
+                // and fetches again from after the last record handed out
+                // once resumed: nothing is lost, nothing read twice.
+                state.paused = true;
+                self.core.counters().paused.inc();
+                self.pause_resume(&id, true);
+            }
         }
     }
 
@@ -537,24 +555,22 @@ impl Dispatcher {
         })
     }
 
-    /// Finishes records until partition `id` has room for its held record,
-    /// which is then added (and the partition resumed).
-    async fn make_room(&mut self, id: &PartitionId) {
-        while self.partitions.get(id).is_some_and(|s| s.held.is_some()) {
-            match self.flight.next().await {
-                Some(finished) => self.finish(finished),
-                None => {
-                    // Nothing in flight: the held record fits alone.
-                    if let Some(held) = self.partitions.get_mut(id).and_then(|s| s.held.take()) {
-                        self.add(id.clone(), held);
-                        self.pause_resume(id, false);
-                    }
-                }
-            }
+    /// Starts partition `id`'s waiting records while fewer than
+    /// `--ingest-inflight` are running.
+    fn start_waiting(&mut self, id: &PartitionId) {
+        let inflight = self.settings.limits.items;
+        while let Some(message) = self
+            .partitions
+            .get_mut(id)
+            .filter(|state| state.running < inflight)
+            .and_then(|state| state.waiting.pop_front())
+        {
+            self.add(id.clone(), message);
         }
     }
 
-    /// Starts routing `message` (of partition `id`, which has room).
+    /// Starts routing `message` (of partition `id`; its bytes are counted
+    /// already).
     fn add(&mut self, id: PartitionId, message: OwnedMessage) {
         let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
         let key = default_key(topic, partition, offset);
@@ -563,7 +579,7 @@ impl Dispatcher {
         let size = value_len(&message);
         let state = self.state(&id);
         state.offsets.push_back((offset, None));
-        state.bytes += size;
+        state.running += 1;
         let position = (id, state.generation, offset);
         self.core.counters().in_flight.inc();
         let core = self.core.clone();
@@ -593,18 +609,20 @@ impl Dispatcher {
     }
 
     /// A record finished: stores the offset after the partition's done
-    /// prefix, and adds the held record if there is room now.
+    /// prefix, starts waiting records, and resumes the partition once it is
+    /// down to half its bounds.
     fn finish(&mut self, finished: Finished<Position>) {
         self.core.counters().in_flight.dec();
         let ((topic, partition), generation, offset) = finished.position;
         let id: PartitionId = (topic, partition);
-        let limits = self.settings.limits;
+        let (buffer, limits) = (self.settings.buffer, self.settings.limits);
         let Some(state) = self.partitions.get_mut(&id) else {
             return;
         };
         if state.generation != generation {
             return;
         }
+        state.running = state.running.saturating_sub(1);
         state.bytes = state.bytes.saturating_sub(finished.bytes);
         if let Ok(i) = state.offsets.binary_search_by_key(&offset, |(o, _)| *o) {
             state.offsets[i].1 = Some(finished.done);
@@ -614,18 +632,18 @@ impl Dispatcher {
             state.offsets.pop_front();
             stored = Some(o);
         }
-        // Resumed at half the bound, not at the first free slot: a resume
-        // costs a fetch round trip, and the half left in flight keeps the
-        // partition busy meanwhile.
-        let release = match &state.held {
-            Some(_) if below_half(state, limits) => state.held.take(),
-            _ => None,
-        };
+        // Resumed at half, not at the first free slot: a resume costs a
+        // fetch round trip, and the half still held keeps the partition
+        // busy meanwhile.
+        let resume = state.paused && state.held() <= buffer / 2 && state.bytes <= limits.bytes / 2;
+        if resume {
+            state.paused = false;
+        }
         if let Some(done) = stored {
             self.store(&id, done);
         }
-        if let Some(held) = release {
-            self.add(id.clone(), held);
+        self.start_waiting(&id);
+        if resume {
             self.pause_resume(&id, false);
         }
     }
@@ -669,16 +687,6 @@ impl Dispatcher {
 /// The length of a record's value.
 fn value_len(message: &OwnedMessage) -> usize {
     message.payload().map_or(0, <[u8]>::len)
-}
-
-/// Whether `state` is at most half full, in records and in bytes.
-fn below_half(state: &PartitionState, limits: Limits) -> bool {
-    state.offsets.len() <= limits.items / 2 && state.bytes <= limits.bytes / 2
-}
-
-/// Whether a record of `size` bytes fits in `state` under `limits`.
-fn has_room(state: &PartitionState, size: usize, limits: Limits) -> bool {
-    limits.fit(state.offsets.len(), state.bytes, size)
 }
 
 /// Sleeps until `at`; never resolves without one (the branch is then

@@ -87,8 +87,9 @@ pub struct IngestCounters {
     /// Records read and not yet done (routed, stored, malformed or given
     /// up at shutdown).
     pub in_flight: Gauge,
-    /// Times a partition (Kafka) was paused because its records in flight
-    /// reached `--ingest-inflight` or `--ingest-inflight-bytes`.
+    /// Times a partition (Kafka) was paused because its records read and
+    /// not done reached `--kafka-partition-buffer` or
+    /// `--ingest-inflight-bytes`.
     pub paused: Counter,
 }
 
@@ -523,7 +524,7 @@ impl Metrics {
         let ingest_paused = Family::<SourceLabel, Counter>::default();
         registry.register(
             "switchboard_ingest_paused",
-            "Times a Kafka partition was paused because its records in flight reached --ingest-inflight or --ingest-inflight-bytes",
+            "Times a Kafka partition was paused because its records read and not done reached --kafka-partition-buffer or --ingest-inflight-bytes",
             ingest_paused.clone(),
         );
         let ingest_partition_lag = PartitionGauges::default();
