@@ -35,6 +35,12 @@
 #                                                      # online/offline at 200/s on all 4, 10 watchers each on
 #                                                      # n1,n2 only; events/s, CPU per event, and n3,n4 must
 #                                                      # receive no event (plus a control row, nobody watching)
+#   scripts/bench.sh --workload ingest --nodes 1,2 --name ingest-n12 --publish
+#                                                      # queue ingestion end to end (issue 15): 20,000 DMs
+#                                                      # from a Redis stream, a Kafka topic (a private Tansu:
+#                                                      # scripts/install-tansu.sh or --tansu-bin) and the
+#                                                      # publish API (the baseline) to 200 receivers; records/s,
+#                                                      # latency, loss, CPU per record (--ingest-sources to pick)
 #   scripts/bench.sh --help                            # every flag
 #
 # Every argument goes to target/release/switchboard-bench unchanged.

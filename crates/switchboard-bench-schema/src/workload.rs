@@ -26,6 +26,11 @@ pub enum Workload {
     /// some instances watch them and count their `presence_event` frames
     /// (the loader writes a `PresenceRun`).
     Presence,
+    /// No load generator: `switchboard-bench` itself connects `--users`
+    /// receivers and makes `--records` DMs available through a Redis
+    /// stream, a Kafka topic or `POST /api/v1/publish`, and times them end
+    /// to end (`switchboard-load` refuses it).
+    Ingest,
 }
 
 impl Workload {
@@ -38,6 +43,7 @@ impl Workload {
             Workload::Churn => "churn",
             Workload::Connections => "connections",
             Workload::Presence => "presence",
+            Workload::Ingest => "ingest",
         }
     }
 
@@ -66,6 +72,7 @@ mod tests {
             Workload::Churn,
             Workload::Connections,
             Workload::Presence,
+            Workload::Ingest,
         ] {
             let json = serde_json::to_string(&w).unwrap_or_default();
             assert_eq!(json, format!("\"{}\"", w.as_str()));

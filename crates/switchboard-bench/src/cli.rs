@@ -375,6 +375,78 @@ pub struct Cli {
     /// for the last events, seconds.
     #[arg(long, default_value_t = 5.0)]
     pub presence_drain_s: f64,
+
+    /// --workload ingest: the sources measured, one row each per N, in this
+    /// order: `stream` (XADD to the stream the instances consume with
+    /// --ingest-stream), `kafka` (a private Tansu broker, the instances
+    /// consume with --kafka-brokers/--kafka-topics), `http` (the baseline:
+    /// the same records POSTed to /api/v1/publish).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "stream,kafka,http"
+    )]
+    pub ingest_sources: Vec<IngestSource>,
+
+    /// --workload ingest: DMs made available per row; record i is for user
+    /// `bu-(i mod --users)`.
+    #[arg(long, default_value_t = 20_000)]
+    pub records: u64,
+
+    /// --workload ingest, kafka rows: partitions of the topic.
+    #[arg(long, default_value_t = 4)]
+    pub kafka_partitions: u32,
+
+    /// --workload ingest, kafka rows: the Tansu broker binary. Default:
+    /// $TANSU_BIN, else where scripts/install-tansu.sh puts it
+    /// ($TANSU_HOME/bin/tansu, ~/.local/share/switchboard/tansu/bin/tansu),
+    /// else `tansu` on PATH.
+    #[arg(long)]
+    pub tansu_bin: Option<PathBuf>,
+
+    /// --workload ingest, http rows: POSTs in flight at once (round robin
+    /// over the instances).
+    #[arg(long, default_value_t = 64)]
+    pub publish_inflight: usize,
+
+    /// --workload ingest, stream rows: XADDs per pipelined batch.
+    #[arg(long, default_value_t = 500)]
+    pub xadd_batch: usize,
+
+    /// --workload ingest: a row fails if its last record is not delivered
+    /// within this many seconds of the first being made available.
+    #[arg(long, default_value_t = 120.0)]
+    pub row_timeout: f64,
+
+    /// --workload ingest: handed to every instance as --ingest-inflight, but
+    /// only when the server's --help lists that flag (otherwise a warning
+    /// and the server runs as it is).
+    #[arg(long)]
+    pub ingest_inflight: Option<u32>,
+}
+
+/// Where the ingest workload's records come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IngestSource {
+    /// A Redis stream (`--ingest-stream`), filled with pipelined XADDs.
+    Stream,
+    /// A Kafka topic on a private Tansu broker, filled by rdkafka.
+    Kafka,
+    /// `POST /api/v1/publish`, a bounded number in flight: the baseline.
+    Http,
+}
+
+impl IngestSource {
+    /// The name on the command line and in the report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IngestSource::Stream => "stream",
+            IngestSource::Kafka => "kafka",
+            IngestSource::Http => "http",
+        }
+    }
 }
 
 /// A phase of the connections workload.
@@ -524,6 +596,9 @@ impl Cli {
         }
         if self.workload == Workload::Presence {
             self.validate_presence()?;
+        }
+        if self.workload == Workload::Ingest {
+            self.validate_ingest()?;
         }
         self.validate_redis_cluster()
     }
@@ -724,6 +799,49 @@ impl Cli {
         }
         if self.churn_rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
             return Err("--churn-rate must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// The checks of the ingest workload's flags.
+    fn validate_ingest(&self) -> Result<(), String> {
+        if self.peer.is_some() {
+            return Err("--workload ingest measures Switchboard only (no --peer)".into());
+        }
+        if self.find_max {
+            return Err("--workload ingest makes --records available once (no --find-max)".into());
+        }
+        if self.redis_cluster.iter().any(|&m| m > 0) {
+            return Err("--workload ingest runs on one redis-server (no --redis-cluster)".into());
+        }
+        if self.ingest_sources.is_empty() {
+            return Err("--ingest-sources is empty".into());
+        }
+        if self
+            .ingest_sources
+            .iter()
+            .enumerate()
+            .any(|(i, v)| self.ingest_sources[..i].contains(v))
+        {
+            return Err("--ingest-sources: each source once".into());
+        }
+        if !(1..=10_000_000).contains(&self.records) {
+            return Err("--records must be in 1..=10000000".into());
+        }
+        if !(1..=1024).contains(&self.kafka_partitions) {
+            return Err("--kafka-partitions must be in 1..=1024".into());
+        }
+        if !(1..=4096).contains(&self.publish_inflight) {
+            return Err("--publish-inflight must be in 1..=4096".into());
+        }
+        if !(1..=10_000).contains(&self.xadd_batch) {
+            return Err("--xadd-batch must be in 1..=10000".into());
+        }
+        if !(self.row_timeout.is_finite() && self.row_timeout > 0.0) {
+            return Err("--row-timeout must be positive".into());
+        }
+        if self.ingest_inflight == Some(0) {
+            return Err("--ingest-inflight must be at least 1".into());
         }
         Ok(())
     }
@@ -1012,6 +1130,31 @@ mod tests {
                 "--churn-rate",
                 "0",
             ],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn ingest_flags_are_checked() {
+        let ok = parse(&["--workload", "ingest", "--nodes", "1,2"]).expect("valid");
+        assert_eq!(
+            ok.ingest_sources,
+            [
+                IngestSource::Stream,
+                IngestSource::Kafka,
+                IngestSource::Http
+            ]
+        );
+        assert_eq!((ok.records, ok.kafka_partitions), (20_000, 4));
+        for bad in [
+            &["--workload", "ingest", "--ingest-sources", "stream,stream"][..],
+            &["--workload", "ingest", "--records", "0"],
+            &["--workload", "ingest", "--kafka-partitions", "0"],
+            &["--workload", "ingest", "--find-max"],
+            &["--workload", "ingest", "--redis-cluster", "3"],
+            &["--workload", "ingest", "--ingest-sources", "nats"],
+            &["--workload", "ingest", "--row-timeout", "0"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?} should be refused");
         }

@@ -34,7 +34,10 @@
 //!   reconnect storm), with its own results file;
 //! - `presence`: `--workload presence`, another (presence events under
 //!   churn: events per second, CPU per event, and the proof that instances
-//!   without watchers receive none), with its own results file.
+//!   without watchers receive none), with its own results file;
+//! - `ingest`: `--workload ingest`, another (queue ingestion end to end:
+//!   records/s from a Redis stream, a Kafka topic and the publish API,
+//!   delivery latency, loss, CPU per record), with its own results file.
 
 mod cli;
 mod cluster;
@@ -42,6 +45,7 @@ mod connections;
 mod derive;
 mod error;
 mod http;
+mod ingest;
 mod openmetrics;
 mod peer;
 mod plot;
@@ -121,6 +125,7 @@ async fn main() -> ExitCode {
     let outcome = match setup(&cli).await {
         Ok(setup) if cli.workload == Workload::Connections => connections::run(&cli, setup).await,
         Ok(setup) if cli.workload == Workload::Presence => presence::run(&cli, setup).await,
+        Ok(setup) if cli.workload == Workload::Ingest => ingest::run(&cli, setup).await,
         Ok(setup) => run_matrix(&cli, setup).await,
         Err(e) => Err(e),
     };
@@ -145,6 +150,9 @@ fn render_only(path: &Path) -> Result<Vec<PathBuf>, BenchError> {
     }
     if schema.as_deref() == Some(presence::SCHEMA) {
         return presence::render_only(&text, path);
+    }
+    if schema.as_deref() == Some(ingest::SCHEMA) {
+        return ingest::render_only(&text, path);
     }
     let results = report::read(path)?;
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
@@ -226,10 +234,16 @@ async fn setup(cli: &Cli) -> Result<Setup, BenchError> {
     let server_bin = sibling_binary(&cli.server_bin, "switchboard")?;
     let loader_bin = sibling_binary(&cli.loader_bin, "switchboard-load")?;
     let systems = cli.systems();
-    let needs_server = matches!(cli.workload, Workload::Connections | Workload::Presence)
-        || systems.iter().any(|s| matches!(s, System::Switchboard(_)));
+    let needs_server = matches!(
+        cli.workload,
+        Workload::Connections | Workload::Presence | Workload::Ingest
+    ) || systems.iter().any(|s| matches!(s, System::Switchboard(_)));
     for (what, path) in [("server", &server_bin), ("loader", &loader_bin)] {
         if what == "server" && !needs_server {
+            continue;
+        }
+        // The ingest workload receives the records itself: no loader.
+        if what == "loader" && cli.workload == Workload::Ingest {
             continue;
         }
         if !path.is_file() {

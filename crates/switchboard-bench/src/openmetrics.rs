@@ -110,6 +110,31 @@ impl Scrape {
             .sum()
     }
 
+    /// Sum of every series named `name` whose labels include all of
+    /// `labels`. 0 when none exists.
+    pub fn sum_where(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.matching(name, labels).map(|s| s.value).sum()
+    }
+
+    /// Whether a series named `name` with all of `labels` exists (a
+    /// counter the server does not export reads as 0 everywhere else).
+    pub fn has(&self, name: &str, labels: &[(&str, &str)]) -> bool {
+        self.matching(name, labels).next().is_some()
+    }
+
+    fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&str, &str)],
+    ) -> impl Iterator<Item = &'a Series> + 'a {
+        self.series.iter().filter(move |s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).is_some_and(|value| value == v))
+        })
+    }
+
     /// Every value of `label` seen on series named `name`, with the sum of
     /// their values.
     pub fn by_label(&self, name: &str, label: &str) -> BTreeMap<String, f64> {

@@ -88,6 +88,34 @@ impl Supervisor {
         log: &Path,
         stop_last: bool,
     ) -> Result<u32, BenchError> {
+        self.spawn_inner(name, program, args, env, None, log, stop_last)
+    }
+
+    /// [`Supervisor::spawn`] in working directory `dir` (a program that
+    /// may write files where it runs).
+    pub fn spawn_in_dir(
+        &mut self,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        dir: &Path,
+        log: &Path,
+        stop_last: bool,
+    ) -> Result<u32, BenchError> {
+        self.spawn_inner(name, program, args, &[], Some(dir), log, stop_last)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn spawn_inner(
+        &mut self,
+        name: &str,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        dir: Option<&Path>,
+        log: &Path,
+        stop_last: bool,
+    ) -> Result<u32, BenchError> {
         let out = std::fs::File::create(log).map_err(|e| BenchError::io("create log", log, e))?;
         let err = out
             .try_clone()
@@ -97,7 +125,11 @@ impl Supervisor {
             program: program.to_owned(),
             source,
         };
-        let child = Command::new(program)
+        let mut command = Command::new(program);
+        if let Some(dir) = dir {
+            command.current_dir(dir);
+        }
+        let child = command
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())

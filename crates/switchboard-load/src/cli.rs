@@ -392,6 +392,13 @@ impl Args {
                 return Err("--room-spread must be at least 1".into());
             }
         }
+        if self.workload == Workload::Ingest {
+            return Err(
+                "--workload ingest is switchboard-bench's own (it produces the records and \
+                 receives them itself); switchboard-load does not run it"
+                    .into(),
+            );
+        }
         if self.workload == Workload::Connections {
             self.validate_connections()?;
         }

@@ -130,8 +130,13 @@ impl Scheduler {
         let args = &shared.args;
         let rec = &step.msgs[i as usize];
         let kind = match args.workload {
-            // `connections` sends nothing and never reaches the scheduler.
-            Workload::Dm | Workload::Churn | Workload::Connections | Workload::Presence => Kind::Dm,
+            // `connections` sends nothing and never reaches the scheduler;
+            // `ingest` is refused by the command line.
+            Workload::Dm
+            | Workload::Churn
+            | Workload::Connections
+            | Workload::Presence
+            | Workload::Ingest => Kind::Dm,
             Workload::Room => Kind::Room,
             Workload::Mixed => {
                 if rng.random::<f64>() < args.room_share {
