@@ -57,12 +57,17 @@ struct Producer {
 
 impl Producer {
     fn new(tansu: &Tansu) -> Producer {
-        let producer = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", tansu.brokers())
             .set("acks", "all")
-            .set("linger.ms", "5")
-            .create()
-            .expect("a kafka producer");
+            .set("linger.ms", "5");
+        if let Some(ca) = tansu.ca_path() {
+            config
+                .set("security.protocol", "ssl")
+                .set("ssl.ca.location", ca.display().to_string());
+        }
+        let producer = config.create().expect("a kafka producer");
         Producer {
             n: 0,
             producer,
@@ -479,7 +484,10 @@ async fn a_full_partition_is_paused_and_resumed_without_loss() {
         &tansu,
         &redis,
         "g5",
-        &[("--ingest-inflight", "4"), ("--kafka-partition-buffer", "8")],
+        &[
+            ("--ingest-inflight", "4"),
+            ("--kafka-partition-buffer", "8"),
+        ],
     ))
     .await;
     let users: Vec<String> = (0..10).map(|u| format!("p{u}")).collect();
@@ -514,5 +522,57 @@ async fn a_full_partition_is_paused_and_resumed_without_loss() {
             .metric(r#"switchboard_ingest_in_flight{source="kafka"}"#)
             .await,
         0.0
+    );
+}
+
+/// A broker reachable only over TLS (verified against its certificate,
+/// host name included): `--kafka-option security.protocol=ssl` and
+/// `ssl.ca.location` are all it takes; records arrive once, in order. The
+/// same instance without the CA cannot verify the broker and delivers
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_behind_tls_is_consumed_with_its_ca() {
+    let (tansu, redis) = tokio::join!(Tansu::start_tls(), RedisServer::start());
+    tansu.create_topic(TOPIC, 2).await;
+    let ca = tansu
+        .ca_path()
+        .expect("a TLS broker has a CA")
+        .display()
+        .to_string();
+    let untrusting = Instance::spawn(consumer(
+        "k6a",
+        &tansu,
+        &redis,
+        "g6a",
+        &[("--kafka-option", "security.protocol=ssl")],
+    ))
+    .await;
+    let ingest = Instance::spawn(consumer(
+        "k6",
+        &tansu,
+        &redis,
+        "g6",
+        &[
+            ("--kafka-option", "security.protocol=ssl"),
+            ("--kafka-option", &format!("ssl.ca.location={ca}")),
+        ],
+    ))
+    .await;
+    let mut bob = Client::connect_user(&ingest, "bob").await;
+    assigned(&ingest, 1, JOIN).await;
+    let mut producer = Producer::new(&tansu);
+    producer.records_for(&["bob"; 20]).await;
+    let got = bob.distinct_dms(20, JOIN).await;
+    assert_eq!(
+        numbered_bodies(&got),
+        producer.sent_to("bob"),
+        "once each, in order"
+    );
+    assert_eq!(ingest.metric(DELIVERED).await, 20.0);
+    assert_eq!(untrusting.metric(DELIVERED).await, 0.0);
+    let log = untrusting.full_log();
+    assert!(
+        log.to_lowercase().contains("certificate verify failed"),
+        "the untrusting instance says why:\n{log}"
     );
 }

@@ -86,6 +86,8 @@ fn is_executable(path: &Path) -> bool {
 pub struct Tansu {
     bin: PathBuf,
     port: u16,
+    /// The TLS front ([`Tansu::start_tls`]): what clients connect to.
+    tls: Option<TlsFront>,
     /// The process; None once [`Tansu::kill`] killed it.
     child: Option<ChildGuard>,
     /// Its stdout and stderr.
@@ -112,6 +114,7 @@ impl Tansu {
                     return Tansu {
                         bin,
                         port,
+                        tls: None,
                         child: Some(child),
                         log_path,
                         _dir: dir,
@@ -123,14 +126,119 @@ impl Tansu {
         panic!("could not start Tansu in {START_ATTEMPTS} attempts; last: {last}");
     }
 
+    /// A broker reachable only over TLS: Tansu 0.6 cannot serve TLS itself
+    /// (its CLI refuses `--cert` with `--key`), so `socat` terminates TLS
+    /// on a second port — with a self-signed certificate for 127.0.0.1
+    /// made by `openssl req` — and forwards to the broker, which
+    /// advertises that port: every client connection (bootstrap and the
+    /// broker address from metadata) is TLS. [`Tansu::brokers`] is the TLS
+    /// address and [`Tansu::ca_path`] the certificate to verify it with.
+    /// Both processes are stopped by pid when dropped. Panics if `socat`
+    /// or `openssl` is missing.
+    pub async fn start_tls() -> Tansu {
+        let bin = tansu_bin().unwrap_or_else(|why| panic!("{why}"));
+        let dir = tempfile::Builder::new()
+            .prefix("switchboard-tansu-tls-")
+            .tempdir()
+            .expect("create a tempdir for the Tansu broker");
+        let (key, cert) = (dir.path().join("key.pem"), dir.path().join("cert.pem"));
+        let made = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        assert!(
+            made.is_ok_and(|s| s.success()),
+            "openssl req could not make a certificate (install openssl)"
+        );
+        let mut last = String::new();
+        for _ in 0..START_ATTEMPTS {
+            let (port, tls_port) = (free_port().port(), free_port().port());
+            let (child, log_path) =
+                match Self::try_start_advertising(&bin, dir.path(), port, tls_port).await {
+                    Ok(started) => started,
+                    Err(why) => {
+                        last = why;
+                        continue;
+                    }
+                };
+            let front = Command::new("socat")
+                .arg(format!(
+                    "OPENSSL-LISTEN:{tls_port},bind=127.0.0.1,reuseaddr,fork,cert={},key={},verify=0",
+                    cert.display(),
+                    key.display()
+                ))
+                .arg(format!("TCP:127.0.0.1:{port}"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("start socat (install socat): {e}"));
+            let mut front = ChildGuard(front);
+            let deadline = Instant::now() + START_TIMEOUT;
+            let listening = loop {
+                if let Ok(Some(_)) = front.0.try_wait() {
+                    break false;
+                }
+                if TcpStream::connect(("127.0.0.1", tls_port)).is_ok() {
+                    break true;
+                }
+                if Instant::now() >= deadline {
+                    break false;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            if !listening {
+                last = format!("socat did not listen on {tls_port}");
+                continue;
+            }
+            return Tansu {
+                bin,
+                port,
+                tls: Some(TlsFront {
+                    port: tls_port,
+                    ca: cert,
+                    _child: front,
+                }),
+                child: Some(child),
+                log_path,
+                _dir: dir,
+            };
+        }
+        panic!("could not start Tansu behind TLS in {START_ATTEMPTS} attempts; last: {last}");
+    }
+
     async fn try_start(bin: &Path, dir: &Path, port: u16) -> Result<(ChildGuard, PathBuf), String> {
+        Self::try_start_advertising(bin, dir, port, port).await
+    }
+
+    /// Starts the broker on `port`, advertising `advertised` to clients.
+    async fn try_start_advertising(
+        bin: &Path,
+        dir: &Path,
+        port: u16,
+        advertised: u16,
+    ) -> Result<(ChildGuard, PathBuf), String> {
         let log_path = dir.join(format!("tansu-{port}.log"));
         let log = std::fs::File::create(&log_path).expect("create the Tansu log file");
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised = format!("tcp://127.0.0.1:{advertised}");
         let spawned = Command::new(bin)
             .arg("broker")
             .args(["--listener-url", &url])
-            .args(["--advertised-listener-url", &url])
+            .args(["--advertised-listener-url", &advertised])
             .args(["--storage-engine", "memory://tansu/"])
             .args(["--cluster-id", "switchboard-test"])
             .env_remove("STORAGE_ENGINE")
@@ -173,9 +281,19 @@ impl Tansu {
         }
     }
 
-    /// The bootstrap servers for a client: `127.0.0.1:PORT`.
+    /// The bootstrap servers for a client: `127.0.0.1:PORT` (the TLS port
+    /// of [`Tansu::start_tls`]).
     pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        match &self.tls {
+            Some(tls) => format!("127.0.0.1:{}", tls.port),
+            None => format!("127.0.0.1:{}", self.port),
+        }
+    }
+
+    /// The certificate (PEM) that verifies the TLS front of
+    /// [`Tansu::start_tls`]; None without TLS.
+    pub fn ca_path(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|tls| tls.ca.as_path())
     }
 
     /// Its port on 127.0.0.1.
@@ -306,6 +424,14 @@ impl Tansu {
     pub fn log(&self) -> String {
         log_tail(&self.log_path)
     }
+}
+
+/// The `socat` process terminating TLS in front of a broker.
+struct TlsFront {
+    port: u16,
+    ca: PathBuf,
+    /// Killed by pid when dropped.
+    _child: ChildGuard,
 }
 
 /// Sends a Kafka `ApiVersions` v0 request to 127.0.0.1:`port` and checks
