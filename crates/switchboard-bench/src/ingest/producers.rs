@@ -99,8 +99,9 @@ pub enum Producer {
     },
     /// The instances' publish API.
     Http {
-        /// A pooled client (kept-alive connections).
-        client: Client<HttpConnector, Full<Bytes>>,
+        /// A pooled client (kept-alive connections); boxed, it is several
+        /// times the size of the other variants.
+        client: Box<Client<HttpConnector, Full<Bytes>>>,
         /// The instances' ports, round robin.
         ports: Vec<u16>,
         /// `Authorization: Bearer` value.
@@ -182,7 +183,7 @@ impl Producer {
             .pool_max_idle_per_host(inflight)
             .build_http();
         Producer::Http {
-            client,
+            client: Box::new(client),
             ports,
             api_key,
             inflight,
