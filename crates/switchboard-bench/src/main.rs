@@ -146,13 +146,13 @@ fn render_only(path: &Path) -> Result<Vec<PathBuf>, BenchError> {
         .ok()
         .and_then(|v| v.get("schema")?.as_str().map(str::to_owned));
     if schema.as_deref() == Some(connections::SCHEMA) {
-        return connections::render_only(&text, path);
+        return report::render_outputs::<connections::ConnectionsResults>(&text, path);
     }
     if schema.as_deref() == Some(presence::SCHEMA) {
-        return presence::render_only(&text, path);
+        return report::render_outputs::<presence::PresenceResults>(&text, path);
     }
     if schema.as_deref() == Some(ingest::SCHEMA) {
-        return ingest::render_only(&text, path);
+        return report::render_outputs::<ingest::IngestResults>(&text, path);
     }
     let results = report::read(path)?;
     let dir = path.parent().unwrap_or_else(|| Path::new("."));

@@ -254,6 +254,98 @@ pub fn write_all(results: &ResultsFile, dir: &Path) -> Result<Vec<PathBuf>, Benc
     Ok(vec![json_path, md_path, svg_path])
 }
 
+/// A workload's results file (presence, connections, ingest): what the
+/// shared writing and re-rendering need.
+pub trait Outputs: Serialize + serde::de::DeserializeOwned {
+    /// What the workload is called in error messages.
+    const WHAT: &'static str;
+    /// The result name: files are `<name>.json`, `.md`, `.svg`.
+    fn name(&self) -> &str;
+    /// The Markdown report.
+    fn markdown(&self) -> String;
+    /// Writes the chart to `path`; false when the workload has none.
+    fn write_svg(&self, _path: &Path) -> Result<bool, BenchError> {
+        Ok(false)
+    }
+}
+
+/// Writes `<dir>/<name>.json`, `.md` and (when there is a chart) `.svg`;
+/// returns their paths.
+pub fn write_outputs<R: Outputs>(results: &R, dir: &Path) -> Result<Vec<PathBuf>, BenchError> {
+    std::fs::create_dir_all(dir).map_err(|e| BenchError::io("create out dir", dir, e))?;
+    let json_path = dir.join(format!("{}.json", results.name()));
+    let json = serde_json::to_string_pretty(results)
+        .map_err(|e| BenchError::Report(format!("serialize results: {e}")))?;
+    write_atomically(&json_path, json.as_bytes())?;
+    let md_path = dir.join(format!("{}.md", results.name()));
+    write_atomically(&md_path, results.markdown().as_bytes())?;
+    let mut paths = vec![json_path, md_path];
+    let svg_path = dir.join(format!("{}.svg", results.name()));
+    if results.write_svg(&svg_path)? {
+        paths.push(svg_path);
+    }
+    Ok(paths)
+}
+
+/// Re-renders `<name>.md` (and `.svg`) next to the results JSON at `path`
+/// whose text is `text`.
+pub fn render_outputs<R: Outputs>(text: &str, path: &Path) -> Result<Vec<PathBuf>, BenchError> {
+    let results: R = serde_json::from_str(text).map_err(|e| {
+        BenchError::Report(format!(
+            "{}: not a{} {} results file: {e}",
+            path.display(),
+            if R::WHAT.starts_with(['a', 'e', 'i', 'o', 'u']) {
+                "n"
+            } else {
+                ""
+            },
+            R::WHAT
+        ))
+    })?;
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    let md = dir.join(format!("{}.md", results.name()));
+    std::fs::write(&md, results.markdown()).map_err(|e| BenchError::io("write", &md, e))?;
+    let mut paths = vec![md];
+    let svg = dir.join(format!("{}.svg", results.name()));
+    if results.write_svg(&svg)? {
+        paths.push(svg);
+    }
+    Ok(paths)
+}
+
+/// The end of a workload's run: writes its files to `out_dir` (and, with
+/// `publish`, to bench/results/), prints the report and where everything
+/// is, and turns the outcome into the exit code (130 interrupted, 1 a row
+/// failed).
+pub fn conclude<R: Outputs>(
+    results: &R,
+    out_dir: &Path,
+    logs_dir: &Path,
+    publish: bool,
+    interrupted: bool,
+    all_ok: bool,
+) -> Result<std::process::ExitCode, BenchError> {
+    let mut paths = write_outputs(results, out_dir)?;
+    if publish {
+        paths.extend(write_outputs(results, Path::new(crate::cli::PUBLISH_DIR))?);
+    }
+    println!("{}", results.markdown());
+    for p in &paths {
+        eprintln!("[bench] wrote {}", p.display());
+    }
+    eprintln!(
+        "[bench] logs of every process it started: {}",
+        logs_dir.display()
+    );
+    Ok(if interrupted {
+        std::process::ExitCode::from(130)
+    } else if all_ok {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    })
+}
+
 /// Writes `path` via `path.tmp` and a rename, so a reader never sees half a file.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), BenchError> {
     let tmp = path.with_extension(format!(

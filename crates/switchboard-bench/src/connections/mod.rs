@@ -119,52 +119,15 @@ pub async fn run(cli: &Cli, setup: Setup) -> Result<ExitCode, BenchError> {
     }
     results.interrupted = cancel.is_cancelled();
     results.finished_utc = crate::report::utc_now().1;
-    let paths = write_all(&results, &setup.out_dir)?;
-    println!("{}", report::markdown(&results));
-    for p in &paths {
-        eprintln!("[bench] wrote {}", p.display());
-    }
-    eprintln!(
-        "[bench] logs of every process it started: {}",
-        setup.logs_dir.display()
-    );
-    Ok(if results.interrupted {
-        ExitCode::from(130)
-    } else if report::all_passed(&results) {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
-}
-
-/// Writes `<dir>/<name>.json`, `.md` and `.svg`; returns their paths.
-pub fn write_all(results: &ConnectionsResults, dir: &Path) -> Result<Vec<PathBuf>, BenchError> {
-    std::fs::create_dir_all(dir).map_err(|e| BenchError::io("create out dir", dir, e))?;
-    let json_path = dir.join(format!("{}.json", results.name));
-    let json = serde_json::to_string_pretty(results)
-        .map_err(|e| BenchError::Report(format!("serialize results: {e}")))?;
-    crate::report::write_atomically(&json_path, json.as_bytes())?;
-    let md_path = dir.join(format!("{}.md", results.name));
-    crate::report::write_atomically(&md_path, report::markdown(results).as_bytes())?;
-    let svg_path = dir.join(format!("{}.svg", results.name));
-    plot::write_svg(results, &svg_path)?;
-    Ok(vec![json_path, md_path, svg_path])
-}
-
-/// Re-renders `<name>.md` and `<name>.svg` next to a connections results JSON.
-pub fn render_only(text: &str, path: &Path) -> Result<Vec<PathBuf>, BenchError> {
-    let results: ConnectionsResults = serde_json::from_str(text).map_err(|e| {
-        BenchError::Report(format!(
-            "{}: not a connections results file: {e}",
-            path.display()
-        ))
-    })?;
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let md = dir.join(format!("{}.md", results.name));
-    std::fs::write(&md, report::markdown(&results)).map_err(|e| BenchError::io("write", &md, e))?;
-    let svg = dir.join(format!("{}.svg", results.name));
-    plot::write_svg(&results, &svg)?;
-    Ok(vec![md, svg])
+    let all_ok = report::all_passed(&results);
+    crate::report::conclude(
+        &results,
+        &setup.out_dir,
+        &setup.logs_dir,
+        false,
+        results.interrupted,
+        all_ok,
+    )
 }
 
 /// The open-files hard limit the loaders inherit, less a margin.
@@ -183,6 +146,21 @@ fn fresh_secret() -> String {
             format!("{:016x}", h.finish())
         })
         .collect()
+}
+
+impl crate::report::Outputs for ConnectionsResults {
+    const WHAT: &'static str = "connections";
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn markdown(&self) -> String {
+        report::markdown(self)
+    }
+    fn write_svg(&self, path: &Path) -> Result<bool, BenchError> {
+        plot::write_svg(self, path).map(|()| true)
+    }
 }
 
 #[cfg(test)]

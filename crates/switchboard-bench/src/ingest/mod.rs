@@ -252,29 +252,18 @@ pub async fn run(cli: &Cli, setup: Setup) -> Result<ExitCode, BenchError> {
         interrupted: cancel.is_cancelled(),
         runs,
     };
-    let mut paths = write_all(&results, &setup.out_dir)?;
-    if cli.publish {
-        paths.extend(write_all(&results, Path::new(crate::cli::PUBLISH_DIR))?);
-    }
-    println!("{}", report::markdown(&results));
-    for p in &paths {
-        eprintln!("[bench] wrote {}", p.display());
-    }
-    eprintln!(
-        "[bench] logs of every process it started: {}",
-        setup.logs_dir.display()
-    );
     let all_ok = results
         .runs
         .iter()
         .all(|r| r.status == "ok" && r.figures.as_ref().is_some_and(|f| f.pass));
-    Ok(if results.interrupted {
-        ExitCode::from(130)
-    } else if all_ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    crate::report::conclude(
+        &results,
+        &setup.out_dir,
+        &setup.logs_dir,
+        cli.publish,
+        results.interrupted,
+        all_ok,
+    )
 }
 
 /// What the server binary is and whether it takes `--ingest-inflight`.
@@ -301,36 +290,6 @@ fn server_binary(path: &Path, inflight: Option<u32>) -> Result<ServerBinary, Ben
         lists_ingest_inflight: lists,
         ingest_inflight: inflight.filter(|_| lists),
     })
-}
-
-/// Writes `<dir>/<name>.json`, `.md` and `.svg`; returns their paths.
-pub fn write_all(results: &IngestResults, dir: &Path) -> Result<Vec<PathBuf>, BenchError> {
-    std::fs::create_dir_all(dir).map_err(|e| BenchError::io("create out dir", dir, e))?;
-    let json_path = dir.join(format!("{}.json", results.name));
-    let json = serde_json::to_string_pretty(results)
-        .map_err(|e| BenchError::Report(format!("serialize results: {e}")))?;
-    crate::report::write_atomically(&json_path, json.as_bytes())?;
-    let md_path = dir.join(format!("{}.md", results.name));
-    crate::report::write_atomically(&md_path, report::markdown(results).as_bytes())?;
-    let svg_path = dir.join(format!("{}.svg", results.name));
-    report::write_svg(results, &svg_path)?;
-    Ok(vec![json_path, md_path, svg_path])
-}
-
-/// Re-renders `<name>.md` and `<name>.svg` next to an ingest results JSON.
-pub fn render_only(text: &str, path: &Path) -> Result<Vec<PathBuf>, BenchError> {
-    let results: IngestResults = serde_json::from_str(text).map_err(|e| {
-        BenchError::Report(format!(
-            "{}: not an ingest results file: {e}",
-            path.display()
-        ))
-    })?;
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let md = dir.join(format!("{}.md", results.name));
-    std::fs::write(&md, report::markdown(&results)).map_err(|e| BenchError::io("write", &md, e))?;
-    let svg = dir.join(format!("{}.svg", results.name));
-    report::write_svg(&results, &svg)?;
-    Ok(vec![md, svg])
 }
 
 fn print_run(r: &IngestRecord) {
@@ -710,5 +669,20 @@ async fn wait_for_counters(
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl crate::report::Outputs for IngestResults {
+    const WHAT: &'static str = "ingest";
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn markdown(&self) -> String {
+        report::markdown(self)
+    }
+    fn write_svg(&self, path: &Path) -> Result<bool, BenchError> {
+        report::write_svg(self, path).map(|()| true)
     }
 }

@@ -319,55 +319,18 @@ pub async fn run(cli: &Cli, setup: Setup) -> Result<ExitCode, BenchError> {
         interrupted: cancel.is_cancelled(),
         runs,
     };
-    let mut paths = write_all(&results, &setup.out_dir)?;
-    if cli.publish {
-        paths.extend(write_all(&results, Path::new(crate::cli::PUBLISH_DIR))?);
-    }
-    println!("{}", report::markdown(&results));
-    for p in &paths {
-        eprintln!("[bench] wrote {}", p.display());
-    }
-    eprintln!(
-        "[bench] logs of every process it started: {}",
-        setup.logs_dir.display()
-    );
     let all_ok = results
         .runs
         .iter()
         .all(|r| r.status == "ok" && r.figures.as_ref().is_some_and(|f| f.pass));
-    Ok(if results.interrupted {
-        ExitCode::from(130)
-    } else if all_ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
-}
-
-/// Writes `<dir>/<name>.json` and `.md`; returns their paths.
-pub fn write_all(results: &PresenceResults, dir: &Path) -> Result<Vec<PathBuf>, BenchError> {
-    std::fs::create_dir_all(dir).map_err(|e| BenchError::io("create out dir", dir, e))?;
-    let json_path = dir.join(format!("{}.json", results.name));
-    let json = serde_json::to_string_pretty(results)
-        .map_err(|e| BenchError::Report(format!("serialize results: {e}")))?;
-    crate::report::write_atomically(&json_path, json.as_bytes())?;
-    let md_path = dir.join(format!("{}.md", results.name));
-    crate::report::write_atomically(&md_path, report::markdown(results).as_bytes())?;
-    Ok(vec![json_path, md_path])
-}
-
-/// Re-renders `<name>.md` next to a presence results JSON.
-pub fn render_only(text: &str, path: &Path) -> Result<Vec<PathBuf>, BenchError> {
-    let results: PresenceResults = serde_json::from_str(text).map_err(|e| {
-        BenchError::Report(format!(
-            "{}: not a presence results file: {e}",
-            path.display()
-        ))
-    })?;
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let md = dir.join(format!("{}.md", results.name));
-    std::fs::write(&md, report::markdown(&results)).map_err(|e| BenchError::io("write", &md, e))?;
-    Ok(vec![md])
+    crate::report::conclude(
+        &results,
+        &setup.out_dir,
+        &setup.logs_dir,
+        cli.publish,
+        results.interrupted,
+        all_ok,
+    )
 }
 
 fn print_run(r: &PresenceRecord) {
@@ -865,6 +828,18 @@ pub fn derive(
     }
     f.pass = doc.pass && f.checks.iter().all(|c| c.ok);
     f
+}
+
+impl crate::report::Outputs for PresenceResults {
+    const WHAT: &'static str = "presence";
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn markdown(&self) -> String {
+        report::markdown(self)
+    }
 }
 
 #[cfg(test)]
