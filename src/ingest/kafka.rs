@@ -556,8 +556,13 @@ impl Dispatcher {
     }
 
     /// Starts partition `id`'s waiting records while fewer than
-    /// `--ingest-inflight` are running.
+    /// `--ingest-inflight` are running — none once `stop` is cancelled:
+    /// shutdown lets what runs finish and leaves the rest (not stored) to
+    /// the next owner.
     fn start_waiting(&mut self, id: &PartitionId) {
+        if self.stop.is_cancelled() {
+            return;
+        }
         let inflight = self.settings.limits.items;
         while let Some(message) = self
             .partitions
