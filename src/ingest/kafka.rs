@@ -83,8 +83,11 @@ use crate::config::Config;
 /// many KiB of fetched, not yet consumed records are held (for the whole
 /// consumer, whatever the number of partitions).
 pub const QUEUED_MAX_KBYTES: u32 = 4096;
-/// `queued.min.messages`: the prefetch target, in records.
-pub const QUEUED_MIN_MESSAGES: u32 = 1000;
+/// `queued.min.messages`: the prefetch target, in records — librdkafka's
+/// default; the bound that holds is [`QUEUED_MAX_KBYTES`]. At 1000 it was
+/// what limited a backlog to ≈4,000 records/s against Tansu (15,000 at
+/// this value, docs/BENCHMARKS.md).
+pub const QUEUED_MIN_MESSAGES: u32 = 100_000;
 /// `auto.commit.interval.ms`: how often stored offsets are committed.
 pub const AUTO_COMMIT_MS: u32 = 1000;
 /// `fetch.wait.max.ms`: how long the broker may hold a fetch with no new
