@@ -204,7 +204,7 @@ impl Ingest {
     }
 
     /// One attempt at routing `publish`.
-    pub async fn route(&self, publish: &Record) -> Result<Delivered, RouteError> {
+    async fn route(&self, publish: &Record) -> Result<Delivered, RouteError> {
         match &publish.target {
             PublishTarget::User(user) => self
                 .router
@@ -227,7 +227,7 @@ impl Ingest {
     /// After the `attempt`-th failed attempt (from 1): counts it, logs it
     /// (the first and then every tenth), and waits the capped backoff.
     /// Returns false if `stop` was cancelled meanwhile.
-    pub async fn retry_wait(
+    async fn retry_wait(
         &self,
         attempt: u32,
         error: RouteError,

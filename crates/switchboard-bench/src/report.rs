@@ -263,6 +263,10 @@ pub trait Outputs: Serialize + serde::de::DeserializeOwned {
     fn name(&self) -> &str;
     /// The Markdown report.
     fn markdown(&self) -> String;
+    /// Whether the run was interrupted (Ctrl-C).
+    fn interrupted(&self) -> bool;
+    /// Whether every row passed.
+    fn all_passed(&self) -> bool;
     /// Writes the chart to `path`; false when the workload has none.
     fn write_svg(&self, _path: &Path) -> Result<bool, BenchError> {
         Ok(false)
@@ -322,8 +326,6 @@ pub fn conclude<R: Outputs>(
     out_dir: &Path,
     logs_dir: &Path,
     publish: bool,
-    interrupted: bool,
-    all_ok: bool,
 ) -> Result<std::process::ExitCode, BenchError> {
     let mut paths = write_outputs(results, out_dir)?;
     if publish {
@@ -337,9 +339,9 @@ pub fn conclude<R: Outputs>(
         "[bench] logs of every process it started: {}",
         logs_dir.display()
     );
-    Ok(if interrupted {
+    Ok(if results.interrupted() {
         std::process::ExitCode::from(130)
-    } else if all_ok {
+    } else if results.all_passed() {
         std::process::ExitCode::SUCCESS
     } else {
         std::process::ExitCode::FAILURE

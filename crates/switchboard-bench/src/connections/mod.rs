@@ -119,15 +119,7 @@ pub async fn run(cli: &Cli, setup: Setup) -> Result<ExitCode, BenchError> {
     }
     results.interrupted = cancel.is_cancelled();
     results.finished_utc = crate::report::utc_now().1;
-    let all_ok = report::all_passed(&results);
-    crate::report::conclude(
-        &results,
-        &setup.out_dir,
-        &setup.logs_dir,
-        false,
-        results.interrupted,
-        all_ok,
-    )
+    crate::report::conclude(&results, &setup.out_dir, &setup.logs_dir, false)
 }
 
 /// The open-files hard limit the loaders inherit, less a margin.
@@ -157,6 +149,14 @@ impl crate::report::Outputs for ConnectionsResults {
 
     fn markdown(&self) -> String {
         report::markdown(self)
+    }
+
+    fn interrupted(&self) -> bool {
+        self.interrupted
+    }
+
+    fn all_passed(&self) -> bool {
+        report::all_passed(self)
     }
     fn write_svg(&self, path: &Path) -> Result<bool, BenchError> {
         plot::write_svg(self, path).map(|()| true)

@@ -252,18 +252,7 @@ pub async fn run(cli: &Cli, setup: Setup) -> Result<ExitCode, BenchError> {
         interrupted: cancel.is_cancelled(),
         runs,
     };
-    let all_ok = results
-        .runs
-        .iter()
-        .all(|r| r.status == "ok" && r.figures.as_ref().is_some_and(|f| f.pass));
-    crate::report::conclude(
-        &results,
-        &setup.out_dir,
-        &setup.logs_dir,
-        cli.publish,
-        results.interrupted,
-        all_ok,
-    )
+    crate::report::conclude(&results, &setup.out_dir, &setup.logs_dir, cli.publish)
 }
 
 /// What the server binary is and whether it takes `--ingest-inflight`.
@@ -681,6 +670,16 @@ impl crate::report::Outputs for IngestResults {
 
     fn markdown(&self) -> String {
         report::markdown(self)
+    }
+
+    fn interrupted(&self) -> bool {
+        self.interrupted
+    }
+
+    fn all_passed(&self) -> bool {
+        self.runs
+            .iter()
+            .all(|r| r.status == "ok" && r.figures.as_ref().is_some_and(|f| f.pass))
     }
     fn write_svg(&self, path: &Path) -> Result<bool, BenchError> {
         report::write_svg(self, path).map(|()| true)

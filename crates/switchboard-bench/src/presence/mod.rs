@@ -319,18 +319,7 @@ pub async fn run(cli: &Cli, setup: Setup) -> Result<ExitCode, BenchError> {
         interrupted: cancel.is_cancelled(),
         runs,
     };
-    let all_ok = results
-        .runs
-        .iter()
-        .all(|r| r.status == "ok" && r.figures.as_ref().is_some_and(|f| f.pass));
-    crate::report::conclude(
-        &results,
-        &setup.out_dir,
-        &setup.logs_dir,
-        cli.publish,
-        results.interrupted,
-        all_ok,
-    )
+    crate::report::conclude(&results, &setup.out_dir, &setup.logs_dir, cli.publish)
 }
 
 fn print_run(r: &PresenceRecord) {
@@ -839,6 +828,16 @@ impl crate::report::Outputs for PresenceResults {
 
     fn markdown(&self) -> String {
         report::markdown(self)
+    }
+
+    fn interrupted(&self) -> bool {
+        self.interrupted
+    }
+
+    fn all_passed(&self) -> bool {
+        self.runs
+            .iter()
+            .all(|r| r.status == "ok" && r.figures.as_ref().is_some_and(|f| f.pass))
     }
 }
 
